@@ -1,0 +1,149 @@
+"""Architectures as data.
+
+A table entry says where the decoder blocks live and, inside a block, which linears share an
+input and what feeds them (``prev``: a norm whose output is their input, or a linear whose
+output is; AWQ and SmoothQuant fold scales into it).  Algorithms read this table and never
+test a model's class.
+
+    >>> spec = arch_for(model)           # raises QuantkitError naming what was not found
+    >>> blocks = spec.blocks(model)      # nn.ModuleList of decoder layers
+    >>> for g in spec.groups: print(g.prev, g.linears)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from quantkit.errors import QuantkitError
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears of a block that read the same input.
+
+    ``prev``: the module producing that input (a norm or a linear), relative to the block, or
+    ``None`` when nothing foldable feeds it.  ``prev_kind``: "norm", "layernorm" (with bias),
+    "linear", or "" (none).  ``inspect``: the module whose forward covers all of ``linears``
+    (AWQ runs it to measure the group's output error).
+    """
+
+    linears: tuple[str, ...]
+    prev: str | None = None
+    prev_kind: str = "norm"
+    inspect: str | None = None
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    model_types: tuple[str, ...]
+    blocks_path: str
+    groups: tuple[LinearGroup, ...]
+    embeddings: tuple[str, ...] = ()
+    final_norm: str | None = None
+    lm_head: str = "lm_head"
+    transposed: bool = False  # GPT-2's Conv1D stores weights as [in, out]
+    norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
+    fused: dict = field(default_factory=dict)  # fused linear -> sizes of its parts (informative)
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return get_module(model, self.blocks_path)
+
+    def linear_names(self) -> list[str]:
+        return [name for g in self.groups for name in g.linears]
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    mod = root
+    for part in path.split("."):
+        if not hasattr(mod, part):
+            raise QuantkitError(f"{type(root).__name__} has no module '{path}' (missing '{part}')")
+        mod = getattr(mod, part)
+    return mod
+
+
+def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(get_module(root, parent) if parent else root, leaf, new)
+
+
+_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_LLAMA_GROUPS = (
+    LinearGroup(_ATTN, "input_layernorm", "norm", "self_attn"),
+    LinearGroup(("self_attn.o_proj",), "self_attn.v_proj", "linear"),
+    LinearGroup(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", "norm", "mlp"),
+    LinearGroup(("mlp.down_proj",), "mlp.up_proj", "linear"),
+)
+_GEMMA2_GROUPS = (
+    LinearGroup(_ATTN, "input_layernorm", "norm", "self_attn"),
+    LinearGroup(("self_attn.o_proj",), "self_attn.v_proj", "linear"),
+    LinearGroup(("mlp.gate_proj", "mlp.up_proj"), "pre_feedforward_layernorm", "norm", "mlp"),
+    LinearGroup(("mlp.down_proj",), "mlp.up_proj", "linear"),
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (
+    ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite"), "model.layers", _LLAMA_GROUPS,
+             ("model.embed_tokens",), "model.norm"),
+    ArchSpec("gemma", ("gemma",), "model.layers", _LLAMA_GROUPS, ("model.embed_tokens",), "model.norm", norm_offset=1.0),
+    ArchSpec("gemma2", ("gemma2", "gemma3_text"), "model.layers", _GEMMA2_GROUPS, ("model.embed_tokens",), "model.norm",
+             norm_offset=1.0),
+    ArchSpec(
+        "phi3", ("phi3",), "model.layers",
+        (
+            LinearGroup(("self_attn.qkv_proj",), "input_layernorm", "norm", "self_attn"),
+            LinearGroup(("self_attn.o_proj",), None, ""),  # fed by a slice of qkv_proj: nothing to fold into
+            LinearGroup(("mlp.gate_up_proj",), "post_attention_layernorm", "norm", "mlp"),
+            LinearGroup(("mlp.down_proj",), None, ""),  # fed by act(gate) * up of a fused linear
+        ),
+        ("model.embed_tokens",), "model.norm",
+    ),
+    ArchSpec(
+        "opt", ("opt",), "model.decoder.layers",
+        (
+            LinearGroup(_ATTN, "self_attn_layer_norm", "layernorm", "self_attn"),
+            LinearGroup(("self_attn.out_proj",), "self_attn.v_proj", "linear"),
+            LinearGroup(("fc1",), "final_layer_norm", "layernorm"),
+            LinearGroup(("fc2",), "fc1", "linear"),
+        ),
+        ("model.decoder.embed_tokens", "model.decoder.embed_positions"), "model.decoder.final_layer_norm",
+    ),
+    ArchSpec(
+        "gpt2", ("gpt2",), "transformer.h",
+        (
+            LinearGroup(("attn.c_attn",), "ln_1", "layernorm", "attn"),
+            LinearGroup(("attn.c_proj",), None, ""),
+            LinearGroup(("mlp.c_fc",), "ln_2", "layernorm"),
+            LinearGroup(("mlp.c_proj",), None, ""),  # fed through GELU: not foldable
+        ),
+        ("transformer.wte", "transformer.wpe"), "transformer.ln_f", transposed=True,
+    ),
+    ArchSpec(
+        "gpt_neox", ("gpt_neox",), "gpt_neox.layers",
+        (
+            LinearGroup(("attention.query_key_value",), "input_layernorm", "layernorm", "attention"),
+            LinearGroup(("attention.dense",), None, ""),
+            LinearGroup(("mlp.dense_h_to_4h",), "post_attention_layernorm", "layernorm"),
+            LinearGroup(("mlp.dense_4h_to_h",), None, ""),
+        ),
+        ("gpt_neox.embed_in",), "gpt_neox.final_layer_norm", lm_head="embed_out",
+    ),
+)
+
+
+def arch_for(model: nn.Module) -> ArchSpec:
+    """The table entry for ``model`` (by ``config.model_type``), checked against the model."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for spec in ARCHITECTURES:
+        if model_type in spec.model_types:
+            break
+    else:
+        known = sorted(t for s in ARCHITECTURES for t in s.model_types)
+        raise QuantkitError(f"unsupported architecture: model_type {model_type!r} is not in quantkit's table (known: {', '.join(known)})")
+    blocks = spec.blocks(model)
+    if len(blocks) == 0:
+        raise QuantkitError(f"{model_type}: '{spec.blocks_path}' holds no decoder blocks")
+    for name in spec.linear_names():
+        get_module(blocks[0], name)
+    return spec

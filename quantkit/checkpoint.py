@@ -1,0 +1,179 @@
+"""Packed checkpoints: safetensors with quantkit format v1 weights and a ``quantization_config``.
+
+``config.json`` gains::
+
+    "quantization_config": {
+        "quant_method": "quantkit", "format": "quantkit-v1", "format_version": 1,
+        "method": "gptq", "bits": 4, "group_size": 64, "sym": true, "desc_act": false,
+        "modules": {"model.layers.0.self_attn.q_proj": {"bits": 4, "group_size": 64, "sym": true, "act_order": false}, ...}
+    }
+
+Each listed module ``m`` is stored as ``m.qweight`` (uint8, codes packed per row), ``m.scales``
+(float16 ``[out, n_groups]``), ``m.qzeros`` (uint8, asymmetric only), ``m.g_idx`` (int32,
+act-order only) and ``m.bias``.  Everything else (embeddings, norms, lm_head) stays float.
+
+Writes go to a temporary directory beside the target, renamed into place at the end, so a
+failed run never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantkit.arch import arch_for, get_module, set_module
+from quantkit.calib import CompressionResult, QuantizedWeight
+from quantkit.errors import QuantkitError
+from quantkit.modelio import QUANT_METHOD
+from quantkit.runtime.qlinear import QuantLinear
+
+FORMAT = "quantkit-v1"
+FORMAT_VERSION = 1
+
+
+def pack_model(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
+    """Replace each quantized linear of ``model`` (in place) by a :class:`QuantLinear`."""
+    arch = arch_for(model)
+    for name, qw in quantized.items():
+        lin = get_module(model, name)
+        bias = lin.bias.detach() if getattr(lin, "bias", None) is not None else None
+        dtype = lin.weight.dtype if lin.weight.dtype.is_floating_point else torch.float32
+        qlin = QuantLinear.from_codes(qw.q, qw.scales, qw.zeros, qw.spec.bits, qw.spec.group_size, qw.spec.sym,
+                                      g_idx=qw.g_idx, bias=bias, dtype=dtype)
+        set_module(model, name, qlin)
+    del arch
+
+
+def quantization_config(method: str, quantized: dict[str, QuantizedWeight], defaults: dict, extra: dict | None = None) -> dict:
+    modules = {
+        name: {"bits": qw.spec.bits, "group_size": qw.spec.group_size, "sym": qw.spec.sym, "act_order": qw.g_idx is not None}
+        for name, qw in quantized.items()
+    }
+    cfg = {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "bits": defaults.get("bits"),
+        "group_size": defaults.get("group_size"),
+        "sym": defaults.get("sym"),
+        "desc_act": bool(defaults.get("act_order", False)),
+        "modules": modules,
+    }
+    if extra:
+        cfg.update(extra)
+    return cfg
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False):
+    """Yield a temporary directory beside ``out``; rename it to ``out`` only if the body succeeds."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise QuantkitError(f"output {out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint should read like any directory
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_log(path: Path, result: CompressionResult) -> None:
+    rows = [asdict(r) for r in result.log]
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def save_checkpoint(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | None, result: CompressionResult | None = None) -> None:
+    """Write weights (safetensors), config.json (+ quantization_config), tokenizer and the module log."""
+    from safetensors.torch import save_model
+
+    out_dir = Path(out_dir)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    if qconfig is not None:
+        config["quantization_config"] = qconfig
+    save_model(model, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        with contextlib.suppress(Exception):
+            gen.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    if result is not None:
+        write_log(out_dir / "quant_log.csv", result)
+
+
+def _swap_in_quant_linears(model: nn.Module, modules: dict) -> None:
+    for name, m in modules.items():
+        lin = get_module(model, name)
+        w = lin.weight
+        transposed = arch_for(model).transposed
+        out_f, in_f = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
+        qlin = QuantLinear(in_f, out_f, int(m["bits"]), int(m["group_size"]), bool(m["sym"]),
+                           bias=getattr(lin, "bias", None) is not None, act_order=bool(m.get("act_order")),
+                           dtype=w.dtype)
+        set_module(model, name, qlin)
+
+
+def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild the model skeleton from config.json, swap in QuantLinear modules and load the weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model as st_load
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    qcfg = json.loads((directory / "config.json").read_text())["quantization_config"]
+    if qcfg.get("format_version", 0) > FORMAT_VERSION:
+        raise QuantkitError(f"{directory} uses quantkit format version {qcfg.get('format_version')}; "
+                            f"this quantkit reads up to {FORMAT_VERSION}: upgrade quantkit")
+    config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    try:
+        from transformers.modeling_utils import no_init_weights
+    except ImportError:  # pragma: no cover
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _swap_in_quant_linears(model, qcfg.get("modules", {}))
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise QuantkitError(f"{directory} has a quantization_config but no model.safetensors")
+    try:
+        missing, unexpected = st_load(model, str(weights), strict=False)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise QuantkitError(f"cannot read {weights}: {msg}") from None
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise QuantkitError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear) and mod.bias is not None:
+            mod.bias.data = mod.bias.data.to(dtype)
+    return model
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and key.endswith("lm_head.weight")

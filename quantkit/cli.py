@@ -1,0 +1,229 @@
+"""The ``quantkit`` command line (click + rich).
+
+Every user error is one line on stderr and a non-zero exit; ``--json`` prints one JSON object
+on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from quantkit.errors import QuantkitError
+
+err_console = Console(stderr=True)
+
+
+class _Group(click.Group):
+    """Turns QuantkitError (and stray exceptions) into one-line click errors."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except QuantkitError as e:
+            raise click.ClickException(str(e)) from None
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except MemoryError:
+            raise click.ClickException("out of memory; try a smaller --nsamples/--seqlen/--batch-size") from None
+        except Exception as e:  # noqa: BLE001 - last line of defence: no tracebacks for users
+            if os.environ.get("QUANTKIT_DEBUG"):
+                raise
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise click.ClickException(f"internal error: {type(e).__name__}: {msg} (set QUANTKIT_DEBUG=1 for a traceback)") from None
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _progress(enabled: bool):
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, disable=not enabled, transient=False)
+
+
+def _emit(as_json: bool, payload: dict, table: Table | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(payload))
+    elif table is not None:
+        Console().print(table)
+
+
+def _given(ctx: click.Context, names: list[str]) -> dict:
+    """Options the user actually gave (so a method's own defaults apply to the rest)."""
+    src = click.core.ParameterSource
+    return {n: ctx.params[n] for n in names if ctx.get_parameter_source(n) not in (src.DEFAULT, src.DEFAULT_MAP, None)}
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="quantkit")
+def cli():
+    """quantkit: compress Hugging Face causal LMs (GPTQ, AWQ, SmoothQuant, pruning, low-rank) and run them."""
+
+
+def _model_options(f):
+    f = click.option("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's).")(f)
+    f = click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) weights.")(f)
+    f = click.option("--trust-remote-code", is_flag=True, help="Run model code shipped with the checkpoint.")(f)
+    return f
+
+
+def _check_positive(name: str, value: int | None, upper: int | None = None) -> None:
+    if value is None:
+        return
+    if value < 1 or (upper is not None and value > upper):
+        raise QuantkitError(f"{name} must be between 1 and {upper}, got {value}" if upper else f"{name} must be positive, got {value}")
+
+
+QUANT_OPTIONS = ["bits", "group_size", "sym", "act_order", "static_groups", "damp", "true_sequential", "blocksize"]
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", "output", required=True, help="Output directory (written atomically).")
+@click.option("--method", default="gptq", show_default=True, help="Compression method (see `quantkit methods`).")
+@click.option("--bits", type=int, default=4, show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True, help="Input columns per scale; -1 = per channel.")
+@click.option("--sym/--asym", default=True, show_default=True)
+@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal.")
+@click.option("--static-groups", is_flag=True, help="GPTQ with --act-order: fix group grids up front.")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ damping (fraction of mean diag H).")
+@click.option("--true-sequential", is_flag=True, help="Re-collect statistics after each group of linears.")
+@click.option("--blocksize", type=int, default=128, show_default=True, help="GPTQ lazy-batch block size.")
+@click.option("--calib", default="c4", show_default=True, help="Calibration data: a dataset name or a local file.")
+@click.option("--nsamples", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_model_options
+@click.pass_context
+def quantize(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_size, overwrite, as_json, dtype,
+             allow_pickle, trust_remote_code, **_):
+    """Quantize MODEL (a directory, .gguf file or hub id) and write a packed checkpoint."""
+    from quantkit import api
+    from quantkit.modelio import dir_bytes, model_bytes
+
+    _check_positive("--nsamples", nsamples, 1_000_000)
+    _check_positive("--seqlen", seqlen, 1_048_576)
+    _check_positive("--batch-size", batch_size)
+    method_cls = api.get_method(method)
+    config = api.make_config(method, _given(ctx, QUANT_OPTIONS))
+    if os.path.exists(output) and not overwrite:
+        raise QuantkitError(f"output {output} already exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    m, tok = api.load_model(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    seqlen_cap = getattr(m.config, "max_position_embeddings", None)
+    if method_cls.needs_calibration and seqlen_cap and seqlen > seqlen_cap:
+        raise QuantkitError(f"--seqlen {seqlen} exceeds the model's context of {seqlen_cap} tokens")
+    bytes_before = model_bytes(m)
+    with _progress(not as_json or sys.stderr.isatty()) as prog:
+        task = prog.add_task(f"{method}", total=None, info="")
+        res = api.compress(m, method, config, tokenizer=tok, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                           batch_size=batch_size,
+                           progress=lambda i, n, info: prog.update(task, completed=i, total=n, info=info))
+    api.save(m, tok, output, method, res, overwrite=overwrite)
+    seconds = time.perf_counter() - t0
+    payload = {
+        "output": os.path.abspath(output), "method": method, "bits": getattr(config, "bits", None),
+        "group_size": getattr(config, "group_size", None), "bytes_before": bytes_before,
+        "bytes_after": dir_bytes(output), "seconds": round(seconds, 3), "peak_rss_bytes": peak_rss_bytes(),
+        "modules": len(res.quantized),
+    }
+    notes = [r for r in res.log if r.note]
+    for r in notes:
+        err_console.print(f"[yellow]note[/] {r.module}: {r.note}")
+    table = Table(title=f"quantkit quantize --method {method}")
+    for k in ("output", "method", "bits", "group_size", "modules", "bytes_before", "bytes_after", "seconds", "peak_rss_bytes"):
+        table.add_row(k, str(payload[k]))
+    table.show_header = False
+    _emit(as_json, payload, table)
+
+
+@cli.group(name="eval", cls=_Group)
+def eval_group():
+    """Evaluate a float or packed model."""
+
+
+@eval_group.command()
+@click.argument("model")
+@click.option("--dataset", default="wikitext2", show_default=True, help="A dataset name or a local text file.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--max-windows", type=int, default=None, help="Evaluate only the first N windows.")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "reference", "cpu", "triton"]), default=None,
+              help="Kernel path for packed weights (default: auto).")
+@click.option("--json", "as_json", is_flag=True)
+@_model_options
+def perplexity(model, dataset, split, seqlen, max_windows, batch_size, backend, as_json, dtype, allow_pickle, trust_remote_code):
+    """Perplexity of MODEL (GPTQ protocol: non-overlapping windows, mean NLL of every predicted token)."""
+    from quantkit.data import eval_windows, load_text, tokenize
+    from quantkit.evaluate import perplexity as ppl_fn
+    from quantkit.modelio import load_model
+
+    _check_positive("--seqlen", seqlen, 1_048_576)
+    _check_positive("--max-windows", max_windows)
+    _check_positive("--batch-size", batch_size)
+    if backend:
+        os.environ["QUANTKIT_BACKEND"] = backend
+    m, tok = load_model(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    cap = getattr(m.config, "max_position_embeddings", None)
+    if cap and seqlen > cap:
+        raise QuantkitError(f"--seqlen {seqlen} exceeds the model's context of {cap} tokens")
+    windows = eval_windows(tokenize(tok, load_text(dataset, split)), seqlen, max_windows)
+    running = []
+    with _progress(not as_json or sys.stderr.isatty()) as prog:
+        task = prog.add_task("perplexity", total=windows.shape[0], info="")
+
+        def report(i, n, ppl):
+            running.append(f"[{i}]{ppl:.4f}")
+            prog.update(task, completed=i, info=f"ppl {ppl:.4f}")
+
+        res = ppl_fn(m, windows, batch_size, report)
+    res["dataset"] = dataset
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        click.echo(",".join(running))
+        click.echo(f"Final estimate: PPL = {res['perplexity']:.4f} +/- {res['stderr']:.5f}  "
+                   f"({res['windows']} windows x {seqlen} tokens, {res['tokens']} scored, {res['seconds']:.1f} s)")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def methods(as_json):
+    """List the registered compression methods and their options."""
+    import dataclasses
+
+    from quantkit.registry import get_method, method_names
+
+    rows = {}
+    for name in method_names():
+        cls = get_method(name)
+        rows[name] = {"kind": getattr(cls, "kind", "quantize"), "calibration": cls.needs_calibration,
+                      "options": {f.name: f.default for f in dataclasses.fields(cls.config_cls) if f.name != "overrides"}}
+    if as_json:
+        click.echo(json.dumps(rows, default=str))
+        return
+    table = Table("method", "kind", "calibration", "options")
+    for name, r in rows.items():
+        table.add_row(name, r["kind"], str(r["calibration"]), ", ".join(f"{k}={v}" for k, v in r["options"].items()))
+    Console().print(table)
+
+
+def main() -> None:
+    cli(prog_name="quantkit")
+
+
+if __name__ == "__main__":
+    main()

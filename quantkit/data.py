@@ -1,0 +1,150 @@
+"""Text for calibration and evaluation.
+
+A source is a dataset name (``wikitext2``, ``ptb``, ``c4``, ``tinystories``) or a local file:
+plain text (``.txt``, ``.raw`` or anything else), JSON lines with a ``text`` field
+(``.jsonl``), or ``.parquet`` with a ``text`` column.
+
+Names resolve first to the copies shipped in ``quantkit/eval/data`` (or ``$QUANTKIT_DATA_DIR``)
+and otherwise through ``datasets`` (online users).  Evaluation text follows the GPTQ protocol:
+WikiText-2 rows joined with ``"\\n\\n"``, PTB sentences joined with ``" "``, C4 documents with ``" "``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from quantkit.errors import QuantkitError
+
+# name -> {split: (file relative to the data dir, how its records are joined)}
+_LOCAL = {
+    "wikitext2": {"test": ("wikitext2/wiki.test.raw", "\n\n"), "validation": ("wikitext2/wiki.valid.tokens", "\n\n")},
+    "ptb": {"test": ("ptb/ptb.test.txt", " "), "validation": ("ptb/ptb.valid.txt", " ")},
+    "c4": {"validation": ("c4/c4-validation-sample-calib.jsonl", " ")},
+    "tinystories": {"validation": ("tinystories/TinyStories-valid.sample.txt", None)},
+}
+# name -> (datasets args, split names, text field, joiner) for users who are online
+_HUB = {
+    "wikitext2": (("wikitext", "wikitext-2-raw-v1"), {"test": "test", "validation": "validation", "train": "train"}, "text", "\n\n"),
+    "ptb": (("ptb_text_only", "penn_treebank"), {"test": "test", "validation": "validation", "train": "train"}, "sentence", " "),
+    "c4": (("allenai/c4",), {"validation": "validation", "train": "train"}, "text", " "),
+}
+DATASET_NAMES = tuple(sorted(set(_LOCAL) | set(_HUB)))
+
+
+def _data_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("QUANTKIT_DATA_DIR"):
+        dirs.append(Path(os.environ["QUANTKIT_DATA_DIR"]))
+    try:
+        dirs.append(Path(str(resources.files("quantkit.eval") / "data")))
+    except ModuleNotFoundError:  # pragma: no cover
+        pass
+    return dirs
+
+
+def _records(path: Path) -> list[str]:
+    """The text records of a local file, by its extension."""
+    if not path.is_file():
+        raise QuantkitError(f"dataset file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            out = []
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise QuantkitError(f"{path}:{i} is not valid JSON") from None
+                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                        raise QuantkitError(f"{path}:{i} has no string 'text' field")
+                    out.append(obj["text"])
+            return out
+        if suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise QuantkitError("reading .parquet needs pyarrow (installed with `datasets`)") from None
+            table = pq.read_table(path)
+            if "text" not in table.column_names:
+                raise QuantkitError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
+            return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
+        return [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError as e:
+        raise QuantkitError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def load_text(source: str, split: str = "test") -> str:
+    """All text of ``source`` for ``split`` as one string."""
+    p = Path(source)
+    if p.exists() or any(sep in source for sep in ("/", os.sep)) or p.suffix:
+        records = _records(p)
+        return "\n\n".join(records) if p.suffix.lower() in (".jsonl", ".parquet") else records[0]
+    name = source.lower().replace("-", "").replace("_", "")
+    name = {"wikitext": "wikitext2", "wiki": "wikitext2", "wikitext2raw": "wikitext2"}.get(name, name)
+    if name not in DATASET_NAMES:
+        raise QuantkitError(f"unknown dataset {source!r}: give a file path or one of {', '.join(DATASET_NAMES)}")
+    local = _LOCAL.get(name, {}).get(split)
+    if local is not None:
+        for d in _data_dirs():
+            f = d / local[0]
+            if f.is_file():
+                text_records = _records(f)
+                if f.suffix == ".jsonl":
+                    return local[1].join(text_records)
+                if local[1] is None:
+                    return text_records[0]
+                return local[1].join(text_records[0].split("\n"))
+    if name not in _HUB or split not in _HUB[name][1]:
+        raise QuantkitError(f"dataset {name!r} has no {split!r} split available offline; give a local file")
+    args, splits, field, joiner = _HUB[name]
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(*args, split=splits[split])
+    except Exception as e:  # noqa: BLE001 - network, hub and format errors alike
+        raise QuantkitError(f"cannot load dataset {name} ({split}) through `datasets`: {str(e).splitlines()[0][:200]}; "
+                            "give a local file instead") from None
+    return joiner.join(ds[field])
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one ``[n_tokens]`` id tensor (no special tokens)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows ``[n_windows, seqlen]`` (GPTQ protocol; the tail is dropped)."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise QuantkitError(f"the evaluation text has {ids.numel()} tokens, shorter than one window of {seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+def calibration_samples(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0, split: str = "validation") -> torch.Tensor:
+    """``[nsamples, seqlen]`` random windows of the source's text, seeded (same inputs -> same samples)."""
+    if nsamples < 1 or seqlen < 2:
+        raise QuantkitError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
+    try:
+        text = load_text(source, split)
+    except QuantkitError as e:
+        if split != "test" and "split" in str(e):
+            text = load_text(source, "test")
+        else:
+            raise
+    ids = tokenize(tokenizer, text)
+    if ids.numel() < seqlen + 1:
+        raise QuantkitError(f"calibration text {source} has {ids.numel()} tokens, shorter than one window of {seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
+    return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])

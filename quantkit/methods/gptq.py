@@ -1,0 +1,141 @@
+"""GPTQ (Frantar et al., 2023): quantize columns one at a time and spread each column's error
+over the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs.
+
+:func:`gptq_quantize` is the algorithm (tensors in, tensors out); :class:`GPTQ` plugs it into
+the block-wise driver with a Hessian per linear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.calib import BlockMethod, QuantizedWeight
+from quantkit.errors import QuantkitError
+from quantkit.methods.common import WeightQuantConfig, check_group_sizes, quantize_block_linears
+from quantkit.methods.rtn import rtn_linear
+from quantkit.numerics.hessian import dead_columns, robust_inverse_cholesky
+from quantkit.numerics.quant import QuantSpec, compute_qparams, dequantize, quantize_codes
+from quantkit.registry import register_method
+
+
+@dataclass(frozen=True)
+class GPTQConfig(WeightQuantConfig):
+    act_order: bool = False  # quantize columns in order of decreasing Hessian diagonal (desc_act)
+    static_groups: bool = False  # with act_order: fix group grids up front, groups stay contiguous
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
+    blocksize: int = 128  # columns per lazy batch update
+    true_sequential: bool = False  # re-collect inputs after each group of linears is quantized
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.damp < 1:
+            raise QuantkitError(f"damp must be in (0, 1), got {self.damp}")
+        if self.blocksize < 1:
+            raise QuantkitError(f"blocksize must be positive, got {self.blocksize}")
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01,
+                  act_order: bool = False, static_groups: bool = False):
+    """Quantize ``W [out, in]`` given ``H [in, in]`` (GPTQ Algorithm 1 with lazy batches).
+
+    Returns ``(QuantizedWeight, w_hat [out, in], loss, damp_used)``, or ``None`` when ``H`` stays
+    singular after raising the damping (the caller falls back to RTN).
+    """
+    W = W.float().clone()
+    H = H.float().clone()
+    out_f, in_f = W.shape
+    gs = spec.groups_for(in_f)
+    n_groups = in_f // gs
+    maxq = spec.maxq
+
+    dead = dead_columns(H)
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    scales = torch.zeros(out_f, n_groups)
+    zeros = torch.zeros(out_f, n_groups)
+    if static_groups or spec.group_size == -1:
+        # grids from the original weights, group by group in column order
+        for g in range(n_groups):
+            s, z = compute_qparams(W[:, g * gs:(g + 1) * gs], spec)
+            scales[:, g], zeros[:, g] = s, z
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    Hinv, damp = robust_inverse_cholesky(H, percdamp)
+    if Hinv is None:
+        return None
+
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)  # in processing (maybe permuted) order
+    Q = torch.zeros_like(W)
+    losses = torch.zeros(out_f)
+
+    def group_of(col: int) -> int:  # col: position in processing order
+        orig = int(perm[col]) if perm is not None else col
+        return orig // gs if (static_groups or spec.group_size == -1) else col // gs
+
+    for i1 in range(0, in_f, blocksize):
+        i2 = min(i1 + blocksize, in_f)
+        W1 = W[:, i1:i2].clone()  # [out, b]
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if not static_groups and spec.group_size != -1 and col % gs == 0:
+                # a new group starts: its grid from the current (error-updated) weights, sec. 4
+                cols = W1[:, i:i + gs] if col + gs <= i2 else torch.cat([W1[:, i:], W[:, i2:col + gs]], dim=1)
+                s, z = compute_qparams(cols, spec)
+                scales[:, col // gs], zeros[:, col // gs] = s, z
+            g = group_of(col)
+            s, z = scales[:, g], zeros[:, g]
+            qc = quantize_codes(w, s, z, maxq)
+            q = (qc - z) * s
+            codes[:, col] = qc.to(torch.uint8)
+            Q1[:, i] = q
+            losses += (w - q).pow(2) / d**2 / 2
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # OBS update of the block
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the rest
+
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+        if static_groups:
+            g_idx = None  # groups are contiguous in the original order
+        else:
+            g_idx = (inv // gs).to(torch.int32)  # original column -> group of its processing position
+    qw = QuantizedWeight(codes, scales, zeros, spec, g_idx)
+    w_hat = dequantize(codes, scales, zeros, g_idx if g_idx is not None else gs)
+    return qw, w_hat, float(losses.sum()), damp
+
+
+@register_method("gptq", GPTQConfig)
+class GPTQ(BlockMethod):
+    def check(self, model, arch):
+        check_group_sizes(model, arch, self.config)
+
+    def _linear(self, w, hessian, spec):
+        cfg = self.config
+        res = gptq_quantize(w, hessian.H, spec, blocksize=cfg.blocksize, percdamp=cfg.damp,
+                            act_order=cfg.act_order, static_groups=cfg.static_groups)
+        if res is None:
+            qw, w_hat, loss, _, _ = rtn_linear(w, None, spec)
+            return qw, w_hat, loss, None, "Hessian not positive definite after damping: fell back to RTN"
+        qw, w_hat, loss, damp = res
+        note = f"damping raised to {damp:g}" if damp != cfg.damp else ""
+        return qw, w_hat, loss, damp, note
+
+    def process_block(self, ctx):
+        quantize_block_linears(ctx, self._linear, "hessian", self.config.spec_for, self.config.true_sequential)

@@ -1,0 +1,32 @@
+"""Round-to-nearest: the baseline every calibrated method must beat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quantkit.calib import BlockMethod, QuantizedWeight
+from quantkit.methods.common import WeightQuantConfig, check_group_sizes, quantize_block_linears
+from quantkit.numerics.quant import QuantSpec, dequantize, quantize_rtn
+from quantkit.registry import register_method
+
+
+@dataclass(frozen=True)
+class RTNConfig(WeightQuantConfig):
+    pass
+
+
+def rtn_linear(w, _stats, spec: QuantSpec):
+    q, s, z = quantize_rtn(w, spec)
+    w_hat = dequantize(q, s, z, spec.groups_for(w.shape[1]))
+    return QuantizedWeight(q, s, z, spec), w_hat, float((w - w_hat).pow(2).sum()), None, ""
+
+
+@register_method("rtn", RTNConfig)
+class RTN(BlockMethod):
+    needs_calibration = False
+
+    def check(self, model, arch):
+        check_group_sizes(model, arch, self.config)
+
+    def process_block(self, ctx):
+        quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for)

@@ -1,0 +1,121 @@
+"""Uniform integer quantization of weights, written once for every method.
+
+The grid: ``w ~= (q - z) * s`` with integer codes ``q`` in ``[0, 2**bits)``, one scale ``s``
+and integer zero point ``z`` per (output row, group of input columns).  Symmetric grids fix
+``z = 2**(bits-1)`` (GPTQ's convention), so they need no stored zeros.
+
+Example:
+    >>> spec = QuantSpec(bits=4, group_size=64)
+    >>> w = torch.randn(8, 128)
+    >>> q, s, z = quantize_rtn(w, spec)
+    >>> w_hat = dequantize(q, s, z, spec.group_size)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.errors import QuantkitError
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A weight format: ``bits`` per weight, ``group_size`` input columns per scale
+    (``-1`` means one group per output row, i.e. per-channel), symmetric or not."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise QuantkitError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size < 1):
+            raise QuantkitError(f"group size must be -1 (per-channel) or a positive integer, got {self.group_size!r}")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def groups_for(self, in_features: int) -> int:
+        """Group size actually used for a layer with ``in_features`` input columns."""
+        return in_features if self.group_size == -1 else self.group_size
+
+    def check_layer(self, name: str, in_features: int) -> None:
+        """Refuse a layer whose input features the group size does not divide."""
+        g = self.groups_for(in_features)
+        if in_features % g:
+            good = [d for d in (16, 32, 64, 128, 256) if in_features % d == 0] + [-1]
+            raise QuantkitError(
+                f"group size {g} does not divide {name}'s {in_features} input features; "
+                f"group sizes that work: {', '.join(map(str, good))}"
+            )
+
+
+def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max scale and integer zero for each row of ``w`` (``[rows, cols]`` -> ``[rows]``, ``[rows]``)."""
+    w = w.float()
+    maxq = spec.maxq
+    xmin = w.amin(dim=1).clamp(max=0)
+    xmax = w.amax(dim=1).clamp(min=0)
+    if spec.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        scale = 2 * xmax / maxq
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        scale = (xmax - xmin) / maxq
+        zero = None
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    # checkpoints store scales in float16: put them on that grid now, so the in-memory model
+    # and the packed checkpoint compute with the same numbers
+    scale = scale.clamp(6e-8, 65504).to(torch.float16).float()
+    if zero is None:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes for ``w`` on the grid (scale, zero); scale/zero broadcast against ``w``."""
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, maxq)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Quantize then dequantize (float in, float out)."""
+    return (quantize_codes(w, scale, zero, maxq) - zero) * scale
+
+
+def group_index(in_features: int, group_size: int) -> torch.Tensor:
+    """Default column -> group map ``[in]`` (no act-order)."""
+    return torch.arange(in_features, dtype=torch.int32) // group_size
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor | int) -> torch.Tensor:
+    """Float weight ``[out, in]`` from codes ``q [out, in]``, ``scales``/``zeros [out, n_groups]``.
+
+    ``g_idx`` is either the column -> group map ``[in]`` or a plain group size.
+    """
+    if isinstance(g_idx, int):
+        g_idx = group_index(q.shape[1], g_idx)
+    g = g_idx.long()
+    return (q.float() - zeros.float()[:, g]) * scales.float()[:, g]
+
+
+def quantize_rtn(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: codes ``[out, in]`` (uint8), scales and zeros ``[out, n_groups]``."""
+    out_f, in_f = w.shape
+    g = spec.groups_for(in_f)
+    wg = w.float().reshape(out_f, in_f // g, g)  # [out, in] -> [out, n_groups, group]
+    scale, zero = compute_qparams(wg.reshape(-1, g), spec)
+    scale = scale.reshape(out_f, -1)
+    zero = zero.reshape(out_f, -1)
+    q = quantize_codes(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.maxq).reshape(out_f, in_f)
+    return q.to(torch.uint8), scale, zero
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    ref = ref.float()
+    noise = (ref - approx.float()).pow(2).sum()
+    return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp_min(1e-30)))

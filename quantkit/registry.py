@@ -1,0 +1,43 @@
+"""The one registry of compression methods, read by the CLI and by recipes alike.
+
+    @register_method("gptq", GPTQConfig)
+    class GPTQ(BlockMethod): ...
+
+    method = get_method("gptq")          # QuantkitError listing the known names otherwise
+    config = method.config_cls(bits=4)   # frozen dataclass that checks itself
+"""
+
+from __future__ import annotations
+
+from quantkit.errors import QuantkitError
+
+_METHODS: dict[str, type] = {}
+
+
+def register_method(name: str, config_cls: type):
+    def wrap(cls):
+        if name in _METHODS:
+            raise RuntimeError(f"method {name!r} registered twice")
+        cls.name = name
+        cls.config_cls = config_cls
+        _METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_builtin_methods() -> None:
+    import quantkit.methods  # noqa: F401  (each method module registers itself on import)
+
+
+def get_method(name: str):
+    _load_builtin_methods()
+    if name not in _METHODS:
+        raise QuantkitError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def method_names(kind: str | None = None) -> list[str]:
+    """Registered names, optionally only those of one ``kind`` ("quantize", "prune", "lowrank")."""
+    _load_builtin_methods()
+    return sorted(n for n, c in _METHODS.items() if kind is None or getattr(c, "kind", "quantize") == kind)

@@ -1,0 +1,106 @@
+"""Quantized linear modules of the runtime.
+
+``QuantLinear`` holds a weight in quantkit format v1 (see :mod:`quantkit.packing`):
+
+* ``qweight`` uint8 ``[out, ceil(in*bits/8)]``: codes packed densely per row;
+* ``scales`` float16 ``[out, n_groups]``;
+* ``qzeros`` uint8 ``[out, n_groups]``: integer zero points (asymmetric only; symmetric
+  grids use ``2**(bits-1)``);
+* ``g_idx`` int32 ``[in]``: column -> group (act-order only; otherwise ``k // group_size``).
+
+``W[n, k] = (q[n, k] - z[n, g_idx[k]]) * s[n, g_idx[k]]``.
+
+The matmul goes through :func:`quantkit.runtime.backends.select_backend`, which picks the
+kernel path once from the device (CUDA -> Triton, CPU -> PyTorch's low-bit ops, else the
+pure-torch reference).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantkit.numerics.quant import dequantize, group_index
+from quantkit.packing import pack_bits, packed_row_bytes, unpack_bits
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        bias: bool = False,
+        act_order: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.sym, self.act_order = bits, sym, act_order
+        self.group_size = in_features if group_size == -1 else group_size
+        n_groups = in_features // self.group_size
+        self.register_buffer("qweight", torch.zeros(out_features, packed_row_bytes(in_features, bits), dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=torch.float16))
+        if not sym:
+            self.register_buffer("qzeros", torch.zeros(out_features, n_groups, dtype=torch.uint8))
+        else:
+            self.qzeros = None
+        if act_order:
+            self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        else:
+            self.g_idx = None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self._backend = None
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def from_codes(cls, q, scales, zeros, bits, group_size, sym, g_idx=None, bias=None, dtype=torch.float32):
+        """Build from unpacked codes ``q [out, in]`` and float ``scales``/``zeros [out, n_groups]``."""
+        out_f, in_f = q.shape
+        m = cls(in_f, out_f, bits, group_size, sym, bias is not None, g_idx is not None, dtype)
+        m.qweight.copy_(pack_bits(q, bits))
+        m.scales.copy_(scales.to(torch.float16))
+        if not sym:
+            m.qzeros.copy_(zeros.round().to(torch.uint8))
+        if g_idx is not None:
+            m.g_idx.copy_(g_idx.to(torch.int32))
+        if bias is not None:
+            m.bias.data.copy_(bias.detach().to(dtype))
+        return m
+
+    # ---- views --------------------------------------------------------------------
+    def codes(self) -> torch.Tensor:
+        return unpack_bits(self.qweight, self.bits, self.in_features)
+
+    def zero_points(self) -> torch.Tensor:
+        if self.qzeros is not None:
+            return self.qzeros.float()
+        return torch.full(self.scales.shape, float(2 ** (self.bits - 1)), device=self.scales.device)
+
+    def group_map(self) -> torch.Tensor:
+        if self.g_idx is not None:
+            return self.g_idx
+        return group_index(self.in_features, self.group_size).to(self.qweight.device)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Float32 ``[out, in]`` weight (the reference every kernel is checked against)."""
+        return dequantize(self.codes(), self.scales.float(), self.zero_points(), self.group_map())
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.qzeros, self.g_idx) if t is not None)
+
+    # ---- compute ------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._backend is None:
+            from quantkit.runtime.backends import select_backend
+
+            self._backend = select_backend(self, x)
+        return self._backend(self, x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, "
+            f"sym={self.sym}, act_order={self.act_order}"
+        )
