@@ -221,6 +221,12 @@ def methods(as_json):
     Console().print(table)
 
 
+from quantkit.serve import generate_command, serve_command  # noqa: E402  (light: no torch at import)
+
+cli.add_command(generate_command)
+cli.add_command(serve_command)
+
+
 def main() -> None:
     cli(prog_name="quantkit")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -40,10 +39,9 @@ def _data_dirs() -> list[Path]:
     dirs = []
     if os.environ.get("QUANTKIT_DATA_DIR"):
         dirs.append(Path(os.environ["QUANTKIT_DATA_DIR"]))
-    try:
-        dirs.append(Path(str(resources.files("quantkit.eval") / "data")))
-    except ModuleNotFoundError:  # pragma: no cover
-        pass
+    import quantkit.eval
+
+    dirs.append(Path(quantkit.eval.__file__).parent / "data")
     return dirs
 
 
@@ -101,7 +99,12 @@ def load_text(source: str, split: str = "test") -> str:
                     return local[1].join(text_records)
                 if local[1] is None:
                     return text_records[0]
-                return local[1].join(text_records[0].split("\n"))
+                # one record per line, each keeping its newline (as the hub's rows do), then joined:
+                # this reproduces the published WikiText-2 protocol figures exactly
+                lines = text_records[0].splitlines(keepends=True)
+                if local[1] == " ":
+                    lines = [line.rstrip("\n") for line in lines]
+                return local[1].join(lines)
     if name not in _HUB or split not in _HUB[name][1]:
         raise QuantkitError(f"dataset {name!r} has no {split!r} split available offline; give a local file")
     args, splits, field, joiner = _HUB[name]

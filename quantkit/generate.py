@@ -3,10 +3,11 @@
 Plain functions over a transformers causal LM (anything whose forward takes
 ``input_ids, attention_mask, position_ids, past_key_values, use_cache`` and returns ``.logits`` and
 ``.past_key_values``). The server (`quantkit.serve`) reuses the same pieces: `SamplingParams`,
-`sample_next`, `TextStream`, `eos_token_ids`, `encode_prompt`, `encode_chat`.
+`sample_next`, `TextStream`, `eos_token_ids`, `encode_prompt`, `encode_chat`. The ``quantkit generate``
+command lives in `quantkit.serve.cli` so that the CLI starts without importing torch.
 
-    >>> model, tok = load_model("tests/fixtures/stories260K")
-    >>> generate(model, tok, encode_prompt(tok, "Once upon"), SamplingParams(max_new_tokens=8)).text
+    >>> model, tok = quantkit.modelio.load_model("tests/fixtures/stories260K")
+    >>> generate(model, tok, encode_prompt(tok, "Once upon"), SamplingParams(max_new_tokens=10)).text
     ' a time, there was a little girl'
 
 The KV cache is a transformers `Cache`. Pass ``cache=`` either a fresh cache object or a factory
@@ -15,18 +16,15 @@ The KV cache is a transformers `Cache`. Pass ``cache=`` either a fresh cache obj
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import click
 import torch
 
 from quantkit.errors import QuantkitError
 
-CacheFactory = Callable[[torch.nn.Module], object]
+CacheFactory = Callable[[torch.nn.Module], object]  # model -> transformers Cache
 
 
 @dataclass(frozen=True)
@@ -231,7 +229,7 @@ class TextStream:
 # ------------------------------------------------------------------------------------------ decode loop
 
 
-def make_cache(model, cache=None):
+def make_cache(model, cache: object | CacheFactory | None = None):
     """A KV cache for one generation: ``cache`` itself, ``cache(model)`` if it is a factory, or a float one."""
     if cache is None:
         from transformers import DynamicCache
@@ -300,56 +298,3 @@ def generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams
             ids.append(tok)
         reason = finish or reason
     return Generation("".join(pieces), ids, reason, len(prompt_ids), time.perf_counter() - t0)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def load_model(path: str):
-    """(model, tokenizer) in eval mode. Stand-in until quantkit.modelio.load_model lands."""
-    import os
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not os.path.exists(path):
-        raise QuantkitError(f"no model at {path}")
-    kwargs = {}
-    if path.endswith(".gguf"):
-        path, kwargs["gguf_file"] = os.path.split(os.path.abspath(path))
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    return model.eval(), tokenizer
-
-
-
-@click.command("generate")
-@click.argument("model_path", metavar="MODEL")
-@click.argument("prompt")
-@click.option("--max-new-tokens", default=128, show_default=True, help="Tokens to generate at most.")
-@click.option("--temperature", default=0.0, show_default=True, help="0 means greedy.")
-@click.option("--top-k", default=0, show_default=True, help="Keep the k likeliest tokens (0: off).")
-@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1: off).")
-@click.option("--seed", type=int, default=None, help="Seed for sampling.")
-@click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--chat", is_flag=True, help="Wrap the prompt as a user message in the chat template.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate_command(model_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, as_json):
-    """Generate text from MODEL for PROMPT (a quick look at a model)."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            stop=stop, seed=seed)
-    model, tokenizer = load_model(model_path)
-    if chat:
-        prompt_ids = encode_chat(tokenizer, [{"role": "user", "content": prompt}])
-    else:
-        prompt_ids = encode_prompt(tokenizer, prompt)
-    if as_json:
-        g = generate(model, tokenizer, prompt_ids, params)
-        click.echo(json.dumps({"text": g.text, "finish_reason": g.finish_reason, "prompt_tokens": g.prompt_tokens,
-                               "completion_tokens": g.completion_tokens,
-                               "tokens_per_s": round(g.completion_tokens / max(g.seconds, 1e-9), 2)}))
-        return
-    for piece in stream_generate(model, tokenizer, prompt_ids, params):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-

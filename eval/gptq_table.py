@@ -1,0 +1,103 @@
+"""fp32 vs RTN vs GPTQ at 4 and 3 bits on a real model, one run, side by side.
+
+    python -m quantkit.eval.gptq_table --model SmolLM2-135M-Instruct.Q4_1.gguf --group-size 64 \\
+        --calib c4 --nsamples 64 --calib-seqlen 512 --dataset wikitext2 --seqlen 512 --max-windows 16
+
+Prints a markdown table (perplexity, seconds per method) and checks that the packed
+checkpoint of GPTQ-4 evaluated by the runtime matches the in-memory model.  The protocol
+matches ../shared/ANCHORS.md: WikiText-2 test, first N windows of 512 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from quantkit import api
+from quantkit.data import calibration_samples, eval_windows, load_text, tokenize
+from quantkit.evaluate import perplexity
+from quantkit.modelio import load_model
+from quantkit.runtime.qlinear import QuantLinear
+
+
+def linear_bytes(model) -> tuple[int, int]:
+    """(packed bytes of QuantLinear weights, fp16 bytes of the same weights)."""
+    packed = fp16 = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            packed += m.weight_bytes()
+            fp16 += m.in_features * m.out_features * 2
+    return packed, fp16
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--calib", default="c4")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--dataset", default="wikitext2")
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=16)
+    ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--asym", action="store_true", help="Asymmetric grids (default: symmetric, as the peers' W4A16 presets).")
+    ap.add_argument("--json", dest="json_out", default=None, help="Also write the results as JSON here.")
+    args = ap.parse_args(argv)
+
+    base, tok = load_model(args.model)
+    windows = eval_windows(tokenize(tok, load_text(args.dataset, "test")), args.seqlen, args.max_windows)
+    calib = calibration_samples(tok, args.calib, args.nsamples, args.calib_seqlen, seed=0)
+    rows = []
+    t = time.perf_counter()
+    fp = perplexity(base, windows)
+    rows.append({"model": "fp32", "perplexity": fp["perplexity"], "seconds": None})
+    print(f"fp32: {fp['perplexity']:.3f} (eval {time.perf_counter() - t:.0f}s)", flush=True)
+    packed_check = None
+    for bits in [int(b) for b in args.bits.split(",")]:
+        for method in ("rtn", "gptq"):
+            model = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            res = api.compress(model, method, {"bits": bits, "group_size": args.group_size, "sym": not args.asym}, calib_ids=calib)
+            secs = time.perf_counter() - t0
+            ppl = perplexity(model, windows)["perplexity"]
+            row = {"model": f"{method.upper()} W{bits} g{args.group_size}", "perplexity": ppl, "seconds": secs}
+            if method == "gptq" and bits == 4:
+                with tempfile.TemporaryDirectory() as d:
+                    api.save(model, tok, Path(d) / "ckpt", method, res)
+                    disk = (Path(d) / "ckpt" / "model.safetensors").stat().st_size
+                    loaded, _ = load_model(str(Path(d) / "ckpt"))
+                    packed, fp16 = linear_bytes(loaded)
+                    ppl_packed = perplexity(loaded, windows)["perplexity"]
+                    os.environ["QUANTKIT_BACKEND"] = "reference"
+                    loaded, _ = load_model(str(Path(d) / "ckpt"))
+                    ppl_ref = perplexity(loaded, windows)["perplexity"]
+                    os.environ.pop("QUANTKIT_BACKEND")
+                packed_check = {"in_memory": ppl, "packed": ppl_packed, "rel_diff": abs(ppl_packed - ppl) / ppl,
+                                "packed_reference_backend": ppl_ref, "rel_diff_reference": abs(ppl_ref - ppl) / ppl,
+                                "linear_bytes_packed": packed, "linear_bytes_fp16": fp16, "ratio": packed / fp16,
+                                "safetensors_bytes": disk}
+            rows.append(row)
+            print(f"{row['model']}: {ppl:.3f} ({secs:.1f}s)", flush=True)
+            del model
+    print()
+    print(f"| {args.model.split('/')[-1]} | WikiText-2 ppl ({args.max_windows} x {args.seqlen} tokens) | compress s |")
+    print("|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['perplexity']:.2f} | {'' if r['seconds'] is None else f'{r['seconds']:.1f}'} |")
+    if packed_check:
+        print(f"\npacked GPTQ-4 checkpoint: ppl {packed_check['packed']:.4f} vs in-memory {packed_check['in_memory']:.4f} "
+              f"(relative diff {packed_check['rel_diff']:.2e}; reference backend {packed_check['packed_reference_backend']:.4f}, {packed_check['rel_diff_reference']:.2e}); linear weights {packed_check['ratio']:.3f}x their fp16 bytes")
+    out = {"rows": rows, "packed_check": packed_check, "args": vars(args)}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

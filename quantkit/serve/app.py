@@ -1,0 +1,218 @@
+"""The OpenAI-compatible HTTP app (FastAPI) in front of an `Engine`.
+
+    >>> app = create_app(Engine(model, tokenizer).start(), model_name="stories260K")
+    >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Routes: GET /health, /v1/models, /metrics (Prometheus text; ``?format=json`` for JSON);
+POST /v1/completions and /v1/chat/completions (``"stream": true`` for server-sent events ending
+with ``data: [DONE]``). Every error is an OpenAI error body with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from quantkit.serve import protocol
+from quantkit.serve.engine import Engine, EngineStopped, Event, QueueFull
+from quantkit.serve.protocol import ApiError, GenRequest
+
+log = logging.getLogger("quantkit.serve")
+
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+
+
+class _Inbox:
+    """Engine events for one request, handed from the engine thread to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def __call__(self, ev: Event) -> None:  # engine thread
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+
+    async def next_batch(self) -> tuple[str, Event | None]:
+        """Wait for events; return all text now available (coalesced) and the final event if it came."""
+        ev = await self.queue.get()
+        text = []
+        while True:
+            if ev.kind != "delta":
+                return "".join(text), ev
+            text.append(ev.text)
+            if self.queue.empty():
+                return "".join(text), None
+            ev = self.queue.get_nowait()
+
+
+def _error_response(e: ApiError, app_state) -> JSONResponse:
+    app_state.rejected[e.status] = app_state.rejected.get(e.status, 0) + 1
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def create_app(engine: Engine, model_name: str) -> FastAPI:
+    """The FastAPI app serving `engine`'s model under the name `model_name`."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="quantkit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.rejected = {}  # HTTP status -> count of refused requests
+    created = int(time.time())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error_response(ApiError(exc.status_code, str(exc.detail), code=code), app.state)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return _error_response(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"),
+                               app.state)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list",
+                "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "quantkit",
+                          "max_model_len": engine.n_ctx}]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_info(name: str):
+        if name != model_name:
+            return _error_response(ApiError(404, f"The model '{name}' does not exist", param="model",
+                                            code="model_not_found"), app.state)
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "quantkit"}
+
+    @app.get("/metrics")
+    async def metrics(format: str = "prometheus"):
+        stats = engine.stats()
+        stats["rejected"] = dict(app.state.rejected)
+        if format == "json":
+            return stats
+        return PlainTextResponse(_prometheus(stats), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _handle(request, chat=True)
+
+    async def _handle(request: Request, chat: bool):
+        try:
+            body = protocol.parse_json_body(await request.body())
+            parse = protocol.parse_chat if chat else protocol.parse_completion
+            req = parse(body, engine.tokenizer, model_name, engine.n_ctx)
+            inbox = _Inbox(asyncio.get_running_loop())
+            try:
+                handle = engine.submit(req.prompt_ids, req.params, inbox)
+            except QueueFull as e:
+                raise ApiError(503, f"{e}; retry later", type="server_overloaded", code="queue_full") from None
+            except EngineStopped as e:
+                raise ApiError(503, str(e), type="server_error", code="engine_stopped") from None
+        except ApiError as e:
+            return _error_response(e, app.state)
+        if req.stream:
+            return StreamingResponse(_stream(req, handle, inbox, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _collect(request, req, handle, inbox, chat)
+
+    async def _collect(request: Request, req: GenRequest, handle, inbox: _Inbox, chat: bool):
+        pieces = []
+        try:
+            while True:
+                try:
+                    text, final = await asyncio.wait_for(inbox.next_batch(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return JSONResponse(protocol.error_body("client disconnected"), status_code=499)
+                    continue
+                pieces.append(text)
+                if final is not None:
+                    break
+        finally:
+            handle.cancel()  # no-op when it finished; frees the slot when the client went away
+        if final.kind == "error":
+            return JSONResponse(protocol.error_body(final.message, type="server_error"), status_code=500)
+        build = protocol.chat_body if chat else protocol.completion_body
+        rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+        return build(rid, req.model, "".join(pieces), final.finish_reason, final.prompt_tokens,
+                     final.completion_tokens)
+
+    async def _stream(req: GenRequest, handle, inbox: _Inbox, chat: bool) -> AsyncIterator[bytes]:
+        rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str, finish: str | None = None, first: bool = False) -> bytes:
+            if chat:
+                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+                return protocol.sse(protocol.chat_chunk(rid, req.model, created, delta, finish))
+            return protocol.sse(protocol.completion_chunk(rid, req.model, created, text, finish))
+
+        try:
+            if chat:
+                yield chunk("", first=True)
+            while True:
+                text, final = await inbox.next_batch()
+                if final is None:
+                    yield chunk(text)
+                    continue
+                if final.kind == "error":
+                    if text:
+                        yield chunk(text)
+                    yield protocol.sse(protocol.error_body(final.message, type="server_error"))
+                else:
+                    if text:
+                        yield chunk(text)
+                    yield chunk("", final.finish_reason)
+                    if req.include_usage:
+                        yield protocol.sse(protocol.usage_chunk(rid, req.model, created, obj, final.prompt_tokens,
+                                                                final.completion_tokens))
+                yield protocol.sse("[DONE]")
+                return
+        finally:
+            handle.cancel()  # the client disconnected (this generator was cancelled) or we are done
+
+    return app
+
+
+def _prometheus(stats: dict) -> str:
+    rows = [
+        ("quantkit_tokens_per_second", "gauge", "Generated tokens per second over the recent window.",
+         [("", stats["tokens_per_second"])]),
+        ("quantkit_requests_running", "gauge", "Sequences in the decode batch.", [("", stats["running"])]),
+        ("quantkit_requests_queued", "gauge", "Requests waiting for a batch slot.", [("", stats["queued"])]),
+        ("quantkit_max_batch", "gauge", "Batch slots.", [("", stats["max_batch"])]),
+        ("quantkit_max_queue", "gauge", "Queue capacity.", [("", stats["max_queue"])]),
+        ("quantkit_generated_tokens_total", "counter", "Tokens generated.", [("", stats["generated_tokens"])]),
+        ("quantkit_prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", stats["prompt_tokens"])]),
+        ("quantkit_decode_steps_total", "counter", "Model forward calls.", [("", stats["steps"])]),
+        ("quantkit_requests_finished_total", "counter", "Finished requests by reason.",
+         [('{reason="stop"}', stats["finished_stop"]), ('{reason="length"}', stats["finished_length"]),
+          ('{reason="cancelled"}', stats["cancelled"]), ('{reason="error"}', stats["errors"])]),
+        ("quantkit_requests_rejected_total", "counter", "Refused requests by HTTP status.",
+         [(f'{{status="{k}"}}', v) for k, v in sorted(stats["rejected"].items())]),
+    ]
+    lines = []
+    for name, kind, help_, samples in rows:
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+        lines += [f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
+                  for labels, value in samples]
+    return "\n".join(lines) + "\n"

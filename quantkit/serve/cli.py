@@ -1,0 +1,94 @@
+"""Click commands ``quantkit generate`` and ``quantkit serve``.
+
+Kept free of heavy imports (torch, transformers, FastAPI are imported when a command runs) so that
+``quantkit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import sys
+
+import click
+
+from quantkit.errors import QuantkitError
+
+
+@click.command("generate")
+@click.argument("model_path", metavar="MODEL")
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=128, show_default=True, help="Tokens to generate at most.")
+@click.option("--temperature", default=0.0, show_default=True, help="0 means greedy.")
+@click.option("--top-k", default=0, show_default=True, help="Keep the k likeliest tokens (0: off).")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1: off).")
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message in the tokenizer's chat template.")
+@click.option("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+def generate_command(model_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, dtype, as_json):
+    """Generate text from MODEL for PROMPT (a quick look at a model)."""
+    from quantkit.generate import SamplingParams, encode_chat, encode_prompt, generate, stream_generate
+    from quantkit.modelio import load_model
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            stop=stop, seed=seed)
+    model, tokenizer = load_model(model_path, dtype=dtype)
+    if chat:
+        prompt_ids = encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+    else:
+        prompt_ids = encode_prompt(tokenizer, prompt)
+    if as_json:
+        g = generate(model, tokenizer, prompt_ids, params)
+        click.echo(json.dumps({"text": g.text, "finish_reason": g.finish_reason, "prompt_tokens": g.prompt_tokens,
+                               "completion_tokens": g.completion_tokens, "seconds": round(g.seconds, 4),
+                               "tokens_per_s": round(g.completion_tokens / max(g.seconds, 1e-9), 2)}))
+        return
+    for piece in stream_generate(model, tokenizer, prompt_ids, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _require_server_deps() -> None:
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise QuantkitError(f"quantkit serve needs {' and '.join(missing)}: pip install quantkit[serve]")
+
+
+@click.command("serve")
+@click.argument("model_path", metavar="MODEL")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--model-name", default=None, help="Name clients use in 'model' (default: MODEL's base name).")
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=16, show_default=True,
+              help="Sequences decoded together.")
+@click.option("--max-queue", type=click.IntRange(0, 100_000), default=64, show_default=True,
+              help="Requests waiting for a slot before the server answers 503.")
+@click.option("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="torch intra-op threads (default: torch's choice).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def serve_command(model_path, host, port, model_name, max_batch, max_queue, dtype, threads, log_level):
+    """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
+    _require_server_deps()
+    import torch
+    import uvicorn
+
+    from quantkit.modelio import load_model
+    from quantkit.serve.app import create_app
+    from quantkit.serve.engine import Engine
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    model, tokenizer = load_model(model_path, dtype=dtype)
+    name = model_name or os.path.basename(os.path.normpath(model_path))
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    app = create_app(engine, name)
+    click.echo(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue})", err=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")

@@ -1,0 +1,326 @@
+"""Continuous batching engine: one thread runs a decode loop over the active sequences.
+
+Each step feeds every active sequence's last token as one batch [B, 1] through the model with a
+shared KV cache whose rows are left-padded to a common length: the attention mask hides the padding
+and position ids are per row, so a row decodes exactly as it would alone. A new request is prefilled
+on its own (batch 1, the same call `quantkit.generate` makes), then its cache rows join the batch
+(`kvbatch.concat_rows`); a finished or cancelled sequence leaves at the end of the step
+(`kvbatch.select_rows`). Requests beyond ``max_batch`` wait in a bounded queue; `submit` raises
+`QueueFull` when that is full.
+
+Events go back through the request's ``on_event`` callback, called from the engine thread:
+``Event("delta", text=...)`` as text becomes final, then one ``Event("done", finish_reason=...)``
+(or ``Event("error", message=...)``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.generate import (
+    SamplingParams,
+    TextStream,
+    context_length,
+    eos_token_ids,
+    make_cache,
+    make_generator,
+    sample_next,
+)
+from quantkit.serve import kvbatch
+
+log = logging.getLogger("quantkit.serve")
+
+
+class QueueFull(Exception):
+    """The wait queue is at max_queue."""
+
+
+class EngineStopped(Exception):
+    """The engine is not running."""
+
+
+@dataclass
+class Event:
+    kind: str  # "delta" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    message: str = ""
+
+
+class Request:
+    """A submitted generation; `cancel()` from any thread frees its slot at the next step."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None]):
+        self.id = next(self._ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.on_event = on_event
+        self.cancelled = False
+        self.submitted_at = time.monotonic()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Seq:
+    """Engine-side state of one active sequence."""
+
+    def __init__(self, req: Request, tokenizer, eos: frozenset[int]):
+        self.req = req
+        self.params = req.params
+        self.stream = TextStream(tokenizer, req.prompt_ids, req.params.stop)
+        self.generator = None if req.params.greedy else make_generator(req.params.seed)
+        self.eos = frozenset() if req.params.ignore_eos else eos
+        self.cached = 0  # tokens in the KV cache for this row (no padding)
+        self.last = -1  # last sampled token, fed at the next step
+        self.n_new = 0
+        self.done = False
+
+
+class Engine:
+    """Continuous batching over a causal LM. Thread-safe `submit`; call `start()` first.
+
+    >>> engine = Engine(model, tokenizer, max_batch=16, max_queue=64).start()
+    >>> req = engine.submit(ids, SamplingParams(max_new_tokens=32), on_event=print)
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64, cache=None,
+                 rate_window: float = 10.0):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.n_ctx = context_length(model)
+        self._cache_factory = cache  # None (float DynamicCache) or a factory model -> Cache
+        self._eos = eos_token_ids(model, tokenizer)
+        self._cond = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._active: list[_Seq] = []
+        self._admitting = 0  # taken from the queue, prefill not done yet
+        self._kv = None  # the batched cache of self._active, rows in the same order
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        # metrics
+        self._rate_window = rate_window
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated in that step)
+        self._started_at = time.monotonic()
+        self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "steps": 0,
+                         "finished_stop": 0, "finished_length": 0, "cancelled": 0, "errors": 0}
+
+    # ------------------------------------------------------------------ public API
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._run, name="quantkit-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               on_event: Callable[[Event], None]) -> Request:
+        """Queue a generation. Raises QueueFull when max_queue requests already wait."""
+        if not prompt_ids or len(prompt_ids) >= self.n_ctx:
+            raise ValueError(f"prompt must have 1..{self.n_ctx - 1} tokens, got {len(prompt_ids)}")
+        req = Request(prompt_ids, params, on_event)
+        with self._cond:
+            if self._thread is None or self._stop:
+                raise EngineStopped("engine is not running")
+            if len(self._waiting) >= self.max_queue:
+                self._waiting = deque(r for r in self._waiting if not r.cancelled)
+            # a request the engine can take at once does not count against the queue
+            free_slots = self.max_batch - len(self._active) - self._admitting
+            if len(self._waiting) - max(free_slots, 0) >= self.max_queue:
+                raise QueueFull(f"server busy: {len(self._active)} running and {len(self._waiting)} queued")
+            self._waiting.append(req)
+            self._cond.notify_all()
+        return req
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, timeout: float = 600.0):
+        """Blocking helper: (text, finish_reason, completion_tokens) of one request."""
+        import queue
+
+        q: queue.Queue[Event] = queue.Queue()
+        self.submit(prompt_ids, params, q.put)
+        pieces = []
+        while True:
+            ev = q.get(timeout=timeout)
+            if ev.kind == "delta":
+                pieces.append(ev.text)
+            elif ev.kind == "done":
+                return "".join(pieces), ev.finish_reason, ev.completion_tokens
+            else:
+                raise RuntimeError(ev.message)
+
+    def stats(self) -> dict:
+        now = time.monotonic()
+        with self._cond:
+            while self._recent and self._recent[0][0] < now - self._rate_window:
+                self._recent.popleft()
+            recent = sum(n for _, n in self._recent)
+            span = min(self._rate_window, max(now - self._started_at, 1e-6))
+            queued = sum(not r.cancelled for r in self._waiting)
+            running = sum(not s.done for s in self._active) + self._admitting
+            return {"running": running, "queued": queued, "max_batch": self.max_batch,
+                    "max_queue": self.max_queue, "tokens_per_second": recent / span, **self.counters}
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stop and not self._waiting and not self._active:
+                        self._cond.wait()
+                    if self._stop:
+                        break
+                    admit = []
+                    while self._waiting and len(self._active) + len(admit) < self.max_batch:
+                        req = self._waiting.popleft()
+                        if not req.cancelled:
+                            admit.append(req)
+                    self._admitting = len(admit)
+                try:
+                    for req in admit:
+                        self._prefill(req)
+                    self._retire()
+                    if self._active:
+                        self._decode_step()
+                except Exception as e:  # a model failure: fail the batch, keep serving
+                    log.exception("engine step failed")
+                    failed = [s.req for s in self._active if not s.done] + admit[len(admit) - self._admitting:]
+                    with self._cond:
+                        self.counters["errors"] += len(failed)
+                        self._active, self._kv, self._admitting = [], None, 0
+                    for req in failed:
+                        _deliver(req, Event("error", message=f"generation failed: {type(e).__name__}: {e}"))
+                self._retire()
+        for req in [s.req for s in self._active if not s.done] + list(self._waiting):
+            _deliver(req, Event("error", message="server shutting down"))
+
+    def _prefill(self, req: Request) -> None:
+        """Prefill one request on its own, sample its first token, and join it to the batch."""
+        s = _Seq(req, self.tokenizer, self._eos)
+        kv = make_cache(self.model, self._cache_factory)
+        ids = torch.tensor([req.prompt_ids])  # [1, L]
+        logits = self.model(ids, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[0, -1].float()
+        s.cached = len(req.prompt_ids)
+        with self._cond:
+            self.counters["prompt_tokens"] += s.cached
+            self._active.append(s)
+            self._admitting -= 1
+        if self._kv is None:
+            self._kv = kv
+        else:
+            kvbatch.concat_rows(self._kv, kv)
+        self._advance(s, sample_next(logits, s.params, s.generator))
+        self._count_tokens(1)
+
+    def _decode_step(self) -> None:
+        """One token for every active sequence."""
+        active = self._active
+        T = kvbatch.seq_length(self._kv)
+        cached = torch.tensor([s.cached for s in active])  # [B]
+        pad = T - cached  # [B] left padding of each row
+        mask = (torch.arange(T + 1)[None, :] >= pad[:, None]).long()  # [B, T+1]
+        input_ids = torch.tensor([[s.last] for s in active])  # [B, 1]
+        out = self.model(input_ids, attention_mask=mask, position_ids=cached[:, None], past_key_values=self._kv,
+                         use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1].float()  # [B, V]
+        greedy_tokens = logits.argmax(-1).tolist()
+        n = 0
+        for i, s in enumerate(active):
+            s.cached += 1
+            if s.done or s.req.cancelled:  # dropped in _retire
+                continue
+            tok = greedy_tokens[i] if s.params.greedy else sample_next(logits[i], s.params, s.generator)
+            self._advance(s, tok)
+            n += 1
+        self._count_tokens(n)
+
+    def _advance(self, s: _Seq, tok: int) -> None:
+        """Take a sampled token: emit text, decide whether the sequence is finished."""
+        if tok in s.eos:
+            self._finish(s, s.stream.flush(), "stop")
+            return
+        s.n_new += 1
+        s.last = tok
+        delta = s.stream.push(tok)
+        if s.stream.stopped:
+            self._finish(s, delta, "stop")
+        elif s.n_new >= s.params.max_new_tokens or s.cached + 1 >= self.n_ctx:
+            self._finish(s, delta + s.stream.flush(), "length")
+        elif delta:
+            self._emit(s, Event("delta", text=delta))
+
+    def _finish(self, s: _Seq, delta: str, reason: str) -> None:
+        s.done = True
+        if delta:
+            self._emit(s, Event("delta", text=delta))
+        self._emit(s, Event("done", finish_reason=reason, prompt_tokens=len(s.req.prompt_ids),
+                            completion_tokens=s.n_new))
+        with self._cond:
+            self.counters[f"finished_{reason}"] += 1
+
+    def _emit(self, s: _Seq, ev: Event) -> None:
+        _deliver(s.req, ev)  # a failed delivery cancels the request; _retire drops it
+
+    def _retire(self) -> None:
+        """Drop finished and cancelled rows from the batch and trim all-padding columns."""
+        for s in self._active:
+            if s.req.cancelled and not s.done:
+                s.done = True
+                with self._cond:
+                    self.counters["cancelled"] += 1
+        keep = [i for i, s in enumerate(self._active) if not s.done]
+        if len(keep) == len(self._active):
+            return
+        with self._cond:
+            self._active = [self._active[i] for i in keep]
+        if not keep:
+            self._kv = None
+            return
+        kvbatch.select_rows(self._kv, torch.tensor(keep))
+        T = kvbatch.seq_length(self._kv)
+        kvbatch.drop_left(self._kv, T - max(s.cached for s in self._active))
+
+    def _count_tokens(self, n: int) -> None:
+        now = time.monotonic()
+        with self._cond:
+            self.counters["generated_tokens"] += n
+            self.counters["steps"] += 1
+            self._recent.append((now, n))
+            while self._recent[0][0] < now - self._rate_window:
+                self._recent.popleft()
+
+
+def _deliver(req: Request, ev: Event) -> bool:
+    """Call the request's callback; a receiver that is gone (e.g. its event loop closed) cancels it."""
+    try:
+        req.on_event(ev)
+        return True
+    except Exception:
+        log.warning("request %d: event delivery failed; cancelling it", req.id, exc_info=True)
+        req.cancel()
+        return False

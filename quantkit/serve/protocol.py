@@ -1,0 +1,295 @@
+"""OpenAI API shapes: request validation into (prompt ids, SamplingParams), response and chunk bodies.
+
+No web framework here: functions of dicts, so the checks can be tested without a server. Every
+rejection is an `ApiError` carrying the status and the OpenAI error body
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+
+from quantkit.errors import QuantkitError
+from quantkit.generate import SamplingParams, encode_chat, encode_prompt
+
+MAX_STOP = 4  # as OpenAI
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class ApiError(Exception):
+    """A request the server refuses; `status` is the HTTP status, `body()` the OpenAI error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def parse_json_body(raw: bytes) -> dict:
+    """The request body as a JSON object; 400 for invalid UTF-8, malformed JSON or a non-object."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"request body is not valid UTF-8: {e.reason} at byte {e.start}",
+                       code="invalid_utf8") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"malformed JSON in request body: {e.msg} (line {e.lineno}, column {e.colno})",
+                       code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return body
+
+
+# ------------------------------------------------------------------------------------------ fields
+
+
+def _invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def _text(value, param: str) -> str:
+    """A string that is valid Unicode (JSON escapes can smuggle in lone surrogates)."""
+    if not isinstance(value, str):
+        raise _invalid(param, f"'{param}' must be a string", "invalid_type")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid(param, f"'{param}' is not valid UTF-8 (lone surrogate)", "invalid_utf8") from None
+    return value
+
+
+def _int(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _invalid(name, f"'{name}' must be an integer", "invalid_type")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise _invalid(name, f"'{name}' must be {bounds}, got {v}")
+    return v
+
+
+def _float(body: dict, name: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _invalid(name, f"'{name}' must be a number", "invalid_type")
+    if v > hi or v < lo or (lo_open and v == lo):
+        raise _invalid(name, f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
+    return float(v)
+
+
+def _bool(body: dict, name: str) -> bool:
+    v = body.get(name, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise _invalid(name, f"'{name}' must be a boolean", "invalid_type")
+    return v
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or len(items) > MAX_STOP:
+        raise _invalid("stop", f"'stop' must be a string or a list of at most {MAX_STOP} strings")
+    out = tuple(_text(s, "stop") for s in items)
+    if any(not s for s in out):
+        raise _invalid("stop", "'stop' strings must not be empty")
+    return out
+
+
+def _unsupported(body: dict) -> None:
+    if body.get("n") not in (None, 1):
+        raise _invalid("n", "only n=1 is supported")
+    if body.get("best_of") not in (None, 1):
+        raise _invalid("best_of", "only best_of=1 is supported")
+    if body.get("echo"):
+        raise _invalid("echo", "echo is not supported")
+    if body.get("logprobs") not in (None, False, 0):
+        raise _invalid("logprobs", "logprobs are not supported")
+    if body.get("tools") or body.get("functions"):
+        raise _invalid("tools", "tools are not supported")
+
+
+# ---------------------------------------------------------------------------------------- requests
+
+
+@dataclass
+class GenRequest:
+    """A validated request: what the engine needs plus how to answer."""
+
+    model: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def _check_model(body: dict, model_name: str) -> str:
+    name = body.get("model")
+    if name is None:
+        raise _invalid("model", "'model' is required", "missing_required_parameter")
+    name = _text(name, "model")
+    if name != model_name:
+        raise ApiError(404, f"The model '{name}' does not exist; this server serves '{model_name}'",
+                       param="model", code="model_not_found")
+    return name
+
+
+def _build(body: dict, prompt_ids: list[int], n_ctx: int, default_max_tokens: int | None,
+           model: str) -> GenRequest:
+    if len(prompt_ids) >= n_ctx:
+        raise ApiError(400, f"This model's maximum context length is {n_ctx} tokens, and the prompt has "
+                            f"{len(prompt_ids)}; it must leave room for at least one new token.",
+                       param="prompt" if "prompt" in body else "messages", code="context_length_exceeded")
+    room = n_ctx - len(prompt_ids)
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _int(body, name)
+    if max_tokens is not None and max_tokens <= 0:
+        raise _invalid(name, f"'{name}' must be >= 1, got {max_tokens}")
+    if max_tokens is None:
+        max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
+    elif max_tokens > room:
+        raise ApiError(400, f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+                            f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} "
+                            f"for the completion).", param=name, code="context_length_exceeded")
+    temperature = _float(body, "temperature", 0.0, 2.0)
+    top_p = _float(body, "top_p", 0.0, 1.0, lo_open=True)
+    top_k = _int(body, "top_k", lo=-1)
+    seed = _int(body, "seed", lo=-(2**63), hi=2**64 - 1)
+    stream = _bool(body, "stream")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise _invalid("stream_options", "'stream_options' must be an object", "invalid_type")
+    include_usage = bool(opts and _bool(opts, "include_usage"))
+    try:
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
+                                top_k=max(top_k or 0, 0), top_p=1.0 if top_p is None else top_p, stop=_stop(body),
+                                seed=seed, ignore_eos=_bool(body, "ignore_eos"))
+    except QuantkitError as e:
+        raise _invalid("params", str(e)) from None
+    return GenRequest(model, prompt_ids, params, stream, include_usage)
+
+
+def parse_completion(body: dict, tokenizer, model_name: str, n_ctx: int) -> GenRequest:
+    """Validate a /v1/completions body. The prompt is a string or a list of token ids (one prompt)."""
+    model = _check_model(body, model_name)
+    _unsupported(body)
+    if "prompt" not in body:
+        raise _invalid("prompt", "'prompt' is required", "missing_required_parameter")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        ids = encode_prompt(tokenizer, _text(prompt, "prompt"))
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        vocab = len(tokenizer)
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise _invalid("prompt", f"token ids must be in [0, {vocab})")
+        ids = list(prompt)
+    else:
+        raise _invalid("prompt", "'prompt' must be a string or a non-empty list of token ids (one prompt)")
+    return _build(body, ids, n_ctx, DEFAULT_COMPLETION_MAX_TOKENS, model)
+
+
+def _message_content(content, i: int) -> str:
+    param = f"messages[{i}].content"
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return _text(content, param)
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise _invalid(param, "only text content parts are supported")
+            parts.append(_text(part.get("text"), param))
+        return "".join(parts)
+    raise _invalid(param, f"'{param}' must be a string or a list of text parts", "invalid_type")
+
+
+def parse_chat(body: dict, tokenizer, model_name: str, n_ctx: int) -> GenRequest:
+    """Validate a /v1/chat/completions body; the prompt comes from the tokenizer's chat template."""
+    model = _check_model(body, model_name)
+    _unsupported(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("messages", "'messages' must be a non-empty list", "invalid_type")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _invalid(f"messages[{i}]", f"messages[{i}] must be an object with a string 'role'")
+        clean.append({"role": _text(m["role"], f"messages[{i}].role"),
+                      "content": _message_content(m.get("content"), i)})
+    try:
+        ids = encode_chat(tokenizer, clean)
+    except Exception as e:  # the template rejected the conversation (e.g. role order)
+        raise _invalid("messages", f"the chat template rejected the messages: {e}") from None
+    return _build(body, ids, n_ctx, None, model)
+
+
+# --------------------------------------------------------------------------------------- responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
+                    completion_tokens: int) -> dict:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chat_body(rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
+              completion_tokens: int) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish_reason}],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None = None) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def sse(obj: dict | str) -> bytes:
+    """One server-sent event: ``data: <json>`` and a blank line."""
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.numerics.quant import QuantSpec, dequantize, quantize_rtn, sqnr_db
+
+
+@pytest.mark.parametrize("bits,floor_db", [(8, 40.0), (4, 17.0), (3, 11.0), (2, 4.0)])
+@pytest.mark.parametrize("sym", [True, False])
+def test_rtn_clears_sqnr_floor(bits, floor_db, sym):
+    torch.manual_seed(0)
+    w = torch.randn(32, 128)
+    spec = QuantSpec(bits, 32, sym)
+    q, s, z = quantize_rtn(w, spec)
+    assert q.max() <= spec.maxq
+    assert s.shape == (32, 4) and z.shape == (32, 4)
+    assert sqnr_db(w, dequantize(q, s, z, 32)) > floor_db
+
+
+def test_symmetric_zero_point_is_mid_grid():
+    q, s, z = quantize_rtn(torch.randn(4, 16), QuantSpec(4, -1, True))
+    assert torch.all(z == 8)
+
+
+def test_per_channel_groups_cover_whole_row():
+    q, s, z = quantize_rtn(torch.randn(4, 48), QuantSpec(4, -1, False))
+    assert s.shape == (4, 1)
+
+
+def test_scales_are_on_the_float16_grid():
+    _, s, _ = quantize_rtn(torch.randn(8, 64), QuantSpec(4, 16))
+    assert torch.equal(s, s.half().float())
+
+
+@pytest.mark.parametrize("bad", [dict(bits=1), dict(bits=9), dict(group_size=0), dict(group_size=-2)])
+def test_bad_specs_are_refused(bad):
+    with pytest.raises(QuantkitError):
+        QuantSpec(**bad)
+
+
+def test_group_size_must_divide_layer():
+    with pytest.raises(QuantkitError, match="does not divide layer.x's 100 input features"):
+        QuantSpec(4, 64).check_layer("layer.x", 100)

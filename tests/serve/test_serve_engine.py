@@ -1,0 +1,167 @@
+"""Continuous batching: batched KV row operations, batch == single-sequence outputs, queue bound, cancel."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from quantkit.generate import SamplingParams, encode_prompt, generate
+from quantkit.serve import kvbatch
+from quantkit.serve.engine import Engine, Event, QueueFull
+
+FIXTURE = str(Path(__file__).resolve().parents[1] / "fixtures" / "stories260K")
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    from quantkit.modelio import load_model
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_model(FIXTURE)
+    torch.set_num_threads(old)
+
+
+class GatedModel:
+    """The model behind a gate: forward calls block while the gate is closed; can fail once on demand."""
+
+    def __init__(self, model):
+        self.model, self.config, self.generation_config = model, model.config, model.generation_config
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail_next = False
+
+    def __call__(self, *args, **kwargs):
+        assert self.gate.wait(20), "gate never opened"
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("boom")
+        return self.model(*args, **kwargs)
+
+
+def _cache(rows: int, length: int, seed: int) -> DynamicCache:
+    g = torch.Generator().manual_seed(seed)
+    c = DynamicCache()
+    for layer in range(2):
+        c.update(torch.randn(rows, 2, length, 4, generator=g), torch.randn(rows, 2, length, 4, generator=g), layer)
+    return c
+
+
+def _wait(cond, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_kvbatch_rows_are_left_padded_and_selected():
+    a, b = _cache(2, 3, 0), _cache(1, 5, 1)
+    a_keys, b_keys = a.layers[1].keys.clone(), b.layers[1].keys.clone()
+    kvbatch.concat_rows(a, b)
+    k = a.layers[1].keys  # [3, 2, 5, 4]
+    assert k.shape == (3, 2, 5, 4) and kvbatch.seq_length(a) == 5
+    assert torch.equal(k[:2, :, 2:], a_keys) and torch.equal(k[:2, :, :2], torch.zeros(2, 2, 2, 4))
+    assert torch.equal(k[2:], b_keys)
+    kvbatch.select_rows(a, torch.tensor([1]))
+    kvbatch.drop_left(a, 2)
+    assert torch.equal(a.layers[1].keys, a_keys[1:]) and a.layers[0].values.shape == (1, 2, 3, 4)
+
+
+def test_batched_greedy_equals_single_sequence(model_tok):
+    model, tok = model_tok
+    prompts = ["", "Once upon", "The dog", "Lily and Tom went to the park. They", "A big red", "Sam", "One day",
+               "The sun was hot and the"]
+    params = [SamplingParams(max_new_tokens=n, stop=stop) for n, stop in
+              [(60, ()), (30, ()), (45, ("ball",)), (80, ()), (10, ()), (70, ()), (25, ()), (50, ())]]
+    refs = [generate(model, tok, encode_prompt(tok, p), sp) for p, sp in zip(prompts, params)]
+    engine = Engine(model, tok, max_batch=3, max_queue=16).start()  # 8 requests, 3 slots: joins and queueing
+    try:
+        results = [None] * len(prompts)
+
+        def run(i):
+            time.sleep(0.005 * i)
+            results[i] = engine.generate(encode_prompt(tok, prompts[i]), params[i])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for (text, reason, n), ref in zip(results, refs):
+            assert (text, reason, n) == (ref.text, ref.finish_reason, ref.completion_tokens)
+        stats = engine.stats()
+        assert stats["running"] == 0 and stats["queued"] == 0
+        assert stats["generated_tokens"] == sum(r.completion_tokens for r in refs)
+    finally:
+        engine.stop()
+
+
+def test_batched_seeded_sampling_equals_single(model_tok):
+    model, tok = model_tok
+    ids = encode_prompt(tok, "Once")
+    params = [SamplingParams(max_new_tokens=30, temperature=0.9, top_p=0.9, top_k=40, seed=s) for s in (3, 4, 5)]
+    refs = [generate(model, tok, ids, p).text for p in params]
+    engine = Engine(model, tok, max_batch=4).start()
+    try:
+        outs = [None] * 3
+        threads = [threading.Thread(target=lambda i=i: outs.__setitem__(i, engine.generate(ids, params[i])[0]))
+                   for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert outs == refs
+    finally:
+        engine.stop()
+
+
+def test_queue_bound_and_cancel_free_slots(model_tok):
+    model, tok = model_tok
+    gated = GatedModel(model)
+    engine = Engine(gated, tok, max_batch=1, max_queue=1).start()
+    try:
+        ids = encode_prompt(tok, "Once")
+        events: queue.Queue[Event] = queue.Queue()
+        gated.gate.clear()
+        a = engine.submit(ids, SamplingParams(max_new_tokens=400, ignore_eos=True), events.put)
+        _wait(lambda: engine.stats()["running"] == 1)  # A is in its prefill, blocked at the gate
+        b = engine.submit(ids, SamplingParams(max_new_tokens=5), lambda ev: None)  # waits
+        with pytest.raises(QueueFull):
+            engine.submit(ids, SamplingParams(max_new_tokens=5), lambda ev: None)
+        assert engine.stats()["queued"] == 1
+        b.cancel()  # a cancelled waiter leaves room
+        c_events: queue.Queue[Event] = queue.Queue()
+        engine.submit(ids, SamplingParams(max_new_tokens=5), c_events.put)
+        gated.gate.set()
+        assert events.get(timeout=10).kind == "delta"  # A runs
+        a.cancel()  # cancel mid-generation: its slot goes to C
+        kinds = []
+        while not kinds or kinds[-1] != "done":
+            kinds.append(c_events.get(timeout=10).kind)
+        _wait(lambda: engine.stats()["running"] == 0)
+        stats = engine.stats()
+        assert stats["cancelled"] == 1 and stats["queued"] == 0 and stats["finished_length"] == 1
+    finally:
+        gated.gate.set()
+        engine.stop()
+
+
+def test_model_failure_fails_the_batch_and_engine_keeps_serving(model_tok):
+    model, tok = model_tok
+    gated = GatedModel(model)
+    engine = Engine(gated, tok, max_batch=4).start()
+    try:
+        gated.fail_next = True
+        with pytest.raises(RuntimeError, match="boom"):
+            engine.generate(encode_prompt(tok, "Once"), SamplingParams(max_new_tokens=5))
+        text, reason, n = engine.generate(encode_prompt(tok, "Once upon"), SamplingParams(max_new_tokens=5))
+        assert text == " a time, there was" and n == 5
+        assert engine.stats()["errors"] == 1 and engine.stats()["running"] == 0
+    finally:
+        engine.stop()
