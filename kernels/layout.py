@@ -68,7 +68,7 @@ class Int8Weight:
 def _group_params(scales, zeros, g_idx):
     """``[N, G]`` checkpoint scales/zeros -> the kernels' ``[G, N]`` (zeros as uint8)."""
     s = scales.t().contiguous()
-    z = None if zeros is None else zeros.round().to(torch.uint8).t().contiguous()
+    z = None if zeros is None else zeros.float().round().to(torch.uint8).t().contiguous()
     g = None if g_idx is None else g_idx.to(torch.int32).contiguous()
     return s, z, g
 

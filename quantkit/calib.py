@@ -37,6 +37,20 @@ class QuantizedWeight:
     spec: QuantSpec
     g_idx: torch.Tensor | None = None  # [in] column -> group, act-order only
 
+    kind = "quant"  # the runtime module kind that loads it (see quantkit.runtime.modules)
+
+    def config_entry(self) -> dict:
+        """This module's entry in ``quantization_config["modules"]``."""
+        return {"kind": self.kind, "bits": self.spec.bits, "group_size": self.spec.group_size, "sym": self.spec.sym,
+                "act_order": self.g_idx is not None}
+
+    def to_module(self, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
+        """The packed runtime module holding this weight."""
+        from quantkit.runtime.qlinear import QuantLinear
+
+        return QuantLinear.from_codes(self.q, self.scales, self.zeros, self.spec.bits, self.spec.group_size, self.spec.sym,
+                                      g_idx=self.g_idx, bias=bias, dtype=dtype)
+
 
 @dataclass
 class LayerRecord:
@@ -55,7 +69,8 @@ class LayerRecord:
 
 @dataclass
 class CompressionResult:
-    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # full module name -> weight
+    # full module name -> compressed weight: any object with .kind, .config_entry() and .to_module(bias, dtype)
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     log: list[LayerRecord] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # method-specific results (scales, masks, ranks...)
 

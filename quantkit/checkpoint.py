@@ -30,33 +30,24 @@ import torch
 from torch import nn
 
 from quantkit.arch import arch_for, get_module, set_module
-from quantkit.calib import CompressionResult, QuantizedWeight
+from quantkit.calib import CompressionResult
 from quantkit.errors import QuantkitError
 from quantkit.modelio import QUANT_METHOD
-from quantkit.runtime.qlinear import QuantLinear
 
 FORMAT = "quantkit-v1"
 FORMAT_VERSION = 1
 
 
-def pack_model(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
-    """Replace each quantized linear of ``model`` (in place) by a :class:`QuantLinear`."""
-    arch = arch_for(model)
+def pack_model(model: nn.Module, quantized: dict) -> None:
+    """Replace each compressed linear of ``model`` (in place) by its packed runtime module."""
     for name, qw in quantized.items():
         lin = get_module(model, name)
         bias = lin.bias.detach() if getattr(lin, "bias", None) is not None else None
         dtype = lin.weight.dtype if lin.weight.dtype.is_floating_point else torch.float32
-        qlin = QuantLinear.from_codes(qw.q, qw.scales, qw.zeros, qw.spec.bits, qw.spec.group_size, qw.spec.sym,
-                                      g_idx=qw.g_idx, bias=bias, dtype=dtype)
-        set_module(model, name, qlin)
-    del arch
+        set_module(model, name, qw.to_module(bias, dtype))
 
 
-def quantization_config(method: str, quantized: dict[str, QuantizedWeight], defaults: dict, extra: dict | None = None) -> dict:
-    modules = {
-        name: {"bits": qw.spec.bits, "group_size": qw.spec.group_size, "sym": qw.spec.sym, "act_order": qw.g_idx is not None}
-        for name, qw in quantized.items()
-    }
+def quantization_config(method: str, quantized: dict, defaults: dict, extra: dict | None = None) -> dict:
     cfg = {
         "quant_method": QUANT_METHOD,
         "format": FORMAT,
@@ -66,7 +57,7 @@ def quantization_config(method: str, quantized: dict[str, QuantizedWeight], defa
         "group_size": defaults.get("group_size"),
         "sym": defaults.get("sym"),
         "desc_act": bool(defaults.get("act_order", False)),
-        "modules": modules,
+        "modules": {name: qw.config_entry() for name, qw in quantized.items()},
     }
     if extra:
         cfg.update(extra)
@@ -104,14 +95,14 @@ def write_log(path: Path, result: CompressionResult) -> None:
 
 def save_checkpoint(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | None, result: CompressionResult | None = None) -> None:
     """Write weights (safetensors), config.json (+ quantization_config), tokenizer and the module log."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     if qconfig is not None:
         config["quantization_config"] = qconfig
-    save_model(model, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(unique_state_dict(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -123,16 +114,16 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | 
         write_log(out_dir / "quant_log.csv", result)
 
 
-def _swap_in_quant_linears(model: nn.Module, modules: dict) -> None:
-    for name, m in modules.items():
+def _swap_in_runtime_modules(model: nn.Module, modules: dict) -> None:
+    from quantkit.runtime.modules import runtime_module_class
+
+    transposed = arch_for(model).transposed
+    for name, entry in modules.items():
         lin = get_module(model, name)
         w = lin.weight
-        transposed = arch_for(model).transposed
         out_f, in_f = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
-        qlin = QuantLinear(in_f, out_f, int(m["bits"]), int(m["group_size"]), bool(m["sym"]),
-                           bias=getattr(lin, "bias", None) is not None, act_order=bool(m.get("act_order")),
-                           dtype=w.dtype)
-        set_module(model, name, qlin)
+        cls = runtime_module_class(entry.get("kind", "quant"))
+        set_module(model, name, cls.from_entry(in_f, out_f, entry, bias=getattr(lin, "bias", None) is not None, dtype=w.dtype))
 
 
 def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -155,7 +146,7 @@ def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
         no_init_weights = contextlib.nullcontext
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    _swap_in_quant_linears(model, qcfg.get("modules", {}))
+    _swap_in_runtime_modules(model, qcfg.get("modules", {}))
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise QuantkitError(f"{directory} has a quantization_config but no model.safetensors")
@@ -169,10 +160,23 @@ def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
         raise QuantkitError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear) and mod.bias is not None:
-            mod.bias.data = mod.bias.data.to(dtype)
     return model
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor (tied embeddings) once, under its first name in
+    sorted order, so identical models always serialize to identical bytes."""
+    out, seen = {}, {}
+    state = model.state_dict()
+    for name in sorted(state, key=lambda n: (n.split(".")[0] == "lm_head", n)):  # keep embeddings, drop tied heads
+        t = state[name]
+        key = (t.data_ptr(), t.dtype, tuple(t.shape)) if t.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen[key] = name
+        out[name] = t.detach().contiguous().clone() if not t.is_contiguous() else t.detach()
+    return out
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

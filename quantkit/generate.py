@@ -230,14 +230,15 @@ class TextStream:
 
 
 def make_cache(model, cache: object | CacheFactory | None = None):
-    """A KV cache for one generation: ``cache`` itself, ``cache(model)`` if it is a factory, or a float one."""
-    if cache is None:
-        from transformers import DynamicCache
+    """A KV cache for one generation: ``cache`` if it is a transformers `Cache`, else ``cache(model)``
+    (a factory, e.g. ``lambda m: QuantizedKV(config=m.config)``), or by default a float `DynamicCache`."""
+    from transformers import Cache, DynamicCache
 
+    if cache is None:
         return DynamicCache(config=model.config)
-    if callable(cache) and not hasattr(cache, "get_seq_length"):
-        return cache(model)
-    return cache
+    if isinstance(cache, Cache):
+        return cache
+    return cache(model)
 
 
 def _next_logits(model, input_ids: torch.Tensor, cache) -> torch.Tensor:

@@ -70,6 +70,12 @@ class QuantLinear(nn.Module):
             m.bias.data.copy_(bias.detach().to(dtype))
         return m
 
+    @classmethod
+    def from_entry(cls, in_features: int, out_features: int, entry: dict, bias: bool, dtype: torch.dtype):
+        """An empty module for a ``quantization_config["modules"]`` entry (weights loaded after)."""
+        return cls(in_features, out_features, int(entry["bits"]), int(entry["group_size"]), bool(entry["sym"]),
+                   bias=bias, act_order=bool(entry.get("act_order")), dtype=dtype)
+
     # ---- views --------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
         return unpack_bits(self.qweight, self.bits, self.in_features)

@@ -26,7 +26,7 @@ from quantkit.serve.protocol import ApiError, GenRequest
 
 log = logging.getLogger("quantkit.serve")
 
-DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+CLIENT_GONE = "client disconnected"
 
 
 class _Inbox:
@@ -134,22 +134,26 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         return await _collect(request, req, handle, inbox, chat)
 
     async def _collect(request: Request, req: GenRequest, handle, inbox: _Inbox, chat: bool):
+        async def watch_disconnect():  # a client that gives up frees its slot
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            handle.cancel()
+            inbox.queue.put_nowait(Event("error", message=CLIENT_GONE))
+
+        watcher = asyncio.create_task(watch_disconnect())
         pieces = []
         try:
             while True:
-                try:
-                    text, final = await asyncio.wait_for(inbox.next_batch(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return JSONResponse(protocol.error_body("client disconnected"), status_code=499)
-                    continue
+                text, final = await inbox.next_batch()
                 pieces.append(text)
                 if final is not None:
                     break
         finally:
-            handle.cancel()  # no-op when it finished; frees the slot when the client went away
+            watcher.cancel()
+            handle.cancel()  # no-op when it finished
         if final.kind == "error":
-            return JSONResponse(protocol.error_body(final.message, type="server_error"), status_code=500)
+            status = 499 if final.message == CLIENT_GONE else 500
+            return JSONResponse(protocol.error_body(final.message, type="server_error"), status_code=status)
         build = protocol.chat_body if chat else protocol.completion_body
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
         return build(rid, req.model, "".join(pieces), final.finish_reason, final.prompt_tokens,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.generate import (
+    CacheFactory,
     SamplingParams,
     TextStream,
     context_length,
@@ -96,8 +97,8 @@ class Engine:
     >>> req = engine.submit(ids, SamplingParams(max_new_tokens=32), on_event=print)
     """
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64, cache=None,
-                 rate_window: float = 10.0):
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
+                 cache: CacheFactory | None = None, rate_window: float = 10.0):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model = model
@@ -105,7 +106,9 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.n_ctx = context_length(model)
-        self._cache_factory = cache  # None (float DynamicCache) or a factory model -> Cache
+        if cache is not None and not callable(cache):
+            raise TypeError("Engine takes a KV cache factory (model -> Cache), not a cache object")
+        self._cache_factory = cache  # None: a float DynamicCache per request
         self._eos = eos_token_ids(model, tokenizer)
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
@@ -148,7 +151,7 @@ class Engine:
             if self._thread is None or self._stop:
                 raise EngineStopped("engine is not running")
             if len(self._waiting) >= self.max_queue:
-                self._waiting = deque(r for r in self._waiting if not r.cancelled)
+                self._drop_cancelled_waiting()
             # a request the engine can take at once does not count against the queue
             free_slots = self.max_batch - len(self._active) - self._admitting
             if len(self._waiting) - max(free_slots, 0) >= self.max_queue:
@@ -187,6 +190,12 @@ class Engine:
 
     # ------------------------------------------------------------------ engine thread
 
+    def _drop_cancelled_waiting(self) -> None:
+        """Forget queued requests whose client went away (call with the lock held)."""
+        kept = deque(r for r in self._waiting if not r.cancelled)
+        self.counters["cancelled"] += len(self._waiting) - len(kept)
+        self._waiting = kept
+
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
@@ -195,11 +204,10 @@ class Engine:
                         self._cond.wait()
                     if self._stop:
                         break
+                    self._drop_cancelled_waiting()
                     admit = []
                     while self._waiting and len(self._active) + len(admit) < self.max_batch:
-                        req = self._waiting.popleft()
-                        if not req.cancelled:
-                            admit.append(req)
+                        admit.append(self._waiting.popleft())
                     self._admitting = len(admit)
                 try:
                     for req in admit:

@@ -146,7 +146,7 @@ def test_queue_bound_and_cancel_free_slots(model_tok):
             kinds.append(c_events.get(timeout=10).kind)
         _wait(lambda: engine.stats()["running"] == 0)
         stats = engine.stats()
-        assert stats["cancelled"] == 1 and stats["queued"] == 0 and stats["finished_length"] == 1
+        assert stats["cancelled"] == 2 and stats["queued"] == 0 and stats["finished_length"] == 1  # A and B
     finally:
         gated.gate.set()
         engine.stop()
@@ -165,3 +165,54 @@ def test_model_failure_fails_the_batch_and_engine_keeps_serving(model_tok):
         assert engine.stats()["errors"] == 1 and engine.stats()["running"] == 0
     finally:
         engine.stop()
+
+
+class _QLayer:
+    """A stand-in quantized KV layer: int8 values [B, H, T, D] and scales [B, H, T, 1]."""
+
+    batch_tensors = ("qk", "sk")
+
+    def __init__(self, rows, length, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.qk = torch.randint(-127, 128, (rows, 2, length, 4), generator=g, dtype=torch.int8)
+        self.sk = torch.rand(rows, 2, length, 1, generator=g)
+
+
+class _QCache:
+    def __init__(self, rows, length, seed):
+        self.layers = [_QLayer(rows, length, seed + i) for i in range(2)]
+
+    def get_seq_length(self):
+        return self.layers[0].qk.shape[2]
+
+
+def test_kvbatch_moves_every_declared_tensor_of_a_custom_layer():
+    a, b = _QCache(1, 2, 0), _QCache(2, 4, 10)
+    b_scales = b.layers[0].sk.clone()
+    kvbatch.concat_rows(a, b)
+    assert a.layers[0].qk.shape == (3, 2, 4, 4) and a.layers[0].qk.dtype == torch.int8
+    assert a.layers[0].sk.shape == (3, 2, 4, 1) and torch.equal(a.layers[0].sk[1:], b_scales)
+    assert not a.layers[1].sk[0, :, :2].any()  # the shorter row is left-padded with zeros
+    kvbatch.select_rows(a, torch.tensor([2, 0]))
+    assert torch.equal(a.layers[0].sk[0], b_scales[1])
+
+
+def test_engine_uses_the_cache_factory_per_request(model_tok):
+    model, tok = model_tok
+    made = []
+
+    def factory(m):
+        made.append(DynamicCache(config=m.config))
+        return made[-1]
+
+    engine = Engine(model, tok, max_batch=4, cache=factory).start()
+    try:
+        for prompt in ("Once upon", "The dog"):
+            ids = encode_prompt(tok, prompt)
+            ref = generate(model, tok, ids, SamplingParams(max_new_tokens=12))
+            assert engine.generate(ids, SamplingParams(max_new_tokens=12))[0] == ref.text
+        assert len(made) == 2
+    finally:
+        engine.stop()
+    with pytest.raises(TypeError):
+        Engine(model, tok, cache=DynamicCache(config=model.config))

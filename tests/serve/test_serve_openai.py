@@ -167,6 +167,15 @@ def test_client_disconnect_mid_stream_frees_its_slot(server):
     assert stats["cancelled"] == before + 1
 
 
+def test_client_that_gives_up_on_a_non_streaming_request_frees_its_slot(server):
+    before = _stats(server)["cancelled"]
+    body = {"model": NAME, "prompt": "Once", "max_tokens": 450, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+    stats = _wait_idle(server)
+    assert stats["cancelled"] == before + 1
+
+
 def test_bounded_load_with_malformed_requests(server, model_tok):
     """200 requests (about 1 in 5 malformed), at most 24 in flight, 60 s budget; no valid request lost."""
     model, tok = model_tok

@@ -1,0 +1,220 @@
+"""``quantkit bench``: prefill and decode throughput, time to first token, memory, and the
+decode roofline, for float and packed models alike.
+
+Decode on a CPU is bound by memory traffic: every new token reads every weight once.  The
+roofline is ``bandwidth / bytes read per token``, with the bandwidth measured here (the best
+of a few full reads of a 256 MiB tensor) and the bytes summed over what the chosen kernels
+actually read (a ``QuantLinear``'s converted layout, a float ``Linear``'s weight, one row of
+each embedding; the KV cache is not counted, it is small next to the weights for short
+contexts).  ``roofline_fraction`` is measured decode tokens/s over that bound.
+
+    >>> r = run_bench(model, prompt_len=64, gen_len=32, repeat=3)     # doctest: +SKIP
+    >>> r["decode_tokens_per_s"], r["roofline_fraction"]              # doctest: +SKIP
+
+Timing: a static KV cache, greedy tokens, ``torch.inference_mode``; one untimed warm-up run
+(it also converts packed weights to the kernel layout); then ``repeat`` runs, reported as
+mean and standard deviation.  Prefill = one forward over the prompt (logits of the last
+position only) plus the argmax: that is also the time to first token.  Decode = ``gen_len``
+single-token forwards.  torch is imported inside the functions so ``quantkit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+
+import click
+
+BANDWIDTH_BYTES = 256 * 2**20
+
+
+# ---- machine and model facts ----------------------------------------------------------------
+def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeat: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of ``repeat`` sums over an ``nbytes`` float32 tensor
+    (far larger than the caches, so it streams from memory)."""
+    import torch
+
+    t = torch.ones(nbytes // 4)
+    t.sum()  # touch the pages
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        t.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def weight_bytes(model) -> int:
+    """Bytes of all parameters and buffers (tied tensors once): the model's size."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def decode_bytes_per_token(model) -> int:
+    """Weight bytes one decode step reads: linears in full (a ``QuantLinear`` counted in its
+    kernel layout, a tied lm_head once), one row per embedding, norms and the like in full."""
+    from torch import nn
+
+    from quantkit.runtime.backends import kernel_weight_bytes
+
+    seen, total = set(), 0
+    for m in model.modules():
+        if hasattr(m, "qweight") and hasattr(m, "_backend"):  # QuantLinear
+            total += kernel_weight_bytes(m)
+        elif isinstance(m, nn.Embedding):
+            total += m.embedding_dim * m.weight.element_size()
+        else:
+            for p in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+                if p.data_ptr() not in seen:
+                    seen.add(p.data_ptr())
+                    total += p.numel() * p.element_size()
+    return total
+
+
+def peak_memory_bytes(device) -> int:
+    """CUDA: peak allocated; CPU: the process's peak resident set (it includes loading)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+# ---- timing ---------------------------------------------------------------------------------
+def time_generation(model, prompt_ids, gen_len: int, step=None) -> tuple[float, float]:
+    """``(prefill seconds, decode seconds)`` for one greedy generation with a static cache.
+
+    ``prompt_ids [batch, prompt_len]``; ``step`` (default ``model``) runs each decode forward,
+    e.g. a ``torch.compile``'d ``model.forward``.
+    """
+    import torch
+    from transformers import StaticCache
+
+    step = step or model
+    batch, plen = prompt_ids.shape
+    device = prompt_ids.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cache = StaticCache(config=model.config, max_cache_len=plen + gen_len + 1)
+    with torch.inference_mode():
+        sync()
+        t0 = time.perf_counter()
+        out = model(prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                    cache_position=torch.arange(plen, device=device))
+        tok = out.logits[:, -1:].argmax(-1)  # [batch, 1], greedy
+        sync()
+        t1 = time.perf_counter()
+        for i in range(gen_len):
+            out = step(tok, past_key_values=cache, use_cache=True,
+                       cache_position=torch.tensor([plen + i], device=device))
+            tok = out.logits[:, -1:].argmax(-1)
+        sync()
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def run_bench(model, *, prompt_len: int = 128, gen_len: int = 64, batch: int = 1, repeat: int = 5,
+              warmup: int = 1, bandwidth: float | None = None, compile: bool = False, seed: int = 0) -> dict:
+    """Benchmark ``model`` (float or packed, on its device); returns the ``--json`` fields."""
+    import torch
+
+    from quantkit.runtime.backends import backend_setting, resolve_backend
+
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    step = torch.compile(model.forward, dynamic=False) if compile else None
+    prefill_s, decode_s = [], []
+    for i in range(warmup + repeat):
+        ids = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
+        p, d = time_generation(model, ids, gen_len, step)
+        if i >= warmup:
+            prefill_s.append(p)
+            decode_s.append(d)
+    bw = bandwidth if bandwidth is not None else measure_bandwidth()
+    per_token = decode_bytes_per_token(model)
+    pp, pp_std = _mean_std([batch * prompt_len / s for s in prefill_s])
+    tg, tg_std = _mean_std([batch * gen_len / s for s in decode_s])
+    ttft, ttft_std = _mean_std(prefill_s)
+    roofline = batch * bw / per_token  # one pass over the weights yields `batch` tokens
+    n_quant = sum(1 for m in model.modules() if hasattr(m, "qweight") and hasattr(m, "_backend"))
+    return {
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(device),
+        "backend": backend_setting() if not n_quant else f"{backend_setting()}:{resolve_backend(device)}",
+        "threads": torch.get_num_threads(),
+        "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "repeat": repeat, "compile": compile,
+        "quantized_linears": n_quant,
+        "prefill_tokens_per_s": pp, "prefill_tokens_per_s_std": pp_std,
+        "decode_tokens_per_s": tg, "decode_tokens_per_s_std": tg_std,
+        "ttft_s": ttft, "ttft_s_std": ttft_std,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "weight_bytes": weight_bytes(model),
+        "decode_bytes_per_token": per_token,
+        "bandwidth_bytes_per_s": bw,
+        "roofline_tokens_per_s": roofline,
+        "roofline_fraction": tg / roofline,
+    }
+
+
+# ---- presentation ---------------------------------------------------------------------------
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def bench_table(results: list[tuple[str, dict]]):
+    """A llama-bench style table: one ``pp``/``tg`` row pair per (name, result)."""
+    from rich.table import Table
+
+    t = Table("model", "size", "dtype", "backend", "threads", "test", "t/s", "TTFT ms", "peak mem", "roofline")
+    for name, r in results:
+        common = [name, _size(r["weight_bytes"]), r["dtype"], r["backend"], str(r["threads"])]
+        t.add_row(*common, f"pp{r['prompt_len']}" + (f" x{r['batch']}" if r["batch"] > 1 else ""),
+                  f"{r['prefill_tokens_per_s']:.1f} ± {r['prefill_tokens_per_s_std']:.1f}",
+                  f"{1e3 * r['ttft_s']:.1f} ± {1e3 * r['ttft_s_std']:.1f}", _size(r["peak_memory_bytes"]), "")
+        t.add_row(*common, f"tg{r['gen_len']}" + (f" x{r['batch']}" if r["batch"] > 1 else ""),
+                  f"{r['decode_tokens_per_s']:.1f} ± {r['decode_tokens_per_s_std']:.1f}", "", "",
+                  f"{100 * r['roofline_fraction']:.0f}% of {r['roofline_tokens_per_s']:.0f} t/s "
+                  f"({_size(r['decode_bytes_per_token'])}/tok @ {r['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
+    return t
+
+
+@click.command("bench")
+@click.argument("model_path", metavar="MODEL")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="bfloat16", show_default=True,
+              help="Activation/float-weight dtype (CPU low-bit ops are fast in bf16).")
+@click.option("--prompt-len", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--gen-len", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--repeat", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "reference", "cpu", "triton"]), default=None,
+              help="Force the quantized-matmul path (default: $QUANTKIT_BACKEND, else by device).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the decode step (slow to start).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench(model_path, dtype, prompt_len, gen_len, batch, repeat, backend, compile_, device, as_json):
+    """Prefill/decode tokens per second, time to first token, memory and decode roofline of MODEL."""
+    from rich.console import Console
+
+    from quantkit.modelio import load_model
+    from quantkit.runtime.backends import set_backend
+
+    if backend:
+        set_backend(backend)
+    model, _ = load_model(model_path, dtype=dtype, device=device, with_tokenizer=False)
+    r = run_bench(model, prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeat=repeat, compile=compile_)
+    r["model"] = model_path
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        Console().print(bench_table([(os.path.basename(model_path.rstrip("/")), r)]))
