@@ -89,7 +89,8 @@ def main(argv=None) -> dict:
     print(f"| {args.model.split('/')[-1]} | WikiText-2 ppl ({args.max_windows} x {args.seqlen} tokens) | compress s |")
     print("|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['perplexity']:.2f} | {'' if r['seconds'] is None else f'{r['seconds']:.1f}'} |")
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        print(f"| {r['model']} | {r['perplexity']:.2f} | {secs} |")
     if packed_check:
         print(f"\npacked GPTQ-4 checkpoint: ppl {packed_check['packed']:.4f} vs in-memory {packed_check['in_memory']:.4f} "
               f"(relative diff {packed_check['rel_diff']:.2e}; reference backend {packed_check['packed_reference_backend']:.4f}, {packed_check['rel_diff_reference']:.2e}); linear weights {packed_check['ratio']:.3f}x their fp16 bytes")

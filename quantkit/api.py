@@ -36,12 +36,21 @@ def make_config(method_name: str, options: dict):
         raise QuantkitError(f"bad options for {method_name}: {e}") from None
 
 
+def check_finite(model) -> None:
+    """Refuse weights holding NaN or Inf: every method would turn them into garbage silently."""
+    for name, p in model.named_parameters():
+        if p.dtype.is_floating_point and not torch.isfinite(p).all():
+            bad = int((~torch.isfinite(p)).sum())
+            raise QuantkitError(f"{name} holds {bad} NaN/Inf value(s); refusing to compress a broken checkpoint")
+
+
 def compress(model, method_name: str, options: dict | object, *, tokenizer=None, calib: str | None = None,
              nsamples: int = 128, seqlen: int = 2048, seed: int = 0, batch_size: int = 8,
              calib_ids: torch.Tensor | None = None,
              progress: Callable[[int, int, str], None] | None = None) -> CompressionResult:
     """Compress ``model`` in place with a registered method; returns what was done per module."""
     method_cls = get_method(method_name)
+    check_finite(model)
     config = options if dataclasses.is_dataclass(options) else make_config(method_name, dict(options))
     method = method_cls(config)
     if method.needs_calibration and calib_ids is None:

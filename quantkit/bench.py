@@ -123,25 +123,41 @@ def time_generation(model, prompt_ids, gen_len: int, step=None) -> tuple[float, 
     return t1 - t0, t2 - t1
 
 
-def run_bench(model, *, prompt_len: int = 128, gen_len: int = 64, batch: int = 1, repeat: int = 5,
-              warmup: int = 1, bandwidth: float | None = None, compile: bool = False, seed: int = 0) -> dict:
-    """Benchmark ``model`` (float or packed, on its device); returns the ``--json`` fields."""
+def run_benches(models: dict, *, prompt_len: int = 128, gen_len: int = 64, batch: int = 1, repeat: int = 5,
+                warmup: int = 1, bandwidth: float | None = None, compile: bool = False, seed: int = 0) -> dict[str, dict]:
+    """Benchmark several models side by side: ``{name: model}`` -> ``{name: result}``.
+
+    Repeats are interleaved (round ``r`` runs every model once, on the same prompt), so load
+    from other processes on the machine hits every model alike and the ratios stay fair.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    steps = {n: (torch.compile(m.forward, dynamic=False) if compile else None) for n, m in models.items()}
+    times: dict[str, list[tuple[float, float]]] = {n: [] for n in models}
+    for i in range(warmup + repeat):
+        ids = torch.randint(0, min(m.config.vocab_size for m in models.values()), (batch, prompt_len), generator=g)
+        for name, model in models.items():
+            t = time_generation(model, ids.to(next(model.parameters()).device), gen_len, steps[name])
+            if i >= warmup:
+                times[name].append(t)
+    bw = bandwidth if bandwidth is not None else measure_bandwidth()
+    return {n: _result(models[n], times[n], prompt_len, gen_len, batch, bw, compile) for n in models}
+
+
+def run_bench(model, **kwargs) -> dict:
+    """Benchmark one model (float or packed, on its device); returns the ``--json`` fields.
+    Keywords as :func:`run_benches`."""
+    return run_benches({"model": model}, **kwargs)["model"]
+
+
+def _result(model, times, prompt_len, gen_len, batch, bw, compile) -> dict:
     import torch
 
     from quantkit.runtime.backends import backend_setting, resolve_backend
 
     device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    step = torch.compile(model.forward, dynamic=False) if compile else None
-    prefill_s, decode_s = [], []
-    for i in range(warmup + repeat):
-        ids = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
-        p, d = time_generation(model, ids, gen_len, step)
-        if i >= warmup:
-            prefill_s.append(p)
-            decode_s.append(d)
-    bw = bandwidth if bandwidth is not None else measure_bandwidth()
+    prefill_s, decode_s = [t[0] for t in times], [t[1] for t in times]
     per_token = decode_bytes_per_token(model)
     pp, pp_std = _mean_std([batch * prompt_len / s for s in prefill_s])
     tg, tg_std = _mean_std([batch * gen_len / s for s in decode_s])
@@ -153,7 +169,7 @@ def run_bench(model, *, prompt_len: int = 128, gen_len: int = 64, batch: int = 1
         "device": str(device),
         "backend": backend_setting() if not n_quant else f"{backend_setting()}:{resolve_backend(device)}",
         "threads": torch.get_num_threads(),
-        "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "repeat": repeat, "compile": compile,
+        "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "repeat": len(times), "compile": compile,
         "quantized_linears": n_quant,
         "prefill_tokens_per_s": pp, "prefill_tokens_per_s_std": pp_std,
         "decode_tokens_per_s": tg, "decode_tokens_per_s_std": tg_std,
@@ -173,19 +189,22 @@ def _size(n: float) -> str:
 
 
 def bench_table(results: list[tuple[str, dict]]):
-    """A llama-bench style table: one ``pp``/``tg`` row pair per (name, result)."""
+    """A llama-bench style table: a ``pp`` (prefill) and a ``tg`` (decode) row per (name, result);
+    the caption has time to first token, peak memory and the roofline's terms."""
     from rich.table import Table
 
-    t = Table("model", "size", "dtype", "backend", "threads", "test", "t/s", "TTFT ms", "peak mem", "roofline")
+    t = Table("model", "size", "dtype", "backend", "test", "t/s", "roofline")
+    notes = []
     for name, r in results:
-        common = [name, _size(r["weight_bytes"]), r["dtype"], r["backend"], str(r["threads"])]
-        t.add_row(*common, f"pp{r['prompt_len']}" + (f" x{r['batch']}" if r["batch"] > 1 else ""),
-                  f"{r['prefill_tokens_per_s']:.1f} ± {r['prefill_tokens_per_s_std']:.1f}",
-                  f"{1e3 * r['ttft_s']:.1f} ± {1e3 * r['ttft_s_std']:.1f}", _size(r["peak_memory_bytes"]), "")
-        t.add_row(*common, f"tg{r['gen_len']}" + (f" x{r['batch']}" if r["batch"] > 1 else ""),
-                  f"{r['decode_tokens_per_s']:.1f} ± {r['decode_tokens_per_s_std']:.1f}", "", "",
-                  f"{100 * r['roofline_fraction']:.0f}% of {r['roofline_tokens_per_s']:.0f} t/s "
-                  f"({_size(r['decode_bytes_per_token'])}/tok @ {r['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
+        common = [name, _size(r["weight_bytes"]), r["dtype"], r["backend"]]
+        x = f" x{r['batch']}" if r["batch"] > 1 else ""
+        t.add_row(*common, f"pp{r['prompt_len']}{x}", f"{r['prefill_tokens_per_s']:.1f} ± {r['prefill_tokens_per_s_std']:.1f}", "")
+        t.add_row(*common, f"tg{r['gen_len']}{x}", f"{r['decode_tokens_per_s']:.1f} ± {r['decode_tokens_per_s_std']:.1f}",
+                  f"{100 * r['roofline_fraction']:.0f}%")
+        notes.append(f"{name}: TTFT {1e3 * r['ttft_s']:.1f} ± {1e3 * r['ttft_s_std']:.1f} ms, peak memory "
+                     f"{_size(r['peak_memory_bytes'])}, decode reads {_size(r['decode_bytes_per_token'])}/token "
+                     f"at {r['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s = {r['roofline_tokens_per_s']:.0f} t/s roofline")
+    t.caption = "\n".join(notes + [f"{results[0][1]['threads']} threads" if results else ""])
     return t
 
 

@@ -149,6 +149,81 @@ def quantize(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_si
     _emit(as_json, payload, table)
 
 
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", "output", required=True, help="Output directory (written atomically).")
+@click.option("--method", default="sparsegpt", show_default=True, help="sparsegpt, wanda or magnitude (see `quantkit methods`).")
+@click.option("--sparsity", type=float, default=None, help="Fraction of each linear's weights to prune, in (0, 1) [default: 0.5].")
+@click.option("--pattern", default=None, help="N:M semi-structured sparsity instead: keep N of every M inputs (2:4, 4:8...).")
+@click.option("--packed", is_flag=True, help="With --pattern: store kept values + indices (quantkit runtime) instead of dense zeros.")
+@click.option("--bits", type=int, default=None, help="SparseGPT: also quantize the kept weights in the same pass.")
+@click.option("--group-size", type=int, default=128, show_default=True, help="With --bits: input columns per scale; -1 = per channel.")
+@click.option("--sym/--asym", default=True, show_default=True, help="With --bits: symmetric grid.")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="SparseGPT damping (fraction of mean diag H).")
+@click.option("--blocksize", type=int, default=128, show_default=True, help="SparseGPT adaptive-mask block size.")
+@click.option("--calib", default="c4", show_default=True, help="Calibration data: a dataset name or a local file.")
+@click.option("--nsamples", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_model_options
+@click.pass_context
+def prune(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_size, overwrite, as_json, dtype,
+          allow_pickle, trust_remote_code, **_):
+    """Prune MODEL's linears (unstructured or N:M) and write a checkpoint: dense with zeros
+    (plain transformers loads it), packed N:M with --packed, or quantized with --bits."""
+    from quantkit import api
+    from quantkit.modelio import dir_bytes, model_bytes
+    from quantkit.registry import method_names
+
+    _check_positive("--nsamples", nsamples, 1_000_000)
+    _check_positive("--seqlen", seqlen, 1_048_576)
+    _check_positive("--batch-size", batch_size)
+    method_cls = api.get_method(method)
+    if getattr(method_cls, "kind", "quantize") != "prune":
+        raise QuantkitError(f"{method!r} is not a pruning method; pruning methods: {', '.join(method_names('prune'))}")
+    given = _given(ctx, ["sparsity", "pattern", "packed", "bits", "group_size", "sym", "damp", "blocksize"])
+    if "sparsity" in given and "pattern" in given:
+        raise QuantkitError("give --sparsity or --pattern, not both")
+    config = api.make_config(method, given)
+    if os.path.exists(output) and not overwrite:
+        raise QuantkitError(f"output {output} already exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    m, tok = api.load_model(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    seqlen_cap = getattr(m.config, "max_position_embeddings", None)
+    if method_cls.needs_calibration and seqlen_cap and seqlen > seqlen_cap:
+        raise QuantkitError(f"--seqlen {seqlen} exceeds the model's context of {seqlen_cap} tokens")
+    bytes_before = model_bytes(m)
+    with _progress(not as_json or sys.stderr.isatty()) as prog:
+        task = prog.add_task(f"{method}", total=None, info="")
+        res = api.compress(m, method, config, tokenizer=tok, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                           batch_size=batch_size,
+                           progress=lambda i, n, info: prog.update(task, completed=i, total=n, info=info))
+    api.save(m, tok, output, method, res, overwrite=overwrite)
+    seconds = time.perf_counter() - t0
+    sp = res.extra["sparsity"]
+    payload = {
+        "output": os.path.abspath(output), "method": method, "sparsity": config.sparsity, "pattern": config.pattern,
+        "packed": config.packed, "bits": getattr(config, "bits", None),
+        "group_size": getattr(config, "group_size", None) if getattr(config, "bits", None) else None,
+        "modules": sp["modules"], "sparsity_overall": sp["overall"], "sparsity_min": sp["min"], "sparsity_max": sp["max"],
+        "bytes_before": bytes_before, "bytes_after": dir_bytes(output), "seconds": round(seconds, 3),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    for r in res.log:
+        if r.note:
+            err_console.print(f"[yellow]note[/] {r.module}: {r.note}")
+    table = Table(title=f"quantkit prune --method {method}")
+    for k in ("output", "method", "sparsity", "pattern", "packed", "bits", "group_size", "modules", "sparsity_overall",
+              "sparsity_min", "sparsity_max", "bytes_before", "bytes_after", "seconds", "peak_rss_bytes"):
+        v = payload[k]
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) and k.startswith("sparsity") else str(v))
+    table.show_header = False
+    _emit(as_json, payload, table)
+
+
 @cli.group(name="eval", cls=_Group)
 def eval_group():
     """Evaluate a float or packed model."""

@@ -250,6 +250,8 @@ def _next_logits(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
 def _token_steps(model, tokenizer, prompt_ids, params, cache) -> Iterator[tuple[int | None, str, str | None]]:
     """Yield (token_id, text_delta, finish_reason or None) per generated token; the last has a reason."""
     n_ctx = context_length(model)
+    if not prompt_ids:
+        raise QuantkitError("the prompt has no tokens")
     if len(prompt_ids) >= n_ctx:
         raise QuantkitError(f"prompt has {len(prompt_ids)} tokens; the model's context is {n_ctx}")
     eos = frozenset() if params.ignore_eos else eos_token_ids(model, tokenizer)

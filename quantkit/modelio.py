@@ -127,7 +127,14 @@ def load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: bool
         except OSError as e:
             raise QuantkitError(f"cannot load {path}: {_one_line(e)}") from None
         except (ValueError, KeyError, RuntimeError, TypeError, ImportError) as e:
-            raise QuantkitError(f"cannot load {path}: {_one_line(e)}") from None
+            msg = _one_line(e)
+            if "mismatched" in msg or "size mismatch" in msg:
+                msg = "config.json disagrees with the shapes of the stored weights"
+            raise QuantkitError(f"cannot load {path}: {msg}") from None
+        except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError and other format errors
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise QuantkitError(f"cannot load {path}: corrupt or truncated safetensors file ({_one_line(e)})") from None
     model.to(device).eval()
     tok = load_tokenizer(str(path), trust_remote_code) if with_tokenizer else None
     return model, tok

@@ -28,5 +28,6 @@ def runtime_module_class(kind: str) -> type:
 
 def _load_builtin() -> None:
     from quantkit.runtime.qlinear import QuantLinear
+    import quantkit.runtime.sparse  # noqa: F401  (registers "nm_sparse")
 
     _KINDS.setdefault("quant", QuantLinear)

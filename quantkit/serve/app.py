@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP app (FastAPI) in front of an `Engine`.
 
-    >>> app = create_app(Engine(model, tokenizer).start(), model_name="stories260K")
+    >>> app = create_app(Engine(model, tokenizer, max_batch=16), model_name="stories260K")  # starts with the app
     >>> uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Routes: GET /health, /v1/models, /metrics (Prometheus text; ``?format=json`` for JSON);

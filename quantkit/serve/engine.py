@@ -15,6 +15,7 @@ Events go back through the request's ``on_event`` callback, called from the engi
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import threading
@@ -52,7 +53,7 @@ class EngineStopped(Exception):
 class Event:
     kind: str  # "delta" | "done" | "error"
     text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) | "length"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     message: str = ""
@@ -69,7 +70,6 @@ class Request:
         self.params = params
         self.on_event = on_event
         self.cancelled = False
-        self.submitted_at = time.monotonic()
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -102,7 +102,10 @@ class Engine:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model = model
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # for callers (encoding requests on their own threads)
+        # the engine thread detokenizes with its own copy: a Rust tokenizer shared across threads can
+        # fail with "Already borrowed" when one thread changes its padding/truncation state
+        self._detok = copy.deepcopy(tokenizer)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.n_ctx = context_length(model)
@@ -224,12 +227,15 @@ class Engine:
                     for req in failed:
                         _deliver(req, Event("error", message=f"generation failed: {type(e).__name__}: {e}"))
                 self._retire()
-        for req in [s.req for s in self._active if not s.done] + list(self._waiting):
+        with self._cond:
+            left = [s.req for s in self._active if not s.done] + list(self._waiting)
+            self._active, self._kv, self._waiting = [], None, deque()
+        for req in left:
             _deliver(req, Event("error", message="server shutting down"))
 
     def _prefill(self, req: Request) -> None:
         """Prefill one request on its own, sample its first token, and join it to the batch."""
-        s = _Seq(req, self.tokenizer, self._eos)
+        s = _Seq(req, self._detok, self._eos)
         kv = make_cache(self.model, self._cache_factory)
         ids = torch.tensor([req.prompt_ids])  # [1, L]
         logits = self.model(ids, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[0, -1].float()

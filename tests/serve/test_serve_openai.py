@@ -1,6 +1,7 @@
 """`quantkit serve` as a real subprocess on 127.0.0.1, driven by the official openai client and httpx.
 
-Covers: completions, chat and streaming equal to the runtime's own greedy `generate`; 16 concurrent
+The server runs a packed checkpoint (stories260K quantized with RTN int8, quantized linears swapped
+in), and the reference is the runtime's own `generate` on the same checkpoint. Covers: completions, chat and streaming equal to the runtime's own greedy `generate`; 16 concurrent
 streaming clients; a client that disconnects mid-stream frees its slot; a bounded load test (200
 requests, some malformed; 127.0.0.1 only) loses no valid request and leaves no stuck slot.
 """
@@ -34,12 +35,24 @@ PROMPTS = ["", "Once upon", "The dog", "Lily and Tom went to the park. They", "A
 
 
 @pytest.fixture(scope="module")
-def model_tok():
+def packed_dir(tmp_path_factory) -> str:
+    from quantkit import api
+    from quantkit.modelio import load_model
+
+    model, tok = load_model(FIXTURE)
+    result = api.compress(model, "rtn", {"bits": 8, "group_size": -1})
+    return str(api.save(model, tok, tmp_path_factory.mktemp("serve") / "stories260K-rtn8", "rtn", result))
+
+
+@pytest.fixture(scope="module")
+def model_tok(packed_dir):
     from quantkit.modelio import load_model
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield load_model(FIXTURE)
+    model, tok = load_model(packed_dir)
+    assert any(type(m).__name__ == "QuantLinear" for m in model.modules())  # really the packed runtime
+    yield model, tok
     torch.set_num_threads(old)
 
 
@@ -50,10 +63,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(request):
+def server(request, packed_dir):
     port = _free_port()
-    cmd = [sys.executable, "-m", "quantkit.serve", FIXTURE, "--host", "127.0.0.1", "--port", str(port),
-           "--max-batch", "16", "--max-queue", "64", "--threads", "1", "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "quantkit.serve", packed_dir, "--model-name", NAME, "--host", "127.0.0.1",
+           "--port", str(port), "--max-batch", "16", "--max-queue", "64", "--threads", "1", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log: list[str] = []
     drain = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)  # the pipe never fills

@@ -1,0 +1,373 @@
+"""AWQ (Lin et al., 2024): activation-aware weight quantization.
+
+Salient input channels (large mean ``|x|``) are protected by scaling them up in the weight and
+down in whatever produces the input, which leaves the float function unchanged (sec. 3.2):
+``s = mean|x|^alpha`` (normalised), alpha grid-searched on the group's output error with the
+group quantized.  Then each weight group's clipping range is searched on the layer output
+(llm-awq's auto-clip).  The scaled, clipped weights go to any weight quantizer: round-to-nearest
+(``awq``) or GPTQ (``awq+gptq``).
+
+The search is separate from the apply: :func:`search_scale` and :func:`search_clip` are plain
+functions of tensors; their results (:class:`quantkit.transforms.ScaleResult`,
+:class:`quantkit.transforms.ClipResult`) are applied by :mod:`quantkit.transforms`.
+
+    >>> s, alpha, loss, history = search_scale(x_mean, [w], loss_fn, [QuantSpec(4, 64)])
+    >>> max_val = search_clip(w * s, x[:512] / s, QuantSpec(4, 64))
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from quantkit.arch import LinearGroup
+from quantkit.calib import BlockContext, BlockMethod, LayerRecord
+from quantkit.errors import QuantkitError
+from quantkit.methods.common import WeightQuantConfig, check_group_sizes, quantize_block_linears
+from quantkit.methods.gptq import GPTQ, GPTQConfig
+from quantkit.methods.rtn import rtn_linear
+from quantkit.numerics.quant import QuantSpec, compute_qparams, dequantize, fake_quantize, quantize_rtn
+from quantkit.registry import register_method
+from quantkit.transforms import ClipResult, ScaleResult, apply_clip, fold_blocker, fold_scales
+
+# Linears whose outputs meet in q @ k^T: their clipping error is not measured by their own output (llm-awq skips them).
+QK_LINEARS = r"(^|\.)(q_proj|k_proj|qkv_proj|query_key_value|c_attn|Wqkv)$"
+
+
+@dataclass(frozen=True)
+class AWQConfig(WeightQuantConfig):
+    n_grid: int = 20  # alpha grid points in [0, 1]
+    duo_scaling: bool = False  # s = mean|x|^a / mean|w~|^(1-a) (AutoAWQ's variant) instead of mean|x|^a
+    search_tokens: int = 4096  # tokens (whole calibration sequences, spread evenly) the alpha search runs on; 0 = all
+    clip: bool = True  # search a clipping range per weight group (auto-clip)
+    clip_grid: int = 20  # shrink steps of 1/clip_grid ...
+    max_shrink: float = 0.5  # ... down to (1 - max_shrink) of each group's max |w|
+    clip_tokens: int = 512  # input tokens (strided over the whole calibration set) the clip search uses
+    clip_exclude: str = QK_LINEARS  # regex of module names never clipped
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_grid < 2:
+            raise QuantkitError(f"n_grid must be at least 2, got {self.n_grid}")
+        if self.search_tokens < 0 or self.clip_tokens < 1 or self.clip_grid < 1:
+            raise QuantkitError("search_tokens must be >= 0, clip_tokens and clip_grid positive")
+        if not 0 <= self.max_shrink < 1:
+            raise QuantkitError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
+        try:
+            re.compile(self.clip_exclude)
+        except re.error as e:
+            raise QuantkitError(f"bad clip_exclude pattern {self.clip_exclude!r}: {e}") from None
+
+
+# ---- the algorithm: tensors in, tensors out ------------------------------------------------------
+def rtn_fake(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Round-to-nearest quantize-dequantize of ``w [out, in]`` on ``spec``'s grid."""
+    q, s, z = quantize_rtn(w, spec)
+    return dequantize(q, s, z, spec.groups_for(w.shape[1]))
+
+
+def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Mean over the rows of ``|w|`` normalised by its group's max (AutoAWQ's ``w_mean``, ``[in]``)."""
+    w = torch.cat([w.float() for w in weights], dim=0)  # [sum out, in]
+    gs = w.shape[1] if group_size == -1 else group_size
+    wg = w.abs().reshape(-1, gs)
+    wg = wg / (wg.amax(dim=1, keepdim=True) + 1e-6)
+    return wg.reshape(w.shape).mean(0)
+
+
+def awq_scales(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """``s = mean|x|^alpha`` (``/ w_mean^(1-alpha)`` with duo scaling), normalised so that
+    ``max(s) * min(s) = 1`` (sec. 3.2, eq. 5)."""
+    s = x_mean.float().pow(alpha)
+    if w_mean is not None:
+        s = s / (w_mean.float().pow(1 - alpha) + 1e-4)
+    s = s.clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def search_scale(x_mean: torch.Tensor, weights: list[torch.Tensor], loss_fn: Callable[[list[torch.Tensor]], float],
+                 specs: list[QuantSpec], n_grid: int = 20, duo_scaling: bool = False,
+                 quantize: Callable[[torch.Tensor, QuantSpec], torch.Tensor] = rtn_fake):
+    """Grid-search alpha in [0, 1] for one group of linears sharing an input.
+
+    ``x_mean [in]``: mean ``|x|`` per input channel; ``weights``: the group's ``[out, in]``
+    weights; ``loss_fn(w_hats)`` returns the group's output error when its linears compute with
+    ``w_hats`` (= ``Q(W s) / s``, i.e. the scaled weights quantized, seen from the unscaled input).
+    Returns ``(s [in], alpha, loss, history)``; ``alpha = 0`` (``s = 1``) is plain RTN, so the
+    chosen loss is never above RTN's on the search data.
+    """
+    w_mean = weight_mean(weights, specs[0].group_size) if duo_scaling else None
+    best = (math.inf, None, None)
+    history = []
+    for i in range(n_grid):
+        alpha = i / (n_grid - 1)
+        s = awq_scales(x_mean, alpha, w_mean)  # [in]
+        w_hats = [quantize(w * s, spec) / s for w, spec in zip(weights, specs)]
+        loss = float(loss_fn(w_hats))
+        history.append(loss)
+        if loss < best[0]:
+            best = (loss, alpha, s)
+    if best[2] is None:  # every loss was nan: keep the weights unscaled
+        return torch.ones_like(x_mean, dtype=torch.float32), 0.0, math.nan, history
+    return best[2], best[1], best[0], history
+
+
+def _fake_rows(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize-dequantize each row of ``w [rows, group]`` as one group."""
+    s, z = compute_qparams(w, spec)
+    return fake_quantize(w, s.unsqueeze(1), z.unsqueeze(1), spec.maxq)
+
+
+def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, n_grid: int = 20, max_shrink: float = 0.5,
+                row_batch: int = 1024) -> torch.Tensor:
+    """Per (output row, group) clipping bound minimising the group's output error (llm-awq's auto-clip).
+
+    ``w [out, in]``, ``x [tokens, in]``; returns ``max_val [out, n_groups]``: clip ``w`` to
+    ``[-max_val, max_val]`` before quantizing.  Step ``i`` tries ``max|w_group| * (1 - i / n_grid)``
+    for ``i < max_shrink * n_grid``; ``i = 0`` (no clipping) is always a candidate.
+    """
+    out_f, in_f = w.shape
+    gs = spec.groups_for(in_f)
+    ng = in_f // gs
+    xg = x.float().reshape(-1, ng, gs).transpose(0, 1)  # [tokens, in] -> [ng, tokens, gs]
+    best_all = []
+    for r0 in range(0, out_f, row_batch):
+        wg = w[r0:r0 + row_batch].float().reshape(-1, ng, gs).transpose(0, 1)  # [ng, rows, gs]
+        org = torch.bmm(xg, wg.transpose(1, 2))  # [ng, tokens, rows]
+        org_max = wg.abs().amax(dim=-1)  # [ng, rows]
+        best = org_max.clone()
+        min_err = torch.full_like(org_max, math.inf)
+        for i in range(max(1, int(max_shrink * n_grid))):
+            mv = org_max * (1 - i / n_grid)
+            cw = torch.maximum(torch.minimum(wg, mv.unsqueeze(-1)), -mv.unsqueeze(-1))
+            qw = _fake_rows(cw.reshape(-1, gs), spec).reshape(cw.shape)
+            err = (torch.bmm(xg, qw.transpose(1, 2)) - org).pow(2).mean(dim=1)  # [ng, rows]
+            better = err < min_err
+            min_err[better] = err[better]
+            best[better] = mv[better]
+        best_all.append(best.transpose(0, 1))  # [rows, ng]
+    return torch.cat(best_all, dim=0)
+
+
+# ---- plugging it into the block-wise driver -------------------------------------------------------
+def _take_rows(obj, rows: torch.Tensor, batch: int):
+    """``obj`` (tensors, tuples, dicts of them) with the batch dimension restricted to ``rows``."""
+    if isinstance(obj, torch.Tensor):
+        return obj[rows] if obj.dim() > 0 and obj.shape[0] == batch and batch > 1 else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_take_rows(o, rows, batch) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _take_rows(v, rows, batch) for k, v in obj.items()}
+    return obj
+
+
+def _search_rows(inputs: list, search_tokens: int) -> list[torch.Tensor | None]:
+    """Per calibration batch, the sequences the alpha search runs on (evenly spread; ``None`` = skip batch)."""
+    sizes = [h.shape[0] for h, _ in inputs]
+    total = sum(sizes)
+    seqlen = inputs[0][0].shape[1]
+    n = total if search_tokens == 0 else min(total, max(1, math.ceil(search_tokens / seqlen)))
+    chosen = set(torch.linspace(0, total - 1, n).round().long().tolist())
+    out, start = [], 0
+    for b in sizes:
+        rows = [r - start for r in range(start, start + b) if r in chosen]
+        out.append(torch.tensor(rows, dtype=torch.long) if rows else None)
+        start += b
+    return out
+
+
+def _run(mod, args, kwargs) -> torch.Tensor:
+    out = mod(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Captured:
+    """What one calibration pass over a block records for AWQ: activation statistics of every
+    group (via ``ctx.collect``), inputs of each group's inspected modules for the search
+    sequences, and a strided sample of every group's input tokens for the clip search."""
+
+    def __init__(self, ctx: BlockContext, groups: tuple[LinearGroup, ...], cfg: AWQConfig):
+        self.inspect = {id(g): _inspected(g) for g in groups}
+        names = sorted({n for g in groups for n in self.inspect[id(g)]})
+        rows = _search_rows(ctx.inputs, cfg.search_tokens)
+        total_tokens = sum(h.shape[0] * h.shape[1] for h, _ in ctx.inputs)
+        stride = max(1, total_tokens // cfg.clip_tokens)
+        self.calls: dict[str, list] = {n: [] for n in names}  # module -> [(args, kwargs)]
+        self.clip_x: dict[str, list] = {g.linears[0]: [] for g in groups}  # first linear -> [x [tokens, in]]
+        state = {"batch": -1}
+        handles = [ctx.block.register_forward_pre_hook(lambda m, a: state.__setitem__("batch", state["batch"] + 1))]
+
+        def grab(name):
+            def hook(mod, args, kwargs):
+                r = rows[state["batch"]]
+                if r is not None:
+                    b = ctx.inputs[state["batch"]][0].shape[0]
+                    self.calls[name].append((_take_rows(_detach(args), r, b), _take_rows(_detach(kwargs), r, b)))
+            return hook
+
+        def sample(name):
+            def hook(mod, args):
+                x = args[0].detach()
+                self.clip_x[name].append(x.reshape(-1, x.shape[-1])[::stride].float().cpu())
+            return hook
+
+        for n in names:
+            handles.append(ctx.module(n).register_forward_pre_hook(grab(n), with_kwargs=True))
+        for n in self.clip_x:
+            handles.append(ctx.module(n).register_forward_pre_hook(sample(n)))
+        try:
+            self.stats = ctx.collect("act", groups)
+        finally:
+            for h in handles:
+                h.remove()
+        self.clip_x = {n: torch.cat(xs)[: cfg.clip_tokens] for n, xs in self.clip_x.items()}
+        with torch.no_grad():  # reference outputs of the float block
+            self.ref = {n: [_run(ctx.module(n), a, k) for a, k in self.calls[n]] for n in names}
+
+    def group_loss(self, ctx: BlockContext, g: LinearGroup) -> Callable[[list[torch.Tensor]], float]:
+        """``loss_fn(w_hats)``: mean squared error of ``g``'s inspected outputs with ``w_hats`` in place."""
+        names = self.inspect[id(g)]
+
+        def loss_fn(w_hats):
+            for lin, w in zip(g.linears, w_hats):
+                ctx.set_weight(lin, w)
+            err, n = 0.0, 0
+            for name in names:
+                mod = ctx.module(name)
+                for (a, k), ref in zip(self.calls[name], self.ref[name]):
+                    err += float((_run(mod, a, k).float() - ref.float()).pow(2).sum())
+                    n += ref.numel()
+            return err / max(n, 1)
+
+        return loss_fn
+
+
+def _detach(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_detach(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    return obj
+
+
+def _inspected(g: LinearGroup) -> tuple[str, ...]:
+    """Modules whose outputs measure ``g``'s error: its ``inspect`` module, else its linears."""
+    return (g.inspect,) if g.inspect else tuple(g.linears)
+
+
+def awq_block(ctx: BlockContext, cfg: AWQConfig) -> tuple[list[ScaleResult], list[ClipResult], dict[str, str]]:
+    """Search and apply AWQ scales, then search and apply clipping, for one block (weights stay float).
+
+    Returns the block-relative results and ``{linear: why it was not scaled}``."""
+    arch = ctx.arch
+    cap = _Captured(ctx, ctx.groups, cfg)
+    scales: list[ScaleResult] = []
+    skipped: dict[str, str] = {}
+    for g in ctx.groups:  # 1. search every group on the float block (sec. 3.2)
+        blocker = fold_blocker(ctx.block, g, arch.transposed)
+        if blocker:
+            skipped.update({n: blocker for n in g.linears})
+            continue
+        originals = [ctx.weight(n) for n in g.linears]
+        specs = [cfg.spec_for(ctx.full_name(n)) for n in g.linears]
+        try:
+            s, alpha, loss, _ = search_scale(cap.stats[g.linears[0]].abs_mean, originals, cap.group_loss(ctx, g), specs,
+                                             cfg.n_grid, cfg.duo_scaling)
+        finally:
+            for n, w in zip(g.linears, originals):
+                ctx.set_weight(n, w)
+        scales.append(ScaleResult(g.prev, g.prev_kind, tuple(g.linears), s, alpha, loss))
+    for res in scales:  # 2. fold them (function-preserving)
+        fold_scales(ctx.block, res, transposed=arch.transposed, norm_offset=arch.norm_offset)
+    clips: list[ClipResult] = []
+    if cfg.clip:  # 3. clip search on the scaled weights, with the scaled inputs
+        by_linear = {n: r.scales for r in scales for n in r.linears}
+        exclude = re.compile(cfg.clip_exclude)
+        for g in ctx.groups:
+            x = cap.clip_x[g.linears[0]]
+            for n in g.linears:
+                if exclude.search(n):
+                    continue
+                spec = cfg.spec_for(ctx.full_name(n))
+                xs = x / by_linear[n] if n in by_linear else x
+                max_val = search_clip(ctx.weight(n), xs, spec, cfg.clip_grid, cfg.max_shrink)
+                clips.append(ClipResult(n, max_val, spec.groups_for(xs.shape[1])))
+        for res in clips:
+            apply_clip(ctx.block, res, transposed=arch.transposed)
+    return scales, clips, skipped
+
+
+def _log(ctx: BlockContext, scales, clips, skipped) -> None:
+    extra = ctx.result.extra.setdefault("awq", {"scales": [], "clipped": [], "not_scaled": {}})
+    extra["scales"] += [{"prev_op": ctx.full_name(r.prev_op), "linears": [ctx.full_name(n) for n in r.linears],
+                         "alpha": r.alpha, "loss": r.loss} for r in scales]
+    extra["clipped"] += [ctx.full_name(c.module) for c in clips]
+    extra["not_scaled"].update({ctx.full_name(n): why for n, why in skipped.items()})
+
+
+def _note_skipped(ctx: BlockContext, skipped: dict[str, str]) -> None:
+    for rec in ctx.result.log:
+        for n, why in skipped.items():
+            if rec.module == ctx.full_name(n) and not rec.note:
+                rec.note = f"AWQ: not scaled ({why})"
+
+
+@register_method("awq", AWQConfig)
+class AWQ(BlockMethod):
+    """AWQ scales and clipping, then round-to-nearest."""
+
+    def check(self, model, arch):
+        check_group_sizes(model, arch, self.config)
+
+    def search_and_apply(self, ctx: BlockContext) -> None:
+        t0 = time.perf_counter()
+        scales, clips, skipped = awq_block(ctx, self.config)
+        _log(ctx, scales, clips, skipped)
+        ctx.result.log.append(LayerRecord(ctx.index, ctx.prefix, time.perf_counter() - t0,
+                                          note="" if scales else "AWQ: no group of this block could be scaled"))
+        return skipped
+
+    def process_block(self, ctx):
+        skipped = self.search_and_apply(ctx)
+        quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for)
+        _note_skipped(ctx, skipped)
+
+
+@dataclass(frozen=True)
+class AWQGPTQConfig(AWQConfig):
+    clip: bool = False  # GPTQ compensates rounding itself; clipping first rarely helps it
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    blocksize: int = 128
+    true_sequential: bool = False
+
+    def gptq_config(self) -> GPTQConfig:
+        return GPTQConfig(self.bits, self.group_size, self.sym, self.overrides, act_order=self.act_order,
+                          static_groups=self.static_groups, damp=self.damp, blocksize=self.blocksize,
+                          true_sequential=self.true_sequential)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.gptq_config()  # validates the GPTQ fields
+
+
+@register_method("awq+gptq", AWQGPTQConfig)
+class AWQGPTQ(AWQ):
+    """AWQ scales (and optional clipping), then GPTQ on the scaled weights."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.gptq = GPTQ(config.gptq_config())
+
+    def process_block(self, ctx):
+        skipped = self.search_and_apply(ctx)
+        self.gptq.process_block(ctx)
+        _note_skipped(ctx, skipped)

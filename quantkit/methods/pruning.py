@@ -1,0 +1,130 @@
+"""What the pruning methods (SparseGPT, Wanda, magnitude) share: the config they extend, the
+up-front checks, and the per-linear loop over a block that records each module's sparsity.
+
+A method only supplies ``prune_linear(w, stats, target, spec) -> (w_hat, mask, qweight, loss, note)``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.arch import get_module
+from quantkit.calib import BlockContext, BlockMethod, CompressionResult, LayerRecord, _linear_weight
+from quantkit.errors import QuantkitError
+from quantkit.numerics.quant import QuantSpec
+from quantkit.numerics.sparsity import NMSparseWeight, SparsityTarget, check_sparsity, parse_pattern
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Uniform ``sparsity`` (default 0.5) or an ``N:M`` ``pattern`` for every linear, with optional
+    per-module ``overrides``: a tuple of ``(regex, {"sparsity": s} | {"pattern": "N:M"})`` matched
+    against full module names, the last match winning; ``{"sparsity": 0}`` leaves a module dense.
+    ``packed``: N:M modules go to the checkpoint as kept values + indices (kind ``"nm_sparse"``)
+    instead of dense weights with zeros.
+
+        >>> PruneConfig(pattern="2:4", overrides=((r"mlp\\.down_proj", {"sparsity": 0}),))
+    """
+
+    sparsity: float | None = None
+    pattern: str | None = None
+    overrides: tuple = ()
+    packed: bool = False
+
+    def __post_init__(self):
+        if self.sparsity is None and self.pattern is None:
+            object.__setattr__(self, "sparsity", 0.5)
+        SparsityTarget.parse(self.sparsity, self.pattern)  # validates
+        for pattern, fields in self.overrides:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise QuantkitError(f"bad module pattern {pattern!r}: {e}") from None
+            if not isinstance(fields, dict) or len(fields) != 1 or set(fields) - {"sparsity", "pattern"}:
+                raise QuantkitError(f"override for {pattern!r} must be {{'sparsity': s}} or {{'pattern': 'N:M'}}, got {fields!r}")
+            if "pattern" in fields:
+                parse_pattern(fields["pattern"])
+            elif fields["sparsity"] != 0:
+                check_sparsity(fields["sparsity"])
+        if self.packed and self.pattern is None:
+            raise QuantkitError("a packed checkpoint needs an N:M pattern (--pattern); unstructured sparsity is saved dense")
+
+    def target_for(self, module_name: str) -> SparsityTarget | None:
+        """What ``module_name`` is pruned to; ``None`` leaves it dense."""
+        fields = {"pattern": self.pattern} if self.pattern is not None else {"sparsity": self.sparsity}
+        for pattern, f in self.overrides:
+            if re.search(pattern, module_name):
+                fields = f
+        if fields.get("sparsity") == 0:
+            return None
+        return SparsityTarget.parse(fields.get("sparsity"), fields.get("pattern"))
+
+    def spec_for(self, module_name: str) -> QuantSpec | None:
+        """The weight format quantized jointly with pruning (SparseGPT only); ``None``: stay float."""
+        return None
+
+
+class PruneMethod(BlockMethod):
+    """Base of the pruning methods: one statistics pass per block, then every linear pruned."""
+
+    kind = "prune"
+    stats_kind: str | None = None  # "hessian", "act" or None (no calibration)
+
+    def prune_linear(self, w: torch.Tensor, stats, target: SparsityTarget, spec: QuantSpec | None):  # pragma: no cover
+        """``(w_hat [out, in], mask [out, in] True = pruned, QuantizedWeight | None, loss, note)``."""
+        raise NotImplementedError
+
+    def check(self, model, arch):
+        """Refuse up front an N:M group or a group size that does not divide some layer."""
+        for i, block in enumerate(arch.blocks(model)):
+            for name in arch.linear_names():
+                full = f"{arch.blocks_path}.{i}.{name}"
+                in_f = _linear_weight(get_module(block, name), arch.transposed).shape[1]
+                target = self.config.target_for(full)
+                if target is not None:
+                    target.check_layer(full, in_f)
+                spec = self.config.spec_for(full)
+                if spec is not None:
+                    spec.check_layer(full, in_f)
+
+    def process_block(self, ctx: BlockContext) -> None:
+        stats = ctx.collect(self.stats_kind, ctx.groups) if self.stats_kind and ctx.inputs is not None else {}
+        counts = ctx.result.extra.setdefault("_prune_counts", {})
+        for g in ctx.groups:
+            for name in g.linears:
+                full = ctx.full_name(name)
+                target = self.config.target_for(full)
+                spec = self.config.spec_for(full)
+                t0 = time.perf_counter()
+                if target is None:
+                    ctx.record(name, None, LayerRecord(ctx.index, name, 0.0, sparsity=0.0, note="left dense (override)"))
+                    continue
+                w = ctx.weight(name)
+                w_hat, mask, qw, loss, note = self.prune_linear(w, stats.get(name), target, spec)
+                ctx.set_weight(name, w_hat)
+                if qw is None and self.config.packed and target.nm is not None:
+                    qw = NMSparseWeight.from_dense(w_hat, *target.nm)
+                pruned = int(mask.sum())
+                counts[full] = (pruned, mask.numel())
+                ctx.record(name, qw, LayerRecord(ctx.index, name, time.perf_counter() - t0, loss,
+                                                 bits=spec.bits if spec else None,
+                                                 group_size=spec.group_size if spec else None,
+                                                 sparsity=pruned / mask.numel(), note=note))
+
+    def finish(self, model, result: CompressionResult) -> None:
+        result.extra["sparsity"] = sparsity_summary(result.extra.pop("_prune_counts", {}))
+
+
+def sparsity_summary(counts: dict[str, tuple[int, int]]) -> dict:
+    """Overall and per-module sparsity from ``{module: (pruned, numel)}``."""
+    if not counts:
+        return {"overall": 0.0, "min": None, "max": None, "modules": 0, "per_module": {}}
+    per = {k: p / n for k, (p, n) in counts.items()}
+    total_p = sum(p for p, _ in counts.values())
+    total_n = sum(n for _, n in counts.values())
+    return {"overall": total_p / total_n, "min": min(per.values()), "max": max(per.values()), "modules": len(per),
+            "pruned_weights": total_p, "weights": total_n, "per_module": per}

@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+from quantkit.data import calibration_samples, eval_windows, load_text, tokenize
+from quantkit.errors import QuantkitError
+
+
+class CharTok:
+    """A byte-level stand-in tokenizer: tests of data plumbing need no model."""
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+        return {"input_ids": list(text.encode())}
+
+
+def test_named_datasets_resolve_offline():
+    wiki = load_text("wikitext2", "test")
+    assert wiki.startswith(" = Robert Boulter = \n\n\n Robert Boulter is")
+    assert len(load_text("ptb", "test")) > 100_000
+    assert len(load_text("c4", "validation")) > 1_000_000
+
+
+def test_jsonl_and_text_files(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "hello"}) + "\n\n" + json.dumps({"text": "world"}) + "\n")
+    assert load_text(str(tmp_path / "a.jsonl")) == "hello\n\nworld"
+    (tmp_path / "b.txt").write_text("plain text")
+    assert load_text(str(tmp_path / "b.txt")) == "plain text"
+
+
+def test_parquet_file(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["one", "two"]}), tmp_path / "t.parquet")
+    assert load_text(str(tmp_path / "t.parquet")) == "one\n\ntwo"
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"text": 1}\n', "no string 'text' field"),
+    ("not json\n", "is not valid JSON"),
+])
+def test_bad_jsonl(tmp_path, content, message):
+    (tmp_path / "bad.jsonl").write_text(content)
+    with pytest.raises(QuantkitError, match=message):
+        load_text(str(tmp_path / "bad.jsonl"))
+
+
+def test_missing_file_and_unknown_name(tmp_path):
+    with pytest.raises(QuantkitError, match="does not exist"):
+        load_text(str(tmp_path / "nope.txt"))
+    with pytest.raises(QuantkitError, match="unknown dataset"):
+        load_text("imagenet")
+
+
+def test_binary_file_is_refused(tmp_path):
+    (tmp_path / "x.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(QuantkitError, match="not UTF-8"):
+        load_text(str(tmp_path / "x.txt"))
+
+
+def test_eval_windows_follow_gptq_protocol():
+    ids = torch.arange(1000)
+    w = eval_windows(ids, 128)
+    assert w.shape == (7, 128) and torch.equal(w[1], torch.arange(128, 256))
+    assert eval_windows(ids, 128, max_windows=2).shape == (2, 128)
+    with pytest.raises(QuantkitError, match="shorter than one window"):
+        eval_windows(ids, 2048)
+
+
+def test_calibration_is_seeded(tmp_path):
+    (tmp_path / "t.txt").write_text("abcdefghij" * 100)
+    a = calibration_samples(CharTok(), str(tmp_path / "t.txt"), 4, 32, seed=0)
+    b = calibration_samples(CharTok(), str(tmp_path / "t.txt"), 4, 32, seed=0)
+    c = calibration_samples(CharTok(), str(tmp_path / "t.txt"), 4, 32, seed=1)
+    assert a.shape == (4, 32) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_tokenizer_fixture_matches_sentencepiece(stories_dir, tiny_text):
+    spm = pytest.importorskip("sentencepiece")
+    from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(stories_dir / "tokenizer.model"))
+    tok = AutoTokenizer.from_pretrained(str(stories_dir))
+    text = tiny_text.read_text()[:4000]
+    assert tokenize(tok, text).tolist() == sp.encode(text)
+    assert tok("Once upon a time").input_ids == [1, 403, 407, 261, 378]
