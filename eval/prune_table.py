@@ -91,6 +91,8 @@ def main(argv=None) -> dict:
             packed_check = _packed_roundtrip(base, tok, calib, windows, ppl)
             print(f"  packed 2:4 reloaded: {packed_check['packed']:.4f} vs {ppl:.4f}", flush=True)
         del model
+        # rewritten after every run, so a long run interrupted still leaves its figures
+        Path(args.out).write_text(_render(args, dense, runs, packed_check, time.perf_counter() - t_all, done=False))
 
     text = _render(args, dense, runs, packed_check, time.perf_counter() - t_all)
     print("\n" + text)
@@ -115,13 +117,14 @@ def _packed_roundtrip(base, tok, calib, windows, ppl_in_memory) -> dict:
             "sparse_modules": n_sparse, "safetensors_bytes": disk}
 
 
-def _render(args, dense, runs, packed_check, total_s) -> str:
+def _render(args, dense, runs, packed_check, total_s, done: bool = True) -> str:
     by = {(r["method"], r["target"]): r for r in runs}
     lines = [
         "# Pruning on SmolLM2-135M: dense vs magnitude vs Wanda vs SparseGPT",
         "",
         f"Produced by `python -m quantkit.eval.prune_table --model {Path(args.model).name}` in one run "
-        f"({total_s / 60:.1f} min on {platform.machine()}, {torch.get_num_threads()} threads, shared CPU).",
+        f"({total_s / 60:.1f} min on {platform.machine()}, {torch.get_num_threads()} threads, shared CPU)"
+        + ("." if done else " -- PARTIAL: the run was still going when this was written."),
         f"Protocol: calibration on `{args.calib}`, {args.nsamples} x {args.calib_seqlen} tokens (seed 0); "
         f"{args.dataset} test, first {args.max_windows} windows of {args.seqlen} tokens, perplexity. "
         "All 7 linears of every block pruned (embeddings and lm_head dense), as in the anchors.",
@@ -130,12 +133,12 @@ def _render(args, dense, runs, packed_check, total_s) -> str:
         "|---|---|---|---|",
     ]
     for m in METHODS:
-        cells = [f"{by[(m, t)]['perplexity']:.2f}" for t in TARGETS]
+        cells = [f"{by[(m, t)]['perplexity']:.2f}" if (m, t) in by else "–" for t in TARGETS]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "Prune time (s, calibration forward passes included):", "",
               "| method | 50% | 2:4 | 4:8 |", "|---|---|---|---|"]
     for m in METHODS:
-        lines.append(f"| {m} | " + " | ".join(f"{by[(m, t)]['seconds']:.1f}" for t in TARGETS) + " |")
+        lines.append(f"| {m} | " + " | ".join(f"{by[(m, t)]['seconds']:.1f}" if (m, t) in by else "–" for t in TARGETS) + " |")
     joint = [r for r in runs if "W4" in r["target"]]
     for r in joint:
         lines += ["", f"SparseGPT {r['target']} (joint pruning + quantization, one pass): ppl {r['perplexity']:.2f}, "

@@ -224,6 +224,165 @@ def prune(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_size,
     _emit(as_json, payload, table)
 
 
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", "output", required=True, help="Output directory (written atomically).")
+@click.option("--method", default="asvd", show_default=True,
+              help="asvd (activation-aware: SVD-LLM whitening, or ASVD scaling with --scaling act) or svd (plain).")
+@click.option("--ratio", type=float, default=None, help="Fraction of each factorized layer's parameters kept [default: 0.8].")
+@click.option("--rank", type=int, default=None, help="The same rank for every layer instead.")
+@click.option("--energy", type=float, default=None, help="Per layer, the smallest rank keeping this fraction of the squared spectrum.")
+@click.option("--scaling", type=click.Choice(["whiten", "act"]), default="whiten", show_default=True,
+              help="asvd: Cholesky whitening of X^T X (SVD-LLM) or activation-magnitude scaling (ASVD).")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="asvd whitening damping (fraction of mean diag).")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="asvd --scaling act: exponent of mean |x|.")
+@click.option("--calib", default="c4", show_default=True, help="Calibration data (asvd): a dataset name or a local file.")
+@click.option("--nsamples", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, default=2048, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_model_options
+@click.pass_context
+def lowrank(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_size, overwrite, as_json, dtype,
+            allow_pickle, trust_remote_code, **_):
+    """Factorize MODEL's linears into two low-rank linears (W ~= V U) and write a checkpoint whose
+    config records each module's rank; a layer is factorized only where that saves parameters."""
+    from quantkit import api
+    from quantkit.modelio import dir_bytes, model_bytes
+    from quantkit.registry import method_names
+
+    _check_positive("--nsamples", nsamples, 1_000_000)
+    _check_positive("--seqlen", seqlen, 1_048_576)
+    _check_positive("--batch-size", batch_size)
+    method_cls = api.get_method(method)
+    if getattr(method_cls, "kind", "quantize") != "lowrank":
+        raise QuantkitError(f"{method!r} is not a low-rank method; low-rank methods: {', '.join(method_names('lowrank'))}")
+    given = _given(ctx, ["ratio", "rank", "energy"])
+    if len(given) > 1:
+        raise QuantkitError(f"give one of --ratio, --rank and --energy, not {' and '.join('--' + k for k in given)}")
+    asvd_only = _given(ctx, ["scaling", "damp", "alpha"])
+    if asvd_only and method != "asvd":
+        raise QuantkitError(f"{', '.join('--' + k for k in asvd_only)} only apply to --method asvd")
+    config = api.make_config(method, {**given, **asvd_only})
+    if os.path.exists(output) and not overwrite:
+        raise QuantkitError(f"output {output} already exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    m, tok = api.load_model(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    seqlen_cap = getattr(m.config, "max_position_embeddings", None)
+    if method_cls.needs_calibration and seqlen_cap and seqlen > seqlen_cap:
+        raise QuantkitError(f"--seqlen {seqlen} exceeds the model's context of {seqlen_cap} tokens")
+    bytes_before = model_bytes(m)
+    with _progress(not as_json or sys.stderr.isatty()) as prog:
+        task = prog.add_task(f"{method}", total=None, info="")
+        res = api.compress(m, method, config, tokenizer=tok, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                           batch_size=batch_size,
+                           progress=lambda i, n, info: prog.update(task, completed=i, total=n, info=info))
+    api.save(m, tok, output, method, res, overwrite=overwrite)
+    seconds = time.perf_counter() - t0
+    s = res.extra["lowrank"]
+    ranks = list(s["ranks"].values())
+    payload = {
+        "output": os.path.abspath(output), "method": method, "ratio_target": config.ratio, "rank": config.rank,
+        "energy": config.energy, "modules": s["modules"], "left_dense": s["left_dense"],
+        "rank_min": min(ranks) if ranks else None, "rank_max": max(ranks) if ranks else None,
+        "params_before": s["params_before"], "params_after": s["params_after"], "param_ratio": s["ratio"],
+        "param_ratio_linears": s["ratio_linears"], "model_params_before": s["model_params_before"],
+        "model_params_after": s["model_params_after"], "param_ratio_model": s["ratio_model"],
+        "bytes_before": bytes_before, "bytes_after": dir_bytes(output), "seconds": round(seconds, 3),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    for r in res.log:
+        if r.note and not r.note.startswith("rank "):
+            err_console.print(f"[yellow]note[/] {r.module}: {r.note}")
+    err_console.print(f"factorized {s['modules']} linears ({s['left_dense']} left dense): parameters kept "
+                      f"{s['params_after']}/{s['params_before']} = {s['ratio']:.4f} of the factorized layers, "
+                      f"{s['ratio_linears']:.4f} of all block linears, {s['ratio_model']:.4f} of the model")
+    table = Table(title=f"quantkit lowrank --method {method}")
+    for k in ("output", "method", "ratio_target", "rank", "energy", "modules", "left_dense", "rank_min", "rank_max",
+              "params_before", "params_after", "param_ratio", "param_ratio_linears", "param_ratio_model",
+              "bytes_before", "bytes_after", "seconds", "peak_rss_bytes"):
+        v = payload[k]
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) and k.startswith("param_ratio") else str(v))
+    table.show_header = False
+    _emit(as_json, payload, table)
+
+
+@cli.command()
+@click.option("--teacher", required=True, help="The original model (directory, .gguf file or hub id).")
+@click.option("--student", required=True, help="The model to train: a compressed checkpoint or a smaller model sharing the tokenizer.")
+@click.option("-o", "--output", "output", required=True, help="Output directory (written atomically), in the student's format.")
+@click.option("--data", default="c4", show_default=True, help="Training text: a dataset name or a local file.")
+@click.option("--steps", type=int, default=200, show_default=True)
+@click.option("--seqlen", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per step.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak AdamW learning rate (warm-up, cosine decay).")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature of the KL term.")
+@click.option("--hidden-mse", type=float, default=0.0, show_default=True, help="Weight of the hidden-state MSE term (same-shape students).")
+@click.option("--train-embeddings", is_flag=True, help="Also train the input/output embeddings (frozen by default).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) weights.")
+@click.option("--trust-remote-code", is_flag=True, help="Run model code shipped with the checkpoints.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def distill(teacher, student, output, data, steps, seqlen, batch_size, lr, temperature, hidden_mse, train_embeddings,
+            seed, allow_pickle, trust_remote_code, overwrite, as_json):
+    """Recover STUDENT by knowledge distillation from TEACHER (KL on softened logits, optional
+    hidden-state MSE), on the CPU; sparsity masks, ranks and quantization grids are preserved."""
+    from pathlib import Path
+
+    import torch
+
+    from quantkit import distill as kd
+    from quantkit.data import calibration_samples
+    from quantkit.modelio import load_model, read_quantization_config
+
+    _check_positive("--steps", steps, 10_000_000)
+    _check_positive("--seqlen", seqlen, 1_048_576)
+    _check_positive("--batch-size", batch_size)
+    if not lr > 0 or not temperature > 0 or hidden_mse < 0:
+        raise QuantkitError("--lr and --temperature must be positive and --hidden-mse non-negative")
+    if os.path.exists(output) and not overwrite:
+        raise QuantkitError(f"output {output} already exists; pass --overwrite to replace it")
+    qcfg = read_quantization_config(student) if Path(student).is_dir() else None
+    if qcfg is not None and qcfg.get("quant_method") != "quantkit":
+        raise QuantkitError(f"{student} is quantized by {qcfg.get('quant_method')!r}, not quantkit: cannot keep its format")
+    kd.check_student_kinds(qcfg)
+    t0 = time.perf_counter()
+    t_model, t_tok = load_model(teacher, dtype="float32", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    s_model, s_tok = load_model(student, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    s_dtype = next(p.dtype for p in s_model.parameters() if p.dtype.is_floating_point)
+    if qcfg is None and s_dtype != torch.float32:
+        s_model.float()  # train in float32; saved back in the student's dtype
+    kd.check_tokenizers(t_tok, s_tok)
+    kd.check_pair(t_model, s_model, hidden_mse)
+    cap = min(c for c in (getattr(t_model.config, "max_position_embeddings", None),
+                          getattr(s_model.config, "max_position_embeddings", None), 1 << 30) if c)
+    if seqlen > cap:
+        raise QuantkitError(f"--seqlen {seqlen} exceeds the models' context of {cap} tokens")
+    ids = calibration_samples(s_tok, data, steps * batch_size, seqlen, seed)
+    heldout = calibration_samples(s_tok, data, 4, seqlen, seed + 1)
+    with _progress(not as_json or sys.stderr.isatty()) as prog:
+        task = prog.add_task("distill", total=steps, info="")
+        rep = kd.distill(t_model, s_model, ids, steps=steps, batch_size=batch_size, lr=lr, temperature=temperature,
+                         hidden_weight=hidden_mse, train_embeddings=train_embeddings, heldout=heldout,
+                         progress=lambda i, n, loss: prog.update(task, completed=i, info=f"kd {loss:.4f}"))
+    kd.save_student(s_model, s_tok, output, qcfg, overwrite=overwrite, dtype=s_dtype)
+    payload = {"output": os.path.abspath(output), "teacher": teacher, "student": student,
+               "student_format": "quantkit packed" if qcfg else "float",
+               **{k: v for k, v in rep.items() if k not in ("losses", "kd_losses")},
+               "seconds": round(time.perf_counter() - t0, 3), "peak_rss_bytes": peak_rss_bytes()}
+    table = Table(title="quantkit distill")
+    for k in ("output", "student_format", "steps", "batch_size", "seqlen", "tokens", "lr", "temperature", "hidden_mse",
+              "trainable_params", "masked_weights", "kd_first", "kd_last", "heldout_kd_before", "heldout_kd_after",
+              "seconds", "peak_rss_bytes"):
+        v = payload[k]
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) and k.startswith(("kd", "heldout")) else str(v))
+    table.show_header = False
+    _emit(as_json, payload, table)
+
+
 @cli.group(name="eval", cls=_Group)
 def eval_group():
     """Evaluate a float or packed model."""
@@ -300,6 +459,78 @@ from quantkit.serve import generate_command, serve_command  # noqa: E402  (light
 
 cli.add_command(generate_command)
 cli.add_command(serve_command)
+
+
+@cli.command()
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option("--original", default=None, help="The uncompressed model (default: the first CHECKPOINT).")
+@click.option("--dataset", default="wikitext2", show_default=True)
+@click.option("--split", default="test", show_default=True)
+@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--max-windows", type=int, default=8, show_default=True)
+@click.option("--speed/--no-speed", default=True, show_default=True, help="Also time greedy decoding.")
+@click.option("--plot", default=None, help="Write a size-vs-perplexity Pareto plot (PNG, needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True)
+def compare(checkpoints, original, dataset, split, seqlen, max_windows, speed, plot, as_json):
+    """Evaluate CHECKPOINTS and the original side by side: size, bits/weight, perplexity, KL, tok/s."""
+    from quantkit.compare import compare_models, decode_tokens_per_s, disk_bytes, linear_storage
+    from quantkit.data import eval_windows, load_text, tokenize
+    from quantkit.modelio import load_model
+
+    _check_positive("--seqlen", seqlen, 1_048_576)
+    _check_positive("--max-windows", max_windows)
+    paths = ([original] if original else []) + [c for c in checkpoints if c != original]
+    models, tok = {}, None
+    for p in paths:
+        name = p.rstrip("/").split("/")[-1]
+        if name in models:
+            name = p
+        models[name], t = load_model(p)
+        tok = tok or t
+    ref = next(iter(models))
+    windows = eval_windows(tokenize(tok, load_text(dataset, split)), seqlen, max_windows)
+    err_console.print(f"evaluating {len(models)} models on {windows.shape[0]} windows of {seqlen} tokens...")
+    res = compare_models(models, windows, reference=ref)
+    rows = []
+    for (name, model), path in zip(models.items(), paths):
+        nbytes, nweights = linear_storage(model)
+        r = {"name": name, "path": path, "disk_bytes": disk_bytes(path), "bits_per_weight": 8 * nbytes / max(nweights, 1),
+             **res[name], "delta_perplexity": res[name]["perplexity"] - res[ref]["perplexity"]}
+        if speed:
+            r["decode_tokens_per_s"] = decode_tokens_per_s(model)
+        rows.append(r)
+    if plot:
+        _pareto_plot(rows, plot)
+    if as_json:
+        click.echo(json.dumps({"reference": ref, "dataset": dataset, "windows": int(windows.shape[0]), "seqlen": seqlen,
+                               "rows": rows}))
+        return
+    table = Table("model", "disk MB", "bits/w", "ppl", "delta", "KL", "same top-1", *(["tok/s"] if speed else []),
+                  title=f"{dataset} ({windows.shape[0]} x {seqlen} tokens), vs {ref}")
+    for r in rows:
+        table.add_row(r["name"], f"{r['disk_bytes'] / 1e6:.1f}", f"{r['bits_per_weight']:.2f}", f"{r['perplexity']:.3f}",
+                      f"{r['delta_perplexity']:+.3f}", f"{r['kl_divergence']:.4f}", f"{100 * r['same_top1']:.1f}%",
+                      *([f"{r['decode_tokens_per_s']:.1f}"] if speed else []))
+    Console().print(table)
+
+
+def _pareto_plot(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise QuantkitError("--plot needs matplotlib: pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["disk_bytes"] / 1e6, r["perplexity"])
+        ax.annotate(r["name"], (r["disk_bytes"] / 1e6, r["perplexity"]), fontsize=8)
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:

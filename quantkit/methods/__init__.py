@@ -5,3 +5,5 @@ from quantkit.methods import magnitude  # noqa: F401
 from quantkit.methods import sparsegpt  # noqa: F401
 from quantkit.methods import wanda  # noqa: F401
 from quantkit.methods import awq  # noqa: F401
+from quantkit.methods import smoothquant  # noqa: F401
+from quantkit.methods import asvd, svd  # noqa: F401

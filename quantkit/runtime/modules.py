@@ -27,7 +27,9 @@ def runtime_module_class(kind: str) -> type:
 
 
 def _load_builtin() -> None:
+    from quantkit.runtime import int8  # noqa: F401  (registers "w8a8")
     from quantkit.runtime.qlinear import QuantLinear
     import quantkit.runtime.sparse  # noqa: F401  (registers "nm_sparse")
+    import quantkit.runtime.lowrank  # noqa: F401  (registers "lowrank")
 
     _KINDS.setdefault("quant", QuantLinear)

@@ -27,6 +27,7 @@ from quantkit.serve.protocol import ApiError, GenRequest
 log = logging.getLogger("quantkit.serve")
 
 CLIENT_GONE = "client disconnected"
+MAX_BODY_BYTES = 16 << 20
 
 
 class _Inbox:
@@ -116,6 +117,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     async def _handle(request: Request, chat: bool):
         try:
+            if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+                raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
             body = protocol.parse_json_body(await request.body())
             parse = protocol.parse_chat if chat else protocol.parse_completion
             req = parse(body, engine.tokenizer, model_name, engine.n_ctx)

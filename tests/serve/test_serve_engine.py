@@ -78,7 +78,7 @@ def test_batched_greedy_equals_single_sequence(model_tok):
     prompts = ["", "Once upon", "The dog", "Lily and Tom went to the park. They", "A big red", "Sam", "One day",
                "The sun was hot and the"]
     params = [SamplingParams(max_new_tokens=n, stop=stop) for n, stop in
-              [(60, ()), (30, ()), (45, ("ball",)), (80, ()), (10, ()), (70, ()), (25, ()), (50, ())]]
+              [(40, ()), (20, ()), (45, ("ball",)), (50, ()), (10, ()), (35, ()), (25, ()), (30, ())]]
     refs = [generate(model, tok, encode_prompt(tok, p), sp) for p, sp in zip(prompts, params)]
     engine = Engine(model, tok, max_batch=3, max_queue=16).start()  # 8 requests, 3 slots: joins and queueing
     try:

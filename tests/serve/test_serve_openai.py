@@ -142,7 +142,7 @@ def test_openai_client_completions_chat_and_streaming(server, model_tok):
 
 def test_16_concurrent_streaming_clients(server, model_tok):
     model, tok = model_tok
-    n_tokens = 48
+    n_tokens = 32
     refs = [generate(model, tok, encode_prompt(tok, p), SamplingParams(max_new_tokens=n_tokens)).text
             for p in PROMPTS]
 

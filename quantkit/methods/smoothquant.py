@@ -1,0 +1,139 @@
+"""SmoothQuant (Xiao et al., 2023): W8A8 with the activation outliers migrated into the weights.
+
+Per group of linears sharing an input, ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (sec. 4,
+eq. 4; ``max|W_j|`` over every linear of the group) is folded into the preceding norm (or
+linear) through :mod:`quantkit.transforms`, then every linear gets int8 per-output-channel
+symmetric weights; activations are int8 per token at run time (dynamic), or per tensor with a
+scale calibrated here (static).  ``alpha = 0`` means no smoothing at all (naive W8A8; the
+formula itself would give ``s = 1 / max|W_j|``).
+
+:func:`smooth_scales` and :func:`quantize_int8_weight` are plain functions of tensors; the
+result of each linear is a :class:`W8A8Weight`, loaded by :class:`quantkit.runtime.int8.Int8Linear`.
+
+    >>> s = smooth_scales(act_max, [w_q, w_k, w_v], alpha=0.5)
+    >>> q, w_scale = quantize_int8_weight(w * s)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantkit.calib import BlockMethod, LayerRecord
+from quantkit.errors import QuantkitError
+from quantkit.numerics.quant import QuantSpec, quantize_rtn
+from quantkit.registry import register_method
+from quantkit.transforms import ScaleResult, fold_blocker, fold_scales
+
+INT8_SPEC = QuantSpec(bits=8, group_size=-1, sym=True)  # per output channel, zero point 128
+ACT_QMAX = 127
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig:
+    alpha: float = 0.5  # migration strength; 0 = no smoothing (naive W8A8)
+    act_quant: str = "dynamic"  # "dynamic": int8 per token at run time; "static": one calibrated scale per tensor
+    smooth_linear_inputs: bool = True  # also smooth groups fed by a linear (up_proj -> down_proj), not only by norms
+    bits: int = 8  # W8A8 only: kept so the checkpoint's quantization_config reads like the others
+    group_size: int = -1
+    sym: bool = True
+
+    def __post_init__(self):
+        if not 0 <= self.alpha <= 1:
+            raise QuantkitError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.act_quant not in ("dynamic", "static"):
+            raise QuantkitError(f"act_quant must be 'dynamic' or 'static', got {self.act_quant!r}")
+        if (self.bits, self.group_size, self.sym) != (8, -1, True):
+            raise QuantkitError("smoothquant is W8A8: int8 per-channel symmetric weights (bits=8, group_size=-1, sym); "
+                                f"got bits={self.bits}, group_size={self.group_size}, sym={self.sym}")
+
+
+@dataclass
+class W8A8Weight:
+    """One linear's W8A8 result: int8 codes, per-channel weight scales, optional static input scale."""
+
+    q: torch.Tensor  # [out, in] int8
+    w_scale: torch.Tensor  # [out] float32
+    act_scale: float | None = None  # static per-tensor input scale; None = dynamic per token
+
+    kind = "w8a8"
+
+    def config_entry(self) -> dict:
+        return {"kind": self.kind, "bits": 8, "group_size": -1, "sym": True,
+                "act": "dynamic" if self.act_scale is None else "static"}
+
+    def dequantized(self) -> torch.Tensor:
+        return self.q.float() * self.w_scale.float().unsqueeze(1)  # [out, in]
+
+    def to_module(self, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
+        from quantkit.runtime.int8 import Int8Linear
+
+        return Int8Linear.from_quantized(self.q, self.w_scale, self.act_scale, bias, dtype)
+
+
+def smooth_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """``s [in] = max|X_j|^alpha / max|W_j|^(1-alpha)`` (eq. 4), ``max|W_j|`` over the group's
+    ``[out, in]`` weights.  ``alpha = 0`` gives ``s = 1``; channels never active in calibration keep ``s = 1``."""
+    if alpha == 0:
+        return torch.ones_like(act_max, dtype=torch.float32)
+    w_max = torch.cat([w.float().abs() for w in weights], dim=0).amax(dim=0).clamp(min=1e-5)  # [in]
+    a = act_max.float()
+    s = (a.clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+    return torch.where(a > 0, s, torch.ones_like(s))
+
+
+def quantize_int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [out, in]`` -> int8 codes ``[out, in]`` and scales ``[out]`` (``w ~= q * scale``),
+    on the shared symmetric 8-bit grid (codes ``0..255`` around 128, shifted to ``-128..127``)."""
+    q, s, z = quantize_rtn(w, INT8_SPEC)  # [out, in] uint8, [out, 1], [out, 1] (z = 128)
+    return (q.to(torch.int16) - z.to(torch.int16)).to(torch.int8), s[:, 0].float()
+
+
+@register_method("smoothquant", SmoothQuantConfig)
+class SmoothQuant(BlockMethod):
+    """Smooth each block's groups, then quantize its linears to W8A8.  The in-memory model keeps
+    float activations with the int8 weights dequantized; the packed checkpoint runs int8 x int8."""
+
+    def check(self, model, arch):
+        if arch.transposed:
+            raise QuantkitError(f"smoothquant does not support {arch.name}'s transposed (Conv1D) linears yet")
+
+    def _smoothed(self, g) -> bool:
+        return self.config.alpha > 0 and (g.prev_kind != "linear" or self.config.smooth_linear_inputs)
+
+    def process_block(self, ctx):
+        cfg, arch = self.config, ctx.arch
+        t0 = time.perf_counter()
+        stats = ctx.collect("act", ctx.groups)
+        act_max, notes, results = {}, {}, []
+        for g in ctx.groups:  # 1. every group's smoothing, then fold all (a linear may feed another group)
+            a = stats[g.linears[0]].abs_max  # [in]
+            blocker = fold_blocker(ctx.block, g, arch.transposed) if self._smoothed(g) else None
+            if self._smoothed(g) and blocker is None:
+                s = smooth_scales(a, [ctx.weight(n) for n in g.linears], cfg.alpha)
+                results.append(ScaleResult(g.prev, g.prev_kind, tuple(g.linears), s, cfg.alpha))
+                a = a / s
+            elif blocker:
+                notes.update({n: f"not smoothed ({blocker})" for n in g.linears})
+            act_max.update({n: a for n in g.linears})
+        for res in results:
+            fold_scales(ctx.block, res, transposed=arch.transposed, norm_offset=arch.norm_offset)
+        ctx.result.extra.setdefault("smoothquant", []).extend(
+            {"prev_op": ctx.full_name(r.prev_op), "linears": [ctx.full_name(n) for n in r.linears]} for r in results)
+        search_s = (time.perf_counter() - t0) / max(1, len(act_max))
+        for g in ctx.groups:  # 2. W8A8 per linear
+            for n in g.linears:
+                t1 = time.perf_counter()
+                w = ctx.weight(n)
+                q, w_scale = quantize_int8_weight(w)
+                act_scale = float(act_max[n].max().clamp(min=1e-8)) / ACT_QMAX if cfg.act_quant == "static" else None
+                qw = W8A8Weight(q, w_scale, act_scale)
+                w_hat = qw.dequantized()
+                ctx.set_weight(n, w_hat)
+                ctx.record(n, qw, LayerRecord(ctx.index, n, search_s + time.perf_counter() - t1,
+                                              float((w - w_hat).pow(2).sum()), bits=8, group_size=-1,
+                                              note=notes.get(n, "")))
+

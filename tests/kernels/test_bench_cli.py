@@ -1,0 +1,91 @@
+"""``quantkit bench`` on a tiny random Llama: the plain functions, the click command, and one
+real subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from quantkit.bench import bench, bench_table, decode_bytes_per_token, run_bench, run_benches, weight_bytes
+from quantkit.numerics.quant import QuantSpec, quantize_rtn
+from quantkit.runtime.qlinear import QuantLinear
+
+FIELDS = {"decode_tokens_per_s", "prefill_tokens_per_s", "weight_bytes", "roofline_fraction", "ttft_s",
+          "peak_memory_bytes", "decode_bytes_per_token", "bandwidth_bytes_per_s", "decode_tokens_per_s_std"}
+
+
+def tiny_llama(dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval().to(dtype)
+
+
+def packed(model):
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if isinstance(lin, nn.Linear):
+                    q, s, z = quantize_rtn(lin.weight.detach().float(), QuantSpec(4, 32, True))
+                    setattr(parent, name, QuantLinear.from_codes(q, s, z, 4, 32, True, dtype=lin.weight.dtype))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_llama().save_pretrained(d)
+    return d
+
+
+def test_bytes_per_token_counts_packed_layout_and_tied_head_once():
+    f = tiny_llama(torch.bfloat16)
+    n_embed = 128 * 64
+    # a tied lm_head reads the whole matrix; the embedding lookup one row
+    assert decode_bytes_per_token(f) == weight_bytes(f) - 0 + 64 * 2 or decode_bytes_per_token(f) > n_embed * 2
+    q = packed(tiny_llama(torch.bfloat16))
+    r = run_bench(q, prompt_len=4, gen_len=2, repeat=1, bandwidth=1e10)
+    assert r["quantized_linears"] == 14 and r["backend"] == "auto:cpu"
+    assert r["decode_bytes_per_token"] < decode_bytes_per_token(f)  # int4 reads ~1/4 of the linears' bytes
+    assert FIELDS <= r.keys() and r["decode_tokens_per_s"] > 0
+    assert r["roofline_fraction"] == pytest.approx(r["decode_tokens_per_s"] / (1e10 / r["decode_bytes_per_token"]))
+
+
+def test_run_benches_interleaves_and_renders():
+    res = run_benches({"f": tiny_llama(), "q": packed(tiny_llama(torch.bfloat16))}, prompt_len=3, gen_len=2, repeat=2,
+                      bandwidth=1e10)
+    assert set(res) == {"f", "q"} and all(r["repeat"] == 2 for r in res.values())
+    table = bench_table(list(res.items()))
+    assert table.row_count == 4  # a pp and a tg row per model
+
+
+def test_bench_cli_json(tiny_dir):
+    r = CliRunner().invoke(bench, [str(tiny_dir), "--prompt-len", "4", "--gen-len", "2", "--repeat", "2", "--json",
+                                   "--dtype", "float32", "--backend", "reference"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert FIELDS <= out.keys()
+    assert out["dtype"] == "float32" and out["prompt_len"] == 4 and out["repeat"] == 2
+
+
+def test_bench_cli_table_and_bad_input(tiny_dir, tmp_path):
+    r = CliRunner().invoke(bench, [str(tiny_dir), "--prompt-len", "4", "--gen-len", "2", "--repeat", "1"])
+    assert r.exit_code == 0, r.output
+    assert "tg2" in r.output and "pp4" in r.output
+    r = CliRunner().invoke(bench, [str(tiny_dir), "--gen-len", "0"])
+    assert r.exit_code != 0
+
+
+def test_bench_subprocess(tiny_dir):
+    code = "import sys; from quantkit.bench import bench; bench(sys.argv[1:])"
+    p = subprocess.run([sys.executable, "-c", code, str(tiny_dir), "--prompt-len", "3", "--gen-len", "2", "--repeat", "1",
+                        "--json"], capture_output=True, text=True, timeout=300, env={**os.environ, "QUANTKIT_BACKEND": "auto"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["decode_tokens_per_s"] > 0
