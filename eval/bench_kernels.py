@@ -57,7 +57,7 @@ def _rtn_int4(lin: nn.Linear, group_size: int, dtype: torch.dtype) -> QuantLinea
 
 def int4_model(model: nn.Module, group_size: int, lm_head: bool = False) -> nn.Module:
     """A bf16 copy of ``model`` with its decoder linears (and ``lm_head``) as packed int4."""
-    out = copy.deepcopy(model).to(torch.bfloat16)
+    out = copy.deepcopy(model).to(torch.bfloat16)  # a no-op cast when model is already bf16
     for parent, name, lin in list(_decoder_linears(out)):
         setattr(parent, name, _rtn_int4(lin, group_size, torch.bfloat16))
     if lm_head:
@@ -94,11 +94,12 @@ def w8a8_model(model: nn.Module) -> nn.Module:
 
 
 def variants(model_fp32: nn.Module, group_size: int) -> dict[str, nn.Module]:
+    bf16 = copy.deepcopy(model_fp32).to(torch.bfloat16)
     return {
         "fp32": model_fp32,
-        "bf16": copy.deepcopy(model_fp32).to(torch.bfloat16),
-        f"int4-g{group_size}": int4_model(model_fp32, group_size),
-        f"int4-g{group_size}+head": int4_model(model_fp32, group_size, lm_head=True),
+        "bf16": bf16,
+        f"int4-g{group_size}": int4_model(bf16, group_size),  # copies of the bf16 model: half the peak memory
+        f"int4-g{group_size}+head": int4_model(bf16, group_size, lm_head=True),
         "w8a8": w8a8_model(model_fp32),
     }
 

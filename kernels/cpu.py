@@ -82,15 +82,18 @@ def cpu_int4_weight(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
 
 
 def cpu_int4_matmul(x: torch.Tensor, w: CpuInt4Weight) -> torch.Tensor:
-    """``x [..., K] -> [..., N]`` in ``x.dtype`` (computed in bf16)."""
-    k = x.shape[-1]
-    x2 = _to_compute(x, k)
+    """``x [..., K] -> [..., N]`` in ``x.dtype`` (computed in bf16).  Called per linear per
+    token in decode, so it does no work it can skip."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != COMPUTE_DTYPE:
+        x2 = x2.to(COMPUTE_DTYPE)
     if w.perm is not None:
         x2 = x2.index_select(1, w.perm)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, w.packed, w.group_size, w.scale_zeros)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), w.packed, w.group_size, w.scale_zeros)
     if y.shape[1] != w.out_features:
         y = y[:, : w.out_features]
-    return y.reshape(*x.shape[:-1], w.out_features).to(x.dtype)
+    y = y.reshape(*x.shape[:-1], w.out_features)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 # ---- int8 weight-only ---------------------------------------------------------------------

@@ -383,6 +383,41 @@ def distill(teacher, student, output, data, steps, seqlen, batch_size, lr, tempe
     _emit(as_json, payload, table)
 
 
+@cli.command(name="run")
+@click.argument("recipe")
+@click.argument("model")
+@click.option("-o", "--output", "output", required=True, help="Output directory (written atomically).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe value, e.g. steps.0.bits=3.")
+@click.option("--overwrite", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@_model_options
+def run_cmd(recipe, model, output, sets, overwrite, as_json, dtype, allow_pickle, trust_remote_code):
+    """Run the steps of a YAML RECIPE on MODEL and write the result (the recipe is validated first)."""
+    from quantkit import api
+    from quantkit.modelio import dir_bytes, model_bytes
+    from quantkit.recipe import load_recipe, run_recipe
+
+    rec = load_recipe(recipe, tuple(sets))
+    if os.path.exists(output) and not overwrite:
+        raise QuantkitError(f"output {output} already exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    m, tok = api.load_model(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    bytes_before = model_bytes(m)
+    with _progress(not as_json or sys.stderr.isatty()) as prog:
+        task = prog.add_task("recipe", total=None, info="")
+        res = run_recipe(rec, m, tok, progress=lambda i, a, b, info: prog.update(
+            task, completed=a, total=b, description=f"step {i + 1}/{len(rec.steps)} {rec.steps[i].method}", info=info))
+    name = "+".join(s.method for s in rec.steps)
+    api.save(m, tok, output, name, res, overwrite=overwrite, extra_config={"recipe": rec.source})
+    payload = {"output": os.path.abspath(output), "recipe": os.path.abspath(recipe), "steps": [s.method for s in rec.steps],
+               "bytes_before": bytes_before, "bytes_after": dir_bytes(output), "seconds": round(time.perf_counter() - t0, 3),
+               "peak_rss_bytes": peak_rss_bytes(), "modules": len(res.quantized)}
+    table = Table(title=f"quantkit run {os.path.basename(recipe)}", show_header=False)
+    for k, v in payload.items():
+        table.add_row(k, str(v))
+    _emit(as_json, payload, table)
+
+
 @cli.group(name="eval", cls=_Group)
 def eval_group():
     """Evaluate a float or packed model."""

@@ -26,9 +26,15 @@ class WeightQuantConfig:
     group_size: int = 128
     sym: bool = True
     overrides: tuple = ()
+    ignore: tuple = ()  # regexes of module names left in float (reported in the log)
 
     def __post_init__(self):
         QuantSpec(self.bits, self.group_size, self.sym)  # validates
+        for pattern in self.ignore:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise QuantkitError(f"bad ignore pattern {pattern!r}: {e}") from None
         for pattern, fields in self.overrides:
             try:
                 re.compile(pattern)
@@ -42,7 +48,13 @@ class WeightQuantConfig:
     def spec_for_fields(self, fields: dict) -> QuantSpec:
         return QuantSpec(fields.get("bits", self.bits), fields.get("group_size", self.group_size), fields.get("sym", self.sym))
 
-    def spec_for(self, module_name: str) -> QuantSpec:
+    def ignored(self, module_name: str) -> bool:
+        return any(re.search(p, module_name) for p in self.ignore)
+
+    def spec_for(self, module_name: str) -> QuantSpec | None:
+        """The module's format, or ``None`` if an ``ignore`` pattern matches it."""
+        if self.ignored(module_name):
+            return None
         spec = QuantSpec(self.bits, self.group_size, self.sym)
         for pattern, fields in self.overrides:
             if re.search(pattern, module_name):
@@ -57,7 +69,9 @@ def check_group_sizes(model, arch: ArchSpec, config: WeightQuantConfig) -> None:
         for name in arch.linear_names():
             in_f = _linear_weight(get_module(block, name), arch.transposed).shape[1]
             full = f"{arch.blocks_path}.{i}.{name}"
-            config.spec_for(full).check_layer(full, in_f)
+            spec = config.spec_for(full)
+            if spec is not None:
+                spec.check_layer(full, in_f)
 
 
 # A per-linear quantizer: (weight [out, in], stats or None, spec) -> (QuantizedWeight, w_hat, loss, damp, note)
@@ -78,6 +92,9 @@ def quantize_block_linears(ctx: BlockContext, quantizer: LinearQuantizer, stats_
             for name in g.linears:
                 t0 = time.perf_counter()
                 spec = spec_for(ctx.full_name(name))
+                if spec is None:
+                    ctx.record(name, None, LayerRecord(ctx.index, name, 0.0, note="ignored: left in float"))
+                    continue
                 qw, w_hat, loss, damp, note = quantizer(ctx.weight(name), stats.get(name), spec)
                 ctx.set_weight(name, w_hat)
                 ctx.record(name, qw, LayerRecord(ctx.index, name, time.perf_counter() - t0, loss, damp,

@@ -92,6 +92,33 @@ def quantize_int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (q.to(torch.int16) - z.to(torch.int16)).to(torch.int8), s[:, 0].float()
 
 
+def _smoothed(g, cfg: SmoothQuantConfig) -> bool:
+    return cfg.alpha > 0 and (g.prev_kind != "linear" or cfg.smooth_linear_inputs)
+
+
+def smooth_block(ctx, cfg: SmoothQuantConfig) -> tuple[list[ScaleResult], dict, dict]:
+    """Collect ``max|x|`` per input channel, compute every group's smoothing factors, then fold
+    them all (a linear may feed another group, so nothing is quantized in between).
+
+    Returns the block-relative results, ``{linear: max|x| [in] of its smoothed input}`` and
+    ``{linear: why it was not smoothed}``."""
+    stats = ctx.collect("act", ctx.groups)
+    act_max, notes, results = {}, {}, []
+    for g in ctx.groups:
+        a = stats[g.linears[0]].abs_max  # [in]
+        blocker = fold_blocker(ctx.block, g, ctx.arch.transposed) if _smoothed(g, cfg) else None
+        if _smoothed(g, cfg) and blocker is None:
+            s = smooth_scales(a, [ctx.weight(n) for n in g.linears], cfg.alpha)
+            results.append(ScaleResult(g.prev, g.prev_kind, tuple(g.linears), s, cfg.alpha))
+            a = a / s
+        elif blocker:
+            notes.update({n: f"not smoothed ({blocker})" for n in g.linears})
+        act_max.update({n: a for n in g.linears})
+    for res in results:
+        fold_scales(ctx.block, res, transposed=ctx.arch.transposed, norm_offset=ctx.arch.norm_offset)
+    return results, act_max, notes
+
+
 @register_method("smoothquant", SmoothQuantConfig)
 class SmoothQuant(BlockMethod):
     """Smooth each block's groups, then quantize its linears to W8A8.  The in-memory model keeps
@@ -101,30 +128,14 @@ class SmoothQuant(BlockMethod):
         if arch.transposed:
             raise QuantkitError(f"smoothquant does not support {arch.name}'s transposed (Conv1D) linears yet")
 
-    def _smoothed(self, g) -> bool:
-        return self.config.alpha > 0 and (g.prev_kind != "linear" or self.config.smooth_linear_inputs)
-
     def process_block(self, ctx):
-        cfg, arch = self.config, ctx.arch
+        cfg = self.config
         t0 = time.perf_counter()
-        stats = ctx.collect("act", ctx.groups)
-        act_max, notes, results = {}, {}, []
-        for g in ctx.groups:  # 1. every group's smoothing, then fold all (a linear may feed another group)
-            a = stats[g.linears[0]].abs_max  # [in]
-            blocker = fold_blocker(ctx.block, g, arch.transposed) if self._smoothed(g) else None
-            if self._smoothed(g) and blocker is None:
-                s = smooth_scales(a, [ctx.weight(n) for n in g.linears], cfg.alpha)
-                results.append(ScaleResult(g.prev, g.prev_kind, tuple(g.linears), s, cfg.alpha))
-                a = a / s
-            elif blocker:
-                notes.update({n: f"not smoothed ({blocker})" for n in g.linears})
-            act_max.update({n: a for n in g.linears})
-        for res in results:
-            fold_scales(ctx.block, res, transposed=arch.transposed, norm_offset=arch.norm_offset)
+        results, act_max, notes = smooth_block(ctx, cfg)
         ctx.result.extra.setdefault("smoothquant", []).extend(
             {"prev_op": ctx.full_name(r.prev_op), "linears": [ctx.full_name(n) for n in r.linears]} for r in results)
-        search_s = (time.perf_counter() - t0) / max(1, len(act_max))
-        for g in ctx.groups:  # 2. W8A8 per linear
+        smooth_s = (time.perf_counter() - t0) / max(1, len(act_max))  # spread over the block's linears in the log
+        for g in ctx.groups:
             for n in g.linears:
                 t1 = time.perf_counter()
                 w = ctx.weight(n)
@@ -133,7 +144,6 @@ class SmoothQuant(BlockMethod):
                 qw = W8A8Weight(q, w_scale, act_scale)
                 w_hat = qw.dequantized()
                 ctx.set_weight(n, w_hat)
-                ctx.record(n, qw, LayerRecord(ctx.index, n, search_s + time.perf_counter() - t1,
+                ctx.record(n, qw, LayerRecord(ctx.index, n, smooth_s + time.perf_counter() - t1,
                                               float((w - w_hat).pow(2).sum()), bits=8, group_size=-1,
                                               note=notes.get(n, "")))
-

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.errors import QuantkitError
+from quantkit.kernels import cpu as cpu_kernels
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 ENV_VAR = "QUANTKIT_BACKEND"
@@ -110,21 +111,15 @@ def reference_forward(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _cpu_int4_forward(module, x):
-    from quantkit.kernels.cpu import cpu_int4_matmul
-
-    return _add_bias(module, cpu_int4_matmul(x, module._kernel_weight))
+    return _add_bias(module, cpu_kernels.cpu_int4_matmul(x, module._kernel_weight))
 
 
 def _cpu_int8_forward(module, x):
-    from quantkit.kernels.cpu import cpu_int8_weight_matmul
-
-    return _add_bias(module, cpu_int8_weight_matmul(x, module._kernel_weight))
+    return _add_bias(module, cpu_kernels.cpu_int8_weight_matmul(x, module._kernel_weight))
 
 
 def _dense_forward(module, x):
-    from quantkit.kernels.cpu import dense_matmul
-
-    return _add_bias(module, dense_matmul(x, module._kernel_weight))
+    return _add_bias(module, cpu_kernels.dense_matmul(x, module._kernel_weight))
 
 
 def _triton_w4a16_forward(module, x):
@@ -142,20 +137,18 @@ def _triton_w8a16_forward(module, x):
 def _prepare_cpu(module) -> Callable:
     """Convert to the fastest CPU layout the format allows: int4 op (<= 4 bits), int8 op
     (5-8 bits per channel), else a bf16 weight dequantized once."""
-    from quantkit.kernels import cpu
-
     q, s, z = module.codes(), module.scales.float(), module.zero_points()
     if module.bits <= 4:
-        w = cpu.cpu_int4_weight(q, s, z, module.g_idx, module.group_size)
+        w = cpu_kernels.cpu_int4_weight(q, s, z, module.g_idx, module.group_size)
         if w is not None:
             module._kernel_weight = w
             return _cpu_int4_forward
     elif module.scales.shape[1] == 1:
-        w = cpu.cpu_int8_weight(q, s, z, module.bits)
+        w = cpu_kernels.cpu_int8_weight(q, s, z, module.bits)
         if w is not None:
             module._kernel_weight = w
             return _cpu_int8_forward
-    module._kernel_weight = cpu.dense_weight(q, s, z, module.group_map())
+    module._kernel_weight = cpu_kernels.dense_weight(q, s, z, module.group_map())
     return _dense_forward
 
 
