@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 
@@ -165,11 +166,14 @@ def main(argv=None) -> int:
     bandwidth = measure_bandwidth()
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads", file=sys.stderr)
     report = {"bandwidth_bytes_per_s": bandwidth, "threads": torch.get_num_threads(),
-              "prompt_len": args.prompt_len, "gen_len": args.gen_len, "repeat": args.repeat}
+              "prompt_len": args.prompt_len, "gen_len": args.gen_len, "repeat": args.repeat,
+              "load_average_at_start": os.getloadavg()}  # other processes share the cores: say how busy they were
     if not args.skip_smol:
         report["smollm2-135m"] = run_model("smol", load_smol(args.smol), 64, args, bandwidth)
     if not args.skip_1b:
         report["llama-3.2-1b-shape"] = run_model("1B", llama_1b_shape(), 128, args, bandwidth)
+    report["load_average_at_end"] = os.getloadavg()
+    print(f"load average at start {report['load_average_at_start'][0]:.1f}, at end {os.getloadavg()[0]:.1f}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

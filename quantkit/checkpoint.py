@@ -32,7 +32,7 @@ from torch import nn
 from quantkit.arch import arch_for, get_module, set_module
 from quantkit.calib import CompressionResult
 from quantkit.errors import QuantkitError
-from quantkit.modelio import QUANT_METHOD
+from quantkit.modelio import QUANT_METHOD, model_from_config
 
 FORMAT = "quantkit-v1"
 FORMAT_VERSION = 1
@@ -130,7 +130,7 @@ def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
     """Rebuild the model skeleton from config.json, swap in QuantLinear modules and load the weights."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model as st_load
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     directory = Path(directory)
     qcfg = json.loads((directory / "config.json").read_text())["quantization_config"]
@@ -140,12 +140,7 @@ def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
     config = AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    try:
-        from transformers.modeling_utils import no_init_weights
-    except ImportError:  # pragma: no cover
-        no_init_weights = contextlib.nullcontext
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = model_from_config(config, dtype)
     _swap_in_runtime_modules(model, qcfg.get("modules", {}))
     weights = directory / "model.safetensors"
     if not weights.is_file():

@@ -83,7 +83,8 @@ def _check_positive(name: str, value: int | None, upper: int | None = None) -> N
         raise QuantkitError(f"{name} must be between 1 and {upper}, got {value}" if upper else f"{name} must be positive, got {value}")
 
 
-QUANT_OPTIONS = ["bits", "group_size", "sym", "act_order", "static_groups", "damp", "true_sequential", "blocksize"]
+QUANT_OPTIONS = ["bits", "group_size", "sym", "act_order", "static_groups", "damp", "true_sequential", "blocksize",
+                 "alpha", "act_quant", "n_grid", "clip"]
 
 
 @cli.command()
@@ -98,6 +99,11 @@ QUANT_OPTIONS = ["bits", "group_size", "sym", "act_order", "static_groups", "dam
 @click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ damping (fraction of mean diag H).")
 @click.option("--true-sequential", is_flag=True, help="Re-collect statistics after each group of linears.")
 @click.option("--blocksize", type=int, default=128, show_default=True, help="GPTQ lazy-batch block size.")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="SmoothQuant migration strength; 0 = naive W8A8.")
+@click.option("--act-quant", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
+              help="SmoothQuant activations: int8 per token at run time, or one calibrated scale per tensor.")
+@click.option("--n-grid", type=int, default=20, show_default=True, help="AWQ: alpha grid points in [0, 1].")
+@click.option("--clip/--no-clip", default=True, show_default=True, help="AWQ: search a clipping range per weight group.")
 @click.option("--calib", default="c4", show_default=True, help="Calibration data: a dataset name or a local file.")
 @click.option("--nsamples", type=int, default=128, show_default=True)
 @click.option("--seqlen", type=int, default=2048, show_default=True)
@@ -418,6 +424,25 @@ def run_cmd(recipe, model, output, sets, overwrite, as_json, dtype, allow_pickle
     _emit(as_json, payload, table)
 
 
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--format", "fmt", type=click.Choice(["gptq"]), required=True,
+              help="gptq: qweight/qzeros/scales/g_idx as transformers, GPTQModel and vLLM read them.")
+@click.option("-o", "--output", "output", required=True)
+@click.option("--overwrite", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def export(checkpoint, fmt, output, overwrite, as_json):
+    """Export a quantkit CHECKPOINT to a format other engines run."""
+    from quantkit.export import export_gptq
+    from quantkit.modelio import dir_bytes
+
+    export_gptq(checkpoint, output, overwrite)
+    payload = {"output": os.path.abspath(output), "format": fmt, "bytes": dir_bytes(output)}
+    _emit(as_json, payload, None)
+    if not as_json:
+        err_console.print(f"wrote {fmt} checkpoint to {output} ({payload['bytes'] / 1e6:.1f} MB)")
+
+
 @cli.group(name="eval", cls=_Group)
 def eval_group():
     """Evaluate a float or packed model."""
@@ -432,9 +457,14 @@ def eval_group():
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "reference", "cpu", "triton"]), default=None,
               help="Kernel path for packed weights (default: auto).")
+@click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
+              help="Run every window through an int8/int4 KV cache (see quantkit.runtime.kvcache).")
+@click.option("--kv-keys", type=click.Choice(["token", "channel"]), default="token", show_default=True,
+              help="KV-cache key scales: per token and head, or per channel over groups of 64 tokens (KIVI).")
 @click.option("--json", "as_json", is_flag=True)
 @_model_options
-def perplexity(model, dataset, split, seqlen, max_windows, batch_size, backend, as_json, dtype, allow_pickle, trust_remote_code):
+def perplexity(model, dataset, split, seqlen, max_windows, batch_size, backend, kv_bits, kv_keys, as_json, dtype,
+               allow_pickle, trust_remote_code):
     """Perplexity of MODEL (GPTQ protocol: non-overlapping windows, mean NLL of every predicted token)."""
     from quantkit.data import eval_windows, load_text, tokenize
     from quantkit.evaluate import perplexity as ppl_fn
@@ -458,7 +488,15 @@ def perplexity(model, dataset, split, seqlen, max_windows, batch_size, backend, 
             running.append(f"[{i}]{ppl:.4f}")
             prog.update(task, completed=i, info=f"ppl {ppl:.4f}")
 
-        res = ppl_fn(m, windows, batch_size, report)
+        if kv_bits:
+            from quantkit.runtime.kvcache import KVCachedLM, KVQuantConfig, kv_bytes_per_token
+
+            kv = KVQuantConfig(bits=int(kv_bits), keys=kv_keys)
+            res = ppl_fn(KVCachedLM(m, kv), windows, batch_size, report)
+            res.update(kv_bits=kv.bits, kv_keys=kv.keys, kv_bytes_per_token=kv_bytes_per_token(m.config, kv),
+                       kv_bytes_per_token_fp16=kv_bytes_per_token(m.config, None, 2))
+        else:
+            res = ppl_fn(m, windows, batch_size, report)
     res["dataset"] = dataset
     if as_json:
         click.echo(json.dumps(res))
@@ -466,6 +504,9 @@ def perplexity(model, dataset, split, seqlen, max_windows, batch_size, backend, 
         click.echo(",".join(running))
         click.echo(f"Final estimate: PPL = {res['perplexity']:.4f} +/- {res['stderr']:.5f}  "
                    f"({res['windows']} windows x {seqlen} tokens, {res['tokens']} scored, {res['seconds']:.1f} s)")
+        if kv_bits:
+            click.echo(f"KV cache int{kv_bits} ({kv_keys} key scales): {res['kv_bytes_per_token']:.0f} bytes/token "
+                       f"vs {res['kv_bytes_per_token_fp16']:.0f} in fp16")
 
 
 @cli.command()

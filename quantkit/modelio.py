@@ -115,6 +115,10 @@ def load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: bool
         from quantkit.checkpoint import load_packed
 
         model = load_packed(directory, dtype=dtype or torch.float32)
+    elif qcfg is not None and qcfg.get("quant_method") in ("gptq", "awq"):
+        from quantkit.export import import_gptq
+
+        model = import_gptq(directory, dtype=dtype or torch.float32)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -138,6 +142,24 @@ def load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: bool
     model.to(device).eval()
     tok = load_tokenizer(str(path), trust_remote_code) if with_tokenizer else None
     return model, tok
+
+
+def model_from_config(config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A causal LM built from ``config`` without spending time on random initialisation
+    (its weights are about to be loaded)."""
+    import contextlib
+
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:  # pragma: no cover - older transformers
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def model_bytes(model: nn.Module, modules: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from quantkit.errors import QuantkitError
 from quantkit.methods.common import WeightQuantConfig, check_group_sizes, quantize_block_linears
 from quantkit.methods.gptq import GPTQ, GPTQConfig
 from quantkit.methods.rtn import rtn_linear
-from quantkit.numerics.quant import QuantSpec, compute_qparams, dequantize, fake_quantize, quantize_rtn
+from quantkit.numerics.quant import QuantSpec, compute_qparams, fake_quantize
 from quantkit.registry import register_method
 from quantkit.transforms import ClipResult, ScaleResult, apply_clip, fold_blocker, fold_scales
 
@@ -43,7 +43,7 @@ QK_LINEARS = r"(^|\.)(q_proj|k_proj|qkv_proj|query_key_value|c_attn|Wqkv)$"
 class AWQConfig(WeightQuantConfig):
     n_grid: int = 20  # alpha grid points in [0, 1]
     duo_scaling: bool = False  # s = mean|x|^a / mean|w~|^(1-a) (AutoAWQ's variant) instead of mean|x|^a
-    search_tokens: int = 4096  # tokens (whole calibration sequences, spread evenly) the alpha search runs on; 0 = all
+    search_tokens: int = 512  # tokens the alpha search runs on (see _Captured); 0 = all
     clip: bool = True  # search a clipping range per weight group (auto-clip)
     clip_grid: int = 20  # shrink steps of 1/clip_grid ...
     max_shrink: float = 0.5  # ... down to (1 - max_shrink) of each group's max |w|
@@ -67,8 +67,8 @@ class AWQConfig(WeightQuantConfig):
 # ---- the algorithm: tensors in, tensors out ------------------------------------------------------
 def rtn_fake(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Round-to-nearest quantize-dequantize of ``w [out, in]`` on ``spec``'s grid."""
-    q, s, z = quantize_rtn(w, spec)
-    return dequantize(q, s, z, spec.groups_for(w.shape[1]))
+    gs = spec.groups_for(w.shape[1])
+    return _fake_rows(w.float().reshape(-1, gs), spec).reshape(w.shape)  # [out, in] -> [out * n_groups, group]
 
 
 def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -129,24 +129,26 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, n_grid: int =
 
     ``w [out, in]``, ``x [tokens, in]``; returns ``max_val [out, n_groups]``: clip ``w`` to
     ``[-max_val, max_val]`` before quantizing.  Step ``i`` tries ``max|w_group| * (1 - i / n_grid)``
-    for ``i < max_shrink * n_grid``; ``i = 0`` (no clipping) is always a candidate.
+    for ``i < max_shrink * n_grid``; ``i = 0`` (no clipping) is always a candidate.  The error
+    of a group, ``mean_t (x_t . (q - w))^2``, is computed as ``(q - w) G (q - w)^T / tokens`` with
+    the group's Gram matrix ``G = X^T X``: ``out * in * group`` per step instead of ``tokens * out * in``.
     """
     out_f, in_f = w.shape
     gs = spec.groups_for(in_f)
     ng = in_f // gs
     xg = x.float().reshape(-1, ng, gs).transpose(0, 1)  # [tokens, in] -> [ng, tokens, gs]
+    gram = torch.bmm(xg.transpose(1, 2), xg) / xg.shape[1]  # [ng, gs, gs]
     best_all = []
     for r0 in range(0, out_f, row_batch):
         wg = w[r0:r0 + row_batch].float().reshape(-1, ng, gs).transpose(0, 1)  # [ng, rows, gs]
-        org = torch.bmm(xg, wg.transpose(1, 2))  # [ng, tokens, rows]
         org_max = wg.abs().amax(dim=-1)  # [ng, rows]
         best = org_max.clone()
         min_err = torch.full_like(org_max, math.inf)
         for i in range(max(1, int(max_shrink * n_grid))):
             mv = org_max * (1 - i / n_grid)
             cw = torch.maximum(torch.minimum(wg, mv.unsqueeze(-1)), -mv.unsqueeze(-1))
-            qw = _fake_rows(cw.reshape(-1, gs), spec).reshape(cw.shape)
-            err = (torch.bmm(xg, qw.transpose(1, 2)) - org).pow(2).mean(dim=1)  # [ng, rows]
+            d = _fake_rows(cw.reshape(-1, gs), spec).reshape(cw.shape) - wg  # [ng, rows, gs]
+            err = (torch.bmm(d, gram) * d).sum(-1)  # [ng, rows]
             better = err < min_err
             min_err[better] = err[better]
             best[better] = mv[better]
@@ -188,22 +190,33 @@ def _run(mod, args, kwargs) -> torch.Tensor:
 
 class _Captured:
     """What one calibration pass over a block records for AWQ: activation statistics of every
-    group (via ``ctx.collect``), inputs of each group's inspected modules for the search
-    sequences, and a strided sample of every group's input tokens for the clip search."""
+    group over all calibration tokens (via ``ctx.collect``), inputs of each inspected module for
+    the alpha search, and a strided sample of every group's input tokens for the clip search.
+
+    Search inputs: a module called with the hidden states alone (an MLP, a linear) works token
+    by token, so it gets ``search_tokens`` tokens strided over the whole calibration set; one
+    called with more (attention: positions, masks) gets whole sequences, spread evenly, of
+    about ``search_tokens`` tokens in total."""
 
     def __init__(self, ctx: BlockContext, groups: tuple[LinearGroup, ...], cfg: AWQConfig):
         self.inspect = {id(g): _inspected(g) for g in groups}
         names = sorted({n for g in groups for n in self.inspect[id(g)]})
         rows = _search_rows(ctx.inputs, cfg.search_tokens)
         total_tokens = sum(h.shape[0] * h.shape[1] for h, _ in ctx.inputs)
-        stride = max(1, total_tokens // cfg.clip_tokens)
+        search_stride = 1 if cfg.search_tokens == 0 else max(1, total_tokens // cfg.search_tokens)
+        clip_stride = max(1, total_tokens // cfg.clip_tokens)
         self.calls: dict[str, list] = {n: [] for n in names}  # module -> [(args, kwargs)]
+        tokens: dict[str, list] = {}  # token-wise module -> [x [tokens, d]]
         self.clip_x: dict[str, list] = {g.linears[0]: [] for g in groups}  # first linear -> [x [tokens, in]]
         state = {"batch": -1}
         handles = [ctx.block.register_forward_pre_hook(lambda m, a: state.__setitem__("batch", state["batch"] + 1))]
 
         def grab(name):
             def hook(mod, args, kwargs):
+                if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):  # token-wise
+                    x = args[0].detach()
+                    tokens.setdefault(name, []).append(x.reshape(-1, x.shape[-1])[::search_stride])
+                    return
                 r = rows[state["batch"]]
                 if r is not None:
                     b = ctx.inputs[state["batch"]][0].shape[0]
@@ -213,7 +226,7 @@ class _Captured:
         def sample(name):
             def hook(mod, args):
                 x = args[0].detach()
-                self.clip_x[name].append(x.reshape(-1, x.shape[-1])[::stride].float().cpu())
+                self.clip_x[name].append(x.reshape(-1, x.shape[-1])[::clip_stride].float().cpu())
             return hook
 
         for n in names:
@@ -225,6 +238,9 @@ class _Captured:
         finally:
             for h in handles:
                 h.remove()
+        for n, xs in tokens.items():
+            x = torch.cat(xs)
+            self.calls[n] = [((x[: cfg.search_tokens or None].unsqueeze(0),), {})]  # [1, tokens, d]
         self.clip_x = {n: torch.cat(xs)[: cfg.clip_tokens] for n, xs in self.clip_x.items()}
         with torch.no_grad():  # reference outputs of the float block
             self.ref = {n: [_run(ctx.module(n), a, k) for a, k in self.calls[n]] for n in names}

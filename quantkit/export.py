@@ -1,0 +1,163 @@
+"""Export to, and import from, the GPTQ checkpoint layout other engines read (transformers'
+GPTQ integration, GPTQModel, vLLM, AutoGPTQ), for 2, 4 and 8 bits:
+
+* ``qweight`` int32 ``[in * bits / 32, out]``: codes packed along the input dimension, code of
+  input row ``k`` at bits ``(k % (32/bits)) * bits`` of word ``k // (32/bits)``;
+* ``qzeros`` int32 ``[n_groups, out * bits / 32]``: zero points packed along the output
+  dimension, stored minus one (the ``gptq`` v1 checkpoint format);
+* ``scales`` float16 ``[n_groups, out]``; ``g_idx`` int32 ``[in]``;
+* ``quantization_config``: ``{"quant_method": "gptq", "bits", "group_size", "desc_act", "sym",
+  "checkpoint_format": "gptq"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from quantkit.errors import QuantkitError
+
+GPTQ_BITS = (2, 4, 8)
+
+
+def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Pack integer codes along ``dim`` into int32 words (``32 // bits`` codes per word, low bits first)."""
+    per = 32 // bits
+    c = codes.to(torch.int64).movedim(dim, 0)  # [L, ...]
+    if c.shape[0] % per:
+        raise QuantkitError(f"cannot pack {c.shape[0]} codes into int32 words of {per}")
+    c = c.reshape(c.shape[0] // per, per, *c.shape[1:])
+    shifts = (torch.arange(per, dtype=torch.int64) * bits).reshape(1, per, *([1] * (c.dim() - 2)))
+    words = (c << shifts).sum(1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.movedim(0, dim)
+
+
+def unpack_int32(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    per = 32 // bits
+    w = words.to(torch.int64).movedim(dim, 0) & 0xFFFFFFFF  # [W, ...]
+    shifts = (torch.arange(per, dtype=torch.int64) * bits).reshape(1, per, *([1] * (w.dim() - 1)))
+    codes = (w.unsqueeze(1) >> shifts) & (2**bits - 1)
+    return codes.reshape(w.shape[0] * per, *w.shape[1:]).movedim(0, dim)
+
+
+def module_to_gptq(mod) -> dict[str, torch.Tensor]:
+    """GPTQ tensors of one :class:`QuantLinear`."""
+    if mod.bits not in GPTQ_BITS:
+        raise QuantkitError(f"the GPTQ layout packs {GPTQ_BITS} bits into int32; this module has {mod.bits}")
+    q = mod.codes()  # [out, in]
+    out_f, in_f = q.shape
+    per = 32 // mod.bits
+    if in_f % per or out_f % per:
+        raise QuantkitError(f"the GPTQ layout packs {per} codes per int32 word: a {out_f}x{in_f} layer does not fit "
+                            f"(both dimensions must be multiples of {per})")
+    zeros = mod.zero_points().round().to(torch.int64)  # [out, G]
+    tensors = {
+        "qweight": pack_int32(q.t(), mod.bits, 0),  # [in/per, out]
+        "qzeros": pack_int32((zeros - 1).clamp(min=0).t(), mod.bits, 1),  # [G, out/per]
+        "scales": mod.scales.t().contiguous().to(torch.float16),  # [G, out]
+        "g_idx": mod.group_map().to(torch.int32).contiguous(),
+    }
+    if mod.bias is not None:
+        tensors["bias"] = mod.bias.detach().to(torch.float16)
+    return tensors
+
+
+def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a GPTQ-format checkpoint of a quantkit checkpoint whose modules all fit the layout."""
+    from safetensors.torch import save_file
+
+    from quantkit.checkpoint import atomic_output_dir, unique_state_dict
+    from quantkit.modelio import load_model, read_quantization_config
+    from quantkit.runtime.qlinear import QuantLinear
+
+    qcfg = read_quantization_config(src)
+    if not qcfg or qcfg.get("quant_method") != "quantkit":
+        raise QuantkitError(f"{src} is not a quantkit packed checkpoint")
+    model, tok = load_model(str(src))
+    formats = {(e["bits"], e["group_size"], e["sym"]) for e in qcfg["modules"].values()}
+    other = [n for n, e in qcfg["modules"].items() if e.get("kind", "quant") != "quant"]
+    if other:
+        raise QuantkitError(f"the GPTQ layout holds only quantized linears; {other[0]} is {qcfg['modules'][other[0]]['kind']}")
+    if len(formats) != 1:
+        raise QuantkitError(f"the GPTQ layout needs one format for every module; this checkpoint mixes {sorted(formats)}")
+    bits, group_size, sym = formats.pop()
+    state = {}
+    for name, t in unique_state_dict(model).items():
+        mod_name, _, leaf = name.rpartition(".")
+        if leaf in ("qweight", "scales", "qzeros", "g_idx") or (leaf == "bias" and mod_name in qcfg["modules"]):
+            continue
+        state[name] = t  # float tensors keep their dtype, so the export computes exactly what the source does
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            for leaf, t in module_to_gptq(mod).items():
+                state[f"{name}.{leaf}"] = t.contiguous()
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
+                                     "desc_act": any(e.get("act_order") for e in qcfg["modules"].values()),
+                                     "sym": sym, "checkpoint_format": "gptq", "true_sequential": True,
+                                     "quantizer": ["quantkit"]}
+    with atomic_output_dir(out, overwrite) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        (tmp / "quantize_config.json").write_text(json.dumps(config["quantization_config"], indent=2) + "\n")
+        if tok is not None:
+            tok.save_pretrained(tmp)
+    return Path(out)
+
+
+def import_gptq(directory: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a GPTQ-format checkpoint (ours or another tool's) into quantkit's runtime."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from quantkit.arch import arch_for, get_module, set_module
+    from quantkit.modelio import model_from_config
+    from quantkit.runtime.qlinear import QuantLinear
+
+    directory = Path(directory)
+    config = AutoConfig.from_pretrained(directory)
+    qcfg = dict(config.quantization_config if isinstance(config.quantization_config, dict) else config.quantization_config.to_dict())
+    if qcfg.get("quant_method") not in ("gptq", "awq"):
+        raise QuantkitError(f"{directory} is not a GPTQ checkpoint")
+    if qcfg.get("quant_method") == "awq":
+        raise QuantkitError("AWQ-format (GEMM-packed) checkpoints are not readable yet; export them to GPTQ first")
+    if qcfg.get("checkpoint_format", "gptq") != "gptq":
+        raise QuantkitError(f"GPTQ checkpoint_format {qcfg.get('checkpoint_format')!r} is not supported (only 'gptq')")
+    bits, gs, sym = int(qcfg["bits"]), int(qcfg["group_size"]), bool(qcfg.get("sym", True))
+    if bits not in GPTQ_BITS:
+        raise QuantkitError(f"GPTQ checkpoints of {bits} bits are not supported (only {GPTQ_BITS})")
+    del config.quantization_config
+    state = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    model = model_from_config(config, dtype)
+    arch = arch_for(model)
+    prefixes = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")})
+    for name in prefixes:
+        qweight, qzeros, scales = state.pop(f"{name}.qweight"), state.pop(f"{name}.qzeros"), state.pop(f"{name}.scales")
+        g_idx = state.pop(f"{name}.g_idx", None)
+        bias = state.pop(f"{name}.bias", None)
+        codes = unpack_int32(qweight, bits, 0).t().contiguous()  # [out, in]
+        out_f, in_f = codes.shape
+        zeros = (unpack_int32(qzeros, bits, 1)[:, :out_f] + 1).t().float()  # [out, G]
+        group = in_f if gs == -1 else gs
+        default = torch.arange(in_f, dtype=torch.int32) // group
+        act = g_idx is not None and not torch.equal(g_idx.to(torch.int32), default)
+        lin = get_module(model, name)
+        qlin = QuantLinear.from_codes(codes.to(torch.uint8), scales.t().float(), zeros, bits, gs, sym=False,
+                                      g_idx=g_idx if act else None, bias=bias, dtype=dtype)
+        del lin
+        set_module(model, name, qlin)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                                                strict=False)
+    built = set(prefixes)  # quantized modules were filled from the GPTQ tensors above
+    missing = [k for k in missing if not k.endswith("lm_head.weight") and k.rsplit(".", 1)[0] not in built]
+    if missing or unexpected:
+        raise QuantkitError(f"{directory}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    del arch, sym
+    return model.eval()

@@ -1,0 +1,82 @@
+"""GPTQ-format export: the documented layout, and a reload with identical outputs."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from quantkit import api
+from quantkit.cli import cli
+from quantkit.export import pack_int32, unpack_int32
+from quantkit.modelio import load_model
+
+
+def test_int32_packing_matches_the_gptq_layout():
+    # 8 four-bit codes along the input dimension fill one int32 word, first code in the low bits
+    codes = torch.tensor([[1], [2], [3], [4], [5], [6], [7], [15]])  # [in=8, out=1]
+    word = pack_int32(codes, 4, 0)
+    assert word.shape == (1, 1)
+    assert int(word) & 0xFFFFFFFF == 0xF7654321
+    assert torch.equal(unpack_int32(word, 4, 0), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_int32_round_trip(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (64, 48), generator=g)
+    assert torch.equal(unpack_int32(pack_int32(codes, bits, 0), bits, 0), codes)
+    assert torch.equal(unpack_int32(pack_int32(codes, bits, 1), bits, 1), codes)
+
+
+@pytest.fixture
+def gptq_friendly(stories_dir, tmp_path):
+    """A tiny random Llama whose widths are multiples of 8 (stories260K's MLP is 172 wide), with
+    stories260K's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    tok = AutoTokenizer.from_pretrained(str(stories_dir))
+    return model, tok
+
+
+@pytest.mark.parametrize("sym,act_order,group_size", [(True, False, 32), (False, True, 32), (True, False, -1)])
+def test_export_gptq_reloads_with_identical_outputs(gptq_friendly, calib_ids, tmp_path, sym, act_order, group_size):
+    model, tok = gptq_friendly
+    res = api.compress(model, "gptq", dict(bits=4, group_size=group_size, sym=sym, act_order=act_order), calib_ids=calib_ids)
+    api.save(model, tok, tmp_path / "qk", "gptq", res)
+    r = CliRunner().invoke(cli, ["export", str(tmp_path / "qk"), "--format", "gptq", "-o", str(tmp_path / "gptq"), "--json"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "gptq" and cfg["bits"] == 4 and cfg["checkpoint_format"] == "gptq"
+    assert cfg["sym"] == sym and cfg["desc_act"] == act_order
+    t = load_file(str(tmp_path / "gptq" / "model.safetensors"))
+    groups = 128 // 32 if group_size == 32 else 1
+    q = t["model.layers.0.mlp.down_proj.qweight"]
+    assert q.dtype == torch.int32 and q.shape == (128 // 8, 64)  # [in/8, out]
+    assert t["model.layers.0.mlp.down_proj.scales"].shape == (groups, 64)  # [groups, out]
+    assert t["model.layers.0.mlp.down_proj.qzeros"].shape == (groups, 8)  # [groups, out/8]
+    assert t["model.layers.0.mlp.down_proj.g_idx"].shape == (128,)
+    if sym:  # symmetric 4-bit zero point 8 is stored as 7 (gptq v1)
+        assert torch.all(unpack_int32(t["model.layers.0.mlp.down_proj.qzeros"], 4, 1) == 7)
+    ours, _ = load_model(str(tmp_path / "qk"))
+    theirs, _ = load_model(str(tmp_path / "gptq"))
+    x = calib_ids[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours(x).logits, rtol=0, atol=1e-5)
+
+
+def test_export_refuses_layers_that_do_not_fit(stories, tmp_path):
+    model, tok = stories
+    api.save(model, tok, tmp_path / "qk", "rtn", api.compress(model, "rtn", dict(bits=4, group_size=-1)))
+    r = CliRunner().invoke(cli, ["export", str(tmp_path / "qk"), "--format", "gptq", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "multiples of 8" in r.output and not (tmp_path / "x").exists()
+
+
+def test_export_refuses_non_quantkit(stories_dir, tmp_path):
+    r = CliRunner().invoke(cli, ["export", str(stories_dir), "--format", "gptq", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "not a quantkit packed checkpoint" in r.output
