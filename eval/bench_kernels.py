@@ -51,6 +51,13 @@ def _decoder_linears(model: nn.Module):
                     yield parent, name, child
 
 
+def shared_clone(model: nn.Module) -> nn.Module:
+    """A new module tree over the *same* parameter and buffer tensors: swapping a submodule in
+    the clone leaves ``model`` alone and costs no copy of the weights (the 1B shape is big)."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 def _rtn_int4(lin: nn.Linear, group_size: int, dtype: torch.dtype) -> QuantLinear:
     q, s, z = quantize_rtn(lin.weight.detach().float(), QuantSpec(4, group_size, True))
     return QuantLinear.from_codes(q, s, z, 4, group_size, True, bias=lin.bias, dtype=dtype)
@@ -58,7 +65,9 @@ def _rtn_int4(lin: nn.Linear, group_size: int, dtype: torch.dtype) -> QuantLinea
 
 def int4_model(model: nn.Module, group_size: int, lm_head: bool = False) -> nn.Module:
     """A bf16 copy of ``model`` with its decoder linears (and ``lm_head``) as packed int4."""
-    out = copy.deepcopy(model).to(torch.bfloat16)  # a no-op cast when model is already bf16
+    if next(model.parameters()).dtype != torch.bfloat16:
+        raise ValueError("int4_model wants the bf16 model (its float parts are shared, not copied)")
+    out = shared_clone(model)
     for parent, name, lin in list(_decoder_linears(out)):
         setattr(parent, name, _rtn_int4(lin, group_size, torch.bfloat16))
     if lm_head:
@@ -88,7 +97,7 @@ class W8A8Linear(nn.Module):
 
 
 def w8a8_model(model: nn.Module) -> nn.Module:
-    out = copy.deepcopy(model)
+    out = shared_clone(model)
     for parent, name, lin in list(_decoder_linears(out)):
         setattr(parent, name, W8A8Linear(lin))
     return out
@@ -99,7 +108,7 @@ def variants(model_fp32: nn.Module, group_size: int) -> dict[str, nn.Module]:
     return {
         "fp32": model_fp32,
         "bf16": bf16,
-        f"int4-g{group_size}": int4_model(bf16, group_size),  # copies of the bf16 model: half the peak memory
+        f"int4-g{group_size}": int4_model(bf16, group_size),
         f"int4-g{group_size}+head": int4_model(bf16, group_size, lm_head=True),
         "w8a8": w8a8_model(model_fp32),
     }
@@ -161,7 +170,10 @@ def main(argv=None) -> int:
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", help="also write every figure to this file")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     bandwidth = measure_bandwidth()
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads", file=sys.stderr)

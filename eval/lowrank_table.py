@@ -47,9 +47,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--distill-seqlen", type=int, default=128)
     ap.add_argument("--distill-batch", type=int, default=4)
     ap.add_argument("--distill-lr", type=float, default=1e-4)
+    ap.add_argument("--workdir", default=None, help="Keep the asvd checkpoints (before/after distillation) here.")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a loaded, shared CPU).")
     ap.add_argument("--json", dest="json_out", default=None, help="Also write the results as JSON here.")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     base, tok = load_model(args.model)
     windows = eval_windows(tokenize(tok, load_text(args.dataset, "test")), args.seqlen, args.max_windows)
@@ -62,6 +66,9 @@ def main(argv=None) -> dict:
     print(f"fp32: {fp['perplexity']:.3f} (eval {time.perf_counter() - t:.0f}s)", flush=True)
     packed_check, distilled = None, None
     with tempfile.TemporaryDirectory() as tmp:
+        if args.workdir:
+            tmp = args.workdir
+            Path(tmp).mkdir(parents=True, exist_ok=True)
         for label in args.methods.split(","):
             method, extra = _METHODS[label]
             model = copy.deepcopy(base)
@@ -77,7 +84,7 @@ def main(argv=None) -> dict:
                   f"of the model; {secs:.0f}s)", flush=True)
             if label == "asvd":
                 ckpt = Path(tmp) / "asvd"
-                api.save(model, tok, ckpt, method, res)
+                api.save(model, tok, ckpt, method, res, overwrite=True)
                 loaded, _ = load_model(str(ckpt))
                 with torch.no_grad():
                     same = torch.equal(loaded(input_ids=windows[:1]).logits, model(input_ids=windows[:1]).logits)
@@ -125,7 +132,7 @@ def _distill(args, teacher, tok, ckpt: Path, out: Path, windows, summary: dict, 
 
     rep = distill(teacher, student, ids, steps=args.distill_steps, batch_size=args.distill_batch, lr=args.distill_lr,
                   heldout=heldout, progress=progress)
-    save_student(student, tok, out, read_quantization_config(ckpt))
+    save_student(student, tok, out, read_quantization_config(ckpt), overwrite=True)
     loaded, _ = load_model(str(out))
     ppl = perplexity(loaded, windows)["perplexity"]
     rep = {k: v for k, v in rep.items() if k not in ("losses",)}

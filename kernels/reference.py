@@ -3,6 +3,7 @@
 Each dequantizes with the one :func:`quantkit.numerics.quant.dequantize` and multiplies in
 float32; every Triton kernel and CPU fast path is tested against these.
 
+    >>> from quantkit.kernels.layout import int4_weight_from_codes
     >>> q = torch.randint(0, 16, (5, 40), dtype=torch.uint8)
     >>> w = int4_weight_from_codes(q, torch.rand(5, 5), None, None, group_size=8)
     >>> w4a16_matmul_ref(torch.randn(3, 40), w).shape
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.kernels.layout import Int4Weight, Int8Weight, group_map, int4_weight_from_codes, unpack_int4_weight  # noqa: F401
+from quantkit.kernels.layout import Int4Weight, Int8Weight, group_map, unpack_int4_weight
 from quantkit.numerics.quant import dequantize
 
 

@@ -20,6 +20,7 @@ single-token forwards.  torch is imported inside the functions so ``quantkit --h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -33,17 +34,22 @@ BANDWIDTH_BYTES = 256 * 2**20
 
 # ---- machine and model facts ----------------------------------------------------------------
 def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeat: int = 5) -> float:
-    """Read bandwidth in bytes/s: the best of ``repeat`` sums over an ``nbytes`` float32 tensor
-    (far larger than the caches, so it streams from memory)."""
+    """The machine's read bandwidth in bytes/s: the best of ``repeat`` sums over an ``nbytes``
+    float32 tensor (far larger than the caches), on every core whatever ``--threads`` says."""
     import torch
 
-    t = torch.ones(nbytes // 4)
-    t.sum()  # touch the pages
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        t.sum()
-        best = min(best, time.perf_counter() - t0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or threads)
+    try:
+        t = torch.ones(nbytes // 4)
+        t.sum()  # touch the pages
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            t.sum()
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
     return nbytes / best
 
 
@@ -219,19 +225,27 @@ def bench_table(results: list[tuple[str, dict]]):
 @click.option("--backend", type=click.Choice(["auto", "reference", "cpu", "triton"]), default=None,
               help="Force the quantized-matmul path (default: $QUANTKIT_BACKEND, else by device).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the decode step (slow to start).")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads (default: torch's, one per core); 1 is steadier on a busy machine.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench(model_path, dtype, prompt_len, gen_len, batch, repeat, backend, compile_, device, as_json):
+def bench(model_path, dtype, prompt_len, gen_len, batch, repeat, backend, compile_, threads, device, as_json):
     """Prefill/decode tokens per second, time to first token, memory and decode roofline of MODEL."""
+    import torch
     from rich.console import Console
 
     from quantkit.modelio import load_model
-    from quantkit.runtime.backends import set_backend
+    from quantkit.runtime.backends import use_backend
 
-    if backend:
-        set_backend(backend)
-    model, _ = load_model(model_path, dtype=dtype, device=device, with_tokenizer=False)
-    r = run_bench(model, prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeat=repeat, compile=compile_)
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with use_backend(backend) if backend else contextlib.nullcontext():
+            model, _ = load_model(model_path, dtype=dtype, device=device, with_tokenizer=False)
+            r = run_bench(model, prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeat=repeat, compile=compile_)
+    finally:
+        torch.set_num_threads(previous_threads)
     r["model"] = model_path
     if as_json:
         click.echo(json.dumps(r))

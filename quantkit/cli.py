@@ -285,9 +285,10 @@ def lowrank(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_siz
         res = api.compress(m, method, config, tokenizer=tok, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
                            batch_size=batch_size,
                            progress=lambda i, n, info: prog.update(task, completed=i, total=n, info=info))
-    api.save(m, tok, output, method, res, overwrite=overwrite)
-    seconds = time.perf_counter() - t0
     s = res.extra["lowrank"]
+    api.save(m, tok, output, method, res, overwrite=overwrite,
+             extra_config={"lowrank": {k: s[k] for k in ("params_before", "params_after", "ratio", "ratio_model")}})
+    seconds = time.perf_counter() - t0
     ranks = list(s["ranks"].values())
     payload = {
         "output": os.path.abspath(output), "method": method, "ratio_target": config.ratio, "rank": config.rank,
@@ -535,6 +536,7 @@ from quantkit.serve import generate_command, serve_command  # noqa: E402  (light
 
 cli.add_command(generate_command)
 cli.add_command(serve_command)
+cli.add_command(__import__("quantkit.bench", fromlist=["bench"]).bench)  # issue 6 (light: no torch at import)
 
 
 @cli.command()

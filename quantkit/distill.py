@@ -264,10 +264,10 @@ def distill(teacher: nn.Module, student: nn.Module, ids: torch.Tensor, *, steps:
             with torch.no_grad():  # ...and stay exactly zero
                 for p, mask in state.masks:
                     p.masked_fill_(mask, 0)
-            losses.append(float(loss))
-            kd_losses.append(float(kd))
+            losses.append(float(loss.detach()))
+            kd_losses.append(float(kd.detach()))
             if progress is not None:
-                progress(step + 1, steps, float(kd))
+                progress(step + 1, steps, kd_losses[-1])
     finally:
         student.eval()
         export_student(student, state)

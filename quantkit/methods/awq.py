@@ -7,6 +7,11 @@ group quantized.  Then each weight group's clipping range is searched on the lay
 (llm-awq's auto-clip).  The scaled, clipped weights go to any weight quantizer: round-to-nearest
 (``awq``) or GPTQ (``awq+gptq``).
 
+Activation statistics come from every calibration token; the alpha search runs the group on a
+sample of ``search_tokens`` tokens (default 512, the sample llm-awq's auto-clip uses) and the
+clip search on ``clip_tokens``, which keeps AWQ cheaper than GPTQ on the same calibration set;
+``search_tokens=0`` searches on everything.
+
 The search is separate from the apply: :func:`search_scale` and :func:`search_clip` are plain
 functions of tensors; their results (:class:`quantkit.transforms.ScaleResult`,
 :class:`quantkit.transforms.ClipResult`) are applied by :mod:`quantkit.transforms`.
@@ -159,8 +164,8 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, n_grid: int =
 # ---- plugging it into the block-wise driver -------------------------------------------------------
 def _take_rows(obj, rows: torch.Tensor, batch: int):
     """``obj`` (tensors, tuples, dicts of them) with the batch dimension restricted to ``rows``."""
-    if isinstance(obj, torch.Tensor):
-        return obj[rows] if obj.dim() > 0 and obj.shape[0] == batch and batch > 1 else obj
+    if isinstance(obj, torch.Tensor):  # [batch, seq, ...] tensors only (cache positions are 1-D)
+        return obj[rows] if obj.dim() > 1 and obj.shape[0] == batch and batch > 1 else obj
     if isinstance(obj, (tuple, list)):
         return type(obj)(_take_rows(o, rows, batch) for o in obj)
     if isinstance(obj, dict):
@@ -331,7 +336,7 @@ def _log(ctx: BlockContext, scales, clips, skipped) -> None:
 def _note_skipped(ctx: BlockContext, skipped: dict[str, str]) -> None:
     for rec in ctx.result.log:
         for n, why in skipped.items():
-            if rec.module == ctx.full_name(n) and not rec.note:
+            if rec.block == ctx.index and rec.module == ctx.full_name(n) and not rec.note:
                 rec.note = f"AWQ: not scaled ({why})"
 
 
@@ -342,7 +347,8 @@ class AWQ(BlockMethod):
     def check(self, model, arch):
         check_group_sizes(model, arch, self.config)
 
-    def search_and_apply(self, ctx: BlockContext) -> None:
+    def search_and_apply(self, ctx: BlockContext) -> dict[str, str]:
+        """Search, fold and clip (weights stay float); returns ``{linear: why it was not scaled}``."""
         t0 = time.perf_counter()
         scales, clips, skipped = awq_block(ctx, self.config)
         _log(ctx, scales, clips, skipped)

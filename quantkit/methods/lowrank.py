@@ -11,6 +11,7 @@ the full decomposition with components sorted by decreasing ``sigma``, so trunca
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -119,6 +120,19 @@ class LowRankWeight:
         return LowRankLinear.from_factors(self.u, self.v, bias=bias, dtype=dtype)
 
 
+@contextlib.contextmanager
+def _lapack_one_thread():
+    """Run the decompositions on one thread, restoring the setting after.  MKL's SVD/eigh on
+    layer-sized matrices (hundreds to a few thousand) gains little from threads, and on a
+    shared, loaded CPU its spinning threads made a 1536x576 SVD 5-10x slower than one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 class LowRankMethod(BlockMethod):
     """Base of the low-rank methods: one statistics pass per block, then every linear factorized
     and replaced in the block (so the next block is calibrated on the factorized outputs)."""
@@ -152,7 +166,8 @@ class LowRankMethod(BlockMethod):
                     counts[ctx.full_name(name)] = (out_f * in_f, out_f * in_f, None)
                     ctx.record(name, None, LayerRecord(ctx.index, name, 0.0, note="left dense: factors would not be smaller"))
                     continue
-                u, v, sigma, note = self.decompose(w, stats.get(name))
+                with _lapack_one_thread():
+                    u, v, sigma, note = self.decompose(w, stats.get(name))
                 if cfg.needs_spectrum:
                     r = cfg.rank_for(out_f, in_f, sigma)
                     if r is None:

@@ -23,7 +23,8 @@ from quantkit.numerics.sparsity import NMSparseWeight, SparsityTarget, check_spa
 class PruneConfig:
     """Uniform ``sparsity`` (default 0.5) or an ``N:M`` ``pattern`` for every linear, with optional
     per-module ``overrides``: a tuple of ``(regex, {"sparsity": s} | {"pattern": "N:M"})`` matched
-    against full module names, the last match winning; ``{"sparsity": 0}`` leaves a module dense.
+    against full module names, the last match winning; ``{"sparsity": 0}`` or an ``ignore``
+    regex leaves a module dense.
     ``packed``: N:M modules go to the checkpoint as kept values + indices (kind ``"nm_sparse"``)
     instead of dense weights with zeros.
 
@@ -33,12 +34,18 @@ class PruneConfig:
     sparsity: float | None = None
     pattern: str | None = None
     overrides: tuple = ()
+    ignore: tuple = ()  # regexes of module names left dense (reported in the log)
     packed: bool = False
 
     def __post_init__(self):
         if self.sparsity is None and self.pattern is None:
             object.__setattr__(self, "sparsity", 0.5)
         SparsityTarget.parse(self.sparsity, self.pattern)  # validates
+        for pattern in self.ignore:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise QuantkitError(f"bad ignore pattern {pattern!r}: {e}") from None
         for pattern, fields in self.overrides:
             try:
                 re.compile(pattern)
@@ -55,6 +62,8 @@ class PruneConfig:
 
     def target_for(self, module_name: str) -> SparsityTarget | None:
         """What ``module_name`` is pruned to; ``None`` leaves it dense."""
+        if any(re.search(p, module_name) for p in self.ignore):
+            return None
         fields = {"pattern": self.pattern} if self.pattern is not None else {"sparsity": self.sparsity}
         for pattern, f in self.overrides:
             if re.search(pattern, module_name):
@@ -101,7 +110,7 @@ class PruneMethod(BlockMethod):
                 spec = self.config.spec_for(full)
                 t0 = time.perf_counter()
                 if target is None:
-                    ctx.record(name, None, LayerRecord(ctx.index, name, 0.0, sparsity=0.0, note="left dense (override)"))
+                    ctx.record(name, None, LayerRecord(ctx.index, name, 0.0, sparsity=0.0, note="left dense (ignore/override)"))
                     continue
                 w = ctx.weight(name)
                 w_hat, mask, qw, loss, note = self.prune_linear(w, stats.get(name), target, spec)

@@ -32,6 +32,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.kernels import cpu as cpu_kernels
+from quantkit.kernels.triton_utils import interpreting
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 ENV_VAR = "QUANTKIT_BACKEND"
@@ -76,10 +77,6 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def resolve_backend(device: torch.device | str) -> str:
     """The path for tensors on ``device``: ``triton``, ``cpu`` or ``reference``."""
     device = torch.device(device)
@@ -93,7 +90,7 @@ def resolve_backend(device: torch.device | str) -> str:
     if setting == "triton":
         if not _triton_available():
             raise QuantkitError("backend 'triton' was forced but Triton is not installed")
-        if device.type != "cuda" and not _interpreting():
+        if device.type != "cuda" and not interpreting():
             raise QuantkitError(f"backend 'triton' needs a GPU (or TRITON_INTERPRET=1), the tensors are on {device}")
     return setting
 

@@ -72,6 +72,9 @@ def test_bench_cli_json(tiny_dir):
     out = json.loads(r.output)
     assert FIELDS <= out.keys()
     assert out["dtype"] == "float32" and out["prompt_len"] == 4 and out["repeat"] == 2
+    from quantkit.runtime.backends import backend_setting
+
+    assert backend_setting() == "auto"  # --backend does not leak out of the command
 
 
 def test_bench_cli_table_and_bad_input(tiny_dir, tmp_path):
@@ -82,9 +85,10 @@ def test_bench_cli_table_and_bad_input(tiny_dir, tmp_path):
     assert r.exit_code != 0
 
 
+@pytest.mark.slow
 def test_bench_subprocess(tiny_dir):
     code = "import sys; from quantkit.bench import bench; bench(sys.argv[1:])"
     p = subprocess.run([sys.executable, "-c", code, str(tiny_dir), "--prompt-len", "3", "--gen-len", "2", "--repeat", "1",
-                        "--json"], capture_output=True, text=True, timeout=300, env={**os.environ, "QUANTKIT_BACKEND": "auto"})
+                        "--threads", "1", "--json"], capture_output=True, text=True, timeout=300, env={**os.environ, "QUANTKIT_BACKEND": "auto"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout.strip().splitlines()[-1])["decode_tokens_per_s"] > 0

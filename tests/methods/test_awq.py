@@ -57,17 +57,17 @@ def test_awq_scales_are_normalised():
     assert torch.allclose(awq_scales(x_mean, 0.0), torch.ones(64))
 
 
-def test_clip_search_never_increases_output_error():
+def test_clip_search_lowers_output_error_of_heavy_tailed_weights():
     x, g = _outlier_inputs(seed=1, scale=1.0)
-    w = torch.randn(48, 128, generator=g)
-    w[0, 5] = 12.0  # a weight outlier: clipping its group should pay off
+    w = torch.randn(48, 128, generator=g) * torch.exp(torch.randn(48, 128, generator=g))  # heavy tails
     spec = QuantSpec(3, 32, True)
     max_val = search_clip(w, x, spec)
+    group_max = w.abs().reshape(48, 4, 32).amax(-1)
     assert max_val.shape == (48, 4)
-    assert torch.all(max_val <= w.abs().reshape(48, 4, 32).amax(-1) + 1e-6)
+    assert torch.all(max_val <= group_max + 1e-6) and torch.all(max_val >= 0.5 * group_max - 1e-6)
+    assert (max_val < group_max).float().mean() > 0.25  # many groups are clipped ...
     clipped = torch.maximum(torch.minimum(w.reshape(48, 4, 32), max_val[..., None]), -max_val[..., None]).reshape(48, 128)
-    assert _out_err(x, w, rtn_fake(clipped, spec)) <= _out_err(x, w, rtn_fake(w, spec))
-    assert max_val[0, 0] < 12.0
+    assert _out_err(x, w, rtn_fake(clipped, spec)) < 0.9 * _out_err(x, w, rtn_fake(w, spec))  # ... and it pays off
 
 
 def tiny_opt(seed=0):

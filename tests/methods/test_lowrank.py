@@ -64,7 +64,7 @@ def test_whitened_svd_beats_plain_svd_on_anisotropic_inputs(rank):
 
 
 def test_whitened_truncation_loss_is_the_dropped_whitened_spectrum():
-    """SVD-LLM Theorem 3.2: each dropped singular value of W S costs exactly its square in output error."""
+    """SVD-LLM's truncation-aware whitening: each dropped singular value of W S costs exactly its square in output error."""
     w, x, _ = _anisotropic_layer(seed=2, tokens=4096)
     H = x.T.double() @ x.double()
     u, v, s, _ = whitened_svd(w, H, 10, percdamp=0.0)
@@ -148,10 +148,26 @@ def test_cli_lowrank_json_and_checkpoint(tmp_path, stories_dir, tiny_text):
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["method"] == "asvd"
     assert set(e["kind"] for e in cfg["modules"].values()) == {"lowrank"}
-    assert cfg["modules"]["model.layers.0.mlp.down_proj"]["rank"] == payload["rank_min"] or payload["rank_min"] > 0
+    assert cfg["modules"]["model.layers.0.mlp.down_proj"]["rank"] == 23  # floor(0.5 * 172*64 / (172+64))
+    assert (payload["rank_min"], payload["rank_max"]) == (10, 23)  # k_proj 64->32: floor(0.5 * 2048 / 96)
     r = CliRunner().invoke(cli, ["lowrank", str(stories_dir), "-o", str(tmp_path / "x"), "--ratio", "0.5", "--rank", "4"])
     assert r.exit_code != 0 and "not" in r.output and not (tmp_path / "x").exists()
     r = CliRunner().invoke(cli, ["lowrank", str(stories_dir), "-o", str(tmp_path / "y"), "--method", "gptq"])
     assert r.exit_code != 0 and "low-rank" in r.output
     r = CliRunner().invoke(cli, ["lowrank", str(stories_dir), "-o", str(tmp_path / "z"), "--method", "svd", "--scaling", "act"])
     assert r.exit_code != 0 and "asvd" in r.output
+
+
+def test_cli_lowrank_svd_as_a_subprocess(tmp_path, stories_dir):
+    import subprocess
+    import sys
+
+    out = tmp_path / "svd"
+    p = subprocess.run([sys.executable, "-m", "quantkit.cli", "lowrank", str(stories_dir), "-o", str(out), "--method", "svd",
+                        "--rank", "8", "--json"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    payload = json.loads(p.stdout.strip().splitlines()[-1])
+    assert payload["modules"] == 35 and payload["rank_min"] == payload["rank_max"] == 8
+    assert "parameters kept" in p.stderr
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert all(e == {"kind": "lowrank", "rank": 8} for e in cfg["modules"].values())

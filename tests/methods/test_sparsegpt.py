@@ -116,6 +116,7 @@ def test_sparsegpt_is_deterministic():
     ({"pattern": "2:4", "packed": True, "bits": 4}, "--packed"),
     ({"bits": 9}, "bits must be"),
     ({"damp": 0}, "damp must be"),
+    ({"ignore": ("(",)}, "bad ignore pattern"),
     ({"overrides": ((r"down_proj", {"bits": 4}),)}, "override for"),
     ({"overrides": ((r"down_proj", {"sparsity": 2}),)}, "sparsity must be"),
 ])
@@ -126,8 +127,9 @@ def test_config_refuses_bad_input(kwargs, message):
 
 def test_per_module_overrides_and_log_on_a_model(stories, calib_ids):
     model, tok = stories
-    cfg = SparseGPTConfig(sparsity=0.5, overrides=((r"mlp\.down_proj", {"sparsity": 0}), (r"self_attn\.[qk]_proj", {"pattern": "2:4"}),
-                                                   (r"layers\.0\.", {"sparsity": 0.3})))
+    cfg = SparseGPTConfig(sparsity=0.5, overrides=((r"layers\.[1-3]\.mlp\.down_proj", {"sparsity": 0}),
+                                                   (r"self_attn\.[qk]_proj", {"pattern": "2:4"}),
+                                                   (r"layers\.0\.", {"sparsity": 0.3})), ignore=(r"layers\.4\.mlp\.down_proj",))
     res = compress(model, "sparsegpt", cfg, calib_ids=calib_ids)
     recs = {r.module: r for r in res.log}
     assert len(recs) == 35

@@ -1,0 +1,146 @@
+"""The quantized KV cache: storage round trips, chunking invariance, memory, and its effect on
+a real model's logits, generation and perplexity."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from quantkit.evaluate import perplexity
+from quantkit.runtime.kvcache import (
+    KVCachedLM,
+    KVQuantConfig,
+    QuantizedKVCache,
+    QuantizedKVLayer,
+    dequantize_kv,
+    kv_bytes_per_token,
+    kv_cache_bytes,
+    quantize_per_channel,
+    quantize_per_token,
+)
+
+
+def _kv(seed=0, b=2, h=3, t=40, d=16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, h, t, d, generator=g)
+    x[..., 3] *= 8  # an outlier channel, as keys have
+    return x
+
+
+@pytest.mark.parametrize("cfg", [KVQuantConfig(8), KVQuantConfig(4), KVQuantConfig(8, sym=False), KVQuantConfig(4, sym=True)])
+def test_per_token_round_trip_within_half_a_step(cfg):
+    x = _kv()
+    qt = quantize_per_token(x, cfg.spec)
+    assert qt.codes.dtype == torch.uint8 and qt.codes.shape == (2, 3, 40, 16 * cfg.bits // 8)
+    assert qt.scale.shape == (2, 3, 40, 1) and (qt.zero is None) == cfg.spec.sym
+    err = (dequantize_kv(qt) - x).abs()
+    assert torch.all(err <= 0.6 * qt.scale.float())  # half a step (+ the fp16-rounded scale at the range ends)
+
+
+def test_per_channel_scales_follow_channels_over_token_groups():
+    x = _kv(t=32)
+    spec = KVQuantConfig(4, keys="channel", group=16).spec
+    qt = quantize_per_channel(x, spec, 16)
+    assert qt.scale.shape == (2, 3, 2, 16)  # [b, h, groups of tokens, channels]
+    err = (dequantize_kv(qt, 16) - x).abs()
+    assert torch.all(err <= 0.6 * qt.scale.float().repeat_interleave(16, dim=2))
+    # the outlier channel gets its own range: per-channel keys beat per-token keys at 4 bits
+    per_token = (dequantize_kv(quantize_per_token(x, spec)) - x).pow(2).mean()
+    assert (dequantize_kv(qt, 16) - x).pow(2).mean() < per_token
+
+
+@pytest.mark.parametrize("cfg,chunks", [(KVQuantConfig(8), [1, 5, 13, 21]), (KVQuantConfig(4), [40]),
+                                        (KVQuantConfig(4, keys="channel", group=8), [3, 8, 8, 21])])
+def test_layer_stores_the_same_whatever_the_chunking(cfg, chunks):
+    k, v = _kv(1), _kv(2)
+    whole, parts = QuantizedKVLayer(cfg), QuantizedKVLayer(cfg)
+    kw, vw = whole.update(k, v)
+    start = 0
+    for n in chunks:
+        kp, vp = parts.update(k[:, :, start:start + n], v[:, :, start:start + n])
+        start += n
+    assert parts.get_seq_length() == whole.get_seq_length() == 40
+    assert torch.equal(parts._qkeys.codes, whole._qkeys.codes) and torch.equal(parts._qvalues.scale, whole._qvalues.scale)
+    if cfg.keys == "token":  # every read comes back from the cache, the new tokens included
+        assert torch.equal(kp, kw) and torch.equal(vp, vw)
+        assert not torch.equal(kw, k)
+    else:  # KIVI: the last 40 % 8 tokens are a float residual
+        assert parts.keys.shape[2] == whole.keys.shape[2] == 0 or torch.equal(parts.keys, k[:, :, 40 - 40 % 8:])
+
+
+def test_cache_bytes_per_token():
+    k, v = _kv(t=64, d=64), _kv(t=64, d=64)
+    for bits, per_head in ((8, 64 + 2), (4, 32 + 2 + 1)):  # codes + fp16 scale (+ uint8 zero when asymmetric)
+        layer = QuantizedKVLayer(KVQuantConfig(bits))
+        layer.update(k, v)
+        assert layer.nbytes() == 2 * (2 * 3 * 64) * per_head
+
+
+def test_model_logits_generation_and_chunked_prefill(stories):
+    model, _ = stories
+    ids = torch.randint(3, 500, (2, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+        float_cache = KVCachedLM(model, None, chunk=17)(ids).logits
+        assert torch.allclose(float_cache, ref, atol=1e-4)
+        err = {}
+        for cfg in (KVQuantConfig(8), KVQuantConfig(4), KVQuantConfig(4, keys="channel", group=32)):
+            one = KVCachedLM(model, cfg)(ids).logits
+            err[cfg.bits, cfg.keys] = float((one - ref).norm() / ref.norm())
+            chunked = KVCachedLM(model, cfg, chunk=32 if cfg.keys == "channel" else 9)(ids).logits
+            # chunked prefill reads the same cache (up to rounding flips caused by float noise)
+            assert float((chunked - one).norm() / ref.norm()) < 0.3 * err[cfg.bits, cfg.keys]
+    assert 0 < err[8, "token"] < 0.02 and err[8, "token"] < err[4, "token"] < 0.2
+    cache = QuantizedKVCache.for_model(model, KVQuantConfig(8))
+    out = model.generate(ids[:1, :16], max_new_tokens=8, do_sample=False, past_key_values=cache)
+    ref_out = model.generate(ids[:1, :16], max_new_tokens=8, do_sample=False)
+    assert cache.get_seq_length() == 23 and out.shape == ref_out.shape
+    assert kv_cache_bytes(cache) == pytest.approx(kv_bytes_per_token(model.config, KVQuantConfig(8)) * 23)
+
+
+def test_memory_ratio_against_float_cache(stories):
+    model, _ = stories
+    ids = torch.randint(3, 500, (1, 256), generator=torch.Generator().manual_seed(1))
+    sizes = {}
+    for name, cfg in (("float", None), ("int8", KVQuantConfig(8)), ("int4", KVQuantConfig(4))):
+        lm = KVCachedLM(model, cfg)
+        with torch.no_grad():
+            lm(ids)
+        sizes[name] = kv_cache_bytes(lm.last_cache)
+    assert sizes["float"] == kv_bytes_per_token(model.config, None, 4) * 256  # fp32 model
+    assert sizes["int8"] / sizes["float"] == pytest.approx((8 + 2) / 32)  # head_dim 8: 8 code bytes + fp16 scale
+    assert sizes["int4"] / sizes["float"] == pytest.approx((4 + 2 + 1) / 32)
+
+
+def test_perplexity_through_quantized_cache(stories, eval_windows):
+    model, _ = stories
+    windows = eval_windows[:4]
+    base = perplexity(model, windows)["perplexity"]
+    int8 = perplexity(KVCachedLM(model, KVQuantConfig(8)), windows)["perplexity"]
+    int4 = perplexity(KVCachedLM(model, KVQuantConfig(4)), windows)["perplexity"]
+    kivi4 = perplexity(KVCachedLM(model, KVQuantConfig(4, keys="channel", group=32)), windows)["perplexity"]
+    assert abs(int8 - base) / base < 0.005
+    # this model's keys have outlier channels: 4-bit per-token keys hurt (head_dim is only 8),
+    # KIVI's per-channel keys (with their float residual) do not
+    assert int4 > 1.1 * base
+    assert abs(kivi4 - base) / base < 0.02
+
+
+def test_cli_perplexity_kv_bits(stories_dir, tiny_text):
+    from quantkit.cli import cli
+
+    r = CliRunner().invoke(cli, ["eval", "perplexity", str(stories_dir), "--dataset", str(tiny_text), "--seqlen", "128",
+                                 "--max-windows", "2", "--kv-bits", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["kv_bits"] == 4 and res["kv_bytes_per_token"] < res["kv_bytes_per_token_fp16"] / 2
+
+
+def test_config_checks_itself():
+    from quantkit.errors import QuantkitError
+
+    with pytest.raises(QuantkitError, match="8 or 4"):
+        KVQuantConfig(bits=2)
+    with pytest.raises(QuantkitError, match="token"):
+        KVQuantConfig(keys="head")
