@@ -22,6 +22,7 @@ functions of tensors; their results (:class:`quantkit.transforms.ScaleResult`,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -103,16 +104,18 @@ def search_scale(x_mean: torch.Tensor, weights: list[torch.Tensor], loss_fn: Cal
     ``x_mean [in]``: mean ``|x|`` per input channel; ``weights``: the group's ``[out, in]``
     weights; ``loss_fn(w_hats)`` returns the group's output error when its linears compute with
     ``w_hats`` (= ``Q(W s) / s``, i.e. the scaled weights quantized, seen from the unscaled input).
+    A ``None`` spec marks a linear left in float (``w_hat = w``).
     Returns ``(s [in], alpha, loss, history)``; ``alpha = 0`` (``s = 1``) is plain RTN, so the
     chosen loss is never above RTN's on the search data.
     """
-    w_mean = weight_mean(weights, specs[0].group_size) if duo_scaling else None
+    group_size = next((spec.group_size for spec in specs if spec is not None), -1)
+    w_mean = weight_mean(weights, group_size) if duo_scaling else None
     best = (math.inf, None, None)
     history = []
     for i in range(n_grid):
         alpha = i / (n_grid - 1)
         s = awq_scales(x_mean, alpha, w_mean)  # [in]
-        w_hats = [quantize(w * s, spec) / s for w, spec in zip(weights, specs)]
+        w_hats = [w if spec is None else quantize(w * s, spec) / s for w, spec in zip(weights, specs)]
         loss = float(loss_fn(w_hats))
         history.append(loss)
         if loss < best[0]:
@@ -296,8 +299,10 @@ def awq_block(ctx: BlockContext, cfg: AWQConfig) -> tuple[list[ScaleResult], lis
         if blocker:
             skipped.update({n: blocker for n in g.linears})
             continue
-        originals = [ctx.weight(n) for n in g.linears]
         specs = [cfg.spec_for(ctx.full_name(n)) for n in g.linears]
+        if all(spec is None for spec in specs):  # every linear stays float: nothing to protect
+            continue
+        originals = [ctx.weight(n) for n in g.linears]
         try:
             s, alpha, loss, _ = search_scale(cap.stats[g.linears[0]].abs_mean, originals, cap.group_loss(ctx, g), specs,
                                              cfg.n_grid, cfg.duo_scaling)
@@ -314,9 +319,9 @@ def awq_block(ctx: BlockContext, cfg: AWQConfig) -> tuple[list[ScaleResult], lis
         for g in ctx.groups:
             x = cap.clip_x[g.linears[0]]
             for n in g.linears:
-                if exclude.search(n):
-                    continue
                 spec = cfg.spec_for(ctx.full_name(n))
+                if spec is None or exclude.search(n):  # left in float, or clipping not measurable
+                    continue
                 xs = x / by_linear[n] if n in by_linear else x
                 max_val = search_clip(ctx.weight(n), xs, spec, cfg.clip_grid, cfg.max_shrink)
                 clips.append(ClipResult(n, max_val, spec.groups_for(xs.shape[1])))
@@ -372,9 +377,8 @@ class AWQGPTQConfig(AWQConfig):
     true_sequential: bool = False
 
     def gptq_config(self) -> GPTQConfig:
-        return GPTQConfig(self.bits, self.group_size, self.sym, self.overrides, act_order=self.act_order,
-                          static_groups=self.static_groups, damp=self.damp, blocksize=self.blocksize,
-                          true_sequential=self.true_sequential)
+        """The GPTQ half of this config: every GPTQConfig field, read from this one."""
+        return GPTQConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GPTQConfig)})
 
     def __post_init__(self):
         super().__post_init__()

@@ -16,6 +16,7 @@ result of each linear is a :class:`W8A8Weight`, loaded by :class:`quantkit.runti
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ class SmoothQuantConfig:
     alpha: float = 0.5  # migration strength; 0 = no smoothing (naive W8A8)
     act_quant: str = "dynamic"  # "dynamic": int8 per token at run time; "static": one calibrated scale per tensor
     smooth_linear_inputs: bool = True  # also smooth groups fed by a linear (up_proj -> down_proj), not only by norms
+    ignore: tuple = ()  # regexes of module names left in float (still smoothed: that changes no function)
     bits: int = 8  # W8A8 only: kept so the checkpoint's quantization_config reads like the others
     group_size: int = -1
     sym: bool = True
@@ -49,6 +51,11 @@ class SmoothQuantConfig:
         if (self.bits, self.group_size, self.sym) != (8, -1, True):
             raise QuantkitError("smoothquant is W8A8: int8 per-channel symmetric weights (bits=8, group_size=-1, sym); "
                                 f"got bits={self.bits}, group_size={self.group_size}, sym={self.sym}")
+        for pattern in self.ignore:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise QuantkitError(f"bad ignore pattern {pattern!r}: {e}") from None
 
 
 @dataclass
@@ -137,6 +144,9 @@ class SmoothQuant(BlockMethod):
         smooth_s = (time.perf_counter() - t0) / max(1, len(act_max))  # spread over the block's linears in the log
         for g in ctx.groups:
             for n in g.linears:
+                if any(re.search(p, ctx.full_name(n)) for p in cfg.ignore):
+                    ctx.record(n, None, LayerRecord(ctx.index, n, 0.0, note="ignored: left in float"))
+                    continue
                 t1 = time.perf_counter()
                 w = ctx.weight(n)
                 q, w_scale = quantize_int8_weight(w)

@@ -160,3 +160,14 @@ def test_awq_config_checks_itself():
         AWQConfig(max_shrink=1.0)
     with pytest.raises(QuantkitError, match="damp"):
         api.make_config("awq+gptq", {"damp": 2.0})
+
+
+def test_awq_leaves_ignored_linears_in_float(stories, calib_ids):
+    model, _ = stories
+    down = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    res = api.compress(model, "awq", {"bits": 4, "group_size": -1, "n_grid": 4, "ignore": (r"mlp\.down_proj$",)},
+                       calib_ids=calib_ids[:4])
+    assert len(res.quantized) == 30 and not any(n.endswith("down_proj") for n in res.quantized)
+    assert not any(n.endswith("down_proj") for n in res.extra["awq"]["clipped"])
+    assert len(res.extra["awq"]["scales"]) == 2 * 5  # up_proj -> down_proj is not searched: nothing to protect
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, down)  # neither scaled, clipped nor quantized

@@ -117,3 +117,10 @@ def test_cli_smoothquant_alpha(stories_dir, tiny_text, tmp_path):
     r = CliRunner().invoke(cli, ["quantize", str(stories_dir), "-o", str(tmp_path / "bad"), "--method", "smoothquant",
                                  "--bits", "4", "--calib", str(tiny_text), "--seqlen", "64"])
     assert r.exit_code != 0 and "W8A8" in r.output
+
+
+def test_smoothquant_ignore_keeps_float_linears(stories, calib_ids):
+    model, _ = stories
+    res = api.compress(model, "smoothquant", {"ignore": (r"mlp\.down_proj$",)}, calib_ids=calib_ids[:4])
+    assert len(res.quantized) == 30
+    assert sum("ignored" in r.note for r in res.log) == 5
