@@ -115,10 +115,14 @@ def load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: bool
         from quantkit.checkpoint import load_packed
 
         model = load_packed(directory, dtype=dtype or torch.float32)
-    elif qcfg is not None and qcfg.get("quant_method") in ("gptq", "awq"):
+    elif qcfg is not None and qcfg.get("quant_method") == "gptq":
         from quantkit.export import import_gptq
 
         model = import_gptq(directory, dtype=dtype or torch.float32)
+    elif qcfg is not None and qcfg.get("quant_method") == "awq":
+        from quantkit.import_awq import import_awq
+
+        model = import_awq(directory, dtype=dtype or torch.float32)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -127,7 +131,10 @@ def load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: bool
         if dtype is not None:
             kwargs["dtype"] = dtype
         try:
-            model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+            if "gguf_file" in extra:
+                model = _load_gguf(directory, extra["gguf_file"], dtype, trust_remote_code)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
         except OSError as e:
             raise QuantkitError(f"cannot load {path}: {_one_line(e)}") from None
         except (ValueError, KeyError, RuntimeError, TypeError, ImportError) as e:
@@ -142,6 +149,35 @@ def load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: bool
     model.to(device).eval()
     tok = load_tokenizer(str(path), trust_remote_code) if with_tokenizer else None
     return model, tok
+
+
+def _load_gguf(directory: str, gguf_file: str, dtype: torch.dtype | None, trust_remote_code: bool) -> nn.Module:
+    """A ``.gguf`` file through transformers' GGUF reader, with one copy of the weights in memory.
+
+    ``from_pretrained(gguf_file=...)`` holds the dequantized tensors *and* an initialised model
+    (about 2.2x the fp32 model at peak).  Here the model is built without initialisation (its
+    untouched storage never becomes resident) and the dequantized tensors are assigned in place.
+    """
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = str(Path(directory) / gguf_file)
+    config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    model = model_from_config(config, dtype or torch.float32)
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model, torch_dtype=dtype)["tensors"]
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    expected = model.state_dict()
+    for name, t in tensors.items():
+        if name in expected and tuple(expected[name].shape) != tuple(t.shape):
+            raise ValueError(f"size mismatch for {name}: the GGUF holds {tuple(t.shape)}, the config "
+                             f"implies {tuple(expected[name].shape)}")
+    missing, _ = model.load_state_dict(tensors, strict=False, assign=True)
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+    if missing:
+        raise ValueError(f"the GGUF file has no tensor for {missing[0]} ({len(missing)} missing)")
+    if tied:
+        model.tie_weights()
+    return model.to(dtype) if dtype is not None else model
 
 
 def model_from_config(config, dtype: torch.dtype = torch.float32) -> nn.Module:

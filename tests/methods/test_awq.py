@@ -12,17 +12,13 @@ from quantkit.calib import BlockMethod, run_blockwise
 from quantkit.evaluate import perplexity
 from quantkit.methods.awq import AWQConfig, awq_block, awq_scales, rtn_fake, search_clip, search_scale
 from quantkit.numerics.quant import QuantSpec
+from quantkit.testing import outlier_inputs, tiny_opt
+from quantkit.testing import output_error as _out_err
 
 
 def _outlier_inputs(seed=0, tokens=512, in_f=128, n_outliers=4, scale=30.0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, in_f, generator=g)
-    x[:, :n_outliers] *= scale  # planted outlier channels, as in LLM activations
-    return x, g
-
-
-def _out_err(x, w, w_hat):
-    return float(((x @ (w - w_hat).T) ** 2).mean())
+    return outlier_inputs(tokens=tokens, in_f=in_f, n_outliers=n_outliers, scale=scale, generator=g), g
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(3, 64, False), QuantSpec(4, -1, True)])
@@ -68,23 +64,6 @@ def test_clip_search_lowers_output_error_of_heavy_tailed_weights():
     assert (max_val < group_max).float().mean() > 0.25  # many groups are clipped ...
     clipped = torch.maximum(torch.minimum(w.reshape(48, 4, 32), max_val[..., None]), -max_val[..., None]).reshape(48, 128)
     assert _out_err(x, w, rtn_fake(clipped, spec)) < 0.9 * _out_err(x, w, rtn_fake(w, spec))  # ... and it pays off
-
-
-def tiny_opt(seed=0):
-    """A random OPT (LayerNorm with bias, biased linears, ReLU MLP) with non-trivial norms."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                    max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=True)
-    model = OPTForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
-            elif name.endswith("bias"):
-                p.copy_(torch.randn_like(p) * 0.1)
-    return model
 
 
 class _FoldOnly(BlockMethod):

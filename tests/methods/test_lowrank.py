@@ -10,26 +10,18 @@ from quantkit.methods.asvd import act_scaled_svd, whitened_svd, whitening_factor
 from quantkit.methods.lowrank import LowRankConfig, energy_rank, saves_parameters
 from quantkit.methods.svd import svd_factorize
 from quantkit.numerics.hessian import HessianAccumulator
+from quantkit.testing import anisotropic_layer
+from quantkit.testing import output_error as _out_err
 from quantkit.runtime.lowrank import LowRankLinear
 
 STORIES = Path(__file__).parent.parent / "fixtures" / "stories260K"
 
 
-def _anisotropic_layer(seed=0, out_f=48, in_f=96, tokens=2048):
-    """A toy layer whose inputs live mostly in a few rotated directions (as LLM activations do)."""
-    g = torch.Generator().manual_seed(seed)
-    scales = torch.logspace(1, -2, in_f)  # variances spanning six orders of magnitude
-    rot = torch.linalg.qr(torch.randn(in_f, in_f, generator=g))[0]
-    x = (torch.randn(tokens, in_f, generator=g) * scales) @ rot  # [tokens, in]
-    x[:, 7] += 20 * torch.randn(tokens, generator=g)  # and an outlier channel
-    w = torch.randn(out_f, in_f, generator=g)
-    h = HessianAccumulator(in_f)
+def _anisotropic_layer(seed=0, **kw):
+    w, x = anisotropic_layer(seed, **kw)
+    h = HessianAccumulator(x.shape[1])
     h.add(x)
     return w, x, h
-
-
-def _out_err(x, w, w_hat):
-    return float(((x @ (w - w_hat).T) ** 2).mean())
 
 
 def test_svd_of_exactly_low_rank_matrix_is_exact():

@@ -12,23 +12,7 @@ from quantkit.calib import BlockMethod, run_blockwise
 from quantkit.evaluate import perplexity
 from quantkit.methods.smoothquant import SmoothQuantConfig, quantize_int8_weight, smooth_block, smooth_scales
 from quantkit.runtime.int8 import Int8Linear
-
-
-def tiny_opt(seed=0):
-    """A random OPT (LayerNorm with bias, biased linears, ReLU MLP) with non-trivial norms."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
-                    max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=True)
-    model = OPTForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
-            elif name.endswith("bias"):
-                p.copy_(torch.randn_like(p) * 0.1)
-    return model
+from quantkit.testing import tiny_opt
 
 
 def test_smooth_scales_formula():

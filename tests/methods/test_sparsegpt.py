@@ -9,24 +9,18 @@ from quantkit.methods.sparsegpt import SparseGPTConfig, sparsegpt_prune
 from quantkit.methods.wanda import wanda_prune
 from quantkit.numerics.hessian import HessianAccumulator
 from quantkit.numerics.quant import QuantSpec, dequantize
+from quantkit.testing import outlier_layer
+from quantkit.testing import output_error as _out_err
 from quantkit.numerics.sparsity import SparsityTarget, n_pruned, nm_valid
 from quantkit.numerics.stats import ActStats
 
 
-def _outlier_layer(seed=0, out_f=32, in_f=128, tokens=1024):
-    """A toy layer whose inputs have planted outlier channels (as in LLM activations)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, in_f, generator=g)
-    x[:, :6] *= 25.0  # outlier channels
-    x = x @ (torch.eye(in_f) + 0.3 * torch.randn(in_f, in_f, generator=g) / in_f**0.5)  # correlated inputs
-    w = torch.randn(out_f, in_f, generator=g)
-    h = HessianAccumulator(in_f)
+def _outlier_layer(seed=0, **kw):
+    """A toy layer with planted outlier channels and correlated inputs, and its Hessian."""
+    w, x = outlier_layer(seed, **kw)
+    h = HessianAccumulator(x.shape[1])
     h.add(x)
     return w, x, h.H
-
-
-def _out_err(x, w, w_hat):
-    return float(((x @ (w - w_hat).T) ** 2).mean())
 
 
 def _kw(target: SparsityTarget) -> dict:

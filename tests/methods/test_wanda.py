@@ -9,20 +9,16 @@ from quantkit.methods.magnitude import magnitude_prune
 from quantkit.methods.wanda import wanda_prune, wanda_scores
 from quantkit.numerics.sparsity import SparsityTarget, n_pruned, nm_mask, nm_valid, parse_pattern, topk_mask
 from quantkit.numerics.stats import ActStats
+from quantkit.testing import outlier_layer
+from quantkit.testing import output_error as _out_err
 
 
 def _outlier_layer(seed=0, out_f=32, in_f=128, tokens=512):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, in_f, generator=g)
-    x[:, :6] *= 25.0  # outlier channels: small weights there still matter
-    w = torch.randn(out_f, in_f, generator=g)
+    """Outlier channels, uncorrelated inputs: small weights there still matter."""
+    w, x = outlier_layer(seed, out_f=out_f, in_f=in_f, tokens=tokens, correlated=False)
     stats = ActStats(in_f)
     stats.add(x)
     return w, x, stats
-
-
-def _out_err(x, w, w_hat):
-    return float(((x @ (w - w_hat).T) ** 2).mean())
 
 
 def test_wanda_score_is_weight_times_input_norm():
