@@ -31,12 +31,18 @@ import time
 from pathlib import Path
 
 import torch
+from quantkit.eval.protocol import add_protocol_args, load_protocol
 
 from quantkit import api
-from quantkit.data import calibration_samples, eval_windows, load_text, tokenize
+from quantkit.data import load_text, tokenize
 from quantkit.evaluate import perplexity
 from quantkit.modelio import load_model
-from quantkit.runtime.kvcache import KVCachedLM, KVQuantConfig, kv_bytes_per_token, kv_cache_bytes
+from quantkit.runtime.kvcache import (
+    KVCachedLM,
+    KVQuantConfig,
+    kv_bytes_per_token,
+    kv_cache_bytes,
+)
 
 ROWS = ("fp32", "rtn", "gptq", "awq", "awq_gptq", "w8a8_naive", "smoothquant", "kv_float", "kv_int8", "kv_int4",
         "kv_int4_kivi", "kv_memory")
@@ -181,24 +187,15 @@ def markdown(state: dict, args) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
+    add_protocol_args(ap)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--calib", default="c4")
-    ap.add_argument("--nsamples", type=int, default=64)
-    ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--dataset", default="wikitext2")
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--max-windows", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength.")
     ap.add_argument("--kv-context", type=int, default=2048)
     ap.add_argument("--rows", default=",".join(ROWS), help=f"Comma-separated subset of {', '.join(ROWS)}.")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's).")
     ap.add_argument("--state", default=None, help="JSON file holding measured rows (resumable).")
     ap.add_argument("--out", default=None, help="Write the markdown table here.")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rows = [x for x in args.rows.split(",") if x]
     unknown = set(rows) - set(ROWS)
     if unknown:
@@ -209,9 +206,8 @@ def main(argv=None) -> dict:
     state["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
     todo = [x for x in rows if x not in state["rows"]]
     if todo:
-        base, tok = load_model(args.model)
-        windows = eval_windows(tokenize(tok, load_text(args.dataset, "test")), args.seqlen, args.max_windows)
-        calib = calibration_samples(tok, args.calib, args.nsamples, args.calib_seqlen, seed=0)
+        setup = load_protocol(args)
+        base, tok, windows, calib = setup.model, setup.tokenizer, setup.windows, setup.calib
         for name in todo:
             t0 = time.perf_counter()
             state["rows"][name] = run_row(name, base, tok, calib, windows, args)

@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from quantkit.eval.protocol import add_protocol_args, load_protocol
+
 from quantkit import api
-from quantkit.data import calibration_samples, eval_windows, load_text, tokenize
 from quantkit.evaluate import perplexity
 from quantkit.modelio import load_model
 from quantkit.runtime.qlinear import QuantLinear
@@ -37,22 +38,15 @@ def linear_bytes(model) -> tuple[int, int]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
+    add_protocol_args(ap)
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--calib", default="c4")
-    ap.add_argument("--nsamples", type=int, default=64)
-    ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--dataset", default="wikitext2")
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--max-windows", type=int, default=16)
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--asym", action="store_true", help="Asymmetric grids (default: symmetric, as the peers' W4A16 presets).")
     ap.add_argument("--json", dest="json_out", default=None, help="Also write the results as JSON here.")
     args = ap.parse_args(argv)
 
-    base, tok = load_model(args.model)
-    windows = eval_windows(tokenize(tok, load_text(args.dataset, "test")), args.seqlen, args.max_windows)
-    calib = calibration_samples(tok, args.calib, args.nsamples, args.calib_seqlen, seed=0)
+    setup = load_protocol(args)
+    base, tok, windows, calib = setup.model, setup.tokenizer, setup.windows, setup.calib
     rows = []
     t = time.perf_counter()
     fp = perplexity(base, windows)

@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+from quantkit.eval.protocol import add_protocol_args, load_protocol
 
 from quantkit import api
-from quantkit.data import calibration_samples, eval_windows, load_text, tokenize
+from quantkit.data import calibration_samples
 from quantkit.distill import distill, save_student
 from quantkit.evaluate import perplexity
 from quantkit.modelio import load_model, read_quantization_config
@@ -34,30 +35,20 @@ _METHODS = {"svd": ("svd", {}), "asvd": ("asvd", {}), "asvd-act": ("asvd", {"sca
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
+    add_protocol_args(ap)
     ap.add_argument("--ratio", type=float, default=0.8, help="Fraction of the factorized layers' parameters kept.")
     ap.add_argument("--methods", default="svd,asvd,asvd-act")
-    ap.add_argument("--calib", default="c4")
-    ap.add_argument("--nsamples", type=int, default=64)
-    ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--dataset", default="wikitext2")
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--max-windows", type=int, default=16)
     ap.add_argument("--distill-steps", type=int, default=200, help="0 skips distillation.")
     ap.add_argument("--distill-seqlen", type=int, default=128)
     ap.add_argument("--distill-batch", type=int, default=4)
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--workdir", default=None, help="Keep the asvd checkpoints (before/after distillation) here.")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a loaded, shared CPU).")
     ap.add_argument("--json", dest="json_out", default=None, help="Also write the results as JSON here.")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    base, tok = load_model(args.model)
-    windows = eval_windows(tokenize(tok, load_text(args.dataset, "test")), args.seqlen, args.max_windows)
-    calib = calibration_samples(tok, args.calib, args.nsamples, args.calib_seqlen, seed=0)
+    setup = load_protocol(args)
+    base, tok, windows, calib = setup.model, setup.tokenizer, setup.windows, setup.calib
     rows = []
     t = time.perf_counter()
     fp = perplexity(base, windows)

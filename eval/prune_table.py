@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import torch
+from quantkit.eval.protocol import add_protocol_args, load_protocol
 
 from quantkit import api
-from quantkit.data import calibration_samples, eval_windows, load_text, tokenize
 from quantkit.evaluate import perplexity
 from quantkit.modelio import load_model
 from quantkit.numerics.sparsity import SparsityTarget, nm_valid
@@ -52,13 +52,7 @@ def check_sparsity(model, result, options: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--calib", default="c4")
-    ap.add_argument("--nsamples", type=int, default=64)
-    ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--dataset", default="wikitext2")
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--max-windows", type=int, default=16)
+    add_protocol_args(ap)
     ap.add_argument("--group-size", type=int, default=64, help="Group size of the joint SparseGPT + 4-bit row.")
     ap.add_argument("--targets", default="50%,2:4,4:8", help="Comma-separated subset of 50%%, 2:4, 4:8.")
     ap.add_argument("--no-packed-check", action="store_true", help="Skip the packed 2:4 reload check (one more prune + eval).")
@@ -72,9 +66,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
 
     t_all = time.perf_counter()
-    base, tok = load_model(args.model)
-    windows = eval_windows(tokenize(tok, load_text(args.dataset, "test")), args.seqlen, args.max_windows)
-    calib = calibration_samples(tok, args.calib, args.nsamples, args.calib_seqlen, seed=0)
+    setup = load_protocol(args)
+    base, tok, windows, calib = setup.model, setup.tokenizer, setup.windows, setup.calib
     t = time.perf_counter()
     dense = perplexity(base, windows)["perplexity"]
     eval_s = time.perf_counter() - t

@@ -1,0 +1,31 @@
+"""The results-table scripts run end to end on stories260K (tiny settings), so they cannot rot."""
+
+from pathlib import Path
+
+FIX = Path(__file__).parent.parent / "fixtures"
+TINY = ["--model", str(FIX / "stories260K"), "--calib", str(FIX / "tinystories.txt"), "--dataset",
+        str(FIX / "tinystories.txt"), "--nsamples", "4", "--calib-seqlen", "64", "--seqlen", "64", "--max-windows", "2"]
+
+
+def test_protocol_loads_model_windows_and_calibration():
+    import argparse
+
+    from quantkit.eval.protocol import add_protocol_args, load_protocol
+
+    ap = argparse.ArgumentParser()
+    add_protocol_args(ap)
+    setup = load_protocol(ap.parse_args(TINY))
+    assert tuple(setup.windows.shape) == (2, 64) and tuple(setup.calib.shape) == (4, 64)
+
+
+def test_gptq_table_rows_and_packed_check(tmp_path):
+    import json
+
+    from quantkit.eval import gptq_table
+
+    out = tmp_path / "t.json"
+    gptq_table.main(TINY + ["--bits", "4", "--group-size", "-1", "--json", str(out)])
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"fp32", "RTN W4 g-1", "GPTQ W4 g-1"}
+    assert all(r["perplexity"] > 1 for r in rows.values())
+    assert rows["RTN W4 g-1"]["perplexity"] > rows["fp32"]["perplexity"]
