@@ -1,5 +1,6 @@
-"""Kernels for packed weights: Triton (GPU, and its interpreter in tests), PyTorch's CPU
-low-bit ops, and a pure-torch reference for each.
+"""Kernels for packed weights: Triton (GPU, and its interpreter in tests), quantkit's native CPU
+int4 kernel (``cpu_int4.c``, built on first use by :mod:`~quantkit.kernels.cpu_native`),
+PyTorch's CPU low-bit ops, and a pure-torch reference for each.
 
 Which one runs is decided in one place, :mod:`quantkit.runtime.backends`; nothing here looks
 at the device.  Triton modules (``w4a16``, ``w8a16``, ``w8a8``) are imported only when used,

@@ -15,10 +15,11 @@ from typing import Callable
 
 import torch
 
-from quantkit.calib import CompressionResult, run_blockwise
+from quantkit.calib import BlockHooks, CompressionResult, run_blockwise
 from quantkit.checkpoint import atomic_output_dir, pack_model, quantization_config, save_checkpoint
 from quantkit.data import calibration_samples
 from quantkit.errors import QuantkitError
+from quantkit.memory import return_large_frees_to_os
 from quantkit.modelio import load_model  # noqa: F401  (re-exported)
 from quantkit.registry import get_method
 
@@ -39,6 +40,8 @@ def make_config(method_name: str, options: dict):
 def check_finite(model) -> None:
     """Refuse weights holding NaN or Inf: every method would turn them into garbage silently."""
     for name, p in model.named_parameters():
+        if p.is_meta:  # streaming: checked as each block is read (quantkit.streaming)
+            continue
         if p.dtype.is_floating_point and not torch.isfinite(p).all():
             bad = int((~torch.isfinite(p)).sum())
             raise QuantkitError(f"{name} holds {bad} NaN/Inf value(s); refusing to compress a broken checkpoint")
@@ -47,18 +50,30 @@ def check_finite(model) -> None:
 def compress(model, method_name: str, options: dict | object, *, tokenizer=None, calib: str | None = None,
              nsamples: int = 128, seqlen: int = 2048, seed: int = 0, batch_size: int = 8,
              calib_ids: torch.Tensor | None = None,
-             progress: Callable[[int, int, str], None] | None = None) -> CompressionResult:
-    """Compress ``model`` in place with a registered method; returns what was done per module."""
+             progress: Callable[[int, int, str], None] | None = None,
+             hooks: BlockHooks | None = None) -> CompressionResult:
+    """Compress ``model`` in place with a registered method; returns what was done per module.
+    ``hooks``: see :class:`quantkit.calib.BlockHooks` (streaming from disk, offloaded activations).
+
+    With ``quantize_lm_head=True`` in the options (weight-quantizing methods), the output head
+    is quantized too, after the blocks (see :func:`quantkit.methods.common.quantize_head`)."""
     method_cls = get_method(method_name)
+    return_large_frees_to_os()  # see quantkit.memory: keeps peak RSS near model + one block's activations
     check_finite(model)
     config = options if dataclasses.is_dataclass(options) else make_config(method_name, dict(options))
     method = method_cls(config)
+    if getattr(config, "quantize_lm_head", False) and hooks is not None:  # the head's statistics need the whole model
+        raise QuantkitError("quantize_lm_head needs the model in memory (it cannot stream)")
     if method.needs_calibration and calib_ids is None:
         if calib is None or tokenizer is None:
             raise QuantkitError(f"method {method_name!r} needs calibration data (--calib)")
         calib_ids = calibration_samples(tokenizer, calib, nsamples, seqlen, seed)
     model.config.use_cache = False
-    result = run_blockwise(model, method, calib_ids if method.needs_calibration else None, batch_size, progress)
+    result = run_blockwise(model, method, calib_ids if method.needs_calibration else None, batch_size, progress, hooks)
+    if getattr(config, "quantize_lm_head", False):
+        from quantkit.methods.common import quantize_head
+
+        quantize_head(model, method, calib_ids, batch_size, result)
     result.extra.setdefault("config", dataclasses.asdict(config))
     return result
 

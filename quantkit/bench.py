@@ -2,11 +2,13 @@
 decode roofline, for float and packed models alike.
 
 Decode on a CPU is bound by memory traffic: every new token reads every weight once.  The
-roofline is ``bandwidth / bytes read per token``, with the bandwidth measured here (the best
-of a few full reads of a 256 MiB tensor) and the bytes summed over what the chosen kernels
-actually read (a ``QuantLinear``'s converted layout, a float ``Linear``'s weight, one row of
-each embedding; the KV cache is not counted, it is small next to the weights for short
-contexts).  ``roofline_fraction`` is measured decode tokens/s over that bound.
+roofline is ``bandwidth / bytes read per token``.  The bandwidth is measured the way decode
+runs: on the same number of threads (``torch.get_num_threads()``), as the best of several
+float32 sums over a 512 MiB tensor (16x this machine's 32 MiB L3), once per timing round so a
+busy moment does not set it.  The bytes are summed over what the chosen kernels actually read
+(a ``QuantLinear``'s converted layout, a float ``Linear``'s weight, one row of each embedding;
+the KV cache is not counted, it is small next to the weights for short contexts).
+``roofline_fraction`` = decode tokens/s x bytes per token / bandwidth.
 
     >>> r = run_bench(model, prompt_len=64, gen_len=32, repeat=3)     # doctest: +SKIP
     >>> r["decode_tokens_per_s"], r["roofline_fraction"]              # doctest: +SKIP
@@ -29,27 +31,23 @@ import time
 
 import click
 
-BANDWIDTH_BYTES = 256 * 2**20
+BANDWIDTH_BYTES = 512 * 2**20
 
 
 # ---- machine and model facts ----------------------------------------------------------------
 def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeat: int = 5) -> float:
-    """The machine's read bandwidth in bytes/s: the best of ``repeat`` sums over an ``nbytes``
-    float32 tensor (far larger than the caches), on every core whatever ``--threads`` says."""
+    """Read bandwidth in bytes/s on the current ``torch.get_num_threads()`` threads (the ones
+    decode runs on): the best of ``repeat`` float32 sums over an ``nbytes`` tensor, far larger
+    than the caches."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or threads)
-    try:
-        t = torch.ones(nbytes // 4)
-        t.sum()  # touch the pages
-        best = float("inf")
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            t.sum()
-            best = min(best, time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(threads)
+    t = torch.ones(nbytes // 4)
+    t.sum()  # touch the pages
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        t.sum()
+        best = min(best, time.perf_counter() - t0)
     return nbytes / best
 
 
@@ -141,13 +139,16 @@ def run_benches(models: dict, *, prompt_len: int = 128, gen_len: int = 64, batch
     g = torch.Generator().manual_seed(seed)
     steps = {n: (torch.compile(m.forward, dynamic=False) if compile else None) for n, m in models.items()}
     times: dict[str, list[tuple[float, float]]] = {n: [] for n in models}
+    bws = []
     for i in range(warmup + repeat):
         ids = torch.randint(0, min(m.config.vocab_size for m in models.values()), (batch, prompt_len), generator=g)
         for name, model in models.items():
             t = time_generation(model, ids.to(next(model.parameters()).device), gen_len, steps[name])
             if i >= warmup:
                 times[name].append(t)
-    bw = bandwidth if bandwidth is not None else measure_bandwidth()
+        if bandwidth is None:
+            bws.append(measure_bandwidth())
+    bw = bandwidth if bandwidth is not None else max(bws)
     return {n: _result(models[n], times[n], prompt_len, gen_len, batch, bw, compile) for n in models}
 
 

@@ -6,14 +6,20 @@
    hooks on the linears it names, compresses, and writes the compressed weights back;
 3. the block is re-run with its compressed weights to produce the next block's inputs.
 
-Only one block's activations are held.  A method is a class with ``process_block(ctx)``;
+Only one block's activations are held (in memory by default, in files with
+``quantkit.streaming.DiskActivations``).  A method is a class with ``process_block(ctx)``;
 methods that need no data (RTN, magnitude) set ``needs_calibration = False`` and the driver
 skips steps 1 and 3.
+
+The driver calls a :class:`BlockHooks` object around each block.  In memory the hooks do
+nothing; ``quantkit.streaming`` uses them to load a block's weights from the checkpoint shards
+just before it runs, then write its packed tensors and free it, and to resume a killed run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -99,6 +105,57 @@ class _Caught(Exception):
     pass
 
 
+class Activations:
+    """The hidden states entering the current block, one ``[b, seq, d]`` tensor per calibration
+    batch, with the keyword arguments the model passes its blocks (positions, masks), which are
+    the same for every block.  Indexing gives ``(hidden, kwargs)``; held in memory."""
+
+    def __init__(self):
+        self._hidden: list[torch.Tensor] = []
+        self._kwargs: list[dict] = []
+
+    def append(self, hidden: torch.Tensor, kwargs: dict) -> None:
+        self._hidden.append(hidden)
+        self._kwargs.append(kwargs)
+
+    def __len__(self) -> int:
+        return len(self._kwargs)
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, dict]:
+        if not -len(self) <= j < len(self):
+            raise IndexError(j)
+        return self._hidden[j], self._kwargs[j]
+
+    def __iter__(self):
+        for j in range(len(self)):
+            yield self[j]
+
+    def advance(self, run: Callable[[torch.Tensor, dict], torch.Tensor]) -> None:
+        """Replace each batch's hidden states by ``run(hidden, kwargs)`` (the block's output)."""
+        for j, kwargs in enumerate(self._kwargs):
+            self._hidden[j] = run(self._hidden[j], kwargs)
+
+
+class BlockHooks:
+    """What the driver calls around the blocks.  These defaults keep the whole model in memory;
+    ``quantkit.streaming.StreamHooks`` loads each block from the checkpoint before it runs and
+    writes and frees it after, and resumes after the last block a killed run finished."""
+
+    def first_block(self, n_blocks: int, result: "CompressionResult") -> int:
+        """The block to start from (restoring ``result`` for the blocks before it)."""
+        return 0
+
+    def activations(self, first: int) -> Activations:
+        """An empty store for the calibration inputs of block ``first``."""
+        return Activations()
+
+    def load_block(self, index: int, block: nn.Module) -> None:
+        """Make block ``index``'s weights real before it runs."""
+
+    def block_done(self, index: int, block: nn.Module, result: "CompressionResult", inputs: Activations | None) -> None:
+        """Block ``index`` is compressed and ``inputs`` hold the next block's inputs."""
+
+
 def _linear_weight(mod: nn.Module, transposed: bool) -> torch.Tensor:
     w = mod.weight.data
     return w.t() if transposed else w  # always [out, in]
@@ -142,14 +199,15 @@ class BlockContext:
         self.result.log.append(rec)
 
     # -- running the block ------------------------------------------------------------
+    def run(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The block's output for one batch (returned on the device ``hidden`` came from)."""
+        out = self.block(hidden.to(self.device), **kwargs)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return out.to(hidden.device)
+
     def forward(self) -> list[torch.Tensor]:
         """Run the block over every cached batch; returns outputs (on the offload device)."""
-        outs = []
-        for hidden, kwargs in self.inputs:
-            out = self.block(hidden.to(self.device), **kwargs)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            outs.append(out.to(hidden.device))
-        return outs
+        return [self.run(hidden, kwargs) for hidden, kwargs in self.inputs]
 
     def collect(self, kind: str, groups: Iterable[LinearGroup]) -> dict[str, object]:
         """Run the block once with input hooks on ``groups``' linears and return one accumulator
@@ -166,7 +224,8 @@ class BlockContext:
             handles.append(first.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
         try:
             with torch.no_grad():
-                self.forward()
+                for hidden, kwargs in self.inputs:
+                    self.run(hidden, kwargs)  # only the hooks' statistics are kept
         finally:
             for h in handles:
                 h.remove()
@@ -174,10 +233,14 @@ class BlockContext:
 
 
 def catch_block_inputs(model: nn.Module, arch: ArchSpec, calib_ids: torch.Tensor, batch_size: int,
-                       offload: torch.device) -> list:
-    """Inputs of block 0 for each calibration batch: ``[(hidden, kwargs), ...]``."""
+                       offload: torch.device, store: Activations | None = None) -> Activations:
+    """Inputs of block 0 for each calibration batch, appended to ``store``: ``(hidden, kwargs)``.
+
+    Keyword tensors equal to the previous batch's (positions, rotary tables, masks: the same for
+    every full batch) are stored once."""
     block0 = arch.blocks(model)[0]
-    caught = []
+    store = Activations() if store is None else store
+    previous: dict = {}
 
     def hook(module, args, kwargs):
         kwargs = dict(kwargs)
@@ -185,7 +248,12 @@ def catch_block_inputs(model: nn.Module, arch: ArchSpec, calib_ids: torch.Tensor
         for k in ("past_key_value", "past_key_values", "layer_past"):
             kwargs.pop(k, None)
         kwargs["use_cache"] = False
-        caught.append((hidden.detach().to(offload), kwargs))
+        for k, v in kwargs.items():
+            if _same_tensors(v, previous.get(k)):
+                kwargs[k] = previous[k]
+        previous.clear()
+        previous.update(kwargs)
+        store.append(hidden.detach().to(offload), kwargs)
         raise _Caught
 
     handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
@@ -194,33 +262,57 @@ def catch_block_inputs(model: nn.Module, arch: ArchSpec, calib_ids: torch.Tensor
             for start in range(0, calib_ids.shape[0], batch_size):
                 batch = calib_ids[start:start + batch_size]
                 with contextlib.suppress(_Caught):
-                    model(input_ids=batch.to(model.device), use_cache=False)
+                    model(input_ids=batch.to(_input_device(model)), use_cache=False)
     finally:
         handle.remove()
-    return caught
+    return store
+
+
+def _same_tensors(a, b) -> bool:
+    """``a`` and ``b`` are equal tensors, or equal tuples of tensors (rotary cos/sin)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) and a:
+        return all(_same_tensors(x, y) for x, y in zip(a, b))
+    return False
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where the model computes: its first tensor that is not on ``meta`` (when streaming, the
+    blocks not loaded yet are)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if not t.is_meta:
+            return t.device
+    return torch.device("cpu")
 
 
 def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor | None = None,
-                  batch_size: int = 8, progress: Callable[[int, int, str], None] | None = None) -> CompressionResult:
-    """Compress ``model`` in place, block by block.  ``calib_ids``: ``[nsamples, seqlen]`` token ids."""
+                  batch_size: int = 8, progress: Callable[[int, int, str], None] | None = None,
+                  hooks: BlockHooks | None = None) -> CompressionResult:
+    """Compress ``model`` in place, block by block.  ``calib_ids``: ``[nsamples, seqlen]`` token ids.
+    ``hooks`` (default: all in memory) load, write and free blocks when streaming."""
+    hooks = BlockHooks() if hooks is None else hooks
     arch = arch_for(model)
     method.check(model, arch)
     blocks = arch.blocks(model)
     result = CompressionResult()
-    device = next(model.parameters()).device
+    device = _input_device(model)
+    first = hooks.first_block(len(blocks), result)
     inputs = None
-    if method.needs_calibration:
+    if method.needs_calibration and first < len(blocks):
         if calib_ids is None:
             raise ValueError(f"method {method.name!r} needs calibration data")
-        inputs = catch_block_inputs(model, arch, calib_ids, batch_size, torch.device("cpu"))
-    for i, block in enumerate(blocks):
+        inputs = catch_block_inputs(model, arch, calib_ids, batch_size, torch.device("cpu"), hooks.activations(first))
+    for i in range(first, len(blocks)):
         t0 = time.perf_counter()
+        block = blocks[i]
+        hooks.load_block(i, block)
         ctx = BlockContext(i, f"{arch.blocks_path}.{i}", block, arch, inputs, result, device)
         with torch.no_grad():
             method.process_block(ctx)
             if inputs is not None and i + 1 < len(blocks):
-                outs = ctx.forward()
-                inputs = [(o, kw) for o, (_, kw) in zip(outs, inputs)]
+                inputs.advance(ctx.run)
+        hooks.block_done(i, block, result, inputs)
         if progress is not None:
             progress(i + 1, len(blocks), f"block {i} {time.perf_counter() - t0:.1f}s")
     method.finish(model, result)

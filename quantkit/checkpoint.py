@@ -10,7 +10,9 @@
 
 Each listed module ``m`` is stored as ``m.qweight`` (uint8, codes packed per row), ``m.scales``
 (float16 ``[out, n_groups]``), ``m.qzeros`` (uint8, asymmetric only), ``m.g_idx`` (int32,
-act-order only) and ``m.bias``.  Everything else (embeddings, norms, lm_head) stays float.
+act-order only) and ``m.bias``.  Everything else (embeddings, norms) stays float, and so does
+lm_head unless it was quantized (``quantize_lm_head``): then it is listed like any other module
+and, if it was tied to the input embedding, the config says ``tie_word_embeddings: false``.
 
 Writes go to a temporary directory beside the target, renamed into place at the end, so a
 failed run never leaves a half-written checkpoint.
@@ -98,11 +100,18 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | 
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
+    save_file(unique_state_dict(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_metadata(model, tokenizer, out_dir, qconfig, result)
+
+
+def save_metadata(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | None, result: CompressionResult | None = None) -> None:
+    """Everything of a checkpoint but its weights: config.json (+ quantization_config), generation
+    config, tokenizer and the module log (quantkit.streaming writes the weights itself)."""
+    out_dir = Path(out_dir)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     if qconfig is not None:
         config["quantization_config"] = qconfig
-    save_file(unique_state_dict(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -118,12 +127,32 @@ def _swap_in_runtime_modules(model: nn.Module, modules: dict) -> None:
     from quantkit.runtime.modules import runtime_module_class
 
     transposed = arch_for(model).transposed
+    if not isinstance(modules, dict):
+        raise QuantkitError("quantization_config.modules must be a mapping of module names to entries")
     for name, entry in modules.items():
         lin = get_module(model, name)
-        w = lin.weight
-        out_f, in_f = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
+        w = getattr(lin, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            raise QuantkitError(f"quantization_config.modules names {name!r}, which is not a linear layer")
+        # GPT-2's Conv1D blocks store [in, out]; its lm_head is a plain nn.Linear
+        out_f, in_f = (w.shape[1], w.shape[0]) if transposed and not isinstance(lin, nn.Linear) else tuple(w.shape)
+        _check_entry(name, entry, in_f, out_f)
         cls = runtime_module_class(entry.get("kind", "quant"))
         set_module(model, name, cls.from_entry(in_f, out_f, entry, bias=getattr(lin, "bias", None) is not None, dtype=w.dtype))
+
+
+def _check_entry(name: str, entry, in_f: int, out_f: int) -> None:
+    """A module entry's sizes are sane before any buffer is allocated for it (a hostile config
+    could otherwise ask for a 10^9-bit grid or a rank larger than the layer)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("kind", "quant"), str):
+        raise QuantkitError(f"quantization_config.modules[{name!r}] must be a mapping with a string 'kind'")
+    for key in ("bits", "group_size", "rank", "n", "m"):
+        v = entry.get(key)
+        if v is None and key in ("bits", "group_size") and entry.get("kind", "quant") == "quant":
+            raise QuantkitError(f"quantization_config.modules[{name!r}] has no {key!r}")
+        if v is not None and (type(v) is not int or not -1 <= v <= max(in_f, out_f) or (key == "bits" and not 2 <= v <= 8)
+                              or (key == "group_size" and v != -1 and (v < 1 or in_f % v))):
+            raise QuantkitError(f"quantization_config.modules[{name!r}].{key} = {v!r} does not fit a {out_f}x{in_f} layer")
 
 
 def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -134,6 +163,8 @@ def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
 
     directory = Path(directory)
     qcfg = json.loads((directory / "config.json").read_text())["quantization_config"]
+    if type(qcfg.get("format_version", 0)) is not int:
+        raise QuantkitError(f"{directory}: quantization_config.format_version must be an integer")
     if qcfg.get("format_version", 0) > FORMAT_VERSION:
         raise QuantkitError(f"{directory} uses quantkit format version {qcfg.get('format_version')}; "
                             f"this quantkit reads up to {FORMAT_VERSION}: upgrade quantkit")

@@ -84,7 +84,7 @@ def _check_positive(name: str, value: int | None, upper: int | None = None) -> N
 
 
 QUANT_OPTIONS = ["bits", "group_size", "sym", "act_order", "static_groups", "damp", "true_sequential", "blocksize",
-                 "alpha", "act_quant", "n_grid", "clip"]
+                 "alpha", "act_quant", "n_grid", "clip", "quantize_lm_head"]
 
 
 @cli.command()
@@ -104,19 +104,27 @@ QUANT_OPTIONS = ["bits", "group_size", "sym", "act_order", "static_groups", "dam
               help="SmoothQuant activations: int8 per token at run time, or one calibrated scale per tensor.")
 @click.option("--n-grid", type=int, default=20, show_default=True, help="AWQ: alpha grid points in [0, 1].")
 @click.option("--clip/--no-clip", default=True, show_default=True, help="AWQ: search a clipping range per weight group.")
+@click.option("--quantize-lm-head", is_flag=True,
+              help="Quantize lm_head too (untied from the embeddings, which stay float); GPTQ calibrates it on the final norm's output.")
 @click.option("--calib", default="c4", show_default=True, help="Calibration data: a dataset name or a local file.")
 @click.option("--nsamples", type=int, default=128, show_default=True)
 @click.option("--seqlen", type=int, default=2048, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--stream/--no-stream", default=None,
+              help="Read a safetensors MODEL one block at a time from disk (memory: about one block), resumable "
+                   "[default: when its weights exceed half the available memory].")
+@click.option("--resume", is_flag=True, help="Continue the --stream run that was killed writing OUTPUT (implies --stream).")
+@click.option("--offload-activations", "offload", default=None, metavar="DIR",
+              help="Keep calibration activations in files under DIR (with --stream they are always in files, by default beside OUTPUT).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT (and an unfinished --stream run of it) if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_model_options
 @click.pass_context
-def quantize(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_size, overwrite, as_json, dtype,
-             allow_pickle, trust_remote_code, **_):
+def quantize(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_size, stream, resume, offload, overwrite,
+             as_json, dtype, allow_pickle, trust_remote_code, **_):
     """Quantize MODEL (a directory, .gguf file or hub id) and write a packed checkpoint."""
-    from quantkit import api
+    from quantkit import api, streaming
     from quantkit.modelio import dir_bytes, model_bytes
 
     _check_positive("--nsamples", nsamples, 1_000_000)
@@ -124,26 +132,53 @@ def quantize(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_si
     _check_positive("--batch-size", batch_size)
     method_cls = api.get_method(method)
     config = api.make_config(method, _given(ctx, QUANT_OPTIONS))
+    if method_cls.needs_calibration:
+        from quantkit.data import check_calibration_size
+
+        check_calibration_size(nsamples, seqlen)
     if os.path.exists(output) and not overwrite:
         raise QuantkitError(f"output {output} already exists; pass --overwrite to replace it")
+    if resume and stream is False:
+        raise QuantkitError("--resume continues a --stream run; drop --no-stream")
+    if stream is None:
+        stream = resume or streaming.should_stream(model, dtype)
+        if stream and not resume:
+            err_console.print(f"[yellow]note[/] {model}'s weights exceed half the available memory: streaming them "
+                              "block by block (--no-stream loads the model whole)")
     t0 = time.perf_counter()
-    m, tok = api.load_model(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if stream:
+        src = streaming.StreamSource.open(model, dtype, trust_remote_code)
+        m, bytes_before = src.model, src.nbytes()
+    else:
+        m, tok = api.load_model(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        bytes_before = model_bytes(m)
     seqlen_cap = getattr(m.config, "max_position_embeddings", None)
     if method_cls.needs_calibration and seqlen_cap and seqlen > seqlen_cap:
         raise QuantkitError(f"--seqlen {seqlen} exceeds the model's context of {seqlen_cap} tokens")
-    bytes_before = model_bytes(m)
-    with _progress(not as_json or sys.stderr.isatty()) as prog:
-        task = prog.add_task(f"{method}", total=None, info="")
-        res = api.compress(m, method, config, tokenizer=tok, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                           batch_size=batch_size,
-                           progress=lambda i, n, info: prog.update(task, completed=i, total=n, info=info))
-    api.save(m, tok, output, method, res, overwrite=overwrite)
+    hooks = streaming.OffloadHooks(offload) if offload and not stream else None
+    try:
+        with _progress(not as_json or sys.stderr.isatty()) as prog:
+            task = prog.add_task(f"{method}", total=None, info="")
+            update = lambda i, n, info: prog.update(task, completed=i, total=n, info=info)  # noqa: E731
+            if stream:
+                res = streaming.compress_streaming(model, output, method, config, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                                                   seed=seed, batch_size=batch_size, resume=resume, overwrite=overwrite,
+                                                   offload_dir=offload, trust_remote_code=trust_remote_code, source=src,
+                                                   progress=update)
+            else:
+                res = api.compress(m, method, config, tokenizer=tok, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                   batch_size=batch_size, progress=update, hooks=hooks)
+    finally:
+        if hooks is not None:
+            hooks.cleanup()
+    if not stream:
+        api.save(m, tok, output, method, res, overwrite=overwrite)
     seconds = time.perf_counter() - t0
     payload = {
         "output": os.path.abspath(output), "method": method, "bits": getattr(config, "bits", None),
         "group_size": getattr(config, "group_size", None), "bytes_before": bytes_before,
         "bytes_after": dir_bytes(output), "seconds": round(seconds, 3), "peak_rss_bytes": peak_rss_bytes(),
-        "modules": len(res.quantized),
+        "modules": len(res.quantized), "stream": stream,
     }
     notes = [r for r in res.log if r.note]
     for r in notes:
@@ -427,21 +462,41 @@ def run_cmd(recipe, model, output, sets, overwrite, as_json, dtype, allow_pickle
 
 @cli.command()
 @click.argument("checkpoint")
-@click.option("--format", "fmt", type=click.Choice(["gptq"]), required=True,
-              help="gptq: qweight/qzeros/scales/g_idx as transformers, GPTQModel and vLLM read them.")
-@click.option("-o", "--output", "output", required=True)
+@click.option("--format", "fmt", type=click.Choice(["gptq", "gguf"]), required=True,
+              help="gptq: qweight/qzeros/scales/g_idx as transformers, GPTQModel and vLLM read them. "
+                   "gguf: one file llama.cpp runs (4-bit sym -> Q4_0, 4-bit asym -> Q4_1, 8-bit sym -> Q8_0).")
+@click.option("-o", "--output", "output", required=True, help="A directory (gptq) or a .gguf file (gguf).")
+@click.option("--float-type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
+              help="gguf: type of float matrices (embeddings, layers left in float); norms are always F32.")
+@click.option("--requant", type=click.Choice(["f32", "f16", "q8_0"]), default=None,
+              help="gguf: write layers whose grid has no exact ggml type (3-bit, groups not a multiple of 32, "
+                   "act-order without static groups) in this type instead of refusing.")
+@click.option("--tokenizer-pre", default=None,
+              help="gguf: llama.cpp pre-tokenizer name for byte-level BPE vocabularies (default: recognised from tokenizer.json).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def export(checkpoint, fmt, output, overwrite, as_json):
+def export(checkpoint, fmt, output, float_type, requant, tokenizer_pre, overwrite, as_json):
     """Export a quantkit CHECKPOINT to a format other engines run."""
-    from quantkit.export import export_gptq
     from quantkit.modelio import dir_bytes
 
-    export_gptq(checkpoint, output, overwrite)
-    payload = {"output": os.path.abspath(output), "format": fmt, "bytes": dir_bytes(output)}
+    if fmt == "gguf":
+        from quantkit.export_gguf import export_gguf
+
+        summary = export_gguf(checkpoint, output, float_type=float_type, requant=requant, tokenizer_pre=tokenizer_pre,
+                              overwrite=overwrite)
+        payload = {"output": os.path.abspath(output), "format": fmt, "bytes": summary["bytes"], "tensors": summary["tensors"],
+                   "tokenizer": summary["tokenizer"]}
+    else:
+        if requant or tokenizer_pre or float_type != "f16":
+            raise QuantkitError("--float-type, --requant and --tokenizer-pre apply to --format gguf only")
+        from quantkit.export import export_gptq
+
+        export_gptq(checkpoint, output, overwrite)
+        payload = {"output": os.path.abspath(output), "format": fmt, "bytes": dir_bytes(output)}
     _emit(as_json, payload, None)
     if not as_json:
-        err_console.print(f"wrote {fmt} checkpoint to {output} ({payload['bytes'] / 1e6:.1f} MB)")
+        kinds = ", ".join(f"{n} {t}" for t, n in payload.get("tensors", {}).items())
+        err_console.print(f"wrote {fmt} checkpoint to {output} ({payload['bytes'] / 1e6:.1f} MB{'; ' + kinds if kinds else ''})")
 
 
 @cli.group(name="eval", cls=_Group)

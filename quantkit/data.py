@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.memory import release_freed_memory
 
 # name -> {split: (file relative to the data dir, how its records are joined)}
 _LOCAL = {
@@ -121,7 +122,9 @@ def load_text(source: str, split: str = "test") -> str:
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one ``[n_tokens]`` id tensor (no special tokens)."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    ids = torch.tensor(ids, dtype=torch.long)
+    release_freed_memory()  # a long text's encoding (offsets, token strings) is several times its ids
+    return ids
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
@@ -134,10 +137,21 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None)
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
-def calibration_samples(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0, split: str = "validation") -> torch.Tensor:
-    """``[nsamples, seqlen]`` random windows of the source's text, seeded (same inputs -> same samples)."""
+MAX_CALIB_TOKENS = 1 << 24  # 16.8M tokens: 64x GPTQ's usual 128 x 2048
+
+
+def check_calibration_size(nsamples: int, seqlen: int) -> None:
+    """Refuse, before any work, a calibration set that is empty or absurdly large."""
     if nsamples < 1 or seqlen < 2:
         raise QuantkitError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
+    if nsamples * seqlen > MAX_CALIB_TOKENS:
+        raise QuantkitError(f"nsamples x seqlen = {nsamples * seqlen:,} calibration tokens is more than quantkit takes "
+                            f"({MAX_CALIB_TOKENS:,}); use fewer --nsamples or a shorter --seqlen")
+
+
+def calibration_samples(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0, split: str = "validation") -> torch.Tensor:
+    """``[nsamples, seqlen]`` random windows of the source's text, seeded (same inputs -> same samples)."""
+    check_calibration_size(nsamples, seqlen)
     try:
         text = load_text(source, split)
     except QuantkitError as e:

@@ -8,6 +8,11 @@ GPTQ integration, GPTQModel, vLLM, AutoGPTQ), for 2, 4 and 8 bits:
 * ``scales`` float16 ``[n_groups, out]``; ``g_idx`` int32 ``[in]``;
 * ``quantization_config``: ``{"quant_method": "gptq", "bits", "group_size", "desc_act", "sym",
   "checkpoint_format": "gptq"}``.
+
+The v1 format stores ``z - 1``, so a zero point of 0 (an asymmetric group whose minimum is 0)
+cannot be written and is exported as 1, as other GPTQ v1 writers do.  Imports of other tools'
+layouts share :func:`load_with_quant_linears` (AWQ: :mod:`quantkit.import_awq`); GGUF export
+is :mod:`quantkit.export_gguf`.
 """
 
 from __future__ import annotations
@@ -108,56 +113,74 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     return Path(out)
 
 
-def import_gptq(directory: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a GPTQ-format checkpoint (ours or another tool's) into quantkit's runtime."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
+def load_with_quant_linears(directory: str | Path, config, build, dtype: torch.dtype = torch.float32):
+    """A model from ``config`` whose quantized linears come from another tool's tensors.
 
-    from quantkit.arch import arch_for, get_module, set_module
+    ``build(name, state, dtype)`` pops one linear's tensors (``name.qweight`` and the rest) from
+    ``state`` and returns its :class:`QuantLinear`; every other tensor loads as usual."""
+    from safetensors.torch import load_file
+
+    from quantkit.arch import set_module
     from quantkit.modelio import model_from_config
-    from quantkit.runtime.qlinear import QuantLinear
 
     directory = Path(directory)
-    config = AutoConfig.from_pretrained(directory)
-    qcfg = dict(config.quantization_config if isinstance(config.quantization_config, dict) else config.quantization_config.to_dict())
-    if qcfg.get("quant_method") not in ("gptq", "awq"):
-        raise QuantkitError(f"{directory} is not a GPTQ checkpoint")
-    if qcfg.get("quant_method") == "awq":
-        raise QuantkitError("AWQ-format (GEMM-packed) checkpoints are not readable yet; export them to GPTQ first")
-    if qcfg.get("checkpoint_format", "gptq") != "gptq":
-        raise QuantkitError(f"GPTQ checkpoint_format {qcfg.get('checkpoint_format')!r} is not supported (only 'gptq')")
-    bits, gs, sym = int(qcfg["bits"]), int(qcfg["group_size"]), bool(qcfg.get("sym", True))
-    if bits not in GPTQ_BITS:
-        raise QuantkitError(f"GPTQ checkpoints of {bits} bits are not supported (only {GPTQ_BITS})")
-    del config.quantization_config
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise QuantkitError(f"{directory} has a quantization_config but no .safetensors weights")
     state = {}
-    for f in sorted(directory.glob("*.safetensors")):
+    for f in files:
         state.update(load_file(str(f)))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     model = model_from_config(config, dtype)
-    arch = arch_for(model)
     prefixes = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".qweight")})
     for name in prefixes:
-        qweight, qzeros, scales = state.pop(f"{name}.qweight"), state.pop(f"{name}.qzeros"), state.pop(f"{name}.scales")
-        g_idx = state.pop(f"{name}.g_idx", None)
-        bias = state.pop(f"{name}.bias", None)
-        codes = unpack_int32(qweight, bits, 0).t().contiguous()  # [out, in]
-        out_f, in_f = codes.shape
-        zeros = (unpack_int32(qzeros, bits, 1)[:, :out_f] + 1).t().float()  # [out, G]
-        group = in_f if gs == -1 else gs
-        default = torch.arange(in_f, dtype=torch.int32) // group
-        act = g_idx is not None and not torch.equal(g_idx.to(torch.int32), default)
-        lin = get_module(model, name)
-        qlin = QuantLinear.from_codes(codes.to(torch.uint8), scales.t().float(), zeros, bits, gs, sym=False,
-                                      g_idx=g_idx if act else None, bias=bias, dtype=dtype)
-        del lin
+        try:
+            qlin = build(name, state, dtype)
+        except KeyError as e:
+            raise QuantkitError(f"{directory}: {name} lacks tensor {e}") from None
         set_module(model, name, qlin)
     missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
                                                 strict=False)
-    built = set(prefixes)  # quantized modules were filled from the GPTQ tensors above
+    built = set(prefixes)  # quantized modules were filled from their packed tensors above
     missing = [k for k in missing if not k.endswith("lm_head.weight") and k.rsplit(".", 1)[0] not in built]
     if missing or unexpected:
         raise QuantkitError(f"{directory}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    del arch, sym
     return model.eval()
+
+
+def import_gptq(directory: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a GPTQ-format checkpoint (ours or another tool's) into quantkit's runtime."""
+    from transformers import AutoConfig
+
+    from quantkit.runtime.qlinear import QuantLinear
+
+    directory = Path(directory)
+    config = AutoConfig.from_pretrained(directory)
+    qcfg = dict(config.quantization_config if isinstance(config.quantization_config, dict) else config.quantization_config.to_dict())
+    if qcfg.get("quant_method") != "gptq":
+        raise QuantkitError(f"{directory} is not a GPTQ checkpoint")
+    if qcfg.get("checkpoint_format", "gptq") != "gptq":
+        raise QuantkitError(f"GPTQ checkpoint_format {qcfg.get('checkpoint_format')!r} is not supported (only 'gptq')")
+    try:
+        bits, gs = int(qcfg["bits"]), int(qcfg["group_size"])
+    except (KeyError, TypeError, ValueError):
+        raise QuantkitError(f"{directory}: GPTQ quantization_config lacks integer bits and group_size") from None
+    if bits not in GPTQ_BITS:
+        raise QuantkitError(f"GPTQ checkpoints of {bits} bits are not supported (only {GPTQ_BITS})")
+
+    def build(name, state, dtype):
+        qweight, qzeros, scales = state.pop(f"{name}.qweight"), state.pop(f"{name}.qzeros"), state.pop(f"{name}.scales")
+        g_idx = state.pop(f"{name}.g_idx", None)
+        bias = state.pop(f"{name}.bias", None)
+        codes = unpack_int32(qweight, bits, 0).t().contiguous()  # [in/per, out] -> [out, in]
+        out_f, in_f = codes.shape
+        zeros = (unpack_int32(qzeros, bits, 1)[:, :out_f] + 1).t().float()  # [G, out/per] -> [out, G]; v1 stores z - 1
+        group = in_f if gs == -1 else gs
+        act = g_idx is not None and not torch.equal(g_idx.to(torch.int32), torch.arange(in_f, dtype=torch.int32) // group)
+        return QuantLinear.from_codes(codes.to(torch.uint8), scales.t().float(), zeros, bits, gs, sym=False,
+                                      g_idx=g_idx if act else None, bias=bias, dtype=dtype)
+
+    return load_with_quant_linears(directory, config, build, dtype)

@@ -100,13 +100,29 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def _one_line(e: Exception) -> str:
-    msg = str(e).strip().splitlines()
+    msg = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if len(msg) > 1 and msg[0].endswith(":"):  # "Validation error for field 'x':" + the reason below it
+        msg = [f"{msg[0]} {msg[1]}"]
     return (msg[0] if msg else type(e).__name__)[:300]
 
 
 def load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: bool = False,
                trust_remote_code: bool = False, with_tokenizer: bool = True):
-    """``(model, tokenizer)`` for a float or packed checkpoint; model in eval mode on ``device``."""
+    """``(model, tokenizer)`` for a float or packed checkpoint; model in eval mode on ``device``.
+    Whatever a broken or hostile checkpoint makes the loaders raise is one :class:`QuantkitError` line."""
+    try:
+        return _load_model(path, dtype, device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                           with_tokenizer=with_tokenizer)
+    except QuantkitError:
+        raise
+    except MemoryError:
+        raise QuantkitError(f"cannot load {path}: out of memory") from None
+    except Exception as e:  # noqa: BLE001 - never a traceback for a bad file
+        raise QuantkitError(f"cannot load {path}: {type(e).__name__}: {_one_line(e)}") from None
+
+
+def _load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: bool = False,
+                trust_remote_code: bool = False, with_tokenizer: bool = True):
     _quiet_transformers()
     dtype = parse_dtype(dtype)
     directory, extra = _resolve(str(path))
@@ -127,6 +143,10 @@ def load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: bool
         from transformers import AutoModelForCausalLM
 
         extra.update(_check_weights_format(directory, allow_pickle))
+        if not extra:  # safetensors: config.json checked against the headers before anything is allocated
+            from quantkit.streaming import preflight
+
+            preflight(directory, dtype, trust_remote_code)
         kwargs = dict(trust_remote_code=trust_remote_code, **extra)
         if dtype is not None:
             kwargs["dtype"] = dtype
@@ -134,7 +154,11 @@ def load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: bool
             if "gguf_file" in extra:
                 model = _load_gguf(directory, extra["gguf_file"], dtype, trust_remote_code)
             else:
-                model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+                model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True, **kwargs)
+                if info.get("missing_keys"):  # transformers would run them with random values
+                    missing = sorted(info["missing_keys"])
+                    raise QuantkitError(f"cannot load {path}: config.json disagrees with the stored weights: {len(missing)} "
+                                        f"weight(s) of the model are not stored (e.g. {missing[0]})")
         except OSError as e:
             raise QuantkitError(f"cannot load {path}: {_one_line(e)}") from None
         except (ValueError, KeyError, RuntimeError, TypeError, ImportError) as e:

@@ -7,6 +7,7 @@
         bits: 4
         group_size: 64
         act_order: true
+        quantize_lm_head: true                      # the output head too (untied; embeddings stay float)
         ignore: ['mlp\\.down_proj$']               # left in float
         overrides:
           - {match: 'layers\\.0\\.', bits: 8}      # per-module format, by regex on the module name
@@ -119,7 +120,7 @@ def parse_recipe(data) -> Recipe:
         raise QuantkitError("a recipe must be a YAML mapping with a 'steps' list")
     unknown = set(data) - TOP_KEYS
     if unknown:
-        raise QuantkitError(f"unknown recipe key(s) {', '.join(sorted(map(str, unknown)))} (allowed: {', '.join(sorted(TOP_KEYS))})")
+        raise QuantkitError(f"unknown recipe key(s) {', '.join(sorted(' '.join(str(k).split()) for k in unknown))} (allowed: {', '.join(sorted(TOP_KEYS))})")
     steps = data.get("steps")
     if not isinstance(steps, list) or not steps:
         raise QuantkitError("a recipe needs a non-empty 'steps' list")
@@ -146,7 +147,10 @@ def _set(data: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise QuantkitError(f"--set wants KEY=VALUE, got {assignment!r}")
     path, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise QuantkitError(f"--set {path}: {raw!r} is not a YAML value ({' '.join(str(getattr(e, 'problem', e)).split())})") from None
     node = data
     parts = path.split(".")
     for part in parts[:-1]:
@@ -155,9 +159,13 @@ def _set(data: dict, assignment: str) -> None:
                 node = node[int(part)]
             except (ValueError, IndexError):
                 raise QuantkitError(f"--set {path}: no item {part!r}") from None
-        else:
+        elif isinstance(node, dict):
             node = node.setdefault(part, {})
+        else:
+            raise QuantkitError(f"--set {path}: {part!r} is inside a {type(node).__name__}, not a mapping or list")
     last = parts[-1]
+    if not isinstance(node, (list, dict)):
+        raise QuantkitError(f"--set {path}: {last!r} is inside a {type(node).__name__}, not a mapping or list")
     if isinstance(node, list):
         try:
             node[int(last)] = value
@@ -178,7 +186,8 @@ def load_recipe(path: str | Path, sets: tuple[str, ...] = ()) -> Recipe:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise QuantkitError(f"recipe {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        why = " ".join(str(getattr(e, "problem", None) or e).split())  # one line, whatever yaml raised
+        raise QuantkitError(f"recipe {path} is not valid YAML{where}: {why}") from None
     except UnicodeDecodeError:
         raise QuantkitError(f"recipe {path} is not UTF-8 text") from None
     if isinstance(data, dict):

@@ -43,3 +43,21 @@ def eval_windows(stories):
     from quantkit.data import eval_windows, load_text, tokenize
 
     return eval_windows(tokenize(stories[1], load_text(str(TINY_TEXT))), 256, max_windows=12)
+
+
+@pytest.fixture(scope="session")
+def tiny_sharded(tmp_path_factory) -> Path:
+    """A random bf16 Llama (4 blocks, untied head) saved in 5 safetensors shards with an index,
+    with stories260K's tokenizer: for the streaming and resume tests."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    d = tmp_path_factory.mktemp("tiny_sharded")
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(d, max_shard_size="100KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(STORIES / f, d / f)
+    return d

@@ -3,17 +3,21 @@ checks, and the per-linear loop over a block (one-shot or true-sequential)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
-from quantkit.arch import ArchSpec, get_module
-from quantkit.calib import BlockContext, LayerRecord, QuantizedWeight, _linear_weight
+from quantkit.arch import ArchSpec, arch_for, get_module
+from quantkit.calib import BlockContext, CompressionResult, LayerRecord, QuantizedWeight, _linear_weight
 from quantkit.errors import QuantkitError
+from quantkit.numerics.hessian import HessianAccumulator
 from quantkit.numerics.quant import QuantSpec
+from quantkit.numerics.stats import ActStats
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class WeightQuantConfig:
     sym: bool = True
     overrides: tuple = ()
     ignore: tuple = ()  # regexes of module names left in float (reported in the log)
+    quantize_lm_head: bool = False  # also quantize the output head (untied from the embeddings), see quantize_head
 
     def __post_init__(self):
         QuantSpec(self.bits, self.group_size, self.sym)  # validates
@@ -72,6 +77,10 @@ def check_group_sizes(model, arch: ArchSpec, config: WeightQuantConfig) -> None:
             spec = config.spec_for(full)
             if spec is not None:
                 spec.check_layer(full, in_f)
+    if config.quantize_lm_head:
+        spec = config.spec_for(arch.lm_head)
+        if spec is not None:
+            spec.check_layer(arch.lm_head, get_module(model, arch.lm_head).weight.shape[1])
 
 
 # A per-linear quantizer: (weight [out, in], stats or None, spec) -> (QuantizedWeight, w_hat, loss, damp, note)
@@ -99,3 +108,85 @@ def quantize_block_linears(ctx: BlockContext, quantizer: LinearQuantizer, stats_
                 ctx.set_weight(name, w_hat)
                 ctx.record(name, qw, LayerRecord(ctx.index, name, time.perf_counter() - t0, loss, damp,
                                                  spec.bits, spec.group_size, note=note))
+
+
+# ---- the output head (quantize_lm_head) --------------------------------------------------------
+class _HeadCaught(Exception):
+    pass
+
+
+def untie_head(model: nn.Module, arch: ArchSpec) -> bool:
+    """Give the output head its own weight if it shares the input embedding's, and record that
+    in the config (a checkpoint then says ``tie_word_embeddings: false``).  The embedding stays
+    float; returns whether the head was tied."""
+    head = get_module(model, arch.lm_head)
+    shared = {p.data_ptr() for n, p in model.named_parameters(remove_duplicate=False)
+              if not n.startswith(arch.lm_head + ".")}
+    tied = head.weight.data_ptr() in shared
+    if tied:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+    return tied
+
+
+def head_statistics(model: nn.Module, arch: ArchSpec, kind: str, calib_ids: torch.Tensor, batch_size: int):
+    """``kind`` statistics ("hessian" or "act") of the head's input -- the final norm's output --
+    over the calibration batch, with the (already compressed) blocks in front: the model runs
+    up to the head, which is skipped (no logits are computed)."""
+    head = get_module(model, arch.lm_head)
+    in_f = head.weight.shape[1]
+    acc = HessianAccumulator(in_f) if kind == "hessian" else ActStats(in_f)
+
+    def hook(module, args):
+        acc.add(args[0])
+        raise _HeadCaught
+
+    handle = head.register_forward_pre_hook(hook)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, calib_ids.shape[0], batch_size):
+                with contextlib.suppress(_HeadCaught):
+                    model(input_ids=calib_ids[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return acc
+
+
+def quantize_head(model: nn.Module, method, calib_ids: torch.Tensor | None, batch_size: int,
+                  result: CompressionResult) -> None:
+    """Quantize the output head after the blocks, with the method's own per-linear quantizer
+    when it has one (``method.head_quantizer() -> (quantizer, stats_kind)``: GPTQ on the
+    Hessian of the final norm's output), else round-to-nearest with a note in the log.
+
+    The head is untied from the input embedding first; the embedding stays float.  Its row in
+    the log has ``block = -1``."""
+    t0 = time.perf_counter()
+    arch = arch_for(model)
+    spec = method.config.spec_for(arch.lm_head)
+    if spec is None:
+        result.log.append(LayerRecord(-1, arch.lm_head, 0.0, note="ignored: left in float"))
+        return
+    from quantkit.methods.rtn import rtn_linear
+
+    note = ""
+    if hasattr(method, "head_quantizer"):
+        quantizer, kind = method.head_quantizer()
+    else:
+        quantizer, kind = rtn_linear, None
+        note = f"{method.name} has no lm_head rule: round-to-nearest"
+    stats = None
+    if kind is not None:
+        if calib_ids is None:
+            raise QuantkitError(f"quantizing {arch.lm_head} with {method.name} needs calibration data")
+        stats = head_statistics(model, arch, kind, calib_ids, batch_size)
+    tied = untie_head(model, arch)
+    head = get_module(model, arch.lm_head)
+    qw, w_hat, loss, damp, qnote = quantizer(head.weight.detach().float().clone(), stats, spec)
+    head.weight.data.copy_(w_hat.to(head.weight.dtype))
+    result.quantized[arch.lm_head] = qw
+    notes = [n for n in (note, qnote, "untied from the input embedding (which stays float)" if tied else "") if n]
+    result.log.append(LayerRecord(-1, arch.lm_head, time.perf_counter() - t0, loss, damp, spec.bits, spec.group_size,
+                                  note="; ".join(notes)))

@@ -30,3 +30,7 @@ class RTN(BlockMethod):
 
     def process_block(self, ctx):
         quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for)
+
+    def head_quantizer(self):
+        """With ``quantize_lm_head``: the head rounded like every other linear."""
+        return rtn_linear, None

@@ -10,10 +10,15 @@ The choice can be forced, for evaluation and tests, with :func:`set_backend` /
 ``cpu``, ``triton``); :func:`set_backend` wins over the variable.  Modules keep the backend they
 picked: call :func:`reset_backends` on a model after changing the setting.
 
-CPU paths (see :mod:`quantkit.kernels.cpu`) compute in bf16: float32 activations are cast to
-bf16 and the output cast back to ``x.dtype``, so a float32 model still gets the fast ops at
-bf16 accuracy (about 1e-2 relative error per matmul, below 4-bit quantization noise).  Run the
-model in bf16 to avoid the two casts per linear.
+CPU paths (see :mod:`quantkit.kernels.cpu`) compute in bf16 (about 2e-3 relative error per
+matmul, far below 4-bit quantization noise), with one exception: float32 activations of at
+least ``FP32_EXACT_MIN_TOKENS`` (16) positions per sequence -- prefill and perplexity windows --
+are multiplied in float32 against the exactly dequantized weight (the native int4 kernel
+dequantizes; every other CPU path hands those calls to the reference), so a float32 model's
+perplexity on the CPU path equals the reference's.  Decode (one position per sequence, any
+batch) stays on the bf16 paths, so a sequence decodes alike alone and in a batch.
+quantkit's native int4 kernel takes float32 and bf16 activations alike; PyTorch's ops, its
+fallback, want bf16 (float32 is cast around each call).
 
     >>> with use_backend("reference"):          # the oracle, whatever the device
     ...     reset_backends(model); y = model(x)   # doctest: +SKIP
@@ -107,15 +112,27 @@ def reference_forward(module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w, bias)
 
 
+def _float32_prefill(module, x: torch.Tensor) -> bool:
+    """Float32 prefill (see :func:`quantkit.kernels.cpu.exact_float32`): computed in float32, exactly."""
+    return cpu_kernels.exact_float32(x)
+
+
 def _cpu_int4_forward(module, x):
-    return _add_bias(module, cpu_kernels.cpu_int4_matmul(x, module._kernel_weight))
+    w = module._kernel_weight
+    if isinstance(w, cpu_kernels.CpuInt4Weight) and _float32_prefill(module, x):
+        return reference_forward(module, x)  # PyTorch's op computes in bf16 (the native kernel has its own exact path)
+    return cpu_kernels.cpu_int4_matmul(x, w, module.bias)  # adds the bias itself
 
 
 def _cpu_int8_forward(module, x):
+    if _float32_prefill(module, x):
+        return reference_forward(module, x)
     return _add_bias(module, cpu_kernels.cpu_int8_weight_matmul(x, module._kernel_weight))
 
 
 def _dense_forward(module, x):
+    if _float32_prefill(module, x):
+        return reference_forward(module, x)  # the dense copy is bf16
     return _add_bias(module, cpu_kernels.dense_matmul(x, module._kernel_weight))
 
 
@@ -132,8 +149,8 @@ def _triton_w8a16_forward(module, x):
 
 
 def _prepare_cpu(module) -> Callable:
-    """Convert to the fastest CPU layout the format allows: int4 op (<= 4 bits), int8 op
-    (5-8 bits per channel), else a bf16 weight dequantized once."""
+    """Convert to the fastest CPU layout the format allows: int4 (<= 4 bits; quantkit's kernel,
+    else PyTorch's op), int8 op (5-8 bits per channel), else a bf16 weight dequantized once."""
     q, s, z = module.codes(), module.scales.float(), module.zero_points()
     if module.bits <= 4:
         w = cpu_kernels.cpu_int4_weight(q, s, z, module.g_idx, module.group_size)

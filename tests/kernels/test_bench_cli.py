@@ -92,3 +92,46 @@ def test_bench_subprocess(tiny_dir):
                         "--threads", "1", "--json"], capture_output=True, text=True, timeout=300, env={**os.environ, "QUANTKIT_BACKEND": "auto"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout.strip().splitlines()[-1])["decode_tokens_per_s"] > 0
+
+
+def test_bandwidth_is_measured_on_the_decode_threads(monkeypatch):
+    """The roofline's bandwidth runs on the threads decode runs on (not every core), best of
+    several reads, once per timing round (the best round kept)."""
+    import quantkit.bench as qb
+
+    def no_thread_changes(n):
+        raise AssertionError("measure_bandwidth must not change the thread count")
+
+    monkeypatch.setattr(torch, "set_num_threads", no_thread_changes)
+    assert qb.measure_bandwidth(nbytes=2**20, repeat=2) > 0
+    monkeypatch.undo()
+    calls = iter([3e9, 5e9, 4e9])
+    monkeypatch.setattr(qb, "measure_bandwidth", lambda: next(calls))
+    r = run_bench(tiny_llama(), prompt_len=3, gen_len=2, repeat=2, warmup=1)
+    assert r["bandwidth_bytes_per_s"] == 5e9  # one measurement per round (warm-up included), the best
+    assert r["roofline_fraction"] == pytest.approx(r["decode_tokens_per_s"] * r["decode_bytes_per_token"] / 5e9)
+
+
+def test_bench_kernels_report_checks_targets_and_keeps_the_rest_of_the_file(tmp_path):
+    from quantkit.eval import bench_kernels as bk
+
+    def result(tg, pp, frac=0.6):
+        return {"decode_tokens_per_s": tg, "decode_tokens_per_s_std": 0.1, "prefill_tokens_per_s": pp,
+                "decode_bytes_per_token": 2**20, "roofline_fraction": frac, "bandwidth_bytes_per_s": 2e10}
+
+    res = {"fp32": result(10, 100), "bf16": result(20, 150), "int4-g64": result(25, 90, 0.3),
+           "int4-g64+head": result(31, 95, 0.55), "w8a8": result(12, 190)}
+    report = {"date": "today", "prompt_len": 64, "gen_len": 32, "repeat": 3, "compile": False,
+              "smollm2-135m": {"results": res, "ratios": bk.ratios(res, 64), "threads": 1, "threads_probe": {1: 30.0, 2: 9.0},
+                               "load_average": [(0.5, 0, 0), (0.7, 0, 0)]}}
+    md = bk.markdown(report, ["--skip-1b"])
+    assert "| int4-g64+head | 1 MiB | 95.0 | 31.00 ± 0.10 | 3.10 | 1.55 | 55% |" in md
+    assert "int4-g64+head decode vs fp32: **3.10** (target 3: met)" in md
+    assert "int4-g64 (lm_head bf16) decode vs fp32: **2.50** (target 3: NOT met)" in md
+    assert "load average 0.50 at start, 0.70 at end" in md and "1: 30.0, 2: 9.0" in md
+    f = tmp_path / "RESULTS.md"
+    f.write_text("# Title\n\nnotes before\n")
+    bk.write_markdown(str(f), md)
+    bk.write_markdown(str(f), md.replace("31.00", "32.00"))  # a rerun replaces the section
+    text = f.read_text()
+    assert text.startswith("# Title\n\nnotes before\n") and text.count(bk.BEGIN) == 1 and "32.00 ± 0.10" in text

@@ -1,9 +1,12 @@
-"""CPU fast paths (PyTorch's int4 / int8 / int_mm ops, bf16 compute) against the reference."""
+"""CPU fast paths (quantkit's int4 kernel, PyTorch's int4 / int8 / int_mm ops) against the reference."""
 
 import pytest
 import torch
 
+from quantkit.kernels import cpu_native
 from quantkit.kernels.cpu import (
+    CpuInt4Weight,
+    NativeInt4Weight,
     cpu_int4_matmul,
     cpu_int4_weight,
     cpu_int8_weight,
@@ -28,6 +31,10 @@ def _zeros(s, z, bits):
     return z if z is not None else torch.full_like(s, 2 ** (bits - 1))
 
 
+NATIVE = [pytest.param(True, marks=pytest.mark.skipif(not cpu_native.available(), reason="native int4 kernel unavailable")),
+          False]
+
+
 @pytest.mark.parametrize("m,n,k,gs,bits,sym,act", [
     (1, 16, 64, 32, 4, True, False),
     (3, 24, 128, 64, 4, False, False),    # N % 16 != 0: padded rows
@@ -37,22 +44,32 @@ def _zeros(s, z, bits):
     (2, 16, 64, 32, 2, True, False),      # 2-bit symmetric (zero 2)
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
-def test_cpu_int4_matches_reference(m, n, k, gs, bits, sym, act, dtype, make_format, close):
+@pytest.mark.parametrize("native", NATIVE)
+def test_cpu_int4_matches_reference(m, n, k, gs, bits, sym, act, dtype, native, make_format, close):
     q, s, z, g = make_format(n, k, gs, bits, sym, act)
-    w = cpu_int4_weight(q, s, _zeros(s, z, bits), g, gs)
-    assert w is not None
+    w = cpu_int4_weight(q, s, _zeros(s, z, bits), g, gs, native=native)
+    assert isinstance(w, NativeInt4Weight if native else CpuInt4Weight)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(0)).to(dtype)
-    y = cpu_int4_matmul(x, w)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    y = cpu_int4_matmul(x, w, b)
     assert y.dtype == dtype and y.shape == (m, n)
-    close(y, _ref(x, q, s, z, g, gs, bits), BF16)  # computed in bf16 whatever x's dtype
+    close(y, _ref(x, q, s, z, g, gs, bits) + b, BF16)  # computed in bf16 whatever x's dtype (few rows)
 
 
-def test_cpu_int4_declines_what_the_op_cannot_do(make_format):
-    q, s, z, g = make_format(16, 48, 16)  # group 16: no op group size divides it
-    assert cpu_int4_weight(q, s, _zeros(s, z, 4), g, 16) is None
+@pytest.mark.parametrize("native", NATIVE)
+def test_cpu_int4_declines_what_no_path_can_do(native, make_format):
+    q, s, z, g = make_format(16, 48, 12)  # group 12: not a multiple of 8 (native), no op group divides it
+    assert cpu_int4_weight(q, s, _zeros(s, z, 4), g, 12, native=native) is None
     q, s, z, _ = make_format(16, 64, 32)
     uneven = torch.tensor([0] * 40 + [1] * 24, dtype=torch.int32)  # act-order groups of unequal size
-    assert cpu_int4_weight(q, s, _zeros(s, z, 4), uneven, 32) is None
+    assert cpu_int4_weight(q, s, _zeros(s, z, 4), uneven, 32, native=native) is None
+
+
+def test_torch_op_fallback_declines_group_16_that_native_takes(make_format):
+    q, s, z, g = make_format(16, 48, 16)
+    assert cpu_int4_weight(q, s, _zeros(s, z, 4), g, 16, native=False) is None
+    if cpu_native.available():
+        assert isinstance(cpu_int4_weight(q, s, _zeros(s, z, 4), g, 16), NativeInt4Weight)
 
 
 @pytest.mark.parametrize("m,n,k,bits,sym", [

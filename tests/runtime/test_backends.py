@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.kernels.cpu import CpuInt4Weight, CpuInt8Weight, DenseWeight
+from quantkit.kernels import cpu_native
+from quantkit.kernels.cpu import CpuInt4Weight, CpuInt8Weight, DenseWeight, NativeInt4Weight
 from quantkit.numerics.quant import QuantSpec, quantize_rtn
 from quantkit.runtime import backends
 from quantkit.runtime.backends import (
@@ -85,15 +86,18 @@ def test_bad_settings_are_one_line_errors(monkeypatch):
 
 
 # ---- each CPU path through QuantLinear ----------------------------------------------------------
+INT4 = NativeInt4Weight if cpu_native.available() else CpuInt4Weight  # quantkit's kernel, else PyTorch's op
+
+
 @pytest.mark.parametrize("bits,group_size,sym,act_order,layout", [
-    (4, 64, True, False, CpuInt4Weight),
-    (4, 32, False, True, CpuInt4Weight),    # act-order: columns permuted, x gathered
-    (4, -1, False, False, CpuInt4Weight),   # per-channel: split into equal-scale op groups
-    (3, 64, False, False, CpuInt4Weight),   # 3-bit codes as nibbles
+    (4, 64, True, False, INT4),
+    (4, 32, False, True, INT4),    # act-order: columns permuted, x gathered
+    (4, -1, False, False, INT4),   # per-channel (the op: split into equal-scale groups)
+    (3, 64, False, False, INT4),   # 3-bit codes as nibbles
     (8, -1, True, False, CpuInt8Weight),
     (6, -1, False, False, CpuInt8Weight),
     (8, 32, False, False, DenseWeight),     # group-wise 8-bit: no CPU op, dequantized once
-    (4, 16, True, False, DenseWeight),      # group 16: below the int4 op's minimum
+    (4, 16, True, False, INT4 if INT4 is NativeInt4Weight else DenseWeight),  # group 16: below the op's minimum
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_path_matches_reference(bits, group_size, sym, act_order, layout, dtype):
@@ -134,8 +138,10 @@ def test_kernel_weight_bytes_counts_the_converted_layout():
     m = make_qlinear(n=32, k=128, group_size=64)
     assert kernel_weight_bytes(m) == m.weight_bytes()
     m(torch.randn(1, 128))
-    # int4 op layout: K/2 bytes per row + (scale, zero) bf16 pairs per group and row
-    assert kernel_weight_bytes(m) == 32 * 64 + (128 // 64) * 32 * 2 * 2
+    if INT4 is NativeInt4Weight:  # K/2 bytes per row + an fp16 scale per group and row (symmetric: no zeros)
+        assert kernel_weight_bytes(m) == 32 * 64 + (128 // 64) * 32 * 2
+    else:  # int4 op layout: K/2 bytes per row + (scale, zero) bf16 pairs per group and row
+        assert kernel_weight_bytes(m) == 32 * 64 + (128 // 64) * 32 * 2 * 2
 
 
 def test_tiny_llama_logits_cpu_vs_reference():
@@ -169,3 +175,26 @@ def test_runtime_int8_matmul_dispatches_on_cpu():
     assert torch.allclose(int8_matmul(x, w, xs, ws, torch.float32), exact, rtol=1e-6)
     with use_backend("reference"):
         assert torch.allclose(int8_matmul(x, w, xs, ws, torch.float32), exact, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits,group_size,sym", [(4, 64, True), (8, -1, False), (8, 32, False), (3, -1, False)])
+def test_float32_prefill_is_exact_on_every_cpu_path(bits, group_size, sym):
+    """Float32 sequences of >= FP32_EXACT_MIN_TOKENS positions are computed in float32 on the
+    exact weight (perplexity on the CPU path equals the reference's); shorter ones and decode
+    batches (one position per sequence, however many sequences) take the bf16 paths."""
+    from quantkit.kernels.cpu import FP32_EXACT_MIN_TOKENS
+
+    m = make_qlinear(n=24, k=128, bits=bits, group_size=group_size, sym=sym, bias=True)
+    x = torch.randn(2, FP32_EXACT_MIN_TOKENS, 128)
+    with use_backend("reference"):
+        ref = m(x)
+    reset_backends(m)
+    with use_backend("cpu"):
+        y = m(x)
+        short = m(x[:, :3])
+        batch = m(x.transpose(0, 1)[:, :1])  # [16 sequences, 1 position]: a decode step
+        alone = m(x[:1, :1])
+    assert rel_err(y, ref) < 1e-6
+    assert 1e-6 < rel_err(short, ref[:, :3]) < BF16_TOL
+    assert 1e-6 < rel_err(batch, ref.transpose(0, 1)[:, :1]) < BF16_TOL
+    assert torch.equal(batch[0], alone[0])  # a row computes the same alone or batched

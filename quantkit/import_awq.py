@@ -1,0 +1,86 @@
+"""Import of AWQ-format checkpoints (AutoAWQ's "GEMM" layout, as transformers, vLLM and
+AutoAWQ read and write them) into quantkit's runtime:
+
+* ``qweight`` int32 ``[in, out / 8]``: eight 4-bit codes per word, packed along the *output*
+  dimension in AutoAWQ's interleaved order: nibble ``i`` (bits ``4i..4i+3``) of word ``c``
+  holds output column ``8c + AWQ_ORDER[i]``;
+* ``qzeros`` int32 ``[in / group, out / 8]``: the integer zero points, packed the same way
+  (stored as they are, unlike GPTQ v1's ``z - 1``);
+* ``scales`` float16 ``[in / group, out]``; ``bias`` float16 ``[out]``;
+* ``W[n, k] = (q[k, n] - z[k // group, n]) * s[k // group, n]``;
+* ``quantization_config``: ``{"quant_method": "awq", "version": "gemm", "bits": 4,
+  "group_size": 128, "zero_point": true}`` (AutoAWQ's own ``quant_config.json`` names them
+  ``w_bit`` and ``q_group_size``).
+
+Each linear becomes an asymmetric :class:`~quantkit.runtime.qlinear.QuantLinear` holding the
+same codes, zeros and scales, so the loaded model computes exactly the checkpoint's weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.export import load_with_quant_linears, unpack_int32
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output column (within 8) of nibble i
+
+
+def unpack_awq(words: torch.Tensor) -> torch.Tensor:
+    """``[rows, cols / 8]`` int32 words in AWQ's interleaved order -> ``[rows, cols]`` 4-bit codes."""
+    nibbles = unpack_int32(words, 4, 1)  # [rows, cols]: nibble i of word c at column 8c + i
+    cols = (torch.arange(words.shape[1]).unsqueeze(1) * 8 + torch.tensor(AWQ_ORDER)).reshape(-1)
+    codes = torch.empty_like(nibbles)
+    codes[:, cols] = nibbles
+    return codes
+
+
+def awq_settings(qcfg: dict) -> tuple[int, int]:
+    """``(bits, group_size)`` of a GEMM-layout AWQ ``quantization_config``; refuses the others."""
+    version = str(qcfg.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise QuantkitError(f"AWQ checkpoints in the {version!r} layout are not supported (only 'gemm')")
+    if not qcfg.get("zero_point", True):
+        raise QuantkitError("AWQ checkpoints without zero points (zero_point: false) are not supported")
+    try:
+        bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
+        group_size = int(qcfg.get("group_size", qcfg.get("q_group_size", 128)))
+    except (TypeError, ValueError):
+        raise QuantkitError(f"AWQ quantization_config has a non-integer bits or group_size: {qcfg}") from None
+    if group_size < 1 and group_size != -1:
+        raise QuantkitError(f"AWQ quantization_config has group_size {group_size}")
+    if bits != 4:
+        raise QuantkitError(f"AWQ GEMM checkpoints are 4-bit; this one says {bits}")
+    return bits, group_size
+
+
+def import_awq(directory: str | Path, dtype: torch.dtype = torch.float32):
+    """Load an AutoAWQ GEMM-format checkpoint into quantkit's runtime."""
+    from transformers import AutoConfig
+
+    from quantkit.runtime.qlinear import QuantLinear
+
+    directory = Path(directory)
+    config = AutoConfig.from_pretrained(directory)
+    qc = config.quantization_config
+    qcfg = dict(qc if isinstance(qc, dict) else qc.to_dict())
+    if qcfg.get("quant_method") != "awq":
+        raise QuantkitError(f"{directory} is not an AWQ checkpoint")
+    bits, gs = awq_settings(qcfg)
+
+    def build(name, state, dtype):
+        qweight, qzeros, scales = state.pop(f"{name}.qweight"), state.pop(f"{name}.qzeros"), state.pop(f"{name}.scales")
+        bias = state.pop(f"{name}.bias", None)
+        codes = unpack_awq(qweight).t().contiguous()  # [in, out] -> [out, in]
+        zeros = unpack_awq(qzeros).t().float()  # [G, out] -> [out, G]
+        out_f, in_f = codes.shape
+        group = in_f if gs == -1 else gs
+        if in_f % group or scales.shape != (in_f // group, out_f) or zeros.shape != (out_f, in_f // group):
+            raise QuantkitError(f"{name}: AWQ tensors qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
+                                f"scales {tuple(scales.shape)} do not fit group size {gs}")
+        return QuantLinear.from_codes(codes.to(torch.uint8), scales.t().float(), zeros, bits, gs, sym=False,
+                                      bias=bias, dtype=dtype)
+
+    return load_with_quant_linears(directory, config, build, dtype)

@@ -1,0 +1,173 @@
+"""Loading checkpoints other tools write: AWQ (AutoAWQ GEMM) and GPTQ, each built here by an
+independent pure-numpy packer written from the published layout, loaded by quantkit's runtime
+and compared with the dequantized reference model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
+
+from quantkit import api
+from quantkit.cli import cli
+from quantkit.errors import QuantkitError
+from quantkit.import_awq import unpack_awq
+from quantkit.modelio import load_model
+from quantkit.runtime.backends import use_backend
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+           "mlp.down_proj")
+
+
+# ---- the published layouts, written independently of quantkit's code -------------------------------
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ GEMM: nibble i of a word holds column 8c + AWQ_ORDER[i]
+
+
+def awq_pack(codes: np.ndarray) -> np.ndarray:
+    """``[rows, cols]`` 4-bit codes -> ``[rows, cols / 8]`` int32, packed along columns in AWQ's order."""
+    rows, cols = codes.shape
+    words = np.zeros((rows, cols // 8), dtype=np.uint32)
+    for c in range(cols // 8):
+        for i in range(8):
+            words[:, c] |= codes[:, 8 * c + AWQ_ORDER[i]].astype(np.uint32) << np.uint32(4 * i)
+    return words.view(np.int32)
+
+
+def gptq_pack_rows(codes: np.ndarray) -> np.ndarray:
+    """``[rows, cols]`` -> ``[rows / 8, cols]`` int32: row 8r + i at bits 4i of word r (qweight)."""
+    rows, cols = codes.shape
+    words = np.zeros((rows // 8, cols), dtype=np.uint32)
+    for i in range(8):
+        words |= codes[i::8].astype(np.uint32) << np.uint32(4 * i)
+    return words.view(np.int32)
+
+
+def gptq_pack_cols(codes: np.ndarray) -> np.ndarray:
+    """``[rows, cols]`` -> ``[rows, cols / 8]`` int32: column 8c + i at bits 4i of word c (qzeros)."""
+    return np.ascontiguousarray(gptq_pack_rows(codes.T).T)
+
+
+def tiny_llama(bias: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, attention_bias=bias)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def random_grid(out_f, in_f, group, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (out_f, in_f)).astype(np.uint8)
+    z = rng.integers(0, 16, (out_f, in_f // group)).astype(np.uint8)
+    s = (rng.random((out_f, in_f // group)) * 0.02 + 1e-3).astype(np.float16)
+    return q, z, s
+
+
+def write_checkpoint(model, directory, qcfg, tensors_for):
+    """Float tensors of ``model`` plus each block linear's packed tensors; the reference model
+    gets the dequantized weights (and fp16-rounded biases) in place."""
+    directory.mkdir()
+    quantized = {f"model.layers.{i}.{name}" for i in range(model.config.num_hidden_layers) for name in LINEARS}
+    state = {k: v.numpy() for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in quantized}
+    for j, name in enumerate(sorted(quantized)):
+        lin = model.get_submodule(name)
+        packed, w = tensors_for(lin.out_features, lin.in_features, j)
+        state.update({f"{name}.{k}": v for k, v in packed.items()})
+        lin.weight.data = torch.from_numpy(w)
+        if lin.bias is not None:
+            lin.bias.data = lin.bias.data.half().float()
+            state[f"{name}.bias"] = lin.bias.data.half().numpy()
+    save_file(state, str(directory / "model.safetensors"))
+    config = model.config.to_dict()
+    config["quantization_config"] = qcfg
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def check_logits(directory, reference):
+    x = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    with use_backend("reference"), torch.no_grad():
+        loaded, _ = load_model(str(directory), with_tokenizer=False)
+        torch.testing.assert_close(loaded(x).logits, reference(x).logits, rtol=0, atol=1e-5)
+
+
+# ---- AWQ ---------------------------------------------------------------------------------
+def test_awq_word_layout():
+    # columns 0..7 hold codes 1..8: nibbles (low first) hold columns 0, 2, 4, 6, 1, 3, 5, 7
+    word = torch.tensor([[np.uint32(0x86427531).view(np.int32)]], dtype=torch.int32)
+    assert unpack_awq(word).tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    codes = np.random.default_rng(0).integers(0, 16, (5, 24))
+    assert torch.equal(unpack_awq(torch.from_numpy(awq_pack(codes))), torch.from_numpy(codes).to(torch.int64))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_awq_gemm_checkpoint_loads_with_the_reference_logits(tmp_path, bias):
+    model = tiny_llama(bias)
+
+    def tensors_for(out_f, in_f, j):
+        q, z, s = random_grid(out_f, in_f, 32, j)
+        w = (q.astype(np.float32) - np.repeat(z, 32, 1)) * np.repeat(s.astype(np.float32), 32, 1)  # [out, in]
+        return {"qweight": awq_pack(q.T), "qzeros": awq_pack(z.T), "scales": np.ascontiguousarray(s.T)}, w
+
+    qcfg = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True,
+            "modules_to_not_convert": None}
+    write_checkpoint(model, tmp_path / "awq", qcfg, tensors_for)
+    t = load_file(str(tmp_path / "awq" / "model.safetensors"))
+    assert t["model.layers.0.mlp.down_proj.qweight"].shape == (128, 8) and t["model.layers.0.mlp.down_proj.scales"].shape == (4, 64)
+    check_logits(tmp_path / "awq", model)
+
+
+@pytest.mark.parametrize("change,match", [({"version": "gemv"}, "'gemv' layout"), ({"bits": 3}, "4-bit"),
+                                          ({"zero_point": False}, "without zero points")])
+def test_awq_variants_not_supported_are_refused(tmp_path, change, match):
+    model = tiny_llama(False)
+    qcfg = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True, **change}
+    write_checkpoint(model, tmp_path / "awq", qcfg, lambda o, i, j: ({"qweight": awq_pack(np.zeros((i, o), np.uint8)),
+                                                                      "qzeros": awq_pack(np.zeros((i // 32, o), np.uint8)),
+                                                                      "scales": np.ones((i // 32, o), np.float16)},
+                                                                     np.zeros((o, i), np.float32)))
+    with pytest.raises(QuantkitError, match=match):
+        load_model(str(tmp_path / "awq"), with_tokenizer=False)
+    r = CliRunner().invoke(cli, ["eval", "perplexity", str(tmp_path / "awq"), "--dataset", "x.txt"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+
+
+# ---- GPTQ --------------------------------------------------------------------------------
+def test_gptq_checkpoint_with_act_order_loads_with_the_reference_logits(tmp_path):
+    model = tiny_llama(False)
+
+    def tensors_for(out_f, in_f, j):
+        q, z, s = random_grid(out_f, in_f, 32, j)
+        g_idx = np.random.default_rng(100 + j).permutation(np.arange(in_f) // 32).astype(np.int32)  # act-order
+        zeros = np.maximum(z.astype(np.int64) - 1, 0)  # gptq v1 stores z - 1 ...
+        z_eff = np.where(z == 0, 1, z)  # ... so a zero point of 0 cannot be stored: use 1 in the reference too
+        w = (q.astype(np.float32) - z_eff[:, g_idx]) * s.astype(np.float32)[:, g_idx]
+        return {"qweight": gptq_pack_rows(q.T), "qzeros": gptq_pack_cols(zeros.T), "scales": np.ascontiguousarray(s.T),
+                "g_idx": g_idx}, w
+
+    qcfg = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "sym": False, "checkpoint_format": "gptq"}
+    write_checkpoint(model, tmp_path / "gptq", qcfg, tensors_for)
+    check_logits(tmp_path / "gptq", model)
+
+
+def test_gptq_export_matches_the_independent_packer(stories_dir, calib_ids, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = tiny_llama(False)
+    tok = AutoTokenizer.from_pretrained(str(stories_dir))
+    res = api.compress(model, "gptq", dict(bits=4, group_size=32, sym=False), calib_ids=calib_ids)
+    api.save(model, tok, tmp_path / "qk", "gptq", res)
+    r = CliRunner().invoke(cli, ["export", str(tmp_path / "qk"), "--format", "gptq", "-o", str(tmp_path / "gptq")])
+    assert r.exit_code == 0, r.output
+    ours = load_model(str(tmp_path / "qk"), with_tokenizer=False)[0]
+    t = load_file(str(tmp_path / "gptq" / "model.safetensors"))
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
+        mod = ours.get_submodule(name)
+        codes, zeros = mod.codes().numpy(), mod.zero_points().numpy().astype(np.int64)
+        assert np.array_equal(t[f"{name}.qweight"].numpy(), gptq_pack_rows(codes.T))
+        assert np.array_equal(t[f"{name}.qzeros"].numpy(), gptq_pack_cols(np.maximum(zeros - 1, 0).T))
+        assert torch.equal(t[f"{name}.scales"], mod.scales.t())
+        assert np.array_equal(t[f"{name}.g_idx"].numpy(), np.arange(mod.in_features) // 32)
