@@ -7,14 +7,17 @@
 1. A random Llama checkpoint is written shard by shard (one tensor in memory at a time) in
    bf16 safetensors with a ``model.safetensors.index.json`` and a byte-level tokenizer; it is
    kept in ``--workdir`` and reused by later runs.
-2. Each method runs as ``quantkit quantize MODEL -o OUT --stream`` in a subprocess whose address
-   space is capped with ``RLIMIT_AS`` at ``--cap`` x the model's bytes (default 0.5) plus
-   ``--cap-extra-gb`` (default: 0 for the 3B shape; 1.5 for ``--small``, whose 0.25 GB model is
-   smaller than the ~1 GB an interpreter maps just by importing torch and transformers): a run
-   that needs more fails instead of swapping.  ``RLIMIT_AS`` counts
-   virtual memory, more than the resident set (shared libraries, thread stacks, allocator
-   arenas), so the cap is stricter than the RSS goal; quantkit reads safetensors with plain
-   reads (no mmap), so the shards' sizes never count against it.
+2. Each method runs as ``quantkit quantize MODEL -o OUT --stream`` in a subprocess under a memory
+   cap of ``--cap`` x the model's bytes (default 0.5) plus ``--cap-extra-gb`` (default: 0 for the
+   3B shape; 1.5 for ``--small``, whose 0.25 GB model is smaller than the ~1 GB an interpreter maps
+   just by importing torch and transformers); a run that needs more fails instead of swapping.
+   ``--limit as`` (default) sets ``RLIMIT_AS``, the virtual size: stricter than the resident set,
+   since shared libraries, thread stacks and allocator reservations count (quantkit reads
+   safetensors with plain reads, not mmap, so at least the shards never do).  That is workable
+   for RTN but not for GPTQ at 0.5x: on the 3B shape its virtual size peaks at ~3.4 GB while its
+   resident set peaks at ~2.7 GB.  ``--limit data`` sets ``RLIMIT_DATA`` (heap and private
+   writable mappings, what allocations actually use); ``--limit rss`` is a watchdog that kills
+   the run when its resident set passes the cap (polled every 50 ms).
 3. Peak RSS is the child's ``ru_maxrss`` (``os.wait4``), cross-checked with ``VmHWM`` polled from
    ``/proc``; the baseline is the peak RSS of a process that only imports torch, transformers and
    quantkit.  The table states peak RSS against the model's bytes (goal: at most 0.5x).
@@ -131,17 +134,23 @@ def write_random_checkpoint(directory: Path, shape: str, shard_bytes: int = 5 * 
     return total
 
 
-def run_capped(cmd: list[str], cap_bytes: int | None, env: dict | None = None) -> dict:
-    """Run ``cmd`` with its address space capped; its peak RSS from wait4 and from /proc polling."""
+LIMITS = {"as": resource.RLIMIT_AS, "data": resource.RLIMIT_DATA}
+LIMIT_NAMES = {"as": "RLIMIT_AS", "data": "RLIMIT_DATA", "rss": "an RSS watchdog at"}
+
+
+def run_capped(cmd: list[str], cap_bytes: int | None, env: dict | None = None, limit_kind: str = "as") -> dict:
+    """Run ``cmd`` under a memory cap: ``as`` (RLIMIT_AS, virtual size), ``data`` (RLIMIT_DATA:
+    heap and private writable mappings) or ``rss`` (a watchdog SIGKILLs it when its resident set
+    passes the cap; polled every 50 ms).  Its peak RSS comes from wait4, cross-checked by polling /proc."""
     def limit():
-        if cap_bytes:
-            resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
+        if cap_bytes and limit_kind in LIMITS:
+            resource.setrlimit(LIMITS[limit_kind], (cap_bytes, cap_bytes))
 
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limit, text=True, env=env)
-    hwm, vsz, finished = [0], [0], threading.Event()
+    hwm, vsz, over, finished = [0], [0], [False], threading.Event()
 
-    def poll():  # VmHWM while it runs (never waits on the child: wait4 below reaps it with its rusage)
+    def poll():  # never waits on the child: wait4 below reaps it with its rusage
         status = Path(f"/proc/{p.pid}/status")
         while not finished.is_set():
             try:
@@ -150,9 +159,12 @@ def run_capped(cmd: list[str], cap_bytes: int | None, env: dict | None = None) -
                         hwm[0] = max(hwm[0], int(line.split()[1]) * 1024)
                     elif line.startswith("VmPeak:"):
                         vsz[0] = max(vsz[0], int(line.split()[1]) * 1024)
+                    elif line.startswith("VmRSS:") and limit_kind == "rss" and cap_bytes and int(line.split()[1]) * 1024 > cap_bytes:
+                        over[0] = True
+                        os.kill(p.pid, 9)
             except (OSError, ValueError):
                 pass
-            finished.wait(0.2)
+            finished.wait(0.05)
 
     out_chunks, err_chunks = [], []
     threads = [threading.Thread(target=lambda: out_chunks.append(p.stdout.read())),
@@ -165,6 +177,7 @@ def run_capped(cmd: list[str], cap_bytes: int | None, env: dict | None = None) -
     for t in threads:
         t.join()
     return {"returncode": p.returncode, "peak_rss_bytes": usage.ru_maxrss * 1024, "vmhwm_bytes": hwm[0], "vmpeak_bytes": vsz[0],
+            "rss_cap_exceeded": over[0],
             "seconds": round(time.perf_counter() - t0, 1), "stdout": "".join(out_chunks), "stderr": "".join(err_chunks)}
 
 
@@ -173,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="A ~100M-parameter model instead of Llama-3.2-3B's shape.")
     ap.add_argument("--workdir", default=None, help="Where the model and outputs go [default: /tmp/quantkit-bench-memory-SHAPE].")
     ap.add_argument("--methods", default="rtn", help="Comma-separated: rtn, gptq (calibrated, --nsamples x --seqlen).")
-    ap.add_argument("--cap", type=float, default=0.5, help="RLIMIT_AS as a fraction of the model's bytes (0 = no cap).")
+    ap.add_argument("--cap", type=float, default=0.5, help="The memory cap as a fraction of the model's bytes (0 = no cap).")
+    ap.add_argument("--limit", choices=["as", "data", "rss"], default="as",
+                    help="as: RLIMIT_AS (virtual size); data: RLIMIT_DATA (heap and private writable mappings); "
+                         "rss: a watchdog kills the run above the cap.")
     ap.add_argument("--cap-extra-gb", type=float, default=None,
                     help="Added to the cap [default: 0; 1.5 with --small].")
     ap.add_argument("--group-size", type=int, default=128)
@@ -216,10 +232,10 @@ def main(argv: list[str] | None = None) -> int:
             from quantkit.streaming import KILL_AFTER_BLOCK_ENV
 
             env = {**os.environ, KILL_AFTER_BLOCK_ENV: str(blocks - 1)}
-        print(f"quantize --method {method} --stream under RLIMIT_AS = {cap / 1e9 if cap else 0:.2f} GB"
+        print(f"quantize --method {method} --stream under {LIMIT_NAMES[args.limit]} = {cap / 1e9 if cap else 0:.2f} GB"
               f"{f' (first {blocks} blocks)' if env else ''} ...", file=sys.stderr)
-        r = run_capped(cmd, cap, env)
-        stopped = env is not None and r["returncode"] == -9 and not out.exists()
+        r = run_capped(cmd, cap, env, args.limit)
+        stopped = env is not None and r["returncode"] == -9 and not r["rss_cap_exceeded"] and not out.exists()
         row = {"method": method + (f" ({blocks} blocks)" if env else ""), "ok": r["returncode"] == 0 or stopped,
                "returncode": r["returncode"], "seconds": r["seconds"],
                "peak_rss_bytes": r["peak_rss_bytes"], "vmhwm_bytes": r["vmhwm_bytes"], "vmpeak_bytes": r["vmpeak_bytes"],
@@ -231,11 +247,11 @@ def main(argv: list[str] | None = None) -> int:
             payload = json.loads(r["stdout"].strip().splitlines()[-1])
             row["bytes_after"] = payload["bytes_after"]
         else:
-            row["error"] = (r["stderr"].strip().splitlines() or [""])[-1][:300]
+            row["error"] = "killed by the RSS watchdog" if r["rss_cap_exceeded"] else (r["stderr"].strip().splitlines() or [""])[-1][:300]
         rows.append(row)
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
-    result = {"shape": shape, "params": params, "model_bytes": model_bytes, "rlimit_as_bytes": cap,
+    result = {"shape": shape, "params": params, "model_bytes": model_bytes, "limit": args.limit, "cap_bytes": cap,
               "baseline_rss_bytes": baseline["peak_rss_bytes"], "baseline_vsz_bytes": baseline_vsz, "write_seconds": round(write_s, 1),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "runs": rows}
     if not args.keep:
@@ -244,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         print(f"\n{shape}: {params / 1e9:.2f}B parameters, {model_bytes / 1e9:.2f} GB bf16 in shards; "
-              f"RLIMIT_AS {cap / 1e9 if cap else 0:.2f} GB; interpreter baseline RSS {baseline['peak_rss_bytes'] / 1e9:.2f} GB\n")
+              f"{LIMIT_NAMES[args.limit]} {cap / 1e9 if cap else 0:.2f} GB; interpreter baseline RSS {baseline['peak_rss_bytes'] / 1e9:.2f} GB\n")
         print("| method | ok | peak RSS GB | peak / model | (peak - baseline) / model | peak virtual GB | output GB | seconds |")
         print("|---|---|---|---|---|---|---|---|")
         for r in rows:

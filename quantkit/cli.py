@@ -35,6 +35,8 @@ class _Group(click.Group):
         except MemoryError:
             raise click.ClickException("out of memory; try a smaller --nsamples/--seqlen/--batch-size") from None
         except Exception as e:  # noqa: BLE001 - last line of defence: no tracebacks for users
+            if "can't allocate memory" in str(e):  # torch's CPU allocator raises RuntimeError, not MemoryError
+                raise click.ClickException("out of memory; try a smaller --nsamples/--seqlen/--batch-size, or --stream") from None
             if os.environ.get("QUANTKIT_DEBUG"):
                 raise
             msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""

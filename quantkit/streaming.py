@@ -26,11 +26,10 @@ temporary directory renamed to ``OUT``.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -46,6 +45,7 @@ from torch import nn
 from quantkit.arch import ArchSpec, arch_for, get_module
 from quantkit.calib import Activations, BlockHooks, CompressionResult, LayerRecord
 from quantkit.errors import QuantkitError
+from quantkit.memory import release_freed_memory
 
 MANIFEST_VERSION = 1
 KILL_AFTER_BLOCK_ENV = "QUANTKIT_TEST_KILL_AFTER_BLOCK"  # fault injection for the kill-and-resume test
@@ -114,7 +114,7 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
             raise _corrupt(path, f"{name!r} spans bytes {a}..{b} of {size - base}")
         infos[name] = TensorInfo(path, dtype, shape, base + a, base + b)
     spans = sorted((i.start, i.end) for i in infos.values() if i.end > i.start)
-    if any(s < prev_end for (_, prev_end), (s, _) in zip(spans, spans[1:])):
+    if any(s < prev_end for (_, prev_end), (s, _) in itertools.pairwise(spans)):
         raise _corrupt(path, "tensors overlap")
     return infos
 
@@ -466,15 +466,6 @@ def _count_nonfinite(t: torch.Tensor, chunk: int = 1 << 20) -> int:
     return bad
 
 
-def trim_heap() -> None:
-    """Hand freed memory back to the OS.  glibc keeps the blocks' freed tensors in its heap (the
-    resident set grew by about a block per block without this); elsewhere this does nothing."""
-    libc_name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(libc_name) if libc_name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
 def _config_dtype(config) -> torch.dtype | None:
     from quantkit.modelio import parse_dtype
 
@@ -680,7 +671,7 @@ class StreamHooks(BlockHooks):
         if self._outer_loaded:  # inputs are caught: the embeddings and head go until the checkpoint is assembled
             self.source.free(self.source.outer_names())
             self._outer_loaded = False
-            trim_heap()
+            release_freed_memory()  # glibc keeps freed tensors resident otherwise (see quantkit.memory)
         self.source.materialize(self.source.block_names(index))
 
     def block_done(self, index: int, block: nn.Module, result: CompressionResult, inputs) -> None:
@@ -706,7 +697,7 @@ class StreamHooks(BlockHooks):
             self.store.drop_before(self.store.generation)
         block.to("meta")
         self.source.forget(self.source.block_names(index))
-        trim_heap()
+        release_freed_memory()
         if self._kill_after is not None and index >= self._kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -803,11 +794,12 @@ def compress_streaming(model_path: str | Path, out: str | Path, method_name: str
         return result
     except QuantkitError:
         raise  # bad input or settings: a resume would meet it again
-    except (OSError, MemoryError) as e:  # disk full, out of memory...: fix it, then --resume
-        keep = hooks.done > 0
+    except (OSError, MemoryError, RuntimeError) as e:  # disk full, out of memory...: fix it, then --resume
+        oom = isinstance(e, MemoryError) or "can't allocate memory" in str(e)
+        keep = hooks.done > 0 and (oom or isinstance(e, OSError))
         if not keep:
             raise
-        what = "out of memory" if isinstance(e, MemoryError) else f"{type(e).__name__}: {str(e).strip()[:200]}"
+        what = "out of memory" if oom else f"{type(e).__name__}: {str(e).strip()[:200]}"
         raise QuantkitError(f"{what} ({hooks.done} finished block(s) kept in {work.path}: --resume continues)") from None
     except BaseException:  # Ctrl-C
         keep = hooks.done > 0

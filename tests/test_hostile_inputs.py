@@ -138,3 +138,14 @@ def test_allow_pickle_loads_what_it_refused(model_copy, tmp_path):
     r = CliRunner().invoke(cli, args + ["--allow-pickle"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_out_of_memory_is_one_line(stories_dir, tmp_path, monkeypatch):
+    def oom(*a, **k):  # what torch's CPU allocator raises
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 96468992 bytes.")
+
+    monkeypatch.setattr(api, "compress", oom)
+    r = CliRunner().invoke(cli, ["quantize", str(stories_dir), "-o", str(tmp_path / "out"), "--method", "rtn", "--group-size", "-1"])
+    assert r.exit_code == 1 and "out of memory; try a smaller --nsamples" in r.output and "internal error" not in r.output
+    assert not (tmp_path / "out").exists()

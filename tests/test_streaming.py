@@ -13,8 +13,17 @@ from quantkit import api
 from quantkit.cli import cli
 from quantkit.errors import QuantkitError
 from quantkit.modelio import load_model
-from quantkit.streaming import (DiskActivations, OffloadHooks, StreamHooks, compress_streaming, read_header, read_tensor,
-                                should_stream, work_dir_for, write_safetensors)
+from quantkit.streaming import (
+    DiskActivations,
+    OffloadHooks,
+    StreamHooks,
+    compress_streaming,
+    read_header,
+    read_tensor,
+    should_stream,
+    work_dir_for,
+    write_safetensors,
+)
 
 CALIB = dict(nsamples=6, seqlen=32, batch_size=4)  # 4 + 2: the last batch is smaller
 
