@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 
@@ -18,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from quantkit.errors import QuantkitError
+from quantkit.memory import peak_rss_bytes
 
 err_console = Console(stderr=True)
 
@@ -41,10 +41,6 @@ class _Group(click.Group):
                 raise
             msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             raise click.ClickException(f"internal error: {type(e).__name__}: {msg} (set QUANTKIT_DEBUG=1 for a traceback)") from None
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _progress(enabled: bool):
@@ -89,9 +85,86 @@ QUANT_OPTIONS = ["bits", "group_size", "sym", "act_order", "static_groups", "dam
                  "alpha", "act_quant", "n_grid", "clip", "quantize_lm_head"]
 
 
+def _output_options(f):
+    """``-o/--output``, ``--overwrite`` and ``--json``: every command that writes a checkpoint."""
+    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(f)
+    f = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")(f)
+    f = click.option("-o", "--output", "output", required=True, help="Output directory (written atomically).")(f)
+    return f
+
+
+def _calib_options(f):
+    """The calibration set: what every calibrated compression command takes."""
+    f = click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward.")(f)
+    f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration windows.")(f)
+    f = click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per calibration window.")(f)
+    f = click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")(f)
+    f = click.option("--calib", default="c4", show_default=True, help="Calibration data: a dataset name or a local file.")(f)
+    return f
+
+
+def _check_run(method_cls, output: str, overwrite: bool, nsamples: int, seqlen: int, batch_size: int) -> None:
+    """Refuse bad sizes and an existing OUTPUT before any work."""
+    _check_positive("--nsamples", nsamples, 1_000_000)
+    _check_positive("--seqlen", seqlen, 1_048_576)
+    _check_positive("--batch-size", batch_size)
+    if method_cls.needs_calibration:
+        from quantkit.data import check_calibration_size
+
+        check_calibration_size(nsamples, seqlen)
+    if os.path.exists(output) and not overwrite:
+        raise QuantkitError(f"output {output} already exists; pass --overwrite to replace it")
+
+
+def _load_for_compression(model: str, method_cls, calib: str, nsamples: int, seqlen: int, seed: int, dtype,
+                          allow_pickle: bool, trust_remote_code: bool):
+    """``(model, tokenizer, calibration ids or None, bytes before)``.  The calibration text is
+    tokenized before the model is loaded: tokenizing a long text briefly takes several times its
+    ids, and doing it first keeps that transient off the model's peak memory."""
+    from quantkit import api
+    from quantkit.data import calibration_samples
+    from quantkit.modelio import load_tokenizer, model_bytes
+
+    calib_ids = None
+    if method_cls.needs_calibration:
+        tok = load_tokenizer(model, trust_remote_code)
+        calib_ids = calibration_samples(tok, calib, nsamples, seqlen, seed)
+        m, _ = api.load_model(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                              with_tokenizer=False)
+        cap = getattr(m.config, "max_position_embeddings", None)
+        if cap and seqlen > cap:
+            raise QuantkitError(f"--seqlen {seqlen} exceeds the model's context of {cap} tokens")
+    else:
+        m, tok = api.load_model(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    return m, tok, calib_ids, model_bytes(m)
+
+
+def _compress(m, method: str, config, calib_ids, batch_size: int, as_json: bool, hooks=None):
+    """``api.compress`` with a progress bar on stderr."""
+    from quantkit import api
+
+    with _progress(not as_json or sys.stderr.isatty()) as prog:
+        task = prog.add_task(f"{method}", total=None, info="")
+        return api.compress(m, method, config, calib_ids=calib_ids, batch_size=batch_size, hooks=hooks,
+                            progress=lambda i, n, info: prog.update(task, completed=i, total=n, info=info))
+
+
+def _report(res, payload: dict, keys: tuple, title: str, as_json: bool, skip_note=lambda note: False,
+            fmt=lambda k, v: str(v)) -> None:
+    """Print the run's notes (stderr), then ``payload`` as JSON or as a two-column table."""
+    for r in res.log:
+        if r.note and not skip_note(r.note):
+            err_console.print(f"[yellow]note[/] {r.module}: {r.note}")
+    table = Table(title=title)
+    for k in keys:
+        table.add_row(k, fmt(k, payload[k]))
+    table.show_header = False
+    _emit(as_json, payload, table)
+
+
+
 @cli.command()
 @click.argument("model")
-@click.option("-o", "--output", "output", required=True, help="Output directory (written atomically).")
 @click.option("--method", default="gptq", show_default=True, help="Compression method (see `quantkit methods`).")
 @click.option("--bits", type=int, default=4, show_default=True)
 @click.option("--group-size", type=int, default=128, show_default=True, help="Input columns per scale; -1 = per channel.")
@@ -108,38 +181,26 @@ QUANT_OPTIONS = ["bits", "group_size", "sym", "act_order", "static_groups", "dam
 @click.option("--clip/--no-clip", default=True, show_default=True, help="AWQ: search a clipping range per weight group.")
 @click.option("--quantize-lm-head", is_flag=True,
               help="Quantize lm_head too (untied from the embeddings, which stay float); GPTQ calibrates it on the final norm's output.")
-@click.option("--calib", default="c4", show_default=True, help="Calibration data: a dataset name or a local file.")
-@click.option("--nsamples", type=int, default=128, show_default=True)
-@click.option("--seqlen", type=int, default=2048, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward.")
+@_calib_options
 @click.option("--stream/--no-stream", default=None,
               help="Read a safetensors MODEL one block at a time from disk (memory: about one block), resumable "
                    "[default: when its weights exceed half the available memory].")
 @click.option("--resume", is_flag=True, help="Continue the --stream run that was killed writing OUTPUT (implies --stream).")
 @click.option("--offload-activations", "offload", default=None, metavar="DIR",
               help="Keep calibration activations in files under DIR (with --stream they are always in files, by default beside OUTPUT).")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT (and an unfinished --stream run of it) if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_output_options
 @_model_options
 @click.pass_context
 def quantize(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_size, stream, resume, offload, overwrite,
              as_json, dtype, allow_pickle, trust_remote_code, **_):
-    """Quantize MODEL (a directory, .gguf file or hub id) and write a packed checkpoint."""
+    """Quantize MODEL (a directory, .gguf file or hub id) and write a packed checkpoint.
+    With --stream the overwrite check covers an unfinished run of OUTPUT too."""
     from quantkit import api, streaming
-    from quantkit.modelio import dir_bytes, model_bytes
+    from quantkit.modelio import dir_bytes
 
-    _check_positive("--nsamples", nsamples, 1_000_000)
-    _check_positive("--seqlen", seqlen, 1_048_576)
-    _check_positive("--batch-size", batch_size)
     method_cls = api.get_method(method)
     config = api.make_config(method, _given(ctx, QUANT_OPTIONS))
-    if method_cls.needs_calibration:
-        from quantkit.data import check_calibration_size
-
-        check_calibration_size(nsamples, seqlen)
-    if os.path.exists(output) and not overwrite:
-        raise QuantkitError(f"output {output} already exists; pass --overwrite to replace it")
+    _check_run(method_cls, output, overwrite, nsamples, seqlen, batch_size)
     if resume and stream is False:
         raise QuantkitError("--resume continues a --stream run; drop --no-stream")
     if stream is None:
@@ -150,51 +211,38 @@ def quantize(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_si
     t0 = time.perf_counter()
     if stream:
         src = streaming.StreamSource.open(model, dtype, trust_remote_code)
-        m, bytes_before = src.model, src.nbytes()
-    else:
-        m, tok = api.load_model(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        bytes_before = model_bytes(m)
-    seqlen_cap = getattr(m.config, "max_position_embeddings", None)
-    if method_cls.needs_calibration and seqlen_cap and seqlen > seqlen_cap:
-        raise QuantkitError(f"--seqlen {seqlen} exceeds the model's context of {seqlen_cap} tokens")
-    hooks = streaming.OffloadHooks(offload) if offload and not stream else None
-    try:
+        bytes_before = src.nbytes()
+        seqlen_cap = getattr(src.model.config, "max_position_embeddings", None)
+        if method_cls.needs_calibration and seqlen_cap and seqlen > seqlen_cap:
+            raise QuantkitError(f"--seqlen {seqlen} exceeds the model's context of {seqlen_cap} tokens")
         with _progress(not as_json or sys.stderr.isatty()) as prog:
             task = prog.add_task(f"{method}", total=None, info="")
-            update = lambda i, n, info: prog.update(task, completed=i, total=n, info=info)  # noqa: E731
-            if stream:
-                res = streaming.compress_streaming(model, output, method, config, calib=calib, nsamples=nsamples, seqlen=seqlen,
-                                                   seed=seed, batch_size=batch_size, resume=resume, overwrite=overwrite,
-                                                   offload_dir=offload, trust_remote_code=trust_remote_code, source=src,
-                                                   progress=update)
-            else:
-                res = api.compress(m, method, config, tokenizer=tok, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                   batch_size=batch_size, progress=update, hooks=hooks)
-    finally:
-        if hooks is not None:
-            hooks.cleanup()
-    if not stream:
+            res = streaming.compress_streaming(
+                model, output, method, config, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                batch_size=batch_size, resume=resume, overwrite=overwrite, offload_dir=offload,
+                trust_remote_code=trust_remote_code, source=src,
+                progress=lambda i, n, info: prog.update(task, completed=i, total=n, info=info))
+    else:
+        m, tok, calib_ids, bytes_before = _load_for_compression(model, method_cls, calib, nsamples, seqlen, seed, dtype,
+                                                                allow_pickle, trust_remote_code)
+        hooks = streaming.OffloadHooks(offload) if offload else None
+        try:
+            res = _compress(m, method, config, calib_ids, batch_size, as_json, hooks)
+        finally:
+            if hooks is not None:
+                hooks.cleanup()
         api.save(m, tok, output, method, res, overwrite=overwrite)
-    seconds = time.perf_counter() - t0
     payload = {
         "output": os.path.abspath(output), "method": method, "bits": getattr(config, "bits", None),
         "group_size": getattr(config, "group_size", None), "bytes_before": bytes_before,
-        "bytes_after": dir_bytes(output), "seconds": round(seconds, 3), "peak_rss_bytes": peak_rss_bytes(),
+        "bytes_after": dir_bytes(output), "seconds": round(time.perf_counter() - t0, 3), "peak_rss_bytes": peak_rss_bytes(),
         "modules": len(res.quantized), "stream": stream,
     }
-    notes = [r for r in res.log if r.note]
-    for r in notes:
-        err_console.print(f"[yellow]note[/] {r.module}: {r.note}")
-    table = Table(title=f"quantkit quantize --method {method}")
-    for k in ("output", "method", "bits", "group_size", "modules", "bytes_before", "bytes_after", "seconds", "peak_rss_bytes"):
-        table.add_row(k, str(payload[k]))
-    table.show_header = False
-    _emit(as_json, payload, table)
-
+    _report(res, payload, ("output", "method", "bits", "group_size", "modules", "bytes_before", "bytes_after", "seconds",
+                           "peak_rss_bytes"), f"quantkit quantize --method {method}", as_json)
 
 @cli.command()
 @click.argument("model")
-@click.option("-o", "--output", "output", required=True, help="Output directory (written atomically).")
 @click.option("--method", default="sparsegpt", show_default=True, help="sparsegpt, wanda or magnitude (see `quantkit methods`).")
 @click.option("--sparsity", type=float, default=None, help="Fraction of each linear's weights to prune, in (0, 1) [default: 0.5].")
 @click.option("--pattern", default=None, help="N:M semi-structured sparsity instead: keep N of every M inputs (2:4, 4:8...).")
@@ -204,13 +252,8 @@ def quantize(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_si
 @click.option("--sym/--asym", default=True, show_default=True, help="With --bits: symmetric grid.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="SparseGPT damping (fraction of mean diag H).")
 @click.option("--blocksize", type=int, default=128, show_default=True, help="SparseGPT adaptive-mask block size.")
-@click.option("--calib", default="c4", show_default=True, help="Calibration data: a dataset name or a local file.")
-@click.option("--nsamples", type=int, default=128, show_default=True)
-@click.option("--seqlen", type=int, default=2048, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_calib_options
+@_output_options
 @_model_options
 @click.pass_context
 def prune(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_size, overwrite, as_json, dtype,
@@ -218,12 +261,9 @@ def prune(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_size,
     """Prune MODEL's linears (unstructured or N:M) and write a checkpoint: dense with zeros
     (plain transformers loads it), packed N:M with --packed, or quantized with --bits."""
     from quantkit import api
-    from quantkit.modelio import dir_bytes, model_bytes
+    from quantkit.modelio import dir_bytes
     from quantkit.registry import method_names
 
-    _check_positive("--nsamples", nsamples, 1_000_000)
-    _check_positive("--seqlen", seqlen, 1_048_576)
-    _check_positive("--batch-size", batch_size)
     method_cls = api.get_method(method)
     if getattr(method_cls, "kind", "quantize") != "prune":
         raise QuantkitError(f"{method!r} is not a pruning method; pruning methods: {', '.join(method_names('prune'))}")
@@ -231,19 +271,11 @@ def prune(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_size,
     if "sparsity" in given and "pattern" in given:
         raise QuantkitError("give --sparsity or --pattern, not both")
     config = api.make_config(method, given)
-    if os.path.exists(output) and not overwrite:
-        raise QuantkitError(f"output {output} already exists; pass --overwrite to replace it")
+    _check_run(method_cls, output, overwrite, nsamples, seqlen, batch_size)
     t0 = time.perf_counter()
-    m, tok = api.load_model(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    seqlen_cap = getattr(m.config, "max_position_embeddings", None)
-    if method_cls.needs_calibration and seqlen_cap and seqlen > seqlen_cap:
-        raise QuantkitError(f"--seqlen {seqlen} exceeds the model's context of {seqlen_cap} tokens")
-    bytes_before = model_bytes(m)
-    with _progress(not as_json or sys.stderr.isatty()) as prog:
-        task = prog.add_task(f"{method}", total=None, info="")
-        res = api.compress(m, method, config, tokenizer=tok, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                           batch_size=batch_size,
-                           progress=lambda i, n, info: prog.update(task, completed=i, total=n, info=info))
+    m, tok, calib_ids, bytes_before = _load_for_compression(model, method_cls, calib, nsamples, seqlen, seed, dtype,
+                                                            allow_pickle, trust_remote_code)
+    res = _compress(m, method, config, calib_ids, batch_size, as_json)
     api.save(m, tok, output, method, res, overwrite=overwrite)
     seconds = time.perf_counter() - t0
     sp = res.extra["sparsity"]
@@ -255,21 +287,14 @@ def prune(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_size,
         "bytes_before": bytes_before, "bytes_after": dir_bytes(output), "seconds": round(seconds, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }
-    for r in res.log:
-        if r.note:
-            err_console.print(f"[yellow]note[/] {r.module}: {r.note}")
-    table = Table(title=f"quantkit prune --method {method}")
-    for k in ("output", "method", "sparsity", "pattern", "packed", "bits", "group_size", "modules", "sparsity_overall",
-              "sparsity_min", "sparsity_max", "bytes_before", "bytes_after", "seconds", "peak_rss_bytes"):
-        v = payload[k]
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) and k.startswith("sparsity") else str(v))
-    table.show_header = False
-    _emit(as_json, payload, table)
+    _report(res, payload, ("output", "method", "sparsity", "pattern", "packed", "bits", "group_size", "modules",
+                           "sparsity_overall", "sparsity_min", "sparsity_max", "bytes_before", "bytes_after", "seconds",
+                           "peak_rss_bytes"), f"quantkit prune --method {method}", as_json,
+            fmt=lambda k, v: f"{v:.4f}" if isinstance(v, float) and k.startswith("sparsity") else str(v))
 
 
 @cli.command()
 @click.argument("model")
-@click.option("-o", "--output", "output", required=True, help="Output directory (written atomically).")
 @click.option("--method", default="asvd", show_default=True,
               help="asvd (activation-aware: SVD-LLM whitening, or ASVD scaling with --scaling act) or svd (plain).")
 @click.option("--ratio", type=float, default=None, help="Fraction of each factorized layer's parameters kept [default: 0.8].")
@@ -279,13 +304,8 @@ def prune(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_size,
               help="asvd: Cholesky whitening of X^T X (SVD-LLM) or activation-magnitude scaling (ASVD).")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="asvd whitening damping (fraction of mean diag).")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="asvd --scaling act: exponent of mean |x|.")
-@click.option("--calib", default="c4", show_default=True, help="Calibration data (asvd): a dataset name or a local file.")
-@click.option("--nsamples", type=int, default=128, show_default=True)
-@click.option("--seqlen", type=int, default=2048, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_calib_options
+@_output_options
 @_model_options
 @click.pass_context
 def lowrank(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_size, overwrite, as_json, dtype,
@@ -293,12 +313,9 @@ def lowrank(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_siz
     """Factorize MODEL's linears into two low-rank linears (W ~= V U) and write a checkpoint whose
     config records each module's rank; a layer is factorized only where that saves parameters."""
     from quantkit import api
-    from quantkit.modelio import dir_bytes, model_bytes
+    from quantkit.modelio import dir_bytes
     from quantkit.registry import method_names
 
-    _check_positive("--nsamples", nsamples, 1_000_000)
-    _check_positive("--seqlen", seqlen, 1_048_576)
-    _check_positive("--batch-size", batch_size)
     method_cls = api.get_method(method)
     if getattr(method_cls, "kind", "quantize") != "lowrank":
         raise QuantkitError(f"{method!r} is not a low-rank method; low-rank methods: {', '.join(method_names('lowrank'))}")
@@ -309,19 +326,11 @@ def lowrank(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_siz
     if asvd_only and method != "asvd":
         raise QuantkitError(f"{', '.join('--' + k for k in asvd_only)} only apply to --method asvd")
     config = api.make_config(method, {**given, **asvd_only})
-    if os.path.exists(output) and not overwrite:
-        raise QuantkitError(f"output {output} already exists; pass --overwrite to replace it")
+    _check_run(method_cls, output, overwrite, nsamples, seqlen, batch_size)
     t0 = time.perf_counter()
-    m, tok = api.load_model(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    seqlen_cap = getattr(m.config, "max_position_embeddings", None)
-    if method_cls.needs_calibration and seqlen_cap and seqlen > seqlen_cap:
-        raise QuantkitError(f"--seqlen {seqlen} exceeds the model's context of {seqlen_cap} tokens")
-    bytes_before = model_bytes(m)
-    with _progress(not as_json or sys.stderr.isatty()) as prog:
-        task = prog.add_task(f"{method}", total=None, info="")
-        res = api.compress(m, method, config, tokenizer=tok, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                           batch_size=batch_size,
-                           progress=lambda i, n, info: prog.update(task, completed=i, total=n, info=info))
+    m, tok, calib_ids, bytes_before = _load_for_compression(model, method_cls, calib, nsamples, seqlen, seed, dtype,
+                                                            allow_pickle, trust_remote_code)
+    res = _compress(m, method, config, calib_ids, batch_size, as_json)
     s = res.extra["lowrank"]
     api.save(m, tok, output, method, res, overwrite=overwrite,
              extra_config={"lowrank": {k: s[k] for k in ("params_before", "params_after", "ratio", "ratio_model")}})
@@ -337,20 +346,14 @@ def lowrank(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_siz
         "bytes_before": bytes_before, "bytes_after": dir_bytes(output), "seconds": round(seconds, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }
-    for r in res.log:
-        if r.note and not r.note.startswith("rank "):
-            err_console.print(f"[yellow]note[/] {r.module}: {r.note}")
     err_console.print(f"factorized {s['modules']} linears ({s['left_dense']} left dense): parameters kept "
                       f"{s['params_after']}/{s['params_before']} = {s['ratio']:.4f} of the factorized layers, "
                       f"{s['ratio_linears']:.4f} of all block linears, {s['ratio_model']:.4f} of the model")
-    table = Table(title=f"quantkit lowrank --method {method}")
-    for k in ("output", "method", "ratio_target", "rank", "energy", "modules", "left_dense", "rank_min", "rank_max",
-              "params_before", "params_after", "param_ratio", "param_ratio_linears", "param_ratio_model",
-              "bytes_before", "bytes_after", "seconds", "peak_rss_bytes"):
-        v = payload[k]
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) and k.startswith("param_ratio") else str(v))
-    table.show_header = False
-    _emit(as_json, payload, table)
+    _report(res, payload, ("output", "method", "ratio_target", "rank", "energy", "modules", "left_dense", "rank_min",
+                           "rank_max", "params_before", "params_after", "param_ratio", "param_ratio_linears",
+                           "param_ratio_model", "bytes_before", "bytes_after", "seconds", "peak_rss_bytes"),
+            f"quantkit lowrank --method {method}", as_json, skip_note=lambda note: note.startswith("rank "),
+            fmt=lambda k, v: f"{v:.4f}" if isinstance(v, float) and k.startswith("param_ratio") else str(v))
 
 
 @cli.command()
