@@ -31,7 +31,13 @@ def _assert_identical(a, b):
     for name in names:
         if name != "quant_log.csv":  # its seconds column differs between any two runs
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    assert _log_without_seconds(a) == _log_without_seconds(b)
+    log_a, log_b = _log_without_seconds(a), _log_without_seconds(b)
+    # the loss column is a float32 diagnostic whose last digits depend on the thread count of the
+    # process that computed it (the killed run was a subprocess); the weights above are byte-equal
+    for ra, rb in zip(log_a, log_b, strict=True):
+        la, lb = ra.pop("loss"), rb.pop("loss")
+        assert (la == lb) or abs(float(la) - float(lb)) <= 1e-5 * abs(float(lb)), (la, lb)
+    assert log_a == log_b
 
 
 def _run(args, **env):

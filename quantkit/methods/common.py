@@ -13,11 +13,21 @@ import torch
 from torch import nn
 
 from quantkit.arch import ArchSpec, arch_for, get_module
-from quantkit.calib import BlockContext, CompressionResult, LayerRecord, QuantizedWeight, _linear_weight
+from quantkit.calib import BlockContext, CompressionResult, LayerRecord, _linear_weight
 from quantkit.errors import QuantkitError
 from quantkit.numerics.hessian import HessianAccumulator
 from quantkit.numerics.quant import QuantSpec
 from quantkit.numerics.stats import ActStats
+
+
+def check_module_patterns(ignore, overrides) -> None:
+    """Every ``ignore`` regex and every ``overrides`` key compiles (configs call this up front)."""
+    for kind, patterns in (("ignore", ignore), ("module", [p for p, _ in overrides])):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise QuantkitError(f"bad {kind} pattern {pattern!r}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -35,16 +45,8 @@ class WeightQuantConfig:
 
     def __post_init__(self):
         QuantSpec(self.bits, self.group_size, self.sym)  # validates
-        for pattern in self.ignore:
-            try:
-                re.compile(pattern)
-            except (re.error, TypeError) as e:
-                raise QuantkitError(f"bad ignore pattern {pattern!r}: {e}") from None
+        check_module_patterns(self.ignore, self.overrides)
         for pattern, fields in self.overrides:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise QuantkitError(f"bad module pattern {pattern!r}: {e}") from None
             unknown = set(fields) - {"bits", "group_size", "sym"}
             if unknown:
                 raise QuantkitError(f"unknown override key(s) {sorted(unknown)} for {pattern!r}")

@@ -15,6 +15,7 @@ import torch
 from quantkit.arch import get_module
 from quantkit.calib import BlockContext, BlockMethod, CompressionResult, LayerRecord, _linear_weight
 from quantkit.errors import QuantkitError
+from quantkit.methods.common import check_module_patterns
 from quantkit.numerics.quant import QuantSpec
 from quantkit.numerics.sparsity import NMSparseWeight, SparsityTarget, check_sparsity, parse_pattern
 
@@ -41,16 +42,8 @@ class PruneConfig:
         if self.sparsity is None and self.pattern is None:
             object.__setattr__(self, "sparsity", 0.5)
         SparsityTarget.parse(self.sparsity, self.pattern)  # validates
-        for pattern in self.ignore:
-            try:
-                re.compile(pattern)
-            except (re.error, TypeError) as e:
-                raise QuantkitError(f"bad ignore pattern {pattern!r}: {e}") from None
+        check_module_patterns(self.ignore, self.overrides)
         for pattern, fields in self.overrides:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise QuantkitError(f"bad module pattern {pattern!r}: {e}") from None
             if not isinstance(fields, dict) or len(fields) != 1 or set(fields) - {"sparsity", "pattern"}:
                 raise QuantkitError(f"override for {pattern!r} must be {{'sparsity': s}} or {{'pattern': 'N:M'}}, got {fields!r}")
             if "pattern" in fields:
