@@ -123,8 +123,10 @@ def _load_for_compression(model: str, method_cls, calib: str, nsamples: int, seq
     ids, and doing it first keeps that transient off the model's peak memory."""
     from quantkit import api
     from quantkit.data import calibration_samples
+    from quantkit.memory import return_large_frees_to_os
     from quantkit.modelio import load_tokenizer, model_bytes
 
+    return_large_frees_to_os()  # before the first large allocation: see quantkit.memory
     calib_ids = None
     if method_cls.needs_calibration:
         tok = load_tokenizer(model, trust_remote_code)
