@@ -96,11 +96,15 @@ def write_log(path: Path, result: CompressionResult) -> None:
 
 
 def save_checkpoint(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | None, result: CompressionResult | None = None) -> None:
-    """Write weights (safetensors), config.json (+ quantization_config), tokenizer and the module log."""
-    from safetensors.torch import save_file
+    """Write weights (safetensors), config.json (+ quantization_config), tokenizer and the module log.
+    Tensors are written one at a time (``save_file`` would first copy them all into one buffer),
+    with the bytes ``safetensors.torch.save_file`` writes."""
+    from quantkit.streaming import write_safetensors
 
     out_dir = Path(out_dir)
-    save_file(unique_state_dict(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    state = unique_state_dict(model)
+    write_safetensors(out_dir / "model.safetensors", [(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in state.items()],
+                      {"format": "pt"})
     save_metadata(model, tokenizer, out_dir, qconfig, result)
 
 
