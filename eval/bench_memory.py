@@ -163,7 +163,8 @@ def run_capped(cmd: list[str], cap_bytes: int | None, env: dict | None = None, l
                         over[0] = True
                         os.kill(p.pid, 9)
             except (OSError, ValueError):
-                pass
+                finished.wait(0.05)  # the child exited between the poll and the read; the loop condition sees it
+                continue
             finished.wait(0.05)
 
     out_chunks, err_chunks = [], []

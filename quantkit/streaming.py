@@ -819,8 +819,8 @@ def available_memory() -> int | None:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        pass
-    return None
+        return None  # unreadable /proc/meminfo: the size is unknown
+    return None  # no MemAvailable line (old kernels)
 
 
 def should_stream(path: str | Path, dtype=None, fraction: float = 0.5) -> bool:

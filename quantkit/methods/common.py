@@ -114,7 +114,7 @@ def quantize_block_linears(ctx: BlockContext, quantizer: LinearQuantizer, stats_
 
 # ---- the output head (quantize_lm_head) --------------------------------------------------------
 class _HeadCaught(Exception):
-    pass
+    """Raised by the hook on the head's input: stops the forward before the logits are computed."""
 
 
 def untie_head(model: nn.Module, arch: ArchSpec) -> bool:
