@@ -51,9 +51,11 @@ def compress(model, method_name: str, options: dict | object, *, tokenizer=None,
              nsamples: int = 128, seqlen: int = 2048, seed: int = 0, batch_size: int = 8,
              calib_ids: torch.Tensor | None = None,
              progress: Callable[[int, int, str], None] | None = None,
-             hooks: BlockHooks | None = None) -> CompressionResult:
+             hooks: BlockHooks | None = None, pack: bool = False) -> CompressionResult:
     """Compress ``model`` in place with a registered method; returns what was done per module.
     ``hooks``: see :class:`quantkit.calib.BlockHooks` (streaming from disk, offloaded activations).
+    ``pack=True``: each block's compressed linears become packed runtime modules as soon as the
+    block is done (lower peak memory when the next step is :func:`save`).
 
     With ``quantize_lm_head=True`` in the options (weight-quantizing methods), the output head
     is quantized too, after the blocks (see :func:`quantkit.methods.common.quantize_head`)."""
@@ -69,7 +71,8 @@ def compress(model, method_name: str, options: dict | object, *, tokenizer=None,
             raise QuantkitError(f"method {method_name!r} needs calibration data (--calib)")
         calib_ids = calibration_samples(tokenizer, calib, nsamples, seqlen, seed)
     model.config.use_cache = False
-    result = run_blockwise(model, method, calib_ids if method.needs_calibration else None, batch_size, progress, hooks)
+    result = run_blockwise(model, method, calib_ids if method.needs_calibration else None, batch_size, progress, hooks,
+                           pack=pack)
     if getattr(config, "quantize_lm_head", False):
         from quantkit.methods.common import quantize_head
 

@@ -288,9 +288,12 @@ def _input_device(model: nn.Module) -> torch.device:
 
 def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor | None = None,
                   batch_size: int = 8, progress: Callable[[int, int, str], None] | None = None,
-                  hooks: BlockHooks | None = None) -> CompressionResult:
+                  hooks: BlockHooks | None = None, pack: bool = False) -> CompressionResult:
     """Compress ``model`` in place, block by block.  ``calib_ids``: ``[nsamples, seqlen]`` token ids.
-    ``hooks`` (default: all in memory) load, write and free blocks when streaming."""
+    ``hooks`` (default: all in memory) load, write and free blocks when streaming.  ``pack``:
+    swap each finished block's compressed linears for their packed runtime modules at once
+    (frees their float weights and codes as the run goes; the model can then only be saved or
+    run, not compressed again)."""
     hooks = BlockHooks() if hooks is None else hooks
     arch = arch_for(model)
     method.check(model, arch)
@@ -313,6 +316,10 @@ def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor
             if inputs is not None and i + 1 < len(blocks):
                 inputs.advance(ctx.run)
         hooks.block_done(i, block, result, inputs)
+        if pack:
+            from quantkit.checkpoint import pack_finished
+
+            pack_finished(model, result, f"{arch.blocks_path}.{i}.")
         if progress is not None:
             progress(i + 1, len(blocks), f"block {i} {time.perf_counter() - t0:.1f}s")
     method.finish(model, result)

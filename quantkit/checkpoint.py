@@ -25,7 +25,7 @@ import csv
 import json
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -40,13 +40,39 @@ FORMAT = "quantkit-v1"
 FORMAT_VERSION = 1
 
 
+@dataclass(frozen=True)
+class PackedEntry:
+    """A compressed module already swapped into the model as its packed runtime module (or
+    already written, when streaming): all that ``quantization_config`` still needs of it."""
+
+    kind: str
+    entry: dict
+
+    def config_entry(self) -> dict:
+        return dict(self.entry)
+
+
 def pack_model(model: nn.Module, quantized: dict) -> None:
-    """Replace each compressed linear of ``model`` (in place) by its packed runtime module."""
+    """Replace each compressed linear of ``model`` (in place) by its packed runtime module
+    (entries already packed are skipped)."""
     for name, qw in quantized.items():
+        if isinstance(qw, PackedEntry):
+            continue
         lin = get_module(model, name)
         bias = lin.bias.detach() if getattr(lin, "bias", None) is not None else None
         dtype = lin.weight.dtype if lin.weight.dtype.is_floating_point else torch.float32
         set_module(model, name, qw.to_module(bias, dtype))
+
+
+def pack_finished(model: nn.Module, result: CompressionResult, prefix: str) -> dict:
+    """Swap the compressed linears named ``prefix...`` for their packed modules now, and keep
+    only their config entries in ``result``: their float weights and unpacked codes are freed
+    (what ``compress(..., pack=True)`` does after each block).  Returns the packed entries."""
+    mine = {n: q for n, q in result.quantized.items() if n.startswith(prefix) and not isinstance(q, PackedEntry)}
+    pack_model(model, mine)
+    for n, q in mine.items():
+        result.quantized[n] = PackedEntry(q.kind, q.config_entry())
+    return mine
 
 
 def quantization_config(method: str, quantized: dict, defaults: dict, extra: dict | None = None) -> dict:

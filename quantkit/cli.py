@@ -141,13 +141,13 @@ def _load_for_compression(model: str, method_cls, calib: str, nsamples: int, seq
     return m, tok, calib_ids, model_bytes(m)
 
 
-def _compress(m, method: str, config, calib_ids, batch_size: int, as_json: bool, hooks=None):
-    """``api.compress`` with a progress bar on stderr."""
+def _compress(m, method: str, config, calib_ids, batch_size: int, as_json: bool, hooks=None, pack: bool = False):
+    """``api.compress`` with a progress bar on stderr (``pack``: see ``api.compress``)."""
     from quantkit import api
 
     with _progress(not as_json or sys.stderr.isatty()) as prog:
         task = prog.add_task(f"{method}", total=None, info="")
-        return api.compress(m, method, config, calib_ids=calib_ids, batch_size=batch_size, hooks=hooks,
+        return api.compress(m, method, config, calib_ids=calib_ids, batch_size=batch_size, hooks=hooks, pack=pack,
                             progress=lambda i, n, info: prog.update(task, completed=i, total=n, info=info))
 
 
@@ -229,7 +229,7 @@ def quantize(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_si
                                                                 allow_pickle, trust_remote_code)
         hooks = streaming.OffloadHooks(offload) if offload else None
         try:
-            res = _compress(m, method, config, calib_ids, batch_size, as_json, hooks)
+            res = _compress(m, method, config, calib_ids, batch_size, as_json, hooks, pack=True)
         finally:
             if hooks is not None:
                 hooks.cleanup()
@@ -674,6 +674,9 @@ def _pareto_plot(rows: list[dict], path: str) -> None:
 
 
 def main() -> None:
+    from quantkit.memory import keep_triton_unloaded
+
+    keep_triton_unloaded(sys.argv[1:2])
     cli(prog_name="quantkit")
 
 

@@ -60,3 +60,27 @@ def release_freed_memory() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+# commands that never run a Triton kernel on a machine without CUDA (compression and conversion)
+_NO_TRITON_COMMANDS = frozenset({"quantize", "prune", "lowrank", "run", "distill", "export"})
+
+
+def keep_triton_unloaded(argv: list[str]) -> bool:
+    """In a ``quantkit`` process running one of the compression commands on a machine without
+    CUDA, make ``import triton`` fail from now on, and return whether it did.
+
+    Triton is only used for CUDA kernels, but ``transformers`` imports ``torch._dynamo``, which
+    imports Triton when it is installed: ~70 MB resident (libtriton.so alone is 66 MB) for nothing
+    on a CPU.  Called by the console script only (never inside another program or the tests), and
+    a no-op when Triton is already loaded, ``TRITON_INTERPRET`` is set, or CUDA is present."""
+    import os
+
+    if not argv or argv[0] not in _NO_TRITON_COMMANDS or "triton" in sys.modules or os.environ.get("TRITON_INTERPRET"):
+        return False
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    sys.modules["triton"] = None  # the import system's own "known missing" marker: ImportError on import
+    return True

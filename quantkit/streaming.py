@@ -44,6 +44,7 @@ from torch import nn
 
 from quantkit.arch import ArchSpec, arch_for, get_module
 from quantkit.calib import Activations, BlockHooks, CompressionResult, LayerRecord
+from quantkit.checkpoint import PackedEntry, pack_finished
 from quantkit.errors import QuantkitError
 from quantkit.memory import release_freed_memory
 
@@ -627,16 +628,6 @@ class WorkDir:
 
 
 @dataclass
-class _Entry:
-    """A compressed module whose tensors are already written: what quantization_config needs."""
-
-    kind: str
-    entry: dict
-
-    def config_entry(self) -> dict:
-        return dict(self.entry)
-
-
 class StreamHooks(BlockHooks):
     """The driver's hooks when streaming: load a block from the shards before it runs; after it,
     pack it, write it to the work directory, record it in the manifest and free it."""
@@ -656,7 +647,7 @@ class StreamHooks(BlockHooks):
         if self.manifest.setdefault("n_blocks", n_blocks) != n_blocks:
             raise QuantkitError(f"cannot resume: {self.work.manifest_path} is for {self.manifest['n_blocks']} blocks, the model has {n_blocks}")
         result.log.extend(LayerRecord(**r) for r in self.manifest.get("log", []))
-        result.quantized.update({n: _Entry(e["kind"], e["entry"]) for n, e in self.manifest.get("modules", {}).items()})
+        result.quantized.update({n: PackedEntry(e["kind"], e["entry"]) for n, e in self.manifest.get("modules", {}).items()})
         result.extra.update(self.manifest.get("extra", {}))
         return self.done
 
@@ -675,13 +666,8 @@ class StreamHooks(BlockHooks):
         self.source.materialize(self.source.block_names(index))
 
     def block_done(self, index: int, block: nn.Module, result: CompressionResult, inputs) -> None:
-        from quantkit.checkpoint import pack_model
-
         prefix = f"{self.source.prefix}{index}."
-        mine = {n: q for n, q in result.quantized.items() if n.startswith(prefix) and not isinstance(q, _Entry)}
-        pack_model(self.source.model, mine)
-        for n, q in mine.items():  # the codes are in the packed modules now: keep only their config entry
-            result.quantized[n] = _Entry(q.kind, q.config_entry())
+        pack_finished(self.source.model, result, prefix)  # the codes are in the packed modules now
         state = {prefix + k: v for k, v in block.state_dict().items()}
         part = self.work.part(index)
         part.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from quantkit import api
+from quantkit.checkpoint import PackedEntry
 from quantkit.evaluate import perplexity
 from quantkit.modelio import load_model
 from quantkit.runtime.qlinear import QuantLinear
@@ -31,13 +32,21 @@ def test_packed_checkpoint_matches_in_memory_model(method, opts, stories, calib_
     torch.testing.assert_close(loaded(eval_windows[:1]).logits, logits_mem, rtol=1e-4, atol=1e-4)
 
 
-def test_identical_inputs_give_byte_identical_checkpoints(stories_dir, tiny_text, tmp_path):
+@pytest.mark.parametrize("head", [False, True])
+def test_identical_inputs_give_byte_identical_checkpoints(stories_dir, tiny_text, tmp_path, head):
+    """Two runs, the second packing each block as soon as it is done (what the CLI does, to free
+    float weights early): the same bytes."""
     digests = []
-    for run in range(2):
+    for pack in (False, True):
         model, tok = load_model(str(stories_dir))
-        res = api.compress(model, "gptq", dict(bits=4, group_size=-1), tokenizer=tok, calib=str(tiny_text), nsamples=4, seqlen=64)
-        api.save(model, tok, tmp_path / f"r{run}", "gptq", res)
-        digests.append((tmp_path / f"r{run}" / "model.safetensors").read_bytes())
+        res = api.compress(model, "gptq", dict(bits=4, group_size=-1, quantize_lm_head=head), tokenizer=tok,
+                           calib=str(tiny_text), nsamples=4, seqlen=64, pack=pack)
+        if pack:  # every block's linears were swapped during the run; only the head (if any) waits for save
+            assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+            assert isinstance(model.model.layers[-1].self_attn.q_proj, QuantLinear)
+            assert sum(not isinstance(q, PackedEntry) for q in res.quantized.values()) == int(head)
+        api.save(model, tok, tmp_path / f"p{pack}", "gptq", res)
+        digests.append((tmp_path / f"p{pack}" / "model.safetensors").read_bytes())
     assert digests[0] == digests[1]
 
 
