@@ -136,11 +136,14 @@ def llama_1b_shape(seed: int = 0) -> nn.Module:
 
 
 # ---- threads -----------------------------------------------------------------------------------
-def fastest_threads(model: nn.Module, candidates: list[int], prompt_len: int, gen_len: int, rounds: int = 2) -> tuple[int, dict]:
+def fastest_threads(model: nn.Module, candidates: list[int], prompt_len: int, gen_len: int, rounds: int = 2,
+                    lean: bool = True) -> tuple[int, dict]:
     """Decode tokens/s of ``model`` on each thread count (best of ``rounds``, interleaved); returns
     the fastest count and every figure.  On a shared machine two threads can be far slower than one."""
     from quantkit.bench import time_generation
+    from quantkit.runtime.lean import lean_or_none
 
+    fast = lean_or_none(model, prompt_len + gen_len + 1)[0] if lean else None
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     previous = torch.get_num_threads()
     best: dict[int, float] = {}
@@ -148,7 +151,7 @@ def fastest_threads(model: nn.Module, candidates: list[int], prompt_len: int, ge
         for _ in range(rounds):
             for n in candidates:
                 torch.set_num_threads(n)
-                _, decode_s = time_generation(model, ids, gen_len)
+                _, decode_s = time_generation(model, ids, gen_len, lean=fast)
                 best[n] = max(best.get(n, 0.0), gen_len / decode_s)
     finally:
         torch.set_num_threads(previous)
@@ -182,7 +185,8 @@ def run_model(title: str, model: nn.Module, group_size: int, args) -> dict:
     probe = None
     if args.threads == "auto":
         candidates = list(range(1, (os.cpu_count() or 1) + 1))
-        threads, probe = fastest_threads(models[f"int4-g{group_size}+head"], candidates, args.prompt_len, args.gen_len)
+        threads, probe = fastest_threads(models[f"int4-g{group_size}+head"], candidates, args.prompt_len, args.gen_len,
+                                         lean=not args.no_lean)
         print(f"[{title}] int4+head decode tok/s by threads: {probe} -> {threads}", file=sys.stderr)
     else:
         threads = int(args.threads)
@@ -191,7 +195,7 @@ def run_model(title: str, model: nn.Module, group_size: int, args) -> dict:
     load_start = os.getloadavg()
     try:
         results = run_benches(models, prompt_len=args.prompt_len, gen_len=args.gen_len, repeat=args.repeat,
-                              compile=args.compile)  # bandwidth: measured each round on these threads
+                              compile=args.compile, lean=not args.no_lean)  # bandwidth: measured each round on these threads
     finally:
         torch.set_num_threads(previous)
     Console().print(bench_table([(f"{title} {k}", v) for k, v in results.items()]))
@@ -215,7 +219,9 @@ def markdown(report: dict, argv: list[str]) -> str:
     lines.append(f"torch {torch.__version__}, {os.cpu_count()} cores; int4 kernel: "
                  + ("quantkit native (AVX512-BF16)" if not isinstance(lib, Exception) else f"PyTorch's op ({lib})")
                  + f"; prompt {report['prompt_len']} tokens, {report['gen_len']} decoded, {report['repeat']} interleaved"
-                 + (" rounds; decode step compiled (torch.compile)" if report["compile"] else " rounds; eager"))
+                 + (" rounds; decode step compiled (torch.compile)" if report["compile"] else " rounds; eager")
+                 + ("" if report.get("no_lean") or report["compile"] else
+                    ", quantkit's lean forward (`quantkit.runtime.lean`) for every variant"))
     for key, title, gs in (("smollm2-135m", "SmolLM2-135M-Instruct", 64), ("llama-3.2-1b-shape", "Llama-3.2-1B shape, random weights", 128)):
         if key not in report:
             continue
@@ -276,6 +282,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", default="auto", help="torch CPU threads, or 'auto': the fastest for int4 decode, probed per model")
     p.add_argument("--compile", action="store_true", help="torch.compile every variant's decode step (minutes per variant)")
+    p.add_argument("--no-lean", action="store_true", help="transformers' forward instead of quantkit's lean one")
     p.add_argument("--json", help="also write every figure to this file")
     p.add_argument("--md", help="write the tables into this markdown file (between markers; the rest is kept)")
     args = p.parse_args(argv)
@@ -283,7 +290,7 @@ def main(argv=None) -> int:
         p.error("--threads takes a number or 'auto'")
 
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "prompt_len": args.prompt_len, "gen_len": args.gen_len,
-              "repeat": args.repeat, "compile": args.compile}
+              "repeat": args.repeat, "compile": args.compile, "no_lean": args.no_lean}
     if not args.skip_smol:
         report["smollm2-135m"] = run_model("smol", load_smol(args.smol), 64, args)
     if not args.skip_1b:

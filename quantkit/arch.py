@@ -36,6 +36,28 @@ class LinearGroup:
 
 
 @dataclass(frozen=True)
+class DecodeSpec:
+    """What the runtime's lean forward (:mod:`quantkit.runtime.lean`) needs of a pre-norm block
+    ``x + o(attn(rope(q(n1(x))), rope(k(.)), v(.)))``, then ``x + down(silu(gate(n2(x))) * up(n2(x)))``
+    with RMSNorms: module names relative to a block (``rotary``: relative to the model), and the
+    model types whose blocks are exactly that (``qk_norm``: Qwen3's per-head norms before RoPE)."""
+
+    model_types: tuple[str, ...]
+    qk_norm: tuple[str, str] | None = None
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    attention: str = "self_attn"
+    q: str = "self_attn.q_proj"
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    gate: str = "mlp.gate_proj"
+    up: str = "mlp.up_proj"
+    down: str = "mlp.down_proj"
+    rotary: str = "model.rotary_emb"
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     name: str
     model_types: tuple[str, ...]
@@ -47,6 +69,7 @@ class ArchSpec:
     transposed: bool = False  # GPT-2's Conv1D stores weights as [in, out]
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
     fused: dict = field(default_factory=dict)  # fused linear -> sizes of its parts (informative)
+    decode: tuple[DecodeSpec, ...] = ()  # the lean runtime forward, for the model types each lists
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return get_module(model, self.blocks_path)
@@ -85,7 +108,10 @@ _GEMMA2_GROUPS = (
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite"), "model.layers", _LLAMA_GROUPS,
-             ("model.embed_tokens",), "model.norm"),
+             ("model.embed_tokens",), "model.norm",
+             # SmolLM3 skips RoPE in some layers and Granite scales residuals and logits: not lean
+             decode=(DecodeSpec(("llama", "mistral", "qwen2")),
+                     DecodeSpec(("qwen3",), qk_norm=("self_attn.q_norm", "self_attn.k_norm")))),
     ArchSpec("gemma", ("gemma",), "model.layers", _LLAMA_GROUPS, ("model.embed_tokens",), "model.norm", norm_offset=1.0),
     ArchSpec("gemma2", ("gemma2", "gemma3_text"), "model.layers", _GEMMA2_GROUPS, ("model.embed_tokens",), "model.norm",
              norm_offset=1.0),

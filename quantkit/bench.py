@@ -96,11 +96,12 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 # ---- timing ---------------------------------------------------------------------------------
-def time_generation(model, prompt_ids, gen_len: int, step=None) -> tuple[float, float]:
+def time_generation(model, prompt_ids, gen_len: int, step=None, lean=None) -> tuple[float, float]:
     """``(prefill seconds, decode seconds)`` for one greedy generation with a static cache.
 
     ``prompt_ids [batch, prompt_len]``; ``step`` (default ``model``) runs each decode forward,
-    e.g. a ``torch.compile``'d ``model.forward``.
+    e.g. a ``torch.compile``'d ``model.forward``; ``lean``: a :class:`~quantkit.runtime.lean.LeanLM`
+    of ``model`` runs prefill and decode instead of transformers' forward.
     """
     import torch
     from transformers import StaticCache
@@ -109,6 +110,19 @@ def time_generation(model, prompt_ids, gen_len: int, step=None) -> tuple[float, 
     batch, plen = prompt_ids.shape
     device = prompt_ids.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if lean is not None:
+        lean.reset(batch)
+        with torch.inference_mode():
+            sync()
+            t0 = time.perf_counter()
+            tok = lean.forward(prompt_ids).argmax(-1, keepdim=True)
+            sync()
+            t1 = time.perf_counter()
+            for _ in range(gen_len):
+                tok = lean.forward(tok).argmax(-1, keepdim=True)
+            sync()
+            t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
     cache = StaticCache(config=model.config, max_cache_len=plen + gen_len + 1)
     with torch.inference_mode():
         sync()
@@ -128,28 +142,36 @@ def time_generation(model, prompt_ids, gen_len: int, step=None) -> tuple[float, 
 
 
 def run_benches(models: dict, *, prompt_len: int = 128, gen_len: int = 64, batch: int = 1, repeat: int = 5,
-                warmup: int = 1, bandwidth: float | None = None, compile: bool = False, seed: int = 0) -> dict[str, dict]:
+                warmup: int = 1, bandwidth: float | None = None, compile: bool = False, seed: int = 0,
+                lean: bool = True) -> dict[str, dict]:
     """Benchmark several models side by side: ``{name: model}`` -> ``{name: result}``.
 
     Repeats are interleaved (round ``r`` runs every model once, on the same prompt), so load
     from other processes on the machine hits every model alike and the ratios stay fair.
+    ``lean``: run models the lean forward supports (:mod:`quantkit.runtime.lean`) with it, the
+    others (and everything under ``compile``) with transformers' forward; each result says which.
     """
     import torch
 
+    from quantkit.runtime.lean import lean_or_none
+
     g = torch.Generator().manual_seed(seed)
     steps = {n: (torch.compile(m.forward, dynamic=False) if compile else None) for n, m in models.items()}
+    leans = {n: (lean_or_none(m, prompt_len + gen_len + 1, batch)[0] if lean and not compile else None)
+             for n, m in models.items()}
     times: dict[str, list[tuple[float, float]]] = {n: [] for n in models}
     bws = []
     for i in range(warmup + repeat):
         ids = torch.randint(0, min(m.config.vocab_size for m in models.values()), (batch, prompt_len), generator=g)
         for name, model in models.items():
-            t = time_generation(model, ids.to(next(model.parameters()).device), gen_len, steps[name])
+            t = time_generation(model, ids.to(next(model.parameters()).device), gen_len, steps[name], leans[name])
             if i >= warmup:
                 times[name].append(t)
         if bandwidth is None:
             bws.append(measure_bandwidth())
     bw = bandwidth if bandwidth is not None else max(bws)
-    return {n: _result(models[n], times[n], prompt_len, gen_len, batch, bw, compile) for n in models}
+    return {n: dict(_result(models[n], times[n], prompt_len, gen_len, batch, bw, compile),
+                    forward="lean" if leans[n] is not None else "transformers") for n in models}
 
 
 def run_bench(model, **kwargs) -> dict:
@@ -225,12 +247,15 @@ def bench_table(results: list[tuple[str, dict]]):
 @click.option("--repeat", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "reference", "cpu", "triton"]), default=None,
               help="Force the quantized-matmul path (default: $QUANTKIT_BACKEND, else by device).")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the decode step (slow to start).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the decode step (slow to start; transformers' forward).")
+@click.option("--lean/--no-lean", default=True, show_default=True,
+              help="Run Llama/Mistral/Qwen2/Qwen3 models with quantkit's lean forward (fewer ops per step; "
+                   "others always use transformers').")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU threads (default: torch's, one per core); 1 is steadier on a busy machine.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench(model_path, dtype, prompt_len, gen_len, batch, repeat, backend, compile_, threads, device, as_json):
+def bench(model_path, dtype, prompt_len, gen_len, batch, repeat, backend, compile_, lean, threads, device, as_json):
     """Prefill/decode tokens per second, time to first token, memory and decode roofline of MODEL."""
     import torch
     from rich.console import Console
@@ -244,7 +269,8 @@ def bench(model_path, dtype, prompt_len, gen_len, batch, repeat, backend, compil
     try:
         with use_backend(backend) if backend else contextlib.nullcontext():
             model, _ = load_model(model_path, dtype=dtype, device=device, with_tokenizer=False)
-            r = run_bench(model, prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeat=repeat, compile=compile_)
+            r = run_bench(model, prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeat=repeat, compile=compile_,
+                          lean=lean)
     finally:
         torch.set_num_threads(previous_threads)
     r["model"] = model_path

@@ -13,6 +13,7 @@ from torch import nn
 
 from quantkit.bench import bench, bench_table, decode_bytes_per_token, run_bench, run_benches, weight_bytes
 from quantkit.numerics.quant import QuantSpec, quantize_rtn
+from quantkit.testing import tiny_opt
 from quantkit.runtime.qlinear import QuantLinear
 
 FIELDS = {"decode_tokens_per_s", "prefill_tokens_per_s", "weight_bytes", "roofline_fraction", "ttft_s",
@@ -63,6 +64,11 @@ def test_run_benches_interleaves_and_renders():
     assert set(res) == {"f", "q"} and all(r["repeat"] == 2 for r in res.values())
     table = bench_table(list(res.items()))
     assert table.row_count == 4  # a pp and a tg row per model
+    assert all(r["forward"] == "lean" for r in res.values())
+    res = run_benches({"f": tiny_llama(), "opt": tiny_opt()}, prompt_len=3, gen_len=2, repeat=1, bandwidth=1e10)
+    assert res["f"]["forward"] == "lean" and res["opt"]["forward"] == "transformers"  # unsupported: transformers'
+    res = run_benches({"f": tiny_llama()}, prompt_len=3, gen_len=2, repeat=1, bandwidth=1e10, lean=False)
+    assert res["f"]["forward"] == "transformers"
 
 
 def test_bench_cli_json(tiny_dir):
@@ -71,7 +77,7 @@ def test_bench_cli_json(tiny_dir):
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert FIELDS <= out.keys()
-    assert out["dtype"] == "float32" and out["prompt_len"] == 4 and out["repeat"] == 2
+    assert out["dtype"] == "float32" and out["prompt_len"] == 4 and out["repeat"] == 2 and out["forward"] == "lean"
     from quantkit.runtime.backends import backend_setting
 
     assert backend_setting() == "auto"  # --backend does not leak out of the command

@@ -1,0 +1,169 @@
+"""A lean forward for Llama-style decoders: what a decode step costs beyond its weights.
+
+On a CPU a decode step of a small model is dominated by the modelling code, not by the weights:
+transformers' Llama forward runs ~60 small ATen ops per layer (mask building, cache bookkeeping,
+RoPE as seven ops per tensor, attention over the whole static cache) plus a dozen Python module
+calls, 5-30 us each once the weights stream through the caches.  :class:`LeanLM` runs the same
+arithmetic with about half the ops and no per-step bookkeeping:
+
+* RoPE tables for every position are computed once by the model's own rotary module (so any
+  static ``rope_type``: default, linear, llama3, yarn), and applied as ``x*cos + roll(x)*sin'``
+  (``sin'`` carries rotate_half's sign, so the products are the same numbers as transformers');
+* its own static KV cache, written in place; attention reads only the filled prefix
+  (``scaled_dot_product_attention``, grouped-query heads without copies);
+* the linears are the model's own modules (float, ``QuantLinear``, ``Int8Linear``...), so every
+  kernel path of the runtime applies; the head runs on the last position only.
+
+Which models: the architecture table's :class:`~quantkit.arch.DecodeSpec` (Llama, Mistral,
+Qwen2, Qwen3), checked against the config (SiLU MLP, no sliding window shorter than the cache,
+a position-independent RoPE).  :func:`lean_or_none` says why a model is not supported.  Tested
+against transformers' forward on tiny models of each type (logits to float rounding).
+
+    >>> lm = LeanLM(model, max_len=256)
+    >>> logits = lm.forward(prompt_ids)        # [batch, vocab]: the last position's
+    >>> logits = lm.forward(next_ids[:, None]) # one step more
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkit.arch import arch_for, get_module
+
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+class LeanUnsupported(ValueError):
+    """Why :class:`LeanLM` cannot run a model (callers fall back to transformers' forward)."""
+
+
+def _check(model: nn.Module):
+    spec = arch_for(model)
+    cfg = model.config
+    dec = next((d for d in spec.decode if cfg.model_type in d.model_types), None)
+    if dec is None:
+        raise LeanUnsupported(f"no lean forward for model_type {cfg.model_type!r}")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise LeanUnsupported(f"MLP activation {cfg.hidden_act!r} (lean decode has SiLU)")
+    rotary = get_module(model, dec.rotary)
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type not in _STATIC_ROPE:
+        raise LeanUnsupported(f"rope_type {rope_type!r} depends on the sequence length")
+    return spec, dec, rotary
+
+
+def lean_or_none(model: nn.Module, max_len: int = 2048, batch: int = 1) -> tuple[LeanLM | None, str]:
+    """``(LeanLM, "")`` or ``(None, why not)``."""
+    try:
+        return LeanLM(model, max_len, batch), ""
+    except LeanUnsupported as e:
+        return None, str(e)
+
+
+class _Layer:
+    __slots__ = ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down", "q_norm", "k_norm", "eps1", "eps2")
+
+
+class LeanLM:
+    """Prefill and decode steps over the model's own modules with a static cache of ``max_len``
+    positions per sequence.  :meth:`reset` empties the cache (or resizes it for a new batch)."""
+
+    def __init__(self, model: nn.Module, max_len: int = 2048, batch: int = 1):
+        spec, dec, rotary = _check(model)
+        cfg = model.config
+        self.model = model
+        window = getattr(cfg, "sliding_window", None)
+        if window and getattr(cfg, "use_sliding_window", True) and window < max_len:
+            raise LeanUnsupported(f"sliding window {window} < cache length {max_len}")
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.embed = get_module(model, spec.embeddings[0])
+        self.norm = get_module(model, spec.final_norm)
+        self.head = get_module(model, spec.lm_head)
+        self.eps = _eps(self.norm)
+        self.layers = []
+        for block in spec.blocks(model):
+            lay = _Layer()
+            for field in ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down"):
+                setattr(lay, field, get_module(block, getattr(dec, field)))
+            lay.q_norm = get_module(block, dec.qk_norm[0]) if dec.qk_norm else None
+            lay.k_norm = get_module(block, dec.qk_norm[1]) if dec.qk_norm else None
+            lay.eps1, lay.eps2 = _eps(lay.attn_norm), _eps(lay.mlp_norm)
+            self.layers.append(lay)
+        attn = get_module(spec.blocks(model)[0], dec.attention)
+        self.scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
+        self.dtype = self.embed.weight.dtype
+        self.device = self.embed.weight.device
+        with torch.no_grad():
+            pos = torch.arange(max_len, device=self.device)[None]
+            probe = torch.zeros(1, 1, self.head_dim, dtype=self.dtype, device=self.device)
+            cos, sin = rotary(probe, pos)
+        half = self.head_dim // 2
+        self.cos = cos[0].contiguous()  # [max_len, head_dim]
+        self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()  # rotate_half's sign folded in
+        self.max_len = max_len
+        # attention (and the cache) in float32 on a CPU: PyTorch's bfloat16 attention for one query
+        # costs 100-300 us a layer there against 35-75 us in float32 (measured, 2 threads)
+        self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        self.reset(batch)
+
+    def reset(self, batch: int = 1) -> None:
+        shape = (batch, self.n_kv, self.max_len, self.head_dim)
+        if getattr(self, "k_cache", None) is None or self.k_cache[0].shape != shape:
+            self.k_cache = [torch.zeros(shape, dtype=self.attn_dtype, device=self.device) for _ in self.layers]
+            self.v_cache = [torch.zeros(shape, dtype=self.attn_dtype, device=self.device) for _ in self.layers]
+        self.pos = 0
+
+    # ---- the forward ------------------------------------------------------------------
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x * cos + x.roll(self.head_dim // 2, -1) * sin
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids [batch, n]`` continue every sequence of the cache by ``n`` tokens; returns the
+        logits of the last one ``[batch, vocab]`` (float32)."""
+        b, n = ids.shape
+        start, end = self.pos, self.pos + n
+        if end > self.max_len:
+            raise ValueError(f"the lean cache holds {self.max_len} positions; {end} needed")
+        cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # [n, 1, hd]: broadcast over heads
+        mask = None
+        if n > 1 and start > 0:  # a chunk after a prefix: causal within the chunk, everything before
+            mask = torch.ones(n, end, dtype=torch.bool, device=ids.device).tril(start)
+        causal = n > 1 and start == 0
+        x = self.embed(ids)
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
+        for lay, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
+            h = _rms(x, lay.attn_norm.weight, lay.eps1)
+            q = lay.q(h).view(b, n, nh, hd)
+            k = lay.k(h).view(b, n, nkv, hd)
+            v = lay.v(h).view(b, n, nkv, hd)
+            if lay.q_norm is not None:
+                q, k = _rms(q, lay.q_norm.weight, _eps(lay.q_norm)), _rms(k, lay.k_norm.weight, _eps(lay.k_norm))
+            q = self._rope(q, cos, sin).transpose(1, 2).to(self.attn_dtype)
+            kc[:, :, start:end] = self._rope(k, cos, sin).transpose(1, 2)
+            vc[:, :, start:end] = v.transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=mask, is_causal=causal,
+                                               scale=self.scaling, enable_gqa=nkv != nh)
+            x = x + lay.o(a.transpose(1, 2).reshape(b, n, nh * hd).to(x.dtype))
+            h = _rms(x, lay.mlp_norm.weight, lay.eps2)
+            x = x + lay.down(F.silu(lay.gate(h)) * lay.up(h))
+        self.pos = end
+        return self.head(_rms(x[:, -1], self.norm.weight, self.eps)).float()
+
+
+def _eps(norm: nn.Module) -> float:
+    for attr in ("variance_epsilon", "eps", "epsilon"):
+        if hasattr(norm, attr):
+            return float(getattr(norm, attr))
+    raise LeanUnsupported(f"{type(norm).__name__} has no epsilon attribute")
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm, op for op (float32 statistics, weight applied in x's dtype)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)

@@ -1,0 +1,99 @@
+"""quantkit.runtime.lean: the lean forward computes what transformers' forward computes."""
+
+import pytest
+import torch
+import transformers
+from transformers import DynamicCache
+
+from quantkit import api
+from quantkit.runtime.lean import LeanLM, LeanUnsupported, lean_or_none
+from quantkit.testing import tiny_llama, tiny_opt
+
+SMALL = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+
+
+def _family(name: str, **extra):
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{name}Config")(**SMALL, **extra)
+    model = getattr(transformers, f"{name}ForCausalLM")(cfg).eval()
+    with torch.no_grad():  # non-trivial norms (and Qwen's q/k norms), so a skipped norm shows
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    return model
+
+
+def _hf_steps(model, ids, steps):
+    """transformers' logits for the prompt's last position, then for each greedy step."""
+    cache = DynamicCache(config=model.config)
+    out = model(ids, past_key_values=cache, use_cache=True)
+    logits = [out.logits[:, -1].float()]
+    for _ in range(steps):
+        out = model(logits[-1].argmax(-1, keepdim=True), past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1].float())
+    return logits
+
+
+def _lean_steps(model, ids, steps):
+    lm = LeanLM(model, max_len=ids.shape[1] + steps + 1, batch=ids.shape[0])
+    logits = [lm.forward(ids)]
+    for _ in range(steps):
+        logits.append(lm.forward(logits[-1].argmax(-1, keepdim=True)))
+    return logits
+
+
+@pytest.mark.parametrize("build", [
+    lambda: tiny_llama(0),
+    lambda: _family("Mistral"),
+    lambda: _family("Qwen2"),  # biased q/k/v
+    lambda: _family("Qwen3", head_dim=16),  # per-head q/k norms
+    lambda: _family("Llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+], ids=["llama", "mistral", "qwen2", "qwen3", "llama3-rope"])
+def test_matches_transformers_prefill_and_decode(build):
+    model = build()
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref, got = _hf_steps(model, ids, 5), _lean_steps(model, ids, 5)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_real_model_and_chunked_prefill(stories):
+    """stories260K: one prefill, or the prompt in three chunks, or token by token: same logits."""
+    model, _ = stories
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = model(ids).logits[:, -1].float()
+        whole = LeanLM(model, 32).forward(ids)
+        chunked = LeanLM(model, 32)
+        for part in ids.split([10, 1, 13], dim=1):
+            last = chunked.forward(part)
+    torch.testing.assert_close(whole, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_model_bf16(stories, monkeypatch):
+    """A packed int4 model in bfloat16: the same QuantLinear calls as transformers' forward, so
+    only the attention's precision differs (float32 in the lean forward on a CPU)."""
+    model, _ = stories
+    api.compress(model, "rtn", {"bits": 4, "group_size": -1}, pack=True)
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref, got = _hf_steps(model, ids, 4), _lean_steps(model, ids, 4)
+    for r, g in zip(ref, got):
+        assert (g - r).abs().max() < 0.05 * r.abs().max()
+        assert torch.equal(g.argmax(-1), r.argmax(-1))
+
+
+def test_unsupported_models_say_why():
+    assert lean_or_none(tiny_opt())[0] is None and "opt" in lean_or_none(tiny_opt())[1]
+    model = _family("Mistral", sliding_window=16)
+    with pytest.raises(LeanUnsupported, match="sliding window"):
+        LeanLM(model, max_len=64)
+    assert LeanLM(model, max_len=16).max_len == 16  # within the window it is exact
+    lm = LeanLM(tiny_llama(0), max_len=8)
+    with pytest.raises(ValueError, match="holds 8 positions"):
+        lm.forward(torch.zeros(1, 9, dtype=torch.long))
