@@ -163,7 +163,6 @@ def _eps(norm: nn.Module) -> float:
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama RMSNorm, op for op (float32 statistics, weight applied in x's dtype)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    """transformers' Llama RMSNorm (float32 statistics, weight applied in x's dtype), with
+    PyTorch's fused kernel for the normalisation (the same numbers, three ops instead of eight)."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
