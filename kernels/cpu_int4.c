@@ -150,6 +150,49 @@ static void tile4(const bf16_t *xb, const float *xg, int64_t K8, int64_t G, int6
     tile(4, xb, xg, K8, G, gs, wb, sb, zb, zc, bias, y, yb, ldy, n0, N);
 }
 
+/* M = 1, two tiles at once (two weight streams per thread) */
+static void tile1x2(const bf16_t *xb, const float *xg, int64_t G, int64_t gs, const uint8_t *wa, const uint16_t *sa,
+                    const uint8_t *za, const uint8_t *wb2, const uint16_t *sb2, const uint8_t *zb2, float zconst,
+                    const float *bias, void *y, int y_bf16, int64_t na, int64_t nb2, int64_t N) {
+    const __m512i magic = _mm512_set1_epi16(0x4300), nib = _mm512_set1_epi16(0x000F);
+    __m512 ya = _mm512_setzero_ps(), yb = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m512 a[4], b[4];
+        for (int t = 0; t < 4; t++) a[t] = b[t] = _mm512_setzero_ps();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) {
+            _mm_prefetch((const char *)(wa + (k / 8 + 8) * 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(wb2 + (k / 8 + 8) * 64), _MM_HINT_T0);
+            const int32_t *xp = (const int32_t *)(xb + k);
+            __m512 x0 = (__m512)_mm512_set1_epi32(xp[0]), x1 = (__m512)_mm512_set1_epi32(xp[1]);
+            __m512 x2 = (__m512)_mm512_set1_epi32(xp[2]), x3 = (__m512)_mm512_set1_epi32(xp[3]);
+            __m512i p = _mm512_loadu_si512((const void *)(wa + (k / 8) * 64));
+            __m512i q = _mm512_loadu_si512((const void *)(wb2 + (k / 8) * 64));
+            a[0] = _mm512_dpbf16_ps(a[0], (__m512bh)_mm512_ternarylogic_epi32(p, nib, magic, 0xEA), (__m512bh)x0);
+            b[0] = _mm512_dpbf16_ps(b[0], (__m512bh)_mm512_ternarylogic_epi32(q, nib, magic, 0xEA), (__m512bh)x0);
+            a[1] = _mm512_dpbf16_ps(a[1], (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 4), nib, magic, 0xEA), (__m512bh)x1);
+            b[1] = _mm512_dpbf16_ps(b[1], (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 4), nib, magic, 0xEA), (__m512bh)x1);
+            a[2] = _mm512_dpbf16_ps(a[2], (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 8), nib, magic, 0xEA), (__m512bh)x2);
+            b[2] = _mm512_dpbf16_ps(b[2], (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 8), nib, magic, 0xEA), (__m512bh)x2);
+            a[3] = _mm512_dpbf16_ps(a[3], (__m512bh)_mm512_or_si512(_mm512_srli_epi16(p, 12), magic), (__m512bh)x3);
+            b[3] = _mm512_dpbf16_ps(b[3], (__m512bh)_mm512_or_si512(_mm512_srli_epi16(q, 12), magic), (__m512bh)x3);
+        }
+        __m512 xgv = _mm512_set1_ps(xg[g]);
+        __m512 zca = za ? _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(za + g * 16)))), _mm512_set1_ps(128.f)) : _mm512_set1_ps(128.f + zconst);
+        __m512 zcb = zb2 ? _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zb2 + g * 16)))), _mm512_set1_ps(128.f)) : _mm512_set1_ps(128.f + zconst);
+        __m512 acc = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+        ya = _mm512_fmadd_ps(_mm512_fnmadd_ps(zca, xgv, acc), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sa + g * 16))), ya);
+        acc = _mm512_add_ps(_mm512_add_ps(b[0], b[1]), _mm512_add_ps(b[2], b[3]));
+        yb = _mm512_fmadd_ps(_mm512_fnmadd_ps(zcb, xgv, acc), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sb2 + g * 16))), yb);
+    }
+    for (int h = 0; h < 2; h++) {
+        int64_t n0 = h ? nb2 : na, left = N - n0;
+        __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        __m512 out = _mm512_add_ps(h ? yb : ya, bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps());
+        if (y_bf16) _mm256_mask_storeu_epi16((bf16_t *)y + n0, mask, (__m256i)_mm512_cvtneps_pbh(out));
+        else _mm512_mask_storeu_ps((float *)y + n0, mask, out);
+    }
+}
+
 /* One packed weight, filled once by the caller (fewer arguments to convert per call). */
 typedef struct {
     const uint8_t *w;
@@ -176,6 +219,19 @@ int qk_int4_mm(const qk_int4_weight *d, const void *x, int x_bf16, void *y, int6
     size_t ysize = x_bf16 ? 2 : 4;
     /* a small matrix is not worth waking the other threads for */
     int nt = (threads > 1 && N * K8 * (M < 4 ? M : 4) >= (1 << 17)) ? threads : 1;
+    if (M == 1 && NB >= 2) {
+        int64_t half = NB / 2;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t i = 0; i < half; i++) {
+            int64_t A = i, B = i + half;
+            tile1x2(xb, xg, G, gs, w + A * (K8 / 8) * 64, s16 + A * G * 16, z ? z + A * G * 16 : NULL,
+                    w + B * (K8 / 8) * 64, s16 + B * G * 16, z ? z + B * G * 16 : NULL, zconst, bias, y, x_bf16, A * 16, B * 16, N);
+        }
+        if (NB % 2)
+            tile1(xb, xg, K8, G, gs, w + (NB - 1) * (K8 / 8) * 64, s16 + (NB - 1) * G * 16, z ? z + (NB - 1) * G * 16 : NULL,
+                  zconst, bias, y, x_bf16, N, (NB - 1) * 16, N);
+        return 0;
+    }
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t nb = 0; nb < NB; nb++) {
         const uint8_t *wb = w + nb * (K8 / 8) * 64;
@@ -227,4 +283,141 @@ void qk_int4_dequant(const uint8_t *w, const uint16_t *s16, const uint8_t *z, fl
             }
         }
     }
+}
+
+/* ---- one decode step of Llama-style blocks, every linear on this kernel ------------------------
+ *
+ * quantkit.runtime.lean's per-token forward written out in C for one sequence and one position,
+ * so a step costs its weight traffic and little else (no Python or ATen op per norm, RoPE, softmax):
+ *   h = rms(x) * w1;  q, k, v = h Wq (+bq), h Wk (+bk), h Wv (+bv);  rope(q), rope(k);  cache[pos] = k, v
+ *   x += softmax(q k^T * scale) v  Wo;   h = rms(x) * w2;   x += (silu(h Wg) * (h Wu)) Wd
+ * x (the residual stream), the cache and every intermediate are float32; the matmuls round their
+ * input to bf16 as qk_int4_mm always does.  The pure-torch reference is LeanLM's own forward. */
+#include <math.h>
+
+typedef struct {
+    const qk_int4_weight *q, *k, *v, *o, *gate, *up, *down;
+    const float *bq, *bk, *bv;     /* q/k/v biases or NULL (Qwen2 has them) */
+    const float *norm1, *norm2;    /* RMSNorm weights, float32 [d] */
+    float eps1, eps2;
+    float *k_cache, *v_cache;      /* float32 [nkv, max_len, hd] */
+} qk_layer;
+
+static inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+static void rms_norm(const float *x, const float *w, float eps, int64_t d, float *out) {
+    double ss = 0.0; /* float32 statistics as torch computes them: a float sum is enough, double is safer */
+    for (int64_t i = 0; i < d; i++) ss += (double)x[i] * x[i];
+    float r = 1.0f / sqrtf((float)(ss / d) + eps);
+    for (int64_t i = 0; i < d; i++) out[i] = x[i] * r * w[i];
+}
+
+static float dot(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    float s = hsum512(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* x * cos + roll(x, hd/2) * sin, sin carrying rotate_half's sign (as LeanLM's tables do) */
+static void rope(float *x, int64_t heads, int64_t hd, const float *cos, const float *sin) {
+    int64_t half = hd / 2;
+    float t[1024];
+    for (int64_t h = 0; h < heads; h++) {
+        float *v = x + h * hd;
+        for (int64_t i = 0; i < hd; i++) t[i] = v[i] * cos[i] + v[(i + half) % hd] * sin[i];
+        memcpy(v, t, hd * sizeof(float));
+    }
+}
+
+/* e^x for 16 floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor (relative error < 2e-7) */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static void silu_mul(float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_loadu_ps(g + i);
+        __m512 s = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+        _mm512_storeu_ps(g + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* Decode one position of one sequence through n_layers blocks.  x: float32 [d], updated in place.
+ * cos, sin: float32 [hd], this position's RoPE tables.  Returns 0, or -1 when out of memory. */
+int qk_decode_layers(const qk_layer *layers, int n_layers, float *x, int64_t d, int64_t nh, int64_t nkv, int64_t hd,
+                     int64_t inter, int64_t pos, int64_t max_len, const float *cos, const float *sin, float scale,
+                     int threads) {
+    if (hd > 1024) return -2;
+    int64_t nq = nh * hd, nk = nkv * hd, group = nh / nkv, len = pos + 1;
+    float *buf = (float *)malloc(sizeof(float) * (d + nq + 2 * nk + nq + 2 * inter + d + nh * len));
+    if (!buf) return -1;
+    float *h = buf, *q = h + d, *k = q + nq, *v = k + nk, *att = v + nk, *g = att + nq, *u = g + inter, *y = u + inter,
+          *sc = y + d;
+    for (int l = 0; l < n_layers; l++) {
+        const qk_layer *L = layers + l;
+        rms_norm(x, L->norm1, L->eps1, d, h);
+        if (qk_int4_mm(L->q, h, 0, q, 1, L->bq, threads) || qk_int4_mm(L->k, h, 0, k, 1, L->bk, threads) ||
+            qk_int4_mm(L->v, h, 0, v, 1, L->bv, threads)) {
+            free(buf);
+            return -1;
+        }
+        rope(q, nh, hd, cos, sin);
+        rope(k, nkv, hd, cos, sin);
+        for (int64_t j = 0; j < nkv; j++) {
+            memcpy(L->k_cache + (j * max_len + pos) * hd, k + j * hd, hd * sizeof(float));
+            memcpy(L->v_cache + (j * max_len + pos) * hd, v + j * hd, hd * sizeof(float));
+        }
+        int at = (threads > 1 && nh * len * hd >= (1 << 15)) ? threads : 1;
+#pragma omp parallel for num_threads(at) schedule(static)
+        for (int64_t hh = 0; hh < nh; hh++) {
+            const float *qh = q + hh * hd, *K = L->k_cache + (hh / group) * max_len * hd, *V = L->v_cache + (hh / group) * max_len * hd;
+            float *s = sc + hh * len, m = -INFINITY, sum = 0.f;
+            for (int64_t j = 0; j < len; j++) {
+                s[j] = dot(qh, K + j * hd, hd) * scale;
+                m = s[j] > m ? s[j] : m;
+            }
+            for (int64_t j = 0; j < len; j++) sum += (s[j] = expf(s[j] - m));
+            float *o = att + hh * hd;
+            for (int64_t i = 0; i < hd; i++) o[i] = 0.f;
+            for (int64_t j = 0; j < len; j++) {
+                float p = s[j] / sum;
+                const float *vj = V + j * hd;
+                for (int64_t i = 0; i < hd; i++) o[i] += p * vj[i];
+            }
+        }
+        if (qk_int4_mm(L->o, att, 0, y, 1, NULL, threads)) {
+            free(buf);
+            return -1;
+        }
+        for (int64_t i = 0; i < d; i++) x[i] += y[i];
+        rms_norm(x, L->norm2, L->eps2, d, h);
+        if (qk_int4_mm(L->gate, h, 0, g, 1, NULL, threads) || qk_int4_mm(L->up, h, 0, u, 1, NULL, threads)) {
+            free(buf);
+            return -1;
+        }
+        silu_mul(g, u, inter);
+        if (qk_int4_mm(L->down, g, 0, y, 1, NULL, threads)) {
+            free(buf);
+            return -1;
+        }
+        for (int64_t i = 0; i < d; i++) x[i] += y[i];
+    }
+    free(buf);
+    return 0;
 }

@@ -74,7 +74,7 @@ def _build(cache: Path) -> Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:
-            r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=False)
+            r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, check=False)
             if r.returncode == 0:
                 os.replace(tmp, target)  # atomic: concurrent builders agree on the result
                 return target
@@ -103,6 +103,8 @@ def library():
     lib.qk_int4_mm.argtypes = [ctypes.POINTER(_Desc), p, i32, p, i64, p, i32]
     lib.qk_int4_dequant.restype = None
     lib.qk_int4_dequant.argtypes = [p, p, p, f32, i64, i64, i64, i64, i64, p, i32, i32]
+    lib.qk_decode_layers.restype = ctypes.c_int
+    lib.qk_decode_layers.argtypes = [p, i32, p, i64, i64, i64, i64, i64, i64, i64, p, p, f32, i32]
     return lib
 
 
@@ -250,3 +252,56 @@ def _int4_dequant_op(w: torch.Tensor, s16: torch.Tensor, z: torch.Tensor | None,
 @_int4_dequant_op.register_fake
 def _(w, s16, z, in_features, k_padded, group_size, zconst, start, stop, dtype):
     return w.new_empty(stop - start, in_features, dtype=dtype)
+
+
+# ---- a whole decode step of Llama-style blocks (qk_decode_layers) ---------------------------
+class _Layer(ctypes.Structure):
+    """``qk_layer`` in cpu_int4.c."""
+
+    _fields_ = [(n, ctypes.POINTER(_Desc)) for n in ("q", "k", "v", "o", "gate", "up", "down")] + [
+        ("bq", ctypes.c_void_p), ("bk", ctypes.c_void_p), ("bv", ctypes.c_void_p),
+        ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("eps1", ctypes.c_float), ("eps2", ctypes.c_float),
+        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+@dataclass
+class DecodeLayer:
+    """One block for :class:`DecodePlan`: its seven int4 weights, q/k/v biases (float32 or None),
+    RMSNorm weights (float32), epsilons and its float32 KV cache ``[n_kv, max_len, head_dim]``."""
+
+    weights: tuple[NativeInt4Weight, ...]  # q, k, v, o, gate, up, down
+    biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+    norm1: torch.Tensor
+    norm2: torch.Tensor
+    eps1: float
+    eps2: float
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+
+class DecodePlan:
+    """Every block of a model for ``qk_decode_layers``: one ctypes call per decoded token.
+    Holds references to every tensor it points into."""
+
+    def __init__(self, layers: list[DecodeLayer], n_heads: int, n_kv: int, head_dim: int, intermediate: int,
+                 max_len: int, scale: float):
+        self.layers, self.n_heads, self.n_kv, self.head_dim = layers, n_heads, n_kv, head_dim
+        self.intermediate, self.max_len, self.scale = intermediate, max_len, scale
+        self._structs = (_Layer * len(layers))()
+        for st, lay in zip(self._structs, layers):
+            for name, w in zip(("q", "k", "v", "o", "gate", "up", "down"), lay.weights):
+                setattr(st, name, w.desc)
+            st.bq, st.bk, st.bv = (_ptr(b) for b in lay.biases)
+            st.norm1, st.norm2 = lay.norm1.data_ptr(), lay.norm2.data_ptr()
+            st.eps1, st.eps2 = lay.eps1, lay.eps2
+            st.k_cache, st.v_cache = lay.k_cache.data_ptr(), lay.v_cache.data_ptr()
+
+    def step(self, x: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x`` float32 ``[hidden]`` (the embedding of the token at ``pos``), updated in place to
+        the last block's output; ``cos``/``sin`` float32 ``[head_dim]`` for ``pos``."""
+        rc = library().qk_decode_layers(ctypes.addressof(self._structs), len(self.layers), x.data_ptr(), x.numel(),
+                                        self.n_heads, self.n_kv, self.head_dim, self.intermediate, pos, self.max_len,
+                                        cos.data_ptr(), sin.data_ptr(), self.scale, torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"quantkit decode step failed ({rc})")
+        return x

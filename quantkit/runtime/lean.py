@@ -70,7 +70,7 @@ class LeanLM:
     """Prefill and decode steps over the model's own modules with a static cache of ``max_len``
     positions per sequence.  :meth:`reset` empties the cache (or resizes it for a new batch)."""
 
-    def __init__(self, model: nn.Module, max_len: int = 2048, batch: int = 1):
+    def __init__(self, model: nn.Module, max_len: int = 2048, batch: int = 1, native: bool = True):
         spec, dec, rotary = _check(model)
         cfg = model.config
         self.model = model
@@ -105,6 +105,8 @@ class LeanLM:
         self.cos = cos[0].contiguous()  # [max_len, head_dim]
         self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()  # rotate_half's sign folded in
         self.max_len = max_len
+        self.native = native and self.device.type == "cpu"
+        self._plan = None  # the native decode step (built at the first single-token step), False if it cannot run
         # attention (and the cache) in float32 on a CPU: PyTorch's bfloat16 attention for one query
         # costs 100-300 us a layer there against 35-75 us in float32 (measured, 2 threads)
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
@@ -115,6 +117,7 @@ class LeanLM:
         if getattr(self, "k_cache", None) is None or self.k_cache[0].shape != shape:
             self.k_cache = [torch.zeros(shape, dtype=self.attn_dtype, device=self.device) for _ in self.layers]
             self.v_cache = [torch.zeros(shape, dtype=self.attn_dtype, device=self.device) for _ in self.layers]
+            self._plan = None
         self.pos = 0
 
     # ---- the forward ------------------------------------------------------------------
@@ -129,6 +132,11 @@ class LeanLM:
         start, end = self.pos, self.pos + n
         if end > self.max_len:
             raise ValueError(f"the lean cache holds {self.max_len} positions; {end} needed")
+        if n == 1 and b == 1 and self.native and self._native_plan():
+            x = self.embed(ids)[0, 0].float().contiguous()
+            self._plan.step(x, start, self._cos32[start], self._sin32[start])
+            self.pos = end
+            return self.head(_rms(x.to(self.dtype)[None], self.norm.weight, self.eps)).float()
         cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # [n, 1, hd]: broadcast over heads
         mask = None
         if n > 1 and start > 0:  # a chunk after a prefix: causal within the chunk, everything before
@@ -153,6 +161,42 @@ class LeanLM:
             x = x + lay.down(F.silu(lay.gate(h)) * lay.up(h))
         self.pos = end
         return self.head(_rms(x[:, -1], self.norm.weight, self.eps)).float()
+
+
+    def _native_plan(self) -> bool:
+        """Whether every block can run as one native call per token (quantkit's int4 CPU kernel on
+        all seven linears, biases only on q/k/v, no q/k norms, batch 1); builds the plan once."""
+        if self._plan is None:
+            self._plan = _build_plan(self) or False
+        return self._plan is not False
+
+
+def _build_plan(lm: LeanLM):
+    from quantkit.kernels import cpu_native
+    from quantkit.runtime.qlinear import QuantLinear
+
+    if not cpu_native.available() or lm.k_cache[0].shape[0] != 1 or lm.attn_dtype != torch.float32:
+        return None
+    if lm.layers[0].q_norm is not None or lm.n_heads % lm.n_kv or lm.head_dim > 1024:
+        return None
+    layers = []
+    for lay, kc, vc in zip(lm.layers, lm.k_cache, lm.v_cache):
+        mods = (lay.q, lay.k, lay.v, lay.o, lay.gate, lay.up, lay.down)
+        if not all(isinstance(m, QuantLinear) for m in mods) or any(m.bias is not None for m in mods[3:]):
+            return None
+        for m in mods:
+            if m._backend is None:  # the kernel layout is made at a module's first forward
+                m(torch.zeros(1, 1, m.in_features, dtype=lm.dtype))
+        weights = tuple(getattr(m, "_kernel_weight", None) for m in mods)
+        if not all(isinstance(w, cpu_native.NativeInt4Weight) for w in weights):
+            return None
+        biases = tuple(None if m.bias is None else m.bias.detach().float().contiguous() for m in mods[:3])
+        layers.append(cpu_native.DecodeLayer(weights, biases, lay.attn_norm.weight.detach().float().contiguous(),
+                                             lay.mlp_norm.weight.detach().float().contiguous(), lay.eps1, lay.eps2,
+                                             kc[0], vc[0]))
+    lm._cos32, lm._sin32 = lm.cos.float().contiguous(), lm.sin.float().contiguous()
+    return cpu_native.DecodePlan(layers, lm.n_heads, lm.n_kv, lm.head_dim, layers[0].weights[4].out_features,
+                                 lm.max_len, lm.scaling)
 
 
 def _eps(norm: nn.Module) -> float:
