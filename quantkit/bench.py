@@ -171,7 +171,14 @@ def run_benches(models: dict, *, prompt_len: int = 128, gen_len: int = 64, batch
             bws.append(measure_bandwidth())
     bw = bandwidth if bandwidth is not None else max(bws)
     return {n: dict(_result(models[n], times[n], prompt_len, gen_len, batch, bw, compile),
-                    forward="lean" if leans[n] is not None else "transformers") for n in models}
+                    forward=_forward_name(leans[n])) for n in models}
+
+
+def _forward_name(lean) -> str:
+    """How decode ran: ``transformers``, ``lean`` (its torch ops) or ``lean-native`` (one C call per token)."""
+    if lean is None:
+        return "transformers"
+    return "lean-native" if lean.native_step else "lean"
 
 
 def run_bench(model, **kwargs) -> dict:

@@ -247,7 +247,20 @@ def _next_logits(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
     return out.logits[0, -1].float()
 
 
-def _token_steps(model, tokenizer, prompt_ids, params, cache) -> Iterator[tuple[int | None, str, str | None]]:
+def _stepper(model, prompt_len: int, params, cache, lean: bool, n_ctx: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``ids [1, T] -> logits [V]`` continuing one sequence: quantkit's lean forward when the model
+    has one and no cache was asked for (:mod:`quantkit.runtime.lean`), else transformers' with ``cache``."""
+    if lean and cache is None:
+        from quantkit.runtime.lean import lean_or_none
+
+        fast, _ = lean_or_none(model, min(n_ctx, prompt_len + params.max_new_tokens + 1))
+        if fast is not None:
+            return lambda ids: fast.forward(ids)[0]
+    kv = make_cache(model, cache)
+    return lambda ids: _next_logits(model, ids, kv)
+
+
+def _token_steps(model, tokenizer, prompt_ids, params, cache, lean: bool = True) -> Iterator[tuple[int | None, str, str | None]]:
     """Yield (token_id, text_delta, finish_reason or None) per generated token; the last has a reason."""
     n_ctx = context_length(model)
     if not prompt_ids:
@@ -257,10 +270,10 @@ def _token_steps(model, tokenizer, prompt_ids, params, cache) -> Iterator[tuple[
     eos = frozenset() if params.ignore_eos else eos_token_ids(model, tokenizer)
     stream = TextStream(tokenizer, prompt_ids, params.stop)
     gen = None if params.greedy else make_generator(params.seed)
-    kv = make_cache(model, cache)
+    advance = _stepper(model, len(prompt_ids), params, cache, lean, n_ctx)
     n_tokens = len(prompt_ids)
     with torch.inference_mode():
-        logits = _next_logits(model, torch.tensor([list(prompt_ids)]), kv)
+        logits = advance(torch.tensor([list(prompt_ids)]))
         for step in range(params.max_new_tokens):
             tok = sample_next(logits, params, gen)
             if tok in eos:
@@ -275,27 +288,28 @@ def _token_steps(model, tokenizer, prompt_ids, params, cache) -> Iterator[tuple[
                 yield tok, delta + stream.flush(), "length"
                 return
             yield tok, delta, None
-            logits = _next_logits(model, torch.tensor([[tok]]), kv)
+            logits = advance(torch.tensor([[tok]]))
 
 
 def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(),
-                    cache=None) -> Iterator[str]:
+                    cache=None, lean: bool = True) -> Iterator[str]:
     """Generate from token ids, yielding text deltas as soon as they are complete text.
 
     >>> for piece in stream_generate(model, tok, encode_prompt(tok, "Once"), SamplingParams(max_new_tokens=20)):
     ...     print(piece, end="", flush=True)
     """
-    for _, delta, _ in _token_steps(model, tokenizer, prompt_ids, params, cache):
+    for _, delta, _ in _token_steps(model, tokenizer, prompt_ids, params, cache, lean):
         if delta:
             yield delta
 
 
 def generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(),
-             cache=None) -> Generation:
-    """Generate from token ids; the text equals the concatenation of `stream_generate`'s deltas."""
+             cache=None, lean: bool = True) -> Generation:
+    """Generate from token ids; the text equals the concatenation of `stream_generate`'s deltas.
+    ``lean``: use quantkit's lean forward when the model has one and ``cache`` is None."""
     t0 = time.perf_counter()
     pieces, ids, reason = [], [], "length"
-    for tok, delta, finish in _token_steps(model, tokenizer, prompt_ids, params, cache):
+    for tok, delta, finish in _token_steps(model, tokenizer, prompt_ids, params, cache, lean):
         pieces.append(delta)
         if tok is not None:
             ids.append(tok)

@@ -163,6 +163,11 @@ class LeanLM:
         return self.head(_rms(x[:, -1], self.norm.weight, self.eps)).float()
 
 
+    @property
+    def native_step(self) -> bool:
+        """Whether single-token steps have been running as one native call (see :meth:`_native_plan`)."""
+        return bool(self._plan)
+
     def _native_plan(self) -> bool:
         """Whether every block can run as one native call per token (quantkit's int4 CPU kernel on
         all seven linears, biases only on q/k/v, no q/k norms, batch 1); builds the plan once."""

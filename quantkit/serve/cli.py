@@ -28,8 +28,12 @@ from quantkit.errors import QuantkitError
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message in the tokenizer's chat template.")
 @click.option("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's).")
+@click.option("--lean/--no-lean", default=True, show_default=True,
+              help="quantkit's lean forward for Llama/Mistral/Qwen2/Qwen3 (one native call per token for int4 "
+                   "checkpoints on a CPU); --no-lean: transformers' forward.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate_command(model_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, dtype, as_json):
+def generate_command(model_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, dtype, lean,
+                     as_json):
     """Generate text from MODEL for PROMPT (a quick look at a model)."""
     from quantkit.generate import SamplingParams, encode_chat, encode_prompt, generate, stream_generate
     from quantkit.modelio import load_model
@@ -42,12 +46,12 @@ def generate_command(model_path, prompt, max_new_tokens, temperature, top_k, top
     else:
         prompt_ids = encode_prompt(tokenizer, prompt)
     if as_json:
-        g = generate(model, tokenizer, prompt_ids, params)
+        g = generate(model, tokenizer, prompt_ids, params, lean=lean)
         click.echo(json.dumps({"text": g.text, "finish_reason": g.finish_reason, "prompt_tokens": g.prompt_tokens,
                                "completion_tokens": g.completion_tokens, "seconds": round(g.seconds, 4),
                                "tokens_per_s": round(g.completion_tokens / max(g.seconds, 1e-9), 2)}))
         return
-    for piece in stream_generate(model, tokenizer, prompt_ids, params):
+    for piece in stream_generate(model, tokenizer, prompt_ids, params, lean=lean):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

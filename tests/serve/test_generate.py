@@ -133,6 +133,13 @@ def test_stream_equals_generate_and_hf(model_tok):
     assert g.token_ids == ref.tolist()[: len(g.token_ids)]
 
 
+def test_lean_and_transformers_forward_generate_alike(model_tok):
+    model, tok = model_tok
+    ids = encode_prompt(tok, "The cat")
+    params = SamplingParams(max_new_tokens=24, temperature=0.8, top_k=20, seed=3)
+    assert generate(model, tok, ids, params).token_ids == generate(model, tok, ids, params, lean=False).token_ids
+
+
 def test_stop_string_and_eos(model_tok):
     model, tok = model_tok
     g = generate(model, tok, encode_prompt(tok, ""), SamplingParams(max_new_tokens=40, stop=("Lily", "zzz")))
