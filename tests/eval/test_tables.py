@@ -29,3 +29,13 @@ def test_gptq_table_rows_and_packed_check(tmp_path):
     assert set(rows) == {"fp32", "RTN W4 g-1", "GPTQ W4 g-1"}
     assert all(r["perplexity"] > 1 for r in rows.values())
     assert rows["RTN W4 g-1"]["perplexity"] > rows["fp32"]["perplexity"]
+
+
+def test_llamacpp_comparison_skips_cleanly_without_the_peer(monkeypatch, capsys):
+    import sys
+
+    from quantkit.eval import bench_llamacpp
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as on a machine without llama-cpp-python
+    assert bench_llamacpp.main(["--gguf", "absent.gguf"]) == {}
+    assert "not installed" in capsys.readouterr().out
