@@ -103,6 +103,8 @@ def library():
     lib.qk_int4_mm.argtypes = [ctypes.POINTER(_Desc), p, i32, p, i64, p, i32]
     lib.qk_int4_dequant.restype = None
     lib.qk_int4_dequant.argtypes = [p, p, p, f32, i64, i64, i64, i64, i64, p, i32, i32]
+    lib.qk_bf16_matvec.restype = None
+    lib.qk_bf16_matvec.argtypes = [p, p, p, i64, i64, i32]
     lib.qk_decode_layers.restype = ctypes.c_int
     lib.qk_decode_layers.argtypes = [p, i32, p, i64, i64, i64, i64, i64, i64, i64, p, p, f32, i32]
     return lib
@@ -305,3 +307,12 @@ class DecodePlan:
         if rc != 0:
             raise MemoryError(f"quantkit decode step failed ({rc})")
         return x
+
+
+def bf16_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x [K]`` -> ``w [N, K] (bf16, contiguous) @ x`` as float32 ``[N]``: x rounded to bf16, float32
+    sums (what ``F.linear`` computes in bf16, without its bf16 rounding of the output)."""
+    xb = x.to(torch.bfloat16).contiguous()
+    y = torch.empty(w.shape[0], dtype=torch.float32)
+    library().qk_bf16_matvec(w.data_ptr(), xb.data_ptr(), y.data_ptr(), w.shape[0], w.shape[1], torch.get_num_threads())
+    return y

@@ -106,6 +106,7 @@ class LeanLM:
         self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()  # rotate_half's sign folded in
         self.max_len = max_len
         self.native = native and self.device.type == "cpu"
+        self._head_matvec = self.native and _bf16_head(self.head)
         self._plan = None  # the native decode step (built at the first single-token step), False if it cannot run
         # attention (and the cache) in float32 on a CPU: PyTorch's bfloat16 attention for one query
         # costs 100-300 us a layer there against 35-75 us in float32 (measured, 2 threads)
@@ -136,7 +137,7 @@ class LeanLM:
             x = self.embed(ids)[0, 0].float().contiguous()
             self._plan.step(x, start, self._cos32[start], self._sin32[start])
             self.pos = end
-            return self.head(_rms(x.to(self.dtype)[None], self.norm.weight, self.eps)).float()
+            return self._logits(_rms(x.to(self.dtype)[None], self.norm.weight, self.eps))
         cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # [n, 1, hd]: broadcast over heads
         mask = None
         if n > 1 and start > 0:  # a chunk after a prefix: causal within the chunk, everything before
@@ -160,7 +161,16 @@ class LeanLM:
             h = _rms(x, lay.mlp_norm.weight, lay.eps2)
             x = x + lay.down(F.silu(lay.gate(h)) * lay.up(h))
         self.pos = end
-        return self.head(_rms(x[:, -1], self.norm.weight, self.eps)).float()
+        return self._logits(_rms(x[:, -1], self.norm.weight, self.eps))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``[b, hidden] -> [b, vocab]`` float32: a bf16 head for one sequence on quantkit's native
+        matrix-vector product (PyTorch's reads ~9 GB/s on a CPU), anything else through the module."""
+        if self._head_matvec and h.shape[0] == 1:
+            from quantkit.kernels.cpu_native import bf16_matvec
+
+            return bf16_matvec(h[0], self.head.weight)[None]
+        return self.head(h).float()
 
 
     @property
@@ -174,6 +184,13 @@ class LeanLM:
         if self._plan is None:
             self._plan = _build_plan(self) or False
         return self._plan is not False
+
+
+def _bf16_head(head: nn.Module) -> bool:
+    from quantkit.kernels import cpu_native
+
+    return (type(head) is nn.Linear and head.bias is None and head.weight.dtype == torch.bfloat16
+            and head.weight.is_contiguous() and cpu_native.available())
 
 
 def _build_plan(lm: LeanLM):
