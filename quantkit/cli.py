@@ -18,6 +18,7 @@ from rich.table import Table
 
 from quantkit.errors import QuantkitError
 from quantkit.memory import peak_rss_bytes
+from quantkit.serve.cli import kv_cache_options
 
 err_console = Console(stderr=True)
 
@@ -520,10 +521,7 @@ def eval_group():
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "reference", "cpu", "triton"]), default=None,
               help="Kernel path for packed weights (default: auto).")
-@click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
-              help="Run every window through an int8/int4 KV cache (see quantkit.runtime.kvcache).")
-@click.option("--kv-keys", type=click.Choice(["token", "channel"]), default="token", show_default=True,
-              help="KV-cache key scales: per token and head, or per channel over groups of 64 tokens (KIVI).")
+@kv_cache_options
 @click.option("--json", "as_json", is_flag=True)
 @_model_options
 def perplexity(model, dataset, split, seqlen, max_windows, batch_size, backend, kv_bits, kv_keys, as_json, dtype,

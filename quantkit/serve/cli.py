@@ -17,6 +17,25 @@ import click
 from quantkit.errors import QuantkitError
 
 
+def kv_cache_options(f):
+    """``--kv-bits`` / ``--kv-keys``: an int8/int4 KV cache (quantkit.runtime.kvcache), shared by
+    ``generate``, ``serve`` and ``eval perplexity``."""
+    f = click.option("--kv-keys", type=click.Choice(["token", "channel"]), default="token", show_default=True,
+                     help="KV-cache key scales: per token and head, or per channel over groups of 64 tokens (KIVI).")(f)
+    return click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
+                        help="Keep the KV cache in int8/int4 (transformers' forward; see quantkit.runtime.kvcache).")(f)
+
+
+def kv_cache_factory(kv_bits: str | None, kv_keys: str):
+    """None (a float cache), or ``model -> QuantizedKVCache`` for ``--kv-bits``."""
+    if not kv_bits:
+        return None
+    from quantkit.runtime.kvcache import KVQuantConfig, QuantizedKVCache
+
+    config = KVQuantConfig(bits=int(kv_bits), keys=kv_keys)
+    return lambda model: QuantizedKVCache.for_model(model, config)
+
+
 @click.command("generate")
 @click.argument("model_path", metavar="MODEL")
 @click.argument("prompt")
@@ -28,12 +47,13 @@ from quantkit.errors import QuantkitError
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message in the tokenizer's chat template.")
 @click.option("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's).")
+@kv_cache_options
 @click.option("--lean/--no-lean", default=True, show_default=True,
               help="quantkit's lean forward for Llama/Mistral/Qwen2/Qwen3 (one native call per token for int4 "
                    "checkpoints on a CPU); --no-lean: transformers' forward.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def generate_command(model_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, dtype, lean,
-                     as_json):
+def generate_command(model_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, dtype, kv_bits,
+                     kv_keys, lean, as_json):
     """Generate text from MODEL for PROMPT (a quick look at a model)."""
     from quantkit.generate import SamplingParams, encode_chat, encode_prompt, generate, stream_generate
     from quantkit.modelio import load_model
@@ -41,17 +61,18 @@ def generate_command(model_path, prompt, max_new_tokens, temperature, top_k, top
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             stop=stop, seed=seed)
     model, tokenizer = load_model(model_path, dtype=dtype)
+    cache = kv_cache_factory(kv_bits, kv_keys)
     if chat:
         prompt_ids = encode_chat(tokenizer, [{"role": "user", "content": prompt}])
     else:
         prompt_ids = encode_prompt(tokenizer, prompt)
     if as_json:
-        g = generate(model, tokenizer, prompt_ids, params, lean=lean)
+        g = generate(model, tokenizer, prompt_ids, params, cache=cache, lean=lean)
         click.echo(json.dumps({"text": g.text, "finish_reason": g.finish_reason, "prompt_tokens": g.prompt_tokens,
                                "completion_tokens": g.completion_tokens, "seconds": round(g.seconds, 4),
                                "tokens_per_s": round(g.completion_tokens / max(g.seconds, 1e-9), 2)}))
         return
-    for piece in stream_generate(model, tokenizer, prompt_ids, params, lean=lean):
+    for piece in stream_generate(model, tokenizer, prompt_ids, params, cache=cache, lean=lean):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -75,9 +96,10 @@ def _require_server_deps() -> None:
 @click.option("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="torch intra-op threads (default: torch's choice).")
+@kv_cache_options
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-def serve_command(model_path, host, port, model_name, max_batch, max_queue, dtype, threads, log_level):
+def serve_command(model_path, host, port, model_name, max_batch, max_queue, dtype, threads, kv_bits, kv_keys, log_level):
     """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
     _require_server_deps()
     import torch
@@ -92,7 +114,7 @@ def serve_command(model_path, host, port, model_name, max_batch, max_queue, dtyp
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     model, tokenizer = load_model(model_path, dtype=dtype)
     name = model_name or os.path.basename(os.path.normpath(model_path))
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, cache=kv_cache_factory(kv_bits, kv_keys))
     app = create_app(engine, name)
     click.echo(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue})", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")

@@ -216,3 +216,23 @@ def test_generate_cli_json_and_stream():
     assert r.exit_code == 0 and r.output.startswith(" a time, there was")
     r = CliRunner().invoke(cli, ["generate", FIXTURE, "x", "--top-p", "0"])
     assert r.exit_code == 1 and "top_p" in r.output
+
+
+def test_generate_cli_int8_kv_cache_and_transformers_forward(monkeypatch):
+    """--kv-bits runs transformers' forward with the quantized cache (the factory is really used)."""
+    from quantkit.cli import cli
+    from quantkit.runtime import kvcache
+
+    made = []
+    original = kvcache.QuantizedKVCache.for_model
+    monkeypatch.setattr(kvcache.QuantizedKVCache, "for_model",
+                        classmethod(lambda cls, m, c: made.append(c) or original.__func__(cls, m, c)))
+    outs = {}
+    for flags in ([], ["--kv-bits", "8"], ["--kv-bits", "4", "--kv-keys", "channel"], ["--no-lean"]):
+        r = CliRunner().invoke(cli, ["generate", FIXTURE, "", "--max-new-tokens", "12", "--json", *flags])
+        assert r.exit_code == 0, r.output
+        outs[" ".join(flags)] = json.loads(r.output.strip().splitlines()[-1])["text"]
+    assert [(c.bits, c.keys) for c in made] == [(8, "token"), (4, "channel")]
+    assert outs["--kv-bits 8"] == outs[""] == outs["--no-lean"]  # int8 KV keeps this short greedy story
+    r = CliRunner().invoke(cli, ["generate", FIXTURE, "x", "--kv-bits", "3"])
+    assert r.exit_code == 2 and "3" in r.output

@@ -210,3 +210,29 @@ def test_serve_without_fastapi_says_what_to_install(monkeypatch):
     r = CliRunner().invoke(cli, ["serve", FIXTURE])
     assert r.exit_code == 1
     assert "pip install quantkit[serve]" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_serve_cli_passes_the_kv_cache_to_the_engine(monkeypatch):
+    """``serve --kv-bits 8``: the engine gets a quantized-cache factory (uvicorn is not started)."""
+    pytest.importorskip("uvicorn")
+    import uvicorn
+
+    from quantkit.cli import cli
+    from quantkit.runtime.kvcache import QuantizedKVCache
+    from quantkit.serve import engine as engine_mod
+
+    seen = {}
+    real_init = engine_mod.Engine.__init__
+
+    def spy(self, model, tok, **kw):
+        seen["cache"] = kw.get("cache")
+        seen["model"] = model
+        real_init(self, model, tok, **kw)
+
+    monkeypatch.setattr(engine_mod.Engine, "__init__", spy)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.setdefault("ran", True))
+    r = CliRunner().invoke(cli, ["serve", FIXTURE, "--kv-bits", "8"])
+    assert r.exit_code == 0, r.output
+    assert seen["ran"] and isinstance(seen["cache"](seen["model"]), QuantizedKVCache)
+    r = CliRunner().invoke(cli, ["serve", FIXTURE])
+    assert r.exit_code == 0 and seen["cache"] is None
