@@ -42,6 +42,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--asym", action="store_true", help="Asymmetric grids (default: symmetric, as the peers' W4A16 presets).")
+    ap.add_argument("--no-act-order", action="store_true",
+                    help="GPTQ in natural column order (default: act-order with static groups, as quantkit and llm-compressor)")
     ap.add_argument("--json", dest="json_out", default=None, help="Also write the results as JSON here.")
     args = ap.parse_args(argv)
 
@@ -57,10 +59,14 @@ def main(argv=None) -> dict:
         for method in ("rtn", "gptq"):
             model = copy.deepcopy(base)
             t0 = time.perf_counter()
-            res = api.compress(model, method, {"bits": bits, "group_size": args.group_size, "sym": not args.asym}, calib_ids=calib)
+            opts = {"bits": bits, "group_size": args.group_size, "sym": not args.asym}
+            if method == "gptq" and args.no_act_order:
+                opts["act_order"] = False
+            res = api.compress(model, method, opts, calib_ids=calib)
             secs = time.perf_counter() - t0
             ppl = perplexity(model, windows)["perplexity"]
-            row = {"model": f"{method.upper()} W{bits} g{args.group_size}", "perplexity": ppl, "seconds": secs}
+            order = " (no act-order)" if method == "gptq" and args.no_act_order else ""
+            row = {"model": f"{method.upper()} W{bits} g{args.group_size}{order}", "perplexity": ppl, "seconds": secs}
             if method == "gptq" and bits == 4:
                 with tempfile.TemporaryDirectory() as d:
                     api.save(model, tok, Path(d) / "ckpt", method, res)

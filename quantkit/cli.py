@@ -172,8 +172,11 @@ def _report(res, payload: dict, keys: tuple, title: str, as_json: bool, skip_not
 @click.option("--bits", type=int, default=4, show_default=True)
 @click.option("--group-size", type=int, default=128, show_default=True, help="Input columns per scale; -1 = per channel.")
 @click.option("--sym/--asym", default=True, show_default=True)
-@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by decreasing Hessian diagonal.")
-@click.option("--static-groups", is_flag=True, help="GPTQ with --act-order: fix group grids up front.")
+@click.option("--act-order/--no-act-order", default=True, show_default=True,
+              help="GPTQ: quantize columns by decreasing Hessian diagonal.")
+@click.option("--static-groups/--no-static-groups", default=True, show_default=True,
+              help="GPTQ with --act-order: fix group grids up front (contiguous groups, no g_idx); "
+                   "--no-static-groups stores a g_idx.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ damping (fraction of mean diag H).")
 @click.option("--true-sequential", is_flag=True, help="Re-collect statistics after each group of linears.")
 @click.option("--blocksize", type=int, default=128, show_default=True, help="GPTQ lazy-batch block size.")

