@@ -58,3 +58,21 @@ def test_gptq_is_deterministic():
     a = gptq_quantize(w, H, QuantSpec(4, 32), act_order=True)
     b = gptq_quantize(w, H, QuantSpec(4, 32), act_order=True)
     assert torch.equal(a[0].q, b[0].q) and torch.equal(a[0].scales, b[0].scales)
+
+
+def test_default_is_act_order_with_static_groups():
+    """The default (llm-compressor's "static" ordering): contiguous groups, so no g_idx is stored,
+    and a different result from natural column order."""
+    from quantkit import api
+    from quantkit.methods.gptq import GPTQConfig
+    from quantkit.testing import tiny_llama
+
+    assert GPTQConfig().act_order and GPTQConfig().static_groups
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    res = api.compress(tiny_llama(0), "gptq", {"bits": 4, "group_size": 32}, calib_ids=ids)
+    assert all(q.g_idx is None for q in res.quantized.values())
+    assert res.extra["config"]["act_order"] is True
+    w, x, H = _outlier_layer(seed=5)
+    ordered = gptq_quantize(w, H, QuantSpec(4, 32), act_order=True, static_groups=True)[0]
+    natural = gptq_quantize(w, H, QuantSpec(4, 32))[0]
+    assert ordered.g_idx is None and not torch.equal(ordered.q, natural.q)
