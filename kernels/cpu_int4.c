@@ -84,12 +84,48 @@ static void prepare_x(const void *x, int x_bf16, const int64_t *perm, int64_t M,
     }
 }
 
-/* One tile: 16 output columns (rows of W) x MB activation rows, the whole K. */
-static inline __attribute__((always_inline)) void tile(const int MB, const bf16_t *xb, const float *xg, int64_t K8,
-                                                       int64_t G, int64_t gs, const uint8_t *wb, const uint16_t *sb,
-                                                       const uint8_t *zb, float zconst, const float *bias, void *y,
-                                                       int y_bf16, int64_t ldy, int64_t n0, int64_t N) {
+#define INLINE static inline __attribute__((always_inline))
+
+/* The four bf16 weight vectors of one 64-byte chunk: nibble t of every 16-bit word as 128 + q. */
+INLINE void unpack_chunk(__m512i p, __m512i v[4]) {
     const __m512i magic = _mm512_set1_epi16(0x4300), nib = _mm512_set1_epi16(0x000F);
+    v[0] = _mm512_ternarylogic_epi32(p, nib, magic, 0xEA); /* (p & 0xF) | 0x4300 */
+    v[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 4), nib, magic, 0xEA);
+    v[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 8), nib, magic, 0xEA);
+    v[3] = _mm512_or_si512(_mm512_srli_epi16(p, 12), magic);
+}
+
+/* a[0..3] += the chunk's weights times activation pairs xp[0..3] */
+INLINE void dot_chunk(__m512 a[4], const __m512i v[4], const int32_t *xp) {
+    for (int t = 0; t < 4; t++) a[t] = _mm512_dpbf16_ps(a[t], (__m512bh)v[t], (__m512bh)_mm512_set1_epi32(xp[t]));
+}
+
+/* y += s * (sum a - (128 + z) * sum x) for one group of 16 rows */
+INLINE __m512 group_update(__m512 y, const __m512 a[4], const uint16_t *sb, const uint8_t *zb, float zconst, int64_t g,
+                           float xsum) {
+    __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sb + g * 16)));
+    __m512 zc = zb ? _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zb + g * 16)))),
+                                   _mm512_set1_ps(128.f))
+                   : _mm512_set1_ps(128.f + zconst);
+    __m512 acc = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+    return _mm512_fmadd_ps(_mm512_fnmadd_ps(zc, _mm512_set1_ps(xsum), acc), s, y);
+}
+
+/* out[n0 .. n0 + 16) (clipped to N) = v + bias, as float32 or bf16 */
+INLINE void store_tile(void *out, int y_bf16, int64_t n0, int64_t N, __m512 v, const float *bias) {
+    int64_t left = N - n0;
+    __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    __m512 r = _mm512_add_ps(v, bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps());
+    if (y_bf16)
+        _mm256_mask_storeu_epi16((bf16_t *)out + n0, mask, (__m256i)_mm512_cvtneps_pbh(r));
+    else
+        _mm512_mask_storeu_ps((float *)out + n0, mask, r);
+}
+
+/* One tile: 16 output columns (rows of W) x MB activation rows, the whole K. */
+INLINE void tile(const int MB, const bf16_t *xb, const float *xg, int64_t K8, int64_t G, int64_t gs, const uint8_t *wb,
+                 const uint16_t *sb, const uint8_t *zb, float zconst, const float *bias, void *y, int y_bf16, int64_t ldy,
+                 int64_t n0, int64_t N) {
     __m512 yv[4];
     for (int i = 0; i < MB; i++) yv[i] = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
@@ -98,63 +134,31 @@ static inline __attribute__((always_inline)) void tile(const int MB, const bf16_
             for (int t = 0; t < 4; t++) a[i][t] = _mm512_setzero_ps();
         for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) {
             _mm_prefetch((const char *)(wb + (k / 8 + 8) * 64), _MM_HINT_T0); /* 512 B ahead: +5-8% at 2 threads (A/B) */
-            __m512i p = _mm512_loadu_si512((const void *)(wb + (k / 8) * 64));
-            __m512i v0 = _mm512_ternarylogic_epi32(p, nib, magic, 0xEA); /* (p & 0xF) | 0x4300 */
-            __m512i v1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 4), nib, magic, 0xEA);
-            __m512i v2 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 8), nib, magic, 0xEA);
-            __m512i v3 = _mm512_or_si512(_mm512_srli_epi16(p, 12), magic);
-            for (int i = 0; i < MB; i++) {
-                const int32_t *xp = (const int32_t *)(xb + i * K8 + k); /* bf16 pairs (k, k+1), (k+2, k+3), ... */
-                a[i][0] = _mm512_dpbf16_ps(a[i][0], (__m512bh)v0, (__m512bh)_mm512_set1_epi32(xp[0]));
-                a[i][1] = _mm512_dpbf16_ps(a[i][1], (__m512bh)v1, (__m512bh)_mm512_set1_epi32(xp[1]));
-                a[i][2] = _mm512_dpbf16_ps(a[i][2], (__m512bh)v2, (__m512bh)_mm512_set1_epi32(xp[2]));
-                a[i][3] = _mm512_dpbf16_ps(a[i][3], (__m512bh)v3, (__m512bh)_mm512_set1_epi32(xp[3]));
-            }
+            __m512i v[4];
+            unpack_chunk(_mm512_loadu_si512((const void *)(wb + (k / 8) * 64)), v);
+            for (int i = 0; i < MB; i++) dot_chunk(a[i], v, (const int32_t *)(xb + i * K8 + k)); /* bf16 pairs (k, k+1), ... */
         }
-        __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sb + g * 16)));
-        __m512 zc = zb ? _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zb + g * 16)))),
-                                       _mm512_set1_ps(128.f))
-                       : _mm512_set1_ps(128.f + zconst);
-        for (int i = 0; i < MB; i++) {
-            __m512 acc = _mm512_add_ps(_mm512_add_ps(a[i][0], a[i][1]), _mm512_add_ps(a[i][2], a[i][3]));
-            acc = _mm512_fnmadd_ps(zc, _mm512_set1_ps(xg[i * G + g]), acc);
-            yv[i] = _mm512_fmadd_ps(acc, s, yv[i]);
-        }
+        for (int i = 0; i < MB; i++) yv[i] = group_update(yv[i], a[i], sb, zb, zconst, g, xg[i * G + g]);
     }
-    int64_t left = N - n0;
-    __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-    __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
-    for (int i = 0; i < MB; i++) {
-        __m512 out = _mm512_add_ps(yv[i], b);
-        if (y_bf16)
-            _mm256_mask_storeu_epi16((bf16_t *)y + i * ldy + n0, mask, (__m256i)_mm512_cvtneps_pbh(out));
-        else
-            _mm512_mask_storeu_ps((float *)y + i * ldy + n0, mask, out);
-    }
+    for (int i = 0; i < MB; i++) store_tile((char *)y + i * ldy * (y_bf16 ? 2 : 4), y_bf16, n0, N, yv[i], bias);
 }
 
-static void tile1(const bf16_t *xb, const float *xg, int64_t K8, int64_t G, int64_t gs, const uint8_t *wb, const uint16_t *sb,
-                  const uint8_t *zb, float zc, const float *bias, void *y, int yb, int64_t ldy, int64_t n0, int64_t N) {
-    tile(1, xb, xg, K8, G, gs, wb, sb, zb, zc, bias, y, yb, ldy, n0, N);
-}
-static void tile2(const bf16_t *xb, const float *xg, int64_t K8, int64_t G, int64_t gs, const uint8_t *wb, const uint16_t *sb,
-                  const uint8_t *zb, float zc, const float *bias, void *y, int yb, int64_t ldy, int64_t n0, int64_t N) {
-    tile(2, xb, xg, K8, G, gs, wb, sb, zb, zc, bias, y, yb, ldy, n0, N);
-}
-static void tile3(const bf16_t *xb, const float *xg, int64_t K8, int64_t G, int64_t gs, const uint8_t *wb, const uint16_t *sb,
-                  const uint8_t *zb, float zc, const float *bias, void *y, int yb, int64_t ldy, int64_t n0, int64_t N) {
-    tile(3, xb, xg, K8, G, gs, wb, sb, zb, zc, bias, y, yb, ldy, n0, N);
-}
-static void tile4(const bf16_t *xb, const float *xg, int64_t K8, int64_t G, int64_t gs, const uint8_t *wb, const uint16_t *sb,
-                  const uint8_t *zb, float zc, const float *bias, void *y, int yb, int64_t ldy, int64_t n0, int64_t N) {
-    tile(4, xb, xg, K8, G, gs, wb, sb, zb, zc, bias, y, yb, ldy, n0, N);
-}
+/* tile() for a constant M, so the compiler unrolls its row loops */
+#define TILE_M(M)                                                                                                       \
+    static void tile##M(const bf16_t *xb, const float *xg, int64_t K8, int64_t G, int64_t gs, const uint8_t *wb,         \
+                        const uint16_t *sb, const uint8_t *zb, float zc, const float *bias, void *y, int yb, int64_t ldy, \
+                        int64_t n0, int64_t N) {                                                                         \
+        tile(M, xb, xg, K8, G, gs, wb, sb, zb, zc, bias, y, yb, ldy, n0, N);                                            \
+    }
+TILE_M(1)
+TILE_M(2)
+TILE_M(3)
+TILE_M(4)
 
-/* M = 1, two tiles at once (two weight streams per thread) */
+/* M = 1, two tiles at once (two weight streams per thread): the same sums as tile1 for each */
 static void tile1x2(const bf16_t *xb, const float *xg, int64_t G, int64_t gs, const uint8_t *wa, const uint16_t *sa,
                     const uint8_t *za, const uint8_t *wb2, const uint16_t *sb2, const uint8_t *zb2, float zconst,
                     const float *bias, void *y, int y_bf16, int64_t na, int64_t nb2, int64_t N) {
-    const __m512i magic = _mm512_set1_epi16(0x4300), nib = _mm512_set1_epi16(0x000F);
     __m512 ya = _mm512_setzero_ps(), yb = _mm512_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         __m512 a[4], b[4];
@@ -162,35 +166,17 @@ static void tile1x2(const bf16_t *xb, const float *xg, int64_t G, int64_t gs, co
         for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) {
             _mm_prefetch((const char *)(wa + (k / 8 + 8) * 64), _MM_HINT_T0);
             _mm_prefetch((const char *)(wb2 + (k / 8 + 8) * 64), _MM_HINT_T0);
-            const int32_t *xp = (const int32_t *)(xb + k);
-            __m512 x0 = (__m512)_mm512_set1_epi32(xp[0]), x1 = (__m512)_mm512_set1_epi32(xp[1]);
-            __m512 x2 = (__m512)_mm512_set1_epi32(xp[2]), x3 = (__m512)_mm512_set1_epi32(xp[3]);
-            __m512i p = _mm512_loadu_si512((const void *)(wa + (k / 8) * 64));
-            __m512i q = _mm512_loadu_si512((const void *)(wb2 + (k / 8) * 64));
-            a[0] = _mm512_dpbf16_ps(a[0], (__m512bh)_mm512_ternarylogic_epi32(p, nib, magic, 0xEA), (__m512bh)x0);
-            b[0] = _mm512_dpbf16_ps(b[0], (__m512bh)_mm512_ternarylogic_epi32(q, nib, magic, 0xEA), (__m512bh)x0);
-            a[1] = _mm512_dpbf16_ps(a[1], (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 4), nib, magic, 0xEA), (__m512bh)x1);
-            b[1] = _mm512_dpbf16_ps(b[1], (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 4), nib, magic, 0xEA), (__m512bh)x1);
-            a[2] = _mm512_dpbf16_ps(a[2], (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 8), nib, magic, 0xEA), (__m512bh)x2);
-            b[2] = _mm512_dpbf16_ps(b[2], (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(q, 8), nib, magic, 0xEA), (__m512bh)x2);
-            a[3] = _mm512_dpbf16_ps(a[3], (__m512bh)_mm512_or_si512(_mm512_srli_epi16(p, 12), magic), (__m512bh)x3);
-            b[3] = _mm512_dpbf16_ps(b[3], (__m512bh)_mm512_or_si512(_mm512_srli_epi16(q, 12), magic), (__m512bh)x3);
+            __m512i va[4], vb[4];
+            unpack_chunk(_mm512_loadu_si512((const void *)(wa + (k / 8) * 64)), va);
+            unpack_chunk(_mm512_loadu_si512((const void *)(wb2 + (k / 8) * 64)), vb);
+            dot_chunk(a, va, (const int32_t *)(xb + k));
+            dot_chunk(b, vb, (const int32_t *)(xb + k));
         }
-        __m512 xgv = _mm512_set1_ps(xg[g]);
-        __m512 zca = za ? _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(za + g * 16)))), _mm512_set1_ps(128.f)) : _mm512_set1_ps(128.f + zconst);
-        __m512 zcb = zb2 ? _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zb2 + g * 16)))), _mm512_set1_ps(128.f)) : _mm512_set1_ps(128.f + zconst);
-        __m512 acc = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-        ya = _mm512_fmadd_ps(_mm512_fnmadd_ps(zca, xgv, acc), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sa + g * 16))), ya);
-        acc = _mm512_add_ps(_mm512_add_ps(b[0], b[1]), _mm512_add_ps(b[2], b[3]));
-        yb = _mm512_fmadd_ps(_mm512_fnmadd_ps(zcb, xgv, acc), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sb2 + g * 16))), yb);
+        ya = group_update(ya, a, sa, za, zconst, g, xg[g]);
+        yb = group_update(yb, b, sb2, zb2, zconst, g, xg[g]);
     }
-    for (int h = 0; h < 2; h++) {
-        int64_t n0 = h ? nb2 : na, left = N - n0;
-        __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-        __m512 out = _mm512_add_ps(h ? yb : ya, bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps());
-        if (y_bf16) _mm256_mask_storeu_epi16((bf16_t *)y + n0, mask, (__m256i)_mm512_cvtneps_pbh(out));
-        else _mm512_mask_storeu_ps((float *)y + n0, mask, out);
-    }
+    store_tile(y, y_bf16, na, N, ya, bias);
+    store_tile(y, y_bf16, nb2, N, yb, bias);
 }
 
 /* One packed weight, filled once by the caller (fewer arguments to convert per call). */

@@ -63,7 +63,8 @@ def lean_or_none(model: nn.Module, max_len: int = 2048, batch: int = 1) -> tuple
 
 
 class _Layer:
-    __slots__ = ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down", "q_norm", "k_norm", "eps1", "eps2")
+    __slots__ = ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down", "q_norm", "k_norm", "eps1", "eps2",
+                 "eps_qk")
 
 
 class LeanLM:
@@ -92,6 +93,7 @@ class LeanLM:
             lay.q_norm = get_module(block, dec.qk_norm[0]) if dec.qk_norm else None
             lay.k_norm = get_module(block, dec.qk_norm[1]) if dec.qk_norm else None
             lay.eps1, lay.eps2 = _eps(lay.attn_norm), _eps(lay.mlp_norm)
+            lay.eps_qk = (_eps(lay.q_norm), _eps(lay.k_norm)) if dec.qk_norm else None
             self.layers.append(lay)
         attn = get_module(spec.blocks(model)[0], dec.attention)
         self.scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
@@ -151,7 +153,7 @@ class LeanLM:
             k = lay.k(h).view(b, n, nkv, hd)
             v = lay.v(h).view(b, n, nkv, hd)
             if lay.q_norm is not None:
-                q, k = _rms(q, lay.q_norm.weight, _eps(lay.q_norm)), _rms(k, lay.k_norm.weight, _eps(lay.k_norm))
+                q, k = _rms(q, lay.q_norm.weight, lay.eps_qk[0]), _rms(k, lay.k_norm.weight, lay.eps_qk[1])
             q = self._rope(q, cos, sin).transpose(1, 2).to(self.attn_dtype)
             kc[:, :, start:end] = self._rope(k, cos, sin).transpose(1, 2)
             vc[:, :, start:end] = v.transpose(1, 2)
