@@ -83,7 +83,8 @@ def _quantize_rows(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
 
 def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     lead, d = codes.shape[:-1], codes.shape[-1]
-    return pack_bits(codes.reshape(-1, d), bits).reshape(*lead, -1)
+    packed = pack_bits(codes.reshape(-1, d), bits)  # [rows, d] -> [rows, d * bits / 8]
+    return packed.reshape(*lead, packed.shape[-1])  # explicit width: zero new tokens is a valid update
 
 
 def _unpack(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
@@ -145,6 +146,7 @@ class QuantizedKVLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
+        self.dtype = key_states.dtype  # what reads return; transformers' DynamicLayer stopped setting it in 5.25
         b, h, _, d = key_states.shape
         self.keys = key_states.new_empty(b, h, 0, d)  # not a view: it would keep the first states alive
         self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])

@@ -53,20 +53,53 @@ def test_per_channel_scales_follow_channels_over_token_groups():
 @pytest.mark.parametrize("cfg,chunks", [(KVQuantConfig(8), [1, 5, 13, 21]), (KVQuantConfig(4), [40]),
                                         (KVQuantConfig(4, keys="channel", group=8), [3, 8, 8, 21])])
 def test_layer_stores_the_same_whatever_the_chunking(cfg, chunks):
+    """Observed through transformers' Cache calls only: what the cache holds after 40 tokens does not
+    depend on how they arrived (the next read, which comes back from storage, is identical)."""
     k, v = _kv(1), _kv(2)
-    whole, parts = QuantizedKVLayer(cfg), QuantizedKVLayer(cfg)
-    kw, vw = whole.update(k, v)
+    whole, parts = QuantizedKVCache(cfg, num_layers=1), QuantizedKVCache(cfg, num_layers=1)
+    kw, vw = whole.update(k, v, 0)
     start = 0
     for n in chunks:
-        kp, vp = parts.update(k[:, :, start:start + n], v[:, :, start:start + n])
+        kp, vp = parts.update(k[:, :, start:start + n], v[:, :, start:start + n], 0)
         start += n
-    assert parts.get_seq_length() == whole.get_seq_length() == 40
-    assert torch.equal(parts._qkeys.codes, whole._qkeys.codes) and torch.equal(parts._qvalues.scale, whole._qvalues.scale)
+    assert parts.get_seq_length(0) == whole.get_seq_length(0) == 40
+    assert kv_cache_bytes(parts) == kv_cache_bytes(whole)
     if cfg.keys == "token":  # every read comes back from the cache, the new tokens included
         assert torch.equal(kp, kw) and torch.equal(vp, vw)
         assert not torch.equal(kw, k)
-    else:  # KIVI: the last 40 % 8 tokens are a float residual
-        assert parts.keys.shape[2] == whole.keys.shape[2] == 0 or torch.equal(parts.keys, k[:, :, 40 - 40 % 8:])
+    k1, v1 = _kv(3, t=1), _kv(4, t=1)
+    kn, vn = parts.update(k1, v1, 0)
+    kn_whole, vn_whole = whole.update(k1, v1, 0)
+    assert kn.shape[2] == 41 and torch.equal(kn, kn_whole) and torch.equal(vn, vn_whole)
+    if cfg.keys == "channel":  # KIVI: the 40 tokens were quantized in groups of 8, the new one is float
+        assert torch.equal(kn[:, :, 40:], k1) and not torch.equal(kn[:, :, :40], k)
+
+
+@pytest.mark.parametrize("cfg", [KVQuantConfig(8), KVQuantConfig(4, keys="channel", group=8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_implements_the_installed_transformers_cache_interface(cfg, dtype):
+    """The calls transformers makes on a cache (update, lengths, mask sizes, beam reorder, batch
+    select/repeat, reset) work on the installed version, and reads keep the states' dtype."""
+    k, v = _kv(5, t=12).to(dtype), _kv(6, t=12).to(dtype)
+    cache = QuantizedKVCache(cfg, num_layers=2)
+    assert cache.get_seq_length(0) == 0
+    for layer in range(2):
+        keys, values = cache.update(k, v, layer)
+        assert keys.dtype == values.dtype == dtype and keys.shape == k.shape
+    assert cache.get_seq_length(1) == 12
+    kv_length, kv_offset = cache.get_mask_sizes(3, 0)
+    assert (kv_length, kv_offset) == (15, 0)
+    before, _ = cache.update(k[:, :, :0], v[:, :, :0], 0)  # a read of what is stored
+    cache.reorder_cache(torch.tensor([1, 0]))
+    swapped, _ = cache.update(k[:, :, :0], v[:, :, :0], 0)
+    assert torch.equal(swapped, before.flip(0))
+    cache.batch_select_indices(torch.tensor([0]))
+    assert cache.update(k[:1, :, :1], v[:1, :, :1], 0)[0].shape[:3] == (1, 3, 13)
+    cache.batch_repeat_interleave(2)
+    assert cache.update(k[:, :, :1], v[:, :, :1], 0)[0].shape[:3] == (2, 3, 14)
+    cache.reset()
+    assert cache.get_seq_length(0) == 0
+    assert cache.update(k, v, 0)[0].shape[2] == 12
 
 
 def test_cache_bytes_per_token():

@@ -7,7 +7,7 @@ Loads the model once and prunes a deep copy per (method, sparsity); adds SparseG
 4-bit g64 weights quantized in the same pass, and checks that the packed 2:4 SparseGPT
 checkpoint, reloaded by the runtime, evaluates like the in-memory model.  Prints a markdown
 table and writes it (with per-run timings and sparsity checks) to ``--out``
-(default ``eval/RESULTS-prune.md`` beside this file).  The protocol matches ../shared/ANCHORS.md.
+(default ``eval/RESULTS-prune.md`` in the current directory: run it from the repository root).  The protocol matches ../shared/ANCHORS.md.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--group-size", type=int, default=64, help="Group size of the joint SparseGPT + 4-bit row.")
     ap.add_argument("--targets", default="50%,2:4,4:8", help="Comma-separated subset of 50%%, 2:4, 4:8.")
     ap.add_argument("--no-packed-check", action="store_true", help="Skip the packed 2:4 reload check (one more prune + eval).")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "RESULTS-prune.md"))
+    ap.add_argument("--out", default="eval/RESULTS-prune.md")
     ap.add_argument("--json", dest="json_out", default=None, help="Also write the results as JSON here.")
     args = ap.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",")]

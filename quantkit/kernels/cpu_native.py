@@ -34,7 +34,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("cpu_int4.c")
+
+
+def _source_dir() -> Path:
+    """Where the C sources are: a wheel ships the repository's top-level ``kernels/`` as
+    ``quantkit/kernels/csrc/``; a checkout (editable install) reads ``kernels/`` itself."""
+    shipped = Path(__file__).with_name("csrc")
+    return shipped if shipped.is_dir() else Path(__file__).resolve().parents[2] / "kernels"
+
+
+SOURCE = _source_dir() / "cpu_int4.c"
 CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-strict-aliasing", "-mavx512f", "-mavx512bw", "-mavx512vl",
           "-mavx512bf16", "-mf16c", "-mfma", "-fopenmp")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma")

@@ -257,7 +257,7 @@ def markdown(report: dict, argv: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-BEGIN, END = "<!-- bench_kernels:begin (written by eval/bench_kernels.py) -->", "<!-- bench_kernels:end -->"
+BEGIN, END = "<!-- bench_kernels:begin (written by quantkit/eval/bench_kernels.py) -->", "<!-- bench_kernels:end -->"
 
 
 def write_markdown(path: str, section: str) -> None:

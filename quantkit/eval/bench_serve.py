@@ -9,8 +9,8 @@ Starts the server as a subprocess on 127.0.0.1 (a free port), then, over HTTP wi
 
 Prints a summary and one JSON line. The target: aggregate tok/s with N clients >= 3x a single client's.
 
-    python eval/bench_serve.py                                   # stories260K fixture
-    python eval/bench_serve.py --model /path/SmolLM2-135M-Instruct.Q4_1.gguf --max-tokens 48 --threads 2
+    python -m quantkit.eval.bench_serve                          # stories260K fixture (from the repository root)
+    python -m quantkit.eval.bench_serve --model /path/SmolLM2-135M-Instruct.Q4_1.gguf --max-tokens 48 --threads 2
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (the default model is its test fixture)
 TARGET_RATIO = 3.0
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park.", "A big red ball",
            "One day, a cat", "The sun was hot and", "Tim had a toy car.", "Mom said", "Ben and Mia",

@@ -122,7 +122,7 @@ def markdown(state: dict, args) -> str:
     lines = [f"# AWQ, SmoothQuant W8A8 and KV-cache quantization on {Path(args.model).name}", "",
              f"{args.dataset} test, first {args.max_windows} windows of {args.seqlen} tokens; calibration {args.calib} "
              f"{args.nsamples} x {args.calib_seqlen} tokens, seed 0; weight-only rows symmetric {args.bits}-bit "
-             f"g{args.group_size}.  Produced by `eval/awq_sq_table.py` ({state.get('machine', '')}).", ""]
+             f"g{args.group_size}.  Produced by `python -m quantkit.eval.awq_sq_table` ({state.get('machine', '')}).", ""]
     fp = r.get("fp32", {}).get("perplexity")
 
     def rel(p):

@@ -4,7 +4,7 @@ A source is a dataset name (``wikitext2``, ``ptb``, ``c4``, ``tinystories``) or 
 plain text (``.txt``, ``.raw`` or anything else), JSON lines with a ``text`` field
 (``.jsonl``), or ``.parquet`` with a ``text`` column.
 
-Names resolve first to the copies shipped in ``quantkit/eval/data`` (or ``$QUANTKIT_DATA_DIR``)
+Names resolve first to the copies shipped in ``quantkit/data/files`` (or ``$QUANTKIT_DATA_DIR``)
 and otherwise through ``datasets`` (online users).  Evaluation text follows the GPTQ protocol:
 WikiText-2 rows joined with ``"\\n\\n"``, PTB sentences joined with ``" "``, C4 documents with ``" "``.
 """
@@ -40,9 +40,7 @@ def _data_dirs() -> list[Path]:
     dirs = []
     if os.environ.get("QUANTKIT_DATA_DIR"):
         dirs.append(Path(os.environ["QUANTKIT_DATA_DIR"]))
-    import quantkit.eval
-
-    dirs.append(Path(quantkit.eval.__file__).parent / "data")
+    dirs.append(Path(__file__).parent / "files")
     return dirs
 
 
