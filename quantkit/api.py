@@ -15,12 +15,12 @@ from typing import Callable
 
 import torch
 
-from quantkit.calib import BlockHooks, CompressionResult, run_blockwise
-from quantkit.checkpoint import atomic_output_dir, pack_model, quantization_config, save_checkpoint
+from quantkit.calibrate.driver import BlockHooks, CompressionResult, run_blockwise
+from quantkit.checkpoint.packed import atomic_output_dir, pack_model, quantization_config, save_checkpoint
 from quantkit.data import calibration_samples
 from quantkit.errors import QuantkitError
 from quantkit.memory import return_large_frees_to_os
-from quantkit.modelio import load_model  # noqa: F401  (re-exported)
+from quantkit.models.load import load_model  # noqa: F401  (re-exported)
 from quantkit.registry import get_method
 
 
@@ -40,7 +40,7 @@ def make_config(method_name: str, options: dict):
 def check_finite(model) -> None:
     """Refuse weights holding NaN or Inf: every method would turn them into garbage silently."""
     for name, p in model.named_parameters():
-        if p.is_meta:  # streaming: checked as each block is read (quantkit.streaming)
+        if p.is_meta:  # streaming: checked as each block is read (quantkit.calibrate.stream)
             continue
         if p.dtype.is_floating_point and not torch.isfinite(p).all():
             bad = int((~torch.isfinite(p)).sum())
@@ -53,12 +53,12 @@ def compress(model, method_name: str, options: dict | object, *, tokenizer=None,
              progress: Callable[[int, int, str], None] | None = None,
              hooks: BlockHooks | None = None, pack: bool = False) -> CompressionResult:
     """Compress ``model`` in place with a registered method; returns what was done per module.
-    ``hooks``: see :class:`quantkit.calib.BlockHooks` (streaming from disk, offloaded activations).
+    ``hooks``: see :class:`quantkit.calibrate.driver.BlockHooks` (streaming from disk, offloaded activations).
     ``pack=True``: each block's compressed linears become packed runtime modules as soon as the
     block is done (lower peak memory when the next step is :func:`save`).
 
     With ``quantize_lm_head=True`` in the options (weight-quantizing methods), the output head
-    is quantized too, after the blocks (see :func:`quantkit.methods.common.quantize_head`)."""
+    is quantized too, after the blocks (see :func:`quantkit.methods.base.quantize_head`)."""
     method_cls = get_method(method_name)
     return_large_frees_to_os()  # see quantkit.memory: keeps peak RSS near model + one block's activations
     check_finite(model)
@@ -74,7 +74,7 @@ def compress(model, method_name: str, options: dict | object, *, tokenizer=None,
     result = run_blockwise(model, method, calib_ids if method.needs_calibration else None, batch_size, progress, hooks,
                            pack=pack)
     if getattr(config, "quantize_lm_head", False):
-        from quantkit.methods.common import quantize_head
+        from quantkit.methods.base import quantize_head
 
         quantize_head(model, method, calib_ids, batch_size, result)
     result.extra.setdefault("config", dataclasses.asdict(config))

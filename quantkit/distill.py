@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.arch import get_module, set_module
-from quantkit.checkpoint import atomic_output_dir, save_checkpoint
+from quantkit.models.arch import get_module, set_module
+from quantkit.checkpoint.packed import atomic_output_dir, save_checkpoint
 from quantkit.errors import QuantkitError
-from quantkit.numerics.quant import fake_quantize, quantize_codes
+from quantkit.core.quant import fake_quantize, quantize_codes
 from quantkit.runtime.qlinear import QuantLinear
 from quantkit.runtime.sparse import SparseLinear
 

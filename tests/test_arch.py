@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from quantkit import api
-from quantkit.arch import arch_for
+from quantkit.models.arch import arch_for
 from quantkit.errors import QuantkitError
 
 transformers = pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ from torch import nn
 from quantkit import api
 from quantkit.distill import check_pair, check_student_kinds, check_tokenizers, distill, kd_loss, save_student
 from quantkit.errors import QuantkitError
-from quantkit.modelio import load_model, read_quantization_config
+from quantkit.models.load import load_model, read_quantization_config
 from quantkit.runtime.lowrank import LowRankLinear
 from quantkit.runtime.qlinear import QuantLinear
 from quantkit.runtime.sparse import SparseLinear
@@ -96,7 +96,7 @@ def test_quantized_student_keeps_its_grid(tmp_path, stories, tiny_text):
 
 
 def test_nm_sparse_student_stays_packed_with_its_pattern(stories, tiny_text):
-    from quantkit.arch import set_module
+    from quantkit.models.arch import set_module
 
     teacher, tok = stories
     student, _ = load_model(str(STORIES))

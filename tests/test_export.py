@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from quantkit import api
 from quantkit.cli import cli
-from quantkit.export import pack_int32, unpack_int32
-from quantkit.modelio import load_model
+from quantkit.checkpoint.gptq import pack_int32, unpack_int32
+from quantkit.models.load import load_model
 
 
 def test_int32_packing_matches_the_gptq_layout():

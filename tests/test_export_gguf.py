@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType, GGUFReader, quants
 
 from quantkit import api
 from quantkit.cli import cli
-from quantkit.export_gguf import DoesNotFit, bpe_pre_name, quant_linear_blocks, rope_permutation
+from quantkit.checkpoint.gguf import DoesNotFit, bpe_pre_name, quant_linear_blocks, rope_permutation
 from quantkit.runtime.backends import use_backend
 from quantkit.runtime.qlinear import QuantLinear
 

@@ -8,10 +8,10 @@ from click.testing import CliRunner
 from torch import nn
 
 from quantkit import api
-from quantkit.calib import CompressionResult
+from quantkit.calibrate.driver import CompressionResult
 from quantkit.cli import cli
-from quantkit.methods.common import head_statistics, quantize_head
-from quantkit.modelio import dir_bytes, load_model
+from quantkit.methods.base import head_statistics, quantize_head
+from quantkit.models.load import dir_bytes, load_model
 from quantkit.recipe import parse_recipe
 from quantkit.registry import get_method
 from quantkit.runtime.backends import kernel_weight_bytes
@@ -92,7 +92,7 @@ def test_default_leaves_the_head_float_and_tied(stories, tmp_path):
 def test_gptq_head_beats_rtn_head_on_its_calibration_inputs(stories, calib_ids):
     """GPTQ on lm_head uses the Hessian of the final norm's output: its output error on those
     inputs must not exceed round-to-nearest's."""
-    from quantkit.arch import arch_for
+    from quantkit.models.arch import arch_for
 
     model, _ = stories
     arch = arch_for(model)

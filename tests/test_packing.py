@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from quantkit.packing import pack_bits, packed_row_bytes, unpack_bits
+from quantkit.pack.bits import pack_bits, packed_row_bytes, unpack_bits
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

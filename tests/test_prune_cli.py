@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from quantkit.cli import cli
-from quantkit.numerics.sparsity import nm_valid
+from quantkit.core.sparsity import nm_valid
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -55,7 +55,7 @@ def test_sparsegpt_dense_checkpoint_loads_in_plain_transformers(stories_dir, tin
 
 
 def test_packed_nm_round_trips_through_the_runtime(stories_dir, tiny_text, tmp_path):
-    from quantkit.modelio import load_model
+    from quantkit.models.load import load_model
     from quantkit.runtime.sparse import SparseLinear
 
     common = ["--method", "wanda", "--pattern", "2:4", "--calib", tiny_text, "--nsamples", 4, "--seqlen", 128, "--json"]
@@ -77,7 +77,7 @@ def test_packed_nm_round_trips_through_the_runtime(stories_dir, tiny_text, tmp_p
 
 
 def test_sparsegpt_with_joint_quantization_is_one_command(stories_dir, tiny_text, tmp_path):
-    from quantkit.modelio import load_model
+    from quantkit.models.load import load_model
     from quantkit.runtime.qlinear import QuantLinear
 
     out = tmp_path / "sq"

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from quantkit.cli import cli
-from quantkit.streaming import KILL_AFTER_BLOCK_ENV, WorkDir, work_dir_for
+from quantkit.calibrate.stream import KILL_AFTER_BLOCK_ENV, WorkDir, work_dir_for
 
 
 def _args(src, out, tiny_text, *extra):
@@ -73,7 +73,7 @@ def test_sigkill_then_resume_is_byte_identical(tiny_sharded, tiny_text, tmp_path
 
 def test_resume_after_the_last_block_only_assembles(tiny_sharded, tiny_text, tmp_path, monkeypatch):
     out, ref = tmp_path / "out", tmp_path / "ref"
-    import quantkit.streaming as st
+    import quantkit.calibrate.stream as st
 
     def die(self):  # killed after every block was written, while assembling OUT
         raise KeyboardInterrupt
@@ -97,7 +97,7 @@ def test_resume_after_the_last_block_only_assembles(tiny_sharded, tiny_text, tmp
 def test_changed_input_is_refused_and_overwrite_starts_over(tiny_sharded, tiny_text, tmp_path, monkeypatch):
     import shutil
 
-    import quantkit.streaming as st
+    import quantkit.calibrate.stream as st
 
     src, out = tmp_path / "m", tmp_path / "out"
     shutil.copytree(tiny_sharded, src)

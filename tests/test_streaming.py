@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from quantkit import api
 from quantkit.cli import cli
 from quantkit.errors import QuantkitError
-from quantkit.modelio import load_model
-from quantkit.streaming import (
+from quantkit.models.load import load_model
+from quantkit.calibrate.stream import (
     DiskActivations,
     OffloadHooks,
     StreamHooks,
@@ -217,7 +217,7 @@ def test_read_header_rejects_overlapping_tensors(tmp_path):
 
 
 def test_should_stream_when_weights_exceed_half_of_memory(tiny_sharded, stories_dir, monkeypatch):
-    import quantkit.streaming as st
+    import quantkit.calibrate.stream as st
 
     size = sum(f.stat().st_size for f in tiny_sharded.glob("model-*.safetensors"))
     monkeypatch.setattr(st, "available_memory", lambda: size)

@@ -1,10 +1,10 @@
-"""Scale folding (quantkit.transforms) leaves the float model's function unchanged."""
+"""Scale folding (quantkit.core.transforms) leaves the float model's function unchanged."""
 
 import pytest
 import torch
 
-from quantkit.arch import LinearGroup, arch_for
-from quantkit.transforms import ClipResult, ScaleResult, apply_clip, clip_weight, fold_blocker, fold_scales
+from quantkit.models.arch import LinearGroup, arch_for
+from quantkit.core.transforms import ClipResult, ScaleResult, apply_clip, clip_weight, fold_blocker, fold_scales
 from quantkit.testing import tiny_opt
 
 

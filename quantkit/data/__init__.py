@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +35,19 @@ _HUB = {
     "c4": (("allenai/c4",), {"validation": "validation", "train": "train"}, "text", " "),
 }
 DATASET_NAMES = tuple(sorted(set(_LOCAL) | set(_HUB)))
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Which calibration windows a compression run draws: the one place their defaults are written
+    (the CLI generates its calibration options from these fields; recipes, the API and streaming
+    runs start from them)."""
+
+    dataset: str = "c4"  # a dataset name (DATASET_NAMES) or a local file
+    nsamples: int = 128  # windows
+    seqlen: int = 2048  # tokens per window
+    seed: int = 0  # seed of the window draw
+    batch_size: int = 8  # windows per forward
 
 
 def _data_dirs() -> list[Path]:

@@ -35,8 +35,8 @@ from quantkit.eval.protocol import add_protocol_args, load_protocol
 
 from quantkit import api
 from quantkit.data import load_text, tokenize
-from quantkit.evaluate import perplexity
-from quantkit.modelio import load_model
+from quantkit.eval.perplexity import perplexity
+from quantkit.models.load import load_model
 from quantkit.runtime.kvcache import (
     KVCachedLM,
     KVQuantConfig,

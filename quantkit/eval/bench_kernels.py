@@ -37,8 +37,8 @@ import time
 import torch
 from torch import nn
 
-from quantkit.bench import bench_table, run_benches
-from quantkit.numerics.quant import QuantSpec, quantize_rtn
+from quantkit.eval.speed import bench_table, run_benches
+from quantkit.core.quant import QuantSpec, quantize_rtn
 from quantkit.runtime.backends import int8_matmul
 from quantkit.runtime.qlinear import QuantLinear
 
@@ -122,7 +122,7 @@ def variants(model_fp32: nn.Module, group_size: int) -> dict[str, nn.Module]:
 
 
 def load_smol(path: str) -> nn.Module:
-    from quantkit.modelio import load_model
+    from quantkit.models.load import load_model
 
     model, _ = load_model(path, dtype="float32", with_tokenizer=False)
     return model
@@ -140,7 +140,7 @@ def fastest_threads(model: nn.Module, candidates: list[int], prompt_len: int, ge
                     lean: bool = True) -> tuple[int, dict]:
     """Decode tokens/s of ``model`` on each thread count (best of ``rounds``, interleaved); returns
     the fastest count and every figure.  On a shared machine two threads can be far slower than one."""
-    from quantkit.bench import time_generation
+    from quantkit.eval.speed import time_generation
     from quantkit.runtime.lean import lean_or_none
 
     fast = lean_or_none(model, prompt_len + gen_len + 1)[0] if lean else None

@@ -100,7 +100,7 @@ def _bpe_tokenizer():
 
 def write_random_checkpoint(directory: Path, shape: str, shard_bytes: int = 5 * 2**30) -> int:
     """Write the model shard by shard; returns the weights' bytes.  Reuses a complete earlier write."""
-    from quantkit.streaming import write_safetensors
+    from quantkit.calibrate.stream import write_safetensors
 
     cfg = llama_config(shape)
     done = directory / "DONE"
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     model_bytes = write_random_checkpoint(work / "model", shape, int(args.shard_gb * 2**30))
     params = model_bytes // 2
     write_s = time.perf_counter() - t0
-    baseline = run_capped([sys.executable, "-c", "import torch, transformers, quantkit.cli, quantkit.streaming; "
+    baseline = run_capped([sys.executable, "-c", "import torch, transformers, quantkit.cli, quantkit.calibrate.stream; "
                                                  "from transformers import LlamaForCausalLM; "
                                                  "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmPeak')][0])"],
                           None)
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         blocks = args.calibrated_blocks if args.calibrated_blocks is not None else (0 if args.small else 2)
         env = None
         if method != "rtn" and blocks:
-            from quantkit.streaming import KILL_AFTER_BLOCK_ENV
+            from quantkit.calibrate.stream import KILL_AFTER_BLOCK_ENV
 
             env = {**os.environ, KILL_AFTER_BLOCK_ENV: str(blocks - 1)}
         print(f"quantize --method {method} --stream under {LIMIT_NAMES[args.limit]} = {cap / 1e9 if cap else 0:.2f} GB"

@@ -9,7 +9,7 @@ checkpoint, exports it with ``quantkit export --format gguf`` (symmetric 4-bit -
 evaluates both on identical windows of token ids: quantkit's runtime on the packed checkpoint,
 llama.cpp (llama-cpp-python, ``logits_all=True``) on the GGUF file fed the same ids (never
 text, so the two tokenizers cannot differ), the mean NLL computed here from llama.cpp's logits
-exactly as :func:`quantkit.evaluate.perplexity` does.  Linears whose input width the group size
+exactly as :func:`quantkit.eval.perplexity.perplexity` does.  Linears whose input width the group size
 does not divide (stories260K's 172-wide MLP output) stay float and are written as float.
 The goal is a relative difference below 1%.
 """
@@ -30,15 +30,15 @@ import torch.nn.functional as F
 
 from quantkit import api
 from quantkit.data import calibration_samples, eval_windows, load_text, tokenize
-from quantkit.evaluate import perplexity
-from quantkit.export_gguf import export_gguf
-from quantkit.modelio import load_model
+from quantkit.eval.perplexity import perplexity
+from quantkit.checkpoint.gguf import export_gguf
+from quantkit.models.load import load_model
 from quantkit.runtime.backends import use_backend
 
 
 def llamacpp_perplexity(gguf_path: str | Path, windows: torch.Tensor, n_threads: int = 1) -> dict:
     """Perplexity of ``windows [n, seqlen]`` (token ids) under llama.cpp, same protocol and
-    output keys as :func:`quantkit.evaluate.perplexity`."""
+    output keys as :func:`quantkit.eval.perplexity.perplexity`."""
     from llama_cpp import Llama
 
     t0 = time.perf_counter()
@@ -63,7 +63,7 @@ def llamacpp_perplexity(gguf_path: str | Path, windows: torch.Tensor, n_threads:
 
 def indivisible_linears(model, group_size: int) -> list[str]:
     """Regexes for the linears whose input width ``group_size`` does not divide (kept float)."""
-    from quantkit.arch import arch_for, get_module
+    from quantkit.models.arch import arch_for, get_module
 
     arch = arch_for(model)
     block = arch.blocks(model)[0]

@@ -21,8 +21,8 @@ from pathlib import Path
 from quantkit.eval.protocol import add_protocol_args, load_protocol
 
 from quantkit import api
-from quantkit.evaluate import perplexity
-from quantkit.modelio import load_model
+from quantkit.eval.perplexity import perplexity
+from quantkit.models.load import load_model
 from quantkit.runtime.qlinear import QuantLinear
 
 

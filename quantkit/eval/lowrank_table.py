@@ -27,8 +27,8 @@ from quantkit.eval.protocol import add_protocol_args, load_protocol
 from quantkit import api
 from quantkit.data import calibration_samples
 from quantkit.distill import distill, save_student
-from quantkit.evaluate import perplexity
-from quantkit.modelio import load_model, read_quantization_config
+from quantkit.eval.perplexity import perplexity
+from quantkit.models.load import load_model, read_quantization_config
 
 _METHODS = {"svd": ("svd", {}), "asvd": ("asvd", {}), "asvd-act": ("asvd", {"scaling": "act"})}
 

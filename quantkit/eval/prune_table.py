@@ -24,9 +24,9 @@ import torch
 from quantkit.eval.protocol import add_protocol_args, load_protocol
 
 from quantkit import api
-from quantkit.evaluate import perplexity
-from quantkit.modelio import load_model
-from quantkit.numerics.sparsity import SparsityTarget, nm_valid
+from quantkit.eval.perplexity import perplexity
+from quantkit.models.load import load_model
+from quantkit.core.sparsity import SparsityTarget, nm_valid
 from quantkit.runtime.sparse import SparseLinear
 
 TARGETS = {"50%": {"sparsity": 0.5}, "2:4": {"pattern": "2:4"}, "4:8": {"pattern": "4:8"}}

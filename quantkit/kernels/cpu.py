@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from quantkit.kernels import cpu_native
 from quantkit.kernels.cpu_native import NativeInt4Weight
 from quantkit.kernels.layout import group_map
-from quantkit.numerics.quant import dequantize
+from quantkit.core.quant import dequantize
 
 CPU_INT4_GROUP_SIZES = (256, 128, 64, 32)
 COMPUTE_DTYPE = torch.bfloat16

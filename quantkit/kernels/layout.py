@@ -1,6 +1,6 @@
 """Kernel layouts, converted once at load time from quantkit checkpoint format v1.
 
-Checkpoint format v1 (:mod:`quantkit.packing`) stores each output row as a little-endian
+Checkpoint format v1 (:mod:`quantkit.pack.bits`) stores each output row as a little-endian
 bitstream of codes ``[out, ceil(in*bits/8)]`` uint8, with scales/zeros ``[out, n_groups]``.
 The Triton kernels want tiles ``[BLOCK_K, BLOCK_N]`` with N the fast axis, so:
 
@@ -86,7 +86,7 @@ def pack_int4_words(q: torch.Tensor) -> torch.Tensor:
 def int4_words_from_packed(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
     """Format-v1 4-bit rows ``[N, ceil(K/2)]`` uint8 -> int32 words ``[ceil(K/8), N]`` (no unpacking)."""
     if sys.byteorder != "little":  # the view below reads four bytes as one little-endian word
-        from quantkit.packing import unpack_bits
+        from quantkit.pack.bits import unpack_bits
 
         return pack_int4_words(unpack_bits(qweight, 4, in_features))
     n_words = (in_features + 7) // 8

@@ -1,6 +1,6 @@
 """Pure-torch oracles, one per kernel, with the kernels' signatures.
 
-Each dequantizes with the one :func:`quantkit.numerics.quant.dequantize` and multiplies in
+Each dequantizes with the one :func:`quantkit.core.quant.dequantize` and multiplies in
 float32; every Triton kernel and CPU fast path is tested against these.
 
     >>> from quantkit.kernels.layout import int4_weight_from_codes
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from quantkit.kernels.layout import Int4Weight, Int8Weight, group_map, unpack_int4_weight
-from quantkit.numerics.quant import dequantize
+from quantkit.core.quant import dequantize
 
 
 def _dequant(q: torch.Tensor, scales, zeros, g_idx, group_size: int, bits: int) -> torch.Tensor:

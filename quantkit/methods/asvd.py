@@ -3,11 +3,11 @@ drops what the layer's *outputs* need least.  The default low-rank method.
 
 * ``scaling="whiten"`` (default) — SVD-LLM (Wang et al., 2024), truncation-aware data
   whitening: with ``H = S S^T`` (Cholesky of the input second moment ``X^T X``, from the shared
-  :class:`~quantkit.numerics.hessian.HessianAccumulator`), take the SVD of ``W S``, truncate it
+  :class:`~quantkit.core.hessian.HessianAccumulator`), take the SVD of ``W S``, truncate it
   and multiply back ``S^-1``.  Then ``||(W - W_r) X^T||_F^2 = sum of the dropped sigma^2``
   exactly: each dropped singular value costs its own square (the paper's truncation-aware whitening).
 * ``scaling="act"`` — ASVD (Yuan et al., 2023): scale input channel ``j`` by
-  ``s_j = mean|x_j| ** alpha`` (the shared :class:`~quantkit.numerics.stats.ActStats`), SVD of
+  ``s_j = mean|x_j| ** alpha`` (the shared :class:`~quantkit.core.stats.ActStats`), SVD of
   ``W diag(s)``, multiply back ``diag(s)^-1``.  Cheaper, diagonal-only.
 
 :func:`whitened_svd` and :func:`act_scaled_svd` are the algorithms (tensors in, tensors out).

@@ -13,8 +13,8 @@ clip search on ``clip_tokens``, which keeps AWQ cheaper than GPTQ on the same ca
 ``search_tokens=0`` searches on everything.
 
 The search is separate from the apply: :func:`search_scale` and :func:`search_clip` are plain
-functions of tensors; their results (:class:`quantkit.transforms.ScaleResult`,
-:class:`quantkit.transforms.ClipResult`) are applied by :mod:`quantkit.transforms`.
+functions of tensors; their results (:class:`quantkit.core.transforms.ScaleResult`,
+:class:`quantkit.core.transforms.ClipResult`) are applied by :mod:`quantkit.core.transforms`.
 
     >>> s, alpha, loss, history = search_scale(x_mean, [w], loss_fn, [QuantSpec(4, 64)])
     >>> max_val = search_clip(w * s, x[:512] / s, QuantSpec(4, 64))
@@ -31,15 +31,15 @@ from typing import Callable
 
 import torch
 
-from quantkit.arch import LinearGroup
-from quantkit.calib import BlockContext, BlockMethod, LayerRecord
+from quantkit.models.arch import LinearGroup
+from quantkit.calibrate.driver import BlockContext, BlockMethod, LayerRecord
 from quantkit.errors import QuantkitError
-from quantkit.methods.common import WeightQuantConfig, check_group_sizes, quantize_block_linears
+from quantkit.methods.base import WeightQuantConfig, check_group_sizes, quantize_block_linears
 from quantkit.methods.gptq import GPTQ, GPTQConfig
 from quantkit.methods.rtn import rtn_linear
-from quantkit.numerics.quant import QuantSpec, compute_qparams, fake_quantize
+from quantkit.core.quant import QuantSpec, compute_qparams, fake_quantize
 from quantkit.registry import register_method
-from quantkit.transforms import ClipResult, ScaleResult, apply_clip, fold_blocker, fold_scales
+from quantkit.core.transforms import ClipResult, ScaleResult, apply_clip, fold_blocker, fold_scales
 
 # Linears whose outputs meet in q @ k^T: their clipping error is not measured by their own output (llm-awq skips them).
 QK_LINEARS = r"(^|\.)(q_proj|k_proj|qkv_proj|query_key_value|c_attn|Wqkv)$"

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.calib import BlockMethod, QuantizedWeight
+from quantkit.calibrate.driver import BlockMethod, QuantizedWeight
 from quantkit.errors import QuantkitError
-from quantkit.methods.common import WeightQuantConfig, check_group_sizes, quantize_block_linears
+from quantkit.methods.base import WeightQuantConfig, check_group_sizes, quantize_block_linears
 from quantkit.methods.rtn import rtn_linear
-from quantkit.numerics.hessian import dead_columns, robust_inverse_cholesky
-from quantkit.numerics.quant import QuantSpec, compute_qparams, dequantize, quantize_codes
+from quantkit.core.hessian import dead_columns, robust_inverse_cholesky
+from quantkit.core.quant import QuantSpec, compute_qparams, dequantize, quantize_codes
 from quantkit.registry import register_method
 
 

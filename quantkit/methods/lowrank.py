@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantkit.arch import get_module, set_module
-from quantkit.calib import BlockContext, BlockMethod, CompressionResult, LayerRecord
+from quantkit.models.arch import get_module, set_module
+from quantkit.calibrate.driver import BlockContext, BlockMethod, CompressionResult, LayerRecord
 from quantkit.errors import QuantkitError
 
 

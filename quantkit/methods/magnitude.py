@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.methods.pruning import PruneConfig, PruneMethod
-from quantkit.numerics.sparsity import SparsityTarget, select_mask
+from quantkit.core.sparsity import SparsityTarget, select_mask
 from quantkit.registry import register_method
 
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.arch import get_module
-from quantkit.calib import BlockContext, BlockMethod, CompressionResult, LayerRecord, _linear_weight
+from quantkit.models.arch import get_module
+from quantkit.calibrate.driver import BlockContext, BlockMethod, CompressionResult, LayerRecord, _linear_weight
 from quantkit.errors import QuantkitError
-from quantkit.methods.common import check_module_patterns
-from quantkit.numerics.quant import QuantSpec
-from quantkit.numerics.sparsity import NMSparseWeight, SparsityTarget, check_sparsity, parse_pattern
+from quantkit.methods.base import check_module_patterns
+from quantkit.core.quant import QuantSpec
+from quantkit.core.sparsity import NMSparseWeight, SparsityTarget, check_sparsity, parse_pattern
 
 
 @dataclass(frozen=True)

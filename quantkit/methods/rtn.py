@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quantkit.calib import BlockMethod, QuantizedWeight
-from quantkit.methods.common import WeightQuantConfig, check_group_sizes, quantize_block_linears
-from quantkit.numerics.quant import QuantSpec, dequantize, quantize_rtn
+from quantkit.calibrate.driver import BlockMethod, QuantizedWeight
+from quantkit.methods.base import WeightQuantConfig, check_group_sizes, quantize_block_linears
+from quantkit.core.quant import QuantSpec, dequantize, quantize_rtn
 from quantkit.registry import register_method
 
 

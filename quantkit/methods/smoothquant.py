@@ -2,7 +2,7 @@
 
 Per group of linears sharing an input, ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (sec. 4,
 eq. 4; ``max|W_j|`` over every linear of the group) is folded into the preceding norm (or
-linear) through :mod:`quantkit.transforms`, then every linear gets int8 per-output-channel
+linear) through :mod:`quantkit.core.transforms`, then every linear gets int8 per-output-channel
 symmetric weights; activations are int8 per token at run time (dynamic), or per tensor with a
 scale calibrated here (static).  ``alpha = 0`` means no smoothing at all (naive W8A8; the
 formula itself would give ``s = 1 / max|W_j|``).
@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantkit.calib import BlockMethod, LayerRecord
+from quantkit.calibrate.driver import BlockMethod, LayerRecord
 from quantkit.errors import QuantkitError
-from quantkit.numerics.quant import QuantSpec, quantize_rtn
+from quantkit.core.quant import QuantSpec, quantize_rtn
 from quantkit.registry import register_method
-from quantkit.transforms import ScaleResult, fold_blocker, fold_scales
+from quantkit.core.transforms import ScaleResult, fold_blocker, fold_scales
 
 INT8_SPEC = QuantSpec(bits=8, group_size=-1, sym=True)  # per output channel, zero point 128
 ACT_QMAX = 127

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.calib import QuantizedWeight
+from quantkit.calibrate.driver import QuantizedWeight
 from quantkit.errors import QuantkitError
 from quantkit.methods.magnitude import magnitude_prune
 from quantkit.methods.pruning import PruneConfig, PruneMethod
-from quantkit.numerics.hessian import dead_columns, robust_inverse_cholesky
-from quantkit.numerics.quant import QuantSpec, compute_qparams, dequantize, quantize_codes, quantize_rtn
-from quantkit.numerics.sparsity import lowest_k_mask, n_pruned, nm_mask
+from quantkit.core.hessian import dead_columns, robust_inverse_cholesky
+from quantkit.core.quant import QuantSpec, compute_qparams, dequantize, quantize_codes, quantize_rtn
+from quantkit.core.sparsity import lowest_k_mask, n_pruned, nm_mask
 from quantkit.registry import register_method
 
 

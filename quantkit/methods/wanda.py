@@ -2,7 +2,7 @@
 within each output row — no weight update, one statistics pass per block.
 
 :func:`wanda_prune` is the algorithm; :class:`Wanda` feeds it the per-channel input norms
-``||X_j||_2`` of the shared activation collector (:class:`quantkit.numerics.stats.ActStats`).
+``||X_j||_2`` of the shared activation collector (:class:`quantkit.core.stats.ActStats`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.methods.pruning import PruneConfig, PruneMethod
-from quantkit.numerics.sparsity import SparsityTarget, select_mask
+from quantkit.core.sparsity import SparsityTarget, select_mask
 from quantkit.registry import register_method
 
 

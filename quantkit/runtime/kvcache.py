@@ -12,13 +12,13 @@ Two layouts (``KVQuantConfig.keys``):
   their group is full, as in KIVI's residual.  Prefilling in chunks of ``group`` tokens
   reproduces token-by-token decoding exactly (:class:`KVCachedLM` does so).
 
-Codes use the shared grid of :mod:`quantkit.numerics.quant` (symmetric by default at 8 bits,
-asymmetric at 4) and 4-bit codes are packed two per byte with :mod:`quantkit.packing`.
+Codes use the shared grid of :mod:`quantkit.core.quant` (symmetric by default at 8 bits,
+asymmetric at 4) and 4-bit codes are packed two per byte with :mod:`quantkit.pack.bits`.
 
     >>> cache = QuantizedKVCache.for_model(model, KVQuantConfig(bits=8))
     >>> out = model(input_ids=ids, past_key_values=cache, use_cache=True)
     >>> kv_cache_bytes(cache) / cache.get_seq_length()      # bytes per token, all layers
-    >>> perplexity(KVCachedLM(model, KVQuantConfig(bits=4)), windows)   # quantkit.evaluate
+    >>> perplexity(KVCachedLM(model, KVQuantConfig(bits=4)), windows)   # quantkit.eval.perplexity
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from quantkit.errors import QuantkitError
-from quantkit.numerics.quant import QuantSpec, compute_qparams, quantize_codes
-from quantkit.packing import pack_bits, unpack_bits
+from quantkit.core.quant import QuantSpec, compute_qparams, quantize_codes
+from quantkit.pack.bits import pack_bits, unpack_bits
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ arithmetic with about half the ops and no per-step bookkeeping:
 * the linears are the model's own modules (float, ``QuantLinear``, ``Int8Linear``...), so every
   kernel path of the runtime applies; the head runs on the last position only.
 
-Which models: the architecture table's :class:`~quantkit.arch.DecodeSpec` (Llama, Mistral,
+Which models: the architecture table's :class:`~quantkit.models.arch.DecodeSpec` (Llama, Mistral,
 Qwen2, Qwen3), checked against the config (SiLU MLP, no sliding window shorter than the cache,
 a position-independent RoPE).  :func:`lean_or_none` says why a model is not supported.  Tested
 against transformers' forward on tiny models of each type (logits to float rounding).
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.arch import arch_for, get_module
+from quantkit.models.arch import arch_for, get_module
 
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 

@@ -1,6 +1,6 @@
 """Quantized linear modules of the runtime.
 
-``QuantLinear`` holds a weight in quantkit format v1 (see :mod:`quantkit.packing`):
+``QuantLinear`` holds a weight in quantkit format v1 (see :mod:`quantkit.pack.bits`):
 
 * ``qweight`` uint8 ``[out, ceil(in*bits/8)]``: codes packed densely per row;
 * ``scales`` float16 ``[out, n_groups]``;
@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit.numerics.quant import dequantize, group_index
-from quantkit.packing import pack_bits, packed_row_bytes, unpack_bits
+from quantkit.core.quant import dequantize, group_index
+from quantkit.pack.bits import pack_bits, packed_row_bytes, unpack_bits
 
 
 class QuantLinear(nn.Module):

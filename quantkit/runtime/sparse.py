@@ -5,7 +5,7 @@
 * ``values`` ``[out, in/m*n]`` (the model's float dtype): the kept weights, group by group;
 * ``indices`` uint8 ``[out, ceil(in/m*n*b/8)]``: each kept weight's position inside its group
   of ``m`` columns, ``b = max(2, ceil(log2 m))`` bits each, packed with
-  :func:`quantkit.packing.pack_bits` (2:4 and 4:8 -> 2 and 3 bits per kept weight).
+  :func:`quantkit.pack.bits.pack_bits` (2:4 and 4:8 -> 2 and 3 bits per kept weight).
 
 ``W[r, g*m + indices[r, g*n + j]] = values[r, g*n + j]``; every other weight is zero.  The
 forward scatters the weight back to dense and calls ``F.linear`` (the reference path; a
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.numerics.sparsity import index_bits, nm_compress, nm_decompress
-from quantkit.packing import pack_bits, packed_row_bytes, unpack_bits
+from quantkit.core.sparsity import index_bits, nm_compress, nm_decompress
+from quantkit.pack.bits import pack_bits, packed_row_bytes, unpack_bits
 from quantkit.runtime.modules import register_runtime_module
 
 
@@ -40,7 +40,7 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_compressed(cls, values: torch.Tensor, indices: torch.Tensor, n: int, m: int, bias=None,
                         dtype: torch.dtype = torch.float32) -> "SparseLinear":
-        """From ``values``/``indices [out, in/m*n]`` as :func:`~quantkit.numerics.sparsity.nm_compress` gives."""
+        """From ``values``/``indices [out, in/m*n]`` as :func:`~quantkit.core.sparsity.nm_compress` gives."""
         out_f, kept = values.shape
         mod = cls(kept // n * m, out_f, n, m, bias is not None, dtype)
         mod.values.copy_(values.to(dtype))

@@ -3,7 +3,7 @@
 Each step feeds every active sequence's last token as one batch [B, 1] through the model with a
 shared KV cache whose rows are left-padded to a common length: the attention mask hides the padding
 and position ids are per row, so a row decodes exactly as it would alone. A new request is prefilled
-on its own (batch 1, the same call `quantkit.generate` makes), then its cache rows join the batch
+on its own (batch 1, the same call `quantkit.runtime.generate` makes), then its cache rows join the batch
 (`kvbatch.concat_rows`); a finished or cancelled sequence leaves at the end of the step
 (`kvbatch.select_rows`). Requests beyond ``max_batch`` wait in a bounded queue; `submit` raises
 `QueueFull` when that is full.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.generate import (
+from quantkit.runtime.generate import (
     CacheFactory,
     SamplingParams,
     TextStream,

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 
 from quantkit.errors import QuantkitError
-from quantkit.generate import SamplingParams, encode_chat, encode_prompt
+from quantkit.runtime.generate import SamplingParams, encode_chat, encode_prompt
 
 MAX_STOP = 4  # as OpenAI
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

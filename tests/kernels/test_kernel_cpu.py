@@ -17,7 +17,7 @@ from quantkit.kernels.cpu import (
 )
 from quantkit.kernels.layout import group_map
 from quantkit.kernels.reference import int8_matmul_ref
-from quantkit.numerics.quant import dequantize
+from quantkit.core.quant import dequantize
 
 BF16 = torch.bfloat16
 

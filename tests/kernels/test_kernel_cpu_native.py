@@ -8,7 +8,7 @@ import torch
 from quantkit.kernels import cpu as cpu_kernels
 from quantkit.kernels import cpu_native
 from quantkit.kernels.layout import group_map
-from quantkit.numerics.quant import dequantize
+from quantkit.core.quant import dequantize
 
 pytestmark = pytest.mark.skipif(not cpu_native.available(), reason=f"native int4 kernel unavailable: {cpu_native.library()}")
 
@@ -143,8 +143,8 @@ def test_float32_perplexity_on_the_cpu_path_equals_the_reference(native, stories
     """Windows of many rows take the exact float32 path: a packed float32 model's perplexity on
     the default CPU path is the reference backend's (GPTQ's published protocol is float32)."""
     from quantkit import api
-    from quantkit.checkpoint import pack_model
-    from quantkit.evaluate import perplexity
+    from quantkit.checkpoint.packed import pack_model
+    from quantkit.eval.perplexity import perplexity
     from quantkit.runtime.backends import reset_backends, use_backend
 
     model, _ = stories

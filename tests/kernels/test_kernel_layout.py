@@ -10,7 +10,7 @@ from quantkit.kernels.layout import (
     pack_int4_words,
     unpack_int4_weight,
 )
-from quantkit.packing import pack_bits
+from quantkit.pack.bits import pack_bits
 
 
 @pytest.mark.parametrize("n,k", [(1, 8), (3, 40), (5, 13), (16, 1), (2, 7)])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from quantkit.kernels.layout import Int4Weight, Int8Weight
-from quantkit.numerics.quant import QuantSpec, quantize_rtn
+from quantkit.core.quant import QuantSpec, quantize_rtn
 from quantkit.runtime.backends import reset_backends, set_backend, use_backend
 from quantkit.runtime.qlinear import QuantLinear
 

@@ -8,10 +8,10 @@ import torch
 from click.testing import CliRunner
 
 from quantkit import api
-from quantkit.calib import BlockMethod, run_blockwise
-from quantkit.evaluate import perplexity
+from quantkit.calibrate.driver import BlockMethod, run_blockwise
+from quantkit.eval.perplexity import perplexity
 from quantkit.methods.awq import AWQConfig, awq_block, awq_scales, rtn_fake, search_clip, search_scale
-from quantkit.numerics.quant import QuantSpec
+from quantkit.core.quant import QuantSpec
 from quantkit.testing import outlier_inputs, tiny_opt
 from quantkit.testing import output_error as _out_err
 

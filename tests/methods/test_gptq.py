@@ -3,8 +3,8 @@ import torch
 
 from quantkit.methods.gptq import gptq_quantize
 from quantkit.methods.rtn import rtn_linear
-from quantkit.numerics.hessian import HessianAccumulator
-from quantkit.numerics.quant import QuantSpec, dequantize
+from quantkit.core.hessian import HessianAccumulator
+from quantkit.core.quant import QuantSpec, dequantize
 from quantkit.testing import outlier_layer
 from quantkit.testing import output_error as _out_err
 

@@ -9,7 +9,7 @@ from quantkit.errors import QuantkitError
 from quantkit.methods.asvd import act_scaled_svd, whitened_svd, whitening_factor
 from quantkit.methods.lowrank import LowRankConfig, energy_rank, saves_parameters
 from quantkit.methods.svd import svd_factorize
-from quantkit.numerics.hessian import HessianAccumulator
+from quantkit.core.hessian import HessianAccumulator
 from quantkit.testing import anisotropic_layer
 from quantkit.testing import output_error as _out_err
 from quantkit.runtime.lowrank import LowRankLinear
@@ -93,13 +93,13 @@ def test_rank_selection_and_config_checks():
 
 
 def _ppl(model, windows):
-    from quantkit.evaluate import perplexity
+    from quantkit.eval.perplexity import perplexity
 
     return perplexity(model, windows)["perplexity"]
 
 
 def test_asvd_beats_svd_on_stories(calib_ids, eval_windows):
-    from quantkit.modelio import load_model
+    from quantkit.models.load import load_model
 
     ppl = {}
     for method in ("svd", "asvd"):
@@ -117,7 +117,7 @@ def test_asvd_beats_svd_on_stories(calib_ids, eval_windows):
 
 
 def test_energy_mode_leaves_layers_dense_when_no_saving(calib_ids):
-    from quantkit.modelio import load_model
+    from quantkit.models.load import load_model
 
     model, _ = load_model(str(STORIES))
     res = api.compress(model, "asvd", {"energy": 0.999}, calib_ids=calib_ids)

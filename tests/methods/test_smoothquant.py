@@ -8,8 +8,8 @@ import torch
 from click.testing import CliRunner
 
 from quantkit import api
-from quantkit.calib import BlockMethod, run_blockwise
-from quantkit.evaluate import perplexity
+from quantkit.calibrate.driver import BlockMethod, run_blockwise
+from quantkit.eval.perplexity import perplexity
 from quantkit.methods.smoothquant import SmoothQuantConfig, quantize_int8_weight, smooth_block, smooth_scales
 from quantkit.runtime.int8 import Int8Linear
 from quantkit.testing import tiny_opt

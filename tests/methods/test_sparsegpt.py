@@ -7,12 +7,12 @@ from quantkit.methods.magnitude import magnitude_prune
 from quantkit.methods.rtn import rtn_linear
 from quantkit.methods.sparsegpt import SparseGPTConfig, sparsegpt_prune
 from quantkit.methods.wanda import wanda_prune
-from quantkit.numerics.hessian import HessianAccumulator
-from quantkit.numerics.quant import QuantSpec, dequantize
+from quantkit.core.hessian import HessianAccumulator
+from quantkit.core.quant import QuantSpec, dequantize
 from quantkit.testing import outlier_layer
 from quantkit.testing import output_error as _out_err
-from quantkit.numerics.sparsity import SparsityTarget, n_pruned, nm_valid
-from quantkit.numerics.stats import ActStats
+from quantkit.core.sparsity import SparsityTarget, n_pruned, nm_valid
+from quantkit.core.stats import ActStats
 
 
 def _outlier_layer(seed=0, **kw):

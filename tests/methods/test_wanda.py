@@ -7,8 +7,8 @@ from quantkit.api import compress
 from quantkit.errors import QuantkitError
 from quantkit.methods.magnitude import magnitude_prune
 from quantkit.methods.wanda import wanda_prune, wanda_scores
-from quantkit.numerics.sparsity import SparsityTarget, n_pruned, nm_mask, nm_valid, parse_pattern, topk_mask
-from quantkit.numerics.stats import ActStats
+from quantkit.core.sparsity import SparsityTarget, n_pruned, nm_mask, nm_valid, parse_pattern, topk_mask
+from quantkit.core.stats import ActStats
 from quantkit.testing import outlier_layer
 from quantkit.testing import output_error as _out_err
 

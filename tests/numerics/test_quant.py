@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.numerics.quant import QuantSpec, dequantize, quantize_rtn, sqnr_db
+from quantkit.core.quant import QuantSpec, dequantize, quantize_rtn, sqnr_db
 
 
 @pytest.mark.parametrize("bits,floor_db", [(8, 40.0), (4, 17.0), (3, 11.0), (2, 4.0)])

@@ -8,7 +8,7 @@ from torch import nn
 from quantkit.errors import QuantkitError
 from quantkit.kernels import cpu_native
 from quantkit.kernels.cpu import CpuInt4Weight, CpuInt8Weight, DenseWeight, NativeInt4Weight
-from quantkit.numerics.quant import QuantSpec, quantize_rtn
+from quantkit.core.quant import QuantSpec, quantize_rtn
 from quantkit.runtime import backends
 from quantkit.runtime.backends import (
     int8_matmul,

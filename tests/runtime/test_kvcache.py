@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from quantkit.evaluate import perplexity
+from quantkit.eval.perplexity import perplexity
 from quantkit.runtime.kvcache import (
     KVCachedLM,
     KVQuantConfig,

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from quantkit.errors import QuantkitError
-from quantkit.numerics.sparsity import NMSparseWeight, index_bits, nm_compress, nm_decompress, nm_mask
+from quantkit.core.sparsity import NMSparseWeight, index_bits, nm_compress, nm_decompress, nm_mask
 from quantkit.runtime.modules import runtime_module_class
 from quantkit.runtime.sparse import SparseLinear
 

@@ -1,4 +1,4 @@
-"""quantkit.generate: sampling filters, text streaming, the decode loop on the stories260K fixture, the CLI."""
+"""quantkit.runtime.generate: sampling filters, text streaming, the decode loop on the stories260K fixture, the CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from quantkit.errors import QuantkitError
-from quantkit.generate import (
+from quantkit.runtime.generate import (
     SamplingParams,
     TextStream,
     encode_chat,
@@ -28,7 +28,7 @@ LILY = "Once upon a time, there was a little girl named Lily."
 
 @pytest.fixture(scope="module")
 def model_tok():
-    from quantkit.modelio import load_model
+    from quantkit.models.load import load_model
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)  # a 260K-parameter model: threads only add sync overhead

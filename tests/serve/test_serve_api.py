@@ -13,7 +13,7 @@ pytest.importorskip("fastapi")
 from click.testing import CliRunner  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from quantkit.generate import SamplingParams, encode_chat, encode_prompt, generate  # noqa: E402
+from quantkit.runtime.generate import SamplingParams, encode_chat, encode_prompt, generate  # noqa: E402
 from quantkit.serve.app import create_app  # noqa: E402
 from quantkit.serve.engine import Engine  # noqa: E402
 
@@ -23,7 +23,7 @@ NAME = "stories260K"
 
 @pytest.fixture(scope="module")
 def model_tok():
-    from quantkit.modelio import load_model
+    from quantkit.models.load import load_model
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from quantkit.generate import SamplingParams, encode_prompt, generate
+from quantkit.runtime.generate import SamplingParams, encode_prompt, generate
 from quantkit.serve import kvbatch
 from quantkit.serve.engine import Engine, Event, QueueFull
 
@@ -20,7 +20,7 @@ FIXTURE = str(Path(__file__).resolve().parents[1] / "fixtures" / "stories260K")
 
 @pytest.fixture(scope="module")
 def model_tok():
-    from quantkit.modelio import load_model
+    from quantkit.models.load import load_model
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -19,7 +19,7 @@ from torch import nn
 
 def linear_storage(model: nn.Module) -> tuple[int, int]:
     """``(bytes, weights)`` of the model's linear layers inside its blocks, packed or float."""
-    from quantkit.arch import arch_for
+    from quantkit.models.arch import arch_for
 
     arch = arch_for(model)
     nbytes = nweights = 0
@@ -65,7 +65,7 @@ def compare_models(models: dict[str, nn.Module], windows: torch.Tensor, referenc
 
 def decode_tokens_per_s(model: nn.Module, prompt_len: int = 32, gen_len: int = 16) -> float:
     """Greedy decode speed, batch 1 (a short run; ``quantkit bench`` measures properly)."""
-    from quantkit.bench import time_generation
+    from quantkit.eval.speed import time_generation
 
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     time_generation(model, prompt, 2)  # warm-up: backends convert weights on their first call

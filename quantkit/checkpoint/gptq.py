@@ -11,8 +11,8 @@ GPTQ integration, GPTQModel, vLLM, AutoGPTQ), for 2, 4 and 8 bits:
 
 The v1 format stores ``z - 1``, so a zero point of 0 (an asymmetric group whose minimum is 0)
 cannot be written and is exported as 1, as other GPTQ v1 writers do.  Imports of other tools'
-layouts share :func:`load_with_quant_linears` (AWQ: :mod:`quantkit.import_awq`); GGUF export
-is :mod:`quantkit.export_gguf`.
+layouts share :func:`load_with_quant_linears` (AWQ: :mod:`quantkit.checkpoint.awq`); GGUF export
+is :mod:`quantkit.checkpoint.gguf`.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     """Write a GPTQ-format checkpoint of a quantkit checkpoint whose modules all fit the layout."""
     from safetensors.torch import save_file
 
-    from quantkit.checkpoint import atomic_output_dir, unique_state_dict
-    from quantkit.modelio import load_model, read_quantization_config
+    from quantkit.checkpoint.packed import atomic_output_dir, unique_state_dict
+    from quantkit.models.load import load_model, read_quantization_config
     from quantkit.runtime.qlinear import QuantLinear
 
     qcfg = read_quantization_config(src)
@@ -120,8 +120,8 @@ def load_with_quant_linears(directory: str | Path, config, build, dtype: torch.d
     ``state`` and returns its :class:`QuantLinear`; every other tensor loads as usual."""
     from safetensors.torch import load_file
 
-    from quantkit.arch import set_module
-    from quantkit.modelio import model_from_config
+    from quantkit.models.arch import set_module
+    from quantkit.models.load import model_from_config
 
     directory = Path(directory)
     files = sorted(directory.glob("*.safetensors"))

@@ -1,11 +1,11 @@
 """Function-preserving weight transforms, written once for AWQ and SmoothQuant (and any later
 rotation or smoothing method).
 
-Scaling: for a group of linears that read the same input ``x`` (see :class:`quantkit.arch.LinearGroup`),
+Scaling: for a group of linears that read the same input ``x`` (see :class:`quantkit.models.arch.LinearGroup`),
 ``W x = (W diag(s)) (diag(s)^-1 x)``.  The ``1/s`` is folded into whatever produces ``x``:
 
 * an RMSNorm (``y = n(x) * (offset + w)``): ``w <- (offset + w) / s - offset`` (Gemma's ``1 + w``
-  through :attr:`quantkit.arch.ArchSpec.norm_offset`);
+  through :attr:`quantkit.models.arch.ArchSpec.norm_offset`);
 * a LayerNorm (``y = n(x) * w + b``): ``w <- w / s``, ``b <- b / s``;
 * a linear (``y = W_p h + b_p``): output rows ``W_p[j] <- W_p[j] / s_j``, ``b_p[j] <- b_p[j] / s_j``;
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantkit.arch import LinearGroup, get_module
+from quantkit.models.arch import LinearGroup, get_module
 from quantkit.errors import QuantkitError
 
 FOLDABLE_KINDS = ("norm", "layernorm", "linear")

@@ -197,7 +197,7 @@ def gguf_tensors(model: nn.Module, float_type: str = "f16", requant: str | None 
     """Every tensor of ``model`` under its GGUF name, Q/K rows permuted, quantized linears encoded."""
     import gguf
 
-    from quantkit.checkpoint import unique_state_dict
+    from quantkit.checkpoint.packed import unique_state_dict
     from quantkit.runtime.qlinear import QuantLinear
 
     config = model.config
@@ -415,7 +415,7 @@ def export_gguf(src: str | Path, out: str | Path, *, float_type: str = "f16", re
 
     import gguf
 
-    from quantkit.modelio import load_model
+    from quantkit.models.load import load_model
 
     src, out = Path(src), Path(out)
     if float_type not in FLOAT_TYPES:

@@ -7,12 +7,12 @@
 3. the block is re-run with its compressed weights to produce the next block's inputs.
 
 Only one block's activations are held (in memory by default, in files with
-``quantkit.streaming.DiskActivations``).  A method is a class with ``process_block(ctx)``;
+``quantkit.calibrate.stream.DiskActivations``).  A method is a class with ``process_block(ctx)``;
 methods that need no data (RTN, magnitude) set ``needs_calibration = False`` and the driver
 skips steps 1 and 3.
 
 The driver calls a :class:`BlockHooks` object around each block.  In memory the hooks do
-nothing; ``quantkit.streaming`` uses them to load a block's weights from the checkpoint shards
+nothing; ``quantkit.calibrate.stream`` uses them to load a block's weights from the checkpoint shards
 just before it runs, then write its packed tensors and free it, and to resume a killed run.
 """
 
@@ -27,10 +27,10 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from quantkit.arch import ArchSpec, LinearGroup, arch_for, get_module
-from quantkit.numerics.hessian import HessianAccumulator
-from quantkit.numerics.quant import QuantSpec
-from quantkit.numerics.stats import ActStats
+from quantkit.models.arch import ArchSpec, LinearGroup, arch_for, get_module
+from quantkit.core.hessian import HessianAccumulator
+from quantkit.core.quant import QuantSpec
+from quantkit.core.stats import ActStats
 
 
 @dataclass
@@ -138,7 +138,7 @@ class Activations:
 
 class BlockHooks:
     """What the driver calls around the blocks.  These defaults keep the whole model in memory;
-    ``quantkit.streaming.StreamHooks`` loads each block from the checkpoint before it runs and
+    ``quantkit.calibrate.stream.StreamHooks`` loads each block from the checkpoint before it runs and
     writes and frees it after, and resumes after the last block a killed run finished."""
 
     def first_block(self, n_blocks: int, result: "CompressionResult") -> int:
@@ -317,7 +317,7 @@ def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor
                 inputs.advance(ctx.run)
         hooks.block_done(i, block, result, inputs)
         if pack:
-            from quantkit.checkpoint import pack_finished
+            from quantkit.checkpoint.packed import pack_finished
 
             pack_finished(model, result, f"{arch.blocks_path}.{i}.")
         if progress is not None:

@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantkit.arch import arch_for, get_module, set_module
-from quantkit.calib import CompressionResult
+from quantkit.models.arch import arch_for, get_module, set_module
+from quantkit.calibrate.driver import CompressionResult
 from quantkit.errors import QuantkitError
-from quantkit.modelio import QUANT_METHOD, model_from_config
+from quantkit.models.load import QUANT_METHOD, model_from_config
 
 FORMAT = "quantkit-v1"
 FORMAT_VERSION = 1
@@ -125,7 +125,7 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | 
     """Write weights (safetensors), config.json (+ quantization_config), tokenizer and the module log.
     Tensors are written one at a time (``save_file`` would first copy them all into one buffer),
     with the bytes ``safetensors.torch.save_file`` writes."""
-    from quantkit.streaming import write_safetensors
+    from quantkit.calibrate.stream import write_safetensors
 
     out_dir = Path(out_dir)
     state = unique_state_dict(model)
@@ -136,7 +136,7 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | 
 
 def save_metadata(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | None, result: CompressionResult | None = None) -> None:
     """Everything of a checkpoint but its weights: config.json (+ quantization_config), generation
-    config, tokenizer and the module log (quantkit.streaming writes the weights itself)."""
+    config, tokenizer and the module log (quantkit.calibrate.stream writes the weights itself)."""
     out_dir = Path(out_dir)
     config = model.config.to_dict()
     config.pop("quantization_config", None)

@@ -125,7 +125,7 @@ def _load_for_compression(model: str, method_cls, calib: str, nsamples: int, seq
     from quantkit import api
     from quantkit.data import calibration_samples
     from quantkit.memory import return_large_frees_to_os
-    from quantkit.modelio import load_tokenizer, model_bytes
+    from quantkit.models.load import load_tokenizer, model_bytes
 
     return_large_frees_to_os()  # before the first large allocation: see quantkit.memory
     calib_ids = None
@@ -201,8 +201,9 @@ def quantize(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_si
              as_json, dtype, allow_pickle, trust_remote_code, **_):
     """Quantize MODEL (a directory, .gguf file or hub id) and write a packed checkpoint.
     With --stream the overwrite check covers an unfinished run of OUTPUT too."""
-    from quantkit import api, streaming
-    from quantkit.modelio import dir_bytes
+    from quantkit import api
+    from quantkit.calibrate import stream as streaming
+    from quantkit.models.load import dir_bytes
 
     method_cls = api.get_method(method)
     config = api.make_config(method, _given(ctx, QUANT_OPTIONS))
@@ -267,7 +268,7 @@ def prune(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_size,
     """Prune MODEL's linears (unstructured or N:M) and write a checkpoint: dense with zeros
     (plain transformers loads it), packed N:M with --packed, or quantized with --bits."""
     from quantkit import api
-    from quantkit.modelio import dir_bytes
+    from quantkit.models.load import dir_bytes
     from quantkit.registry import method_names
 
     method_cls = api.get_method(method)
@@ -319,7 +320,7 @@ def lowrank(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_siz
     """Factorize MODEL's linears into two low-rank linears (W ~= V U) and write a checkpoint whose
     config records each module's rank; a layer is factorized only where that saves parameters."""
     from quantkit import api
-    from quantkit.modelio import dir_bytes
+    from quantkit.models.load import dir_bytes
     from quantkit.registry import method_names
 
     method_cls = api.get_method(method)
@@ -389,7 +390,7 @@ def distill(teacher, student, output, data, steps, seqlen, batch_size, lr, tempe
 
     from quantkit import distill as kd
     from quantkit.data import calibration_samples
-    from quantkit.modelio import load_model, read_quantization_config
+    from quantkit.models.load import load_model, read_quantization_config
 
     _check_positive("--steps", steps, 10_000_000)
     _check_positive("--seqlen", seqlen, 1_048_576)
@@ -447,7 +448,7 @@ def distill(teacher, student, output, data, steps, seqlen, batch_size, lr, tempe
 def run_cmd(recipe, model, output, sets, overwrite, as_json, dtype, allow_pickle, trust_remote_code):
     """Run the steps of a YAML RECIPE on MODEL and write the result (the recipe is validated first)."""
     from quantkit import api
-    from quantkit.modelio import dir_bytes, model_bytes
+    from quantkit.models.load import dir_bytes, model_bytes
     from quantkit.recipe import load_recipe, run_recipe
 
     rec = load_recipe(recipe, tuple(sets))
@@ -488,10 +489,10 @@ def run_cmd(recipe, model, output, sets, overwrite, as_json, dtype, allow_pickle
 @click.option("--json", "as_json", is_flag=True)
 def export(checkpoint, fmt, output, float_type, requant, tokenizer_pre, overwrite, as_json):
     """Export a quantkit CHECKPOINT to a format other engines run."""
-    from quantkit.modelio import dir_bytes
+    from quantkit.models.load import dir_bytes
 
     if fmt == "gguf":
-        from quantkit.export_gguf import export_gguf
+        from quantkit.checkpoint.gguf import export_gguf
 
         summary = export_gguf(checkpoint, output, float_type=float_type, requant=requant, tokenizer_pre=tokenizer_pre,
                               overwrite=overwrite)
@@ -500,7 +501,7 @@ def export(checkpoint, fmt, output, float_type, requant, tokenizer_pre, overwrit
     else:
         if requant or tokenizer_pre or float_type != "f16":
             raise QuantkitError("--float-type, --requant and --tokenizer-pre apply to --format gguf only")
-        from quantkit.export import export_gptq
+        from quantkit.checkpoint.gptq import export_gptq
 
         export_gptq(checkpoint, output, overwrite)
         payload = {"output": os.path.abspath(output), "format": fmt, "bytes": dir_bytes(output)}
@@ -531,8 +532,8 @@ def perplexity(model, dataset, split, seqlen, max_windows, batch_size, backend, 
                allow_pickle, trust_remote_code):
     """Perplexity of MODEL (GPTQ protocol: non-overlapping windows, mean NLL of every predicted token)."""
     from quantkit.data import eval_windows, load_text, tokenize
-    from quantkit.evaluate import perplexity as ppl_fn
-    from quantkit.modelio import load_model
+    from quantkit.eval.perplexity import perplexity as ppl_fn
+    from quantkit.models.load import load_model
 
     _check_positive("--seqlen", seqlen, 1_048_576)
     _check_positive("--max-windows", max_windows)
@@ -599,7 +600,7 @@ from quantkit.serve import generate_command, serve_command  # noqa: E402  (light
 
 cli.add_command(generate_command)
 cli.add_command(serve_command)
-cli.add_command(__import__("quantkit.bench", fromlist=["bench"]).bench)  # issue 6 (light: no torch at import)
+cli.add_command(__import__("quantkit.eval.speed", fromlist=["bench"]).bench)  # issue 6 (light: no torch at import)
 
 
 @cli.command()
@@ -614,9 +615,9 @@ cli.add_command(__import__("quantkit.bench", fromlist=["bench"]).bench)  # issue
 @click.option("--json", "as_json", is_flag=True)
 def compare(checkpoints, original, dataset, split, seqlen, max_windows, speed, plot, as_json):
     """Evaluate CHECKPOINTS and the original side by side: size, bits/weight, perplexity, KL, tok/s."""
-    from quantkit.compare import compare_models, decode_tokens_per_s, disk_bytes, linear_storage
+    from quantkit.eval.compare import compare_models, decode_tokens_per_s, disk_bytes, linear_storage
     from quantkit.data import eval_windows, load_text, tokenize
-    from quantkit.modelio import load_model
+    from quantkit.models.load import load_model
 
     _check_positive("--seqlen", seqlen, 1_048_576)
     _check_positive("--max-windows", max_windows)

@@ -128,15 +128,15 @@ def _load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: boo
     directory, extra = _resolve(str(path))
     qcfg = read_quantization_config(directory) if Path(directory).is_dir() else None
     if qcfg is not None and qcfg.get("quant_method") == QUANT_METHOD:
-        from quantkit.checkpoint import load_packed
+        from quantkit.checkpoint.packed import load_packed
 
         model = load_packed(directory, dtype=dtype or torch.float32)
     elif qcfg is not None and qcfg.get("quant_method") == "gptq":
-        from quantkit.export import import_gptq
+        from quantkit.checkpoint.gptq import import_gptq
 
         model = import_gptq(directory, dtype=dtype or torch.float32)
     elif qcfg is not None and qcfg.get("quant_method") == "awq":
-        from quantkit.import_awq import import_awq
+        from quantkit.checkpoint.awq import import_awq
 
         model = import_awq(directory, dtype=dtype or torch.float32)
     else:
@@ -144,7 +144,7 @@ def _load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: boo
 
         extra.update(_check_weights_format(directory, allow_pickle))
         if not extra:  # safetensors: config.json checked against the headers before anything is allocated
-            from quantkit.streaming import preflight
+            from quantkit.calibrate.stream import preflight
 
             preflight(directory, dtype, trust_remote_code)
         kwargs = dict(trust_remote_code=trust_remote_code, **extra)

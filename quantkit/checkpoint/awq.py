@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.export import load_with_quant_linears, unpack_int32
+from quantkit.checkpoint.gptq import load_with_quant_linears, unpack_int32
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output column (within 8) of nibble i
 

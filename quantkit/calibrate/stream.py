@@ -2,11 +2,11 @@
 
     quantkit quantize MODEL -o OUT --method gptq --stream [--resume] [--offload-activations DIR]
 
-    >>> from quantkit.streaming import compress_streaming
+    >>> from quantkit.calibrate.stream import compress_streaming
     >>> result = compress_streaming("Llama-3.2-3B", "out/llama-w4", "rtn", {"bits": 4, "group_size": 128})
 
 The model is built on the ``meta`` device from ``config.json`` and the block-by-block driver
-(:func:`quantkit.calib.run_blockwise`) runs unchanged with :class:`StreamHooks`, which
+(:func:`quantkit.calibrate.driver.run_blockwise`) runs unchanged with :class:`StreamHooks`, which
 
 * before block ``i``: read only that block's tensors from the shards (plain reads, no mmap: the
   process's memory is what it allocates) and check them (shape, NaN/Inf);
@@ -42,9 +42,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from quantkit.arch import ArchSpec, arch_for, get_module
-from quantkit.calib import Activations, BlockHooks, CompressionResult, LayerRecord
-from quantkit.checkpoint import PackedEntry, pack_finished
+from quantkit.models.arch import ArchSpec, arch_for, get_module
+from quantkit.calibrate.driver import Activations, BlockHooks, CompressionResult, LayerRecord
+from quantkit.checkpoint.packed import PackedEntry, pack_finished
 from quantkit.errors import QuantkitError
 from quantkit.memory import release_freed_memory
 
@@ -221,7 +221,7 @@ class StreamSource:
 
     @classmethod
     def open(cls, path: str | Path, dtype=None, trust_remote_code: bool = False) -> "StreamSource":
-        from quantkit.modelio import _HUB_ID, read_quantization_config
+        from quantkit.models.load import _HUB_ID, read_quantization_config
 
         p = Path(path)
         if p.is_file() or (p.is_dir() and not (p / "config.json").is_file() and any(p.glob("*.gguf"))):
@@ -268,7 +268,7 @@ class StreamSource:
                                     f"weights ({group[0]}: {list(info.shape)} stored, {list(slot.shape)} expected)")
 
     def tie_groups(self, names: list[str] | None = None) -> list[list[str]]:
-        """Names sharing one tensor, grouped; in :func:`quantkit.checkpoint.unique_state_dict`'s order,
+        """Names sharing one tensor, grouped; in :func:`quantkit.checkpoint.packed.unique_state_dict`'s order,
         so a group's first name is the one checkpoints store."""
         names = sorted(self.slots if names is None else names, key=lambda n: (n.split(".")[0] == "lm_head", n))
         groups: dict[int, list[str]] = {}
@@ -331,7 +331,7 @@ class StreamSource:
             self.slots[name] = value
 
     def nbytes(self) -> int:
-        """Bytes of the loaded model (tied tensors once), as :func:`quantkit.modelio.model_bytes` counts them."""
+        """Bytes of the loaded model (tied tensors once), as :func:`quantkit.models.load.model_bytes` counts them."""
         extra = {b.data_ptr(): b.numel() * b.element_size() for n, b in self.model.named_buffers() if n not in self.slots}
         return sum(self.slots[g[0]].numel() * self.slots[g[0]].element_size() for g in self.tie_groups()) + sum(extra.values())
 
@@ -355,7 +355,7 @@ def _skeleton(p: Path, files: list[Path], dtype, trust_remote_code: bool) -> tup
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    from quantkit.modelio import _one_line, _quiet_transformers, model_from_config, parse_dtype
+    from quantkit.models.load import _one_line, _quiet_transformers, model_from_config, parse_dtype
 
     _quiet_transformers()
     tensors: dict[str, TensorInfo] = {}
@@ -392,7 +392,7 @@ def _skeleton(p: Path, files: list[Path], dtype, trust_remote_code: bool) -> tup
 def _check_block_count(p: Path, config, tensors: dict[str, TensorInfo]) -> None:
     """For an architecture in quantkit's table: config.json's block count is the stored one (more
     would be random blocks, fewer would drop stored ones), checked before a model is built."""
-    from quantkit.arch import ARCHITECTURES
+    from quantkit.models.arch import ARCHITECTURES
 
     spec = next((s for s in ARCHITECTURES if getattr(config, "model_type", None) in s.model_types), None)
     want = getattr(config, "num_hidden_layers", None)
@@ -411,7 +411,7 @@ def preflight(directory: str | Path, dtype=None, trust_remote_code: bool = False
     a missing tensor or a shape that disagrees (transformers would fill missing weights with random
     values), or a corrupt header.  Architectures outside quantkit's table get the header and config
     checks only (their checkpoints may name tensors differently)."""
-    from quantkit.arch import ARCHITECTURES
+    from quantkit.models.arch import ARCHITECTURES
 
     p = Path(directory)
     if not p.is_dir() or not ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()):
@@ -468,7 +468,7 @@ def _count_nonfinite(t: torch.Tensor, chunk: int = 1 << 20) -> int:
 
 
 def _config_dtype(config) -> torch.dtype | None:
-    from quantkit.modelio import parse_dtype
+    from quantkit.models.load import parse_dtype
 
     d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(d, str):
@@ -488,7 +488,7 @@ def _first_float_dtype(tensors: dict[str, TensorInfo]) -> torch.dtype | None:
 class DiskActivations(Activations):
     """Calibration hidden states in files, one batch in memory at a time:
     ``root/gen-00003/batch-00000.safetensors`` is batch 0's input to block 3.  The keyword tensors
-    (positions, masks; one copy, see :func:`quantkit.calib.catch_block_inputs`) stay in memory.
+    (positions, masks; one copy, see :func:`quantkit.calibrate.driver.catch_block_inputs`) stay in memory.
 
     ``restore``: the files of ``generation`` are already there (a resumed run); appended hidden
     states only bring their keyword arguments.  ``keep_previous``: :meth:`advance` keeps the
@@ -700,7 +700,7 @@ class StreamHooks(BlockHooks):
 
 
 def _settings(source: StreamSource, method_name: str, config, calib_ids: torch.Tensor | None, batch_size: int) -> dict:
-    from quantkit.checkpoint import FORMAT_VERSION
+    from quantkit.checkpoint.packed import FORMAT_VERSION
 
     method = json.dumps({"method": method_name, "config": dataclasses.asdict(config), "format": FORMAT_VERSION},
                         sort_keys=True, default=str)
@@ -722,9 +722,9 @@ def compress_streaming(model_path: str | Path, out: str | Path, method_name: str
     write, without holding the model in memory.  ``resume``: continue the run that was killed
     writing ``out``; ``offload_dir``: where calibration activations go (default: the work dir)."""
     from quantkit import api
-    from quantkit.checkpoint import atomic_output_dir, quantization_config, save_metadata
+    from quantkit.checkpoint.packed import atomic_output_dir, quantization_config, save_metadata
     from quantkit.data import calibration_samples
-    from quantkit.modelio import load_tokenizer
+    from quantkit.models.load import load_tokenizer
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -812,7 +812,7 @@ def available_memory() -> int | None:
 def should_stream(path: str | Path, dtype=None, fraction: float = 0.5) -> bool:
     """Stream automatically when ``path`` is a float safetensors directory whose weights (at the
     dtype they will be loaded in) take more than ``fraction`` of the available memory."""
-    from quantkit.modelio import parse_dtype, read_quantization_config
+    from quantkit.models.load import parse_dtype, read_quantization_config
 
     p = Path(path)
     avail = available_memory()

@@ -12,12 +12,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from quantkit.arch import ArchSpec, arch_for, get_module
-from quantkit.calib import BlockContext, CompressionResult, LayerRecord, _linear_weight
+from quantkit.models.arch import ArchSpec, arch_for, get_module
+from quantkit.calibrate.driver import BlockContext, CompressionResult, LayerRecord, _linear_weight
 from quantkit.errors import QuantkitError
-from quantkit.numerics.hessian import HessianAccumulator
-from quantkit.numerics.quant import QuantSpec
-from quantkit.numerics.stats import ActStats
+from quantkit.core.hessian import HessianAccumulator
+from quantkit.core.quant import QuantSpec
+from quantkit.core.stats import ActStats
 
 
 def check_module_patterns(ignore, overrides) -> None:
