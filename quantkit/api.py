@@ -5,23 +5,36 @@
     >>> result = compress(model, "gptq", {"bits": 4, "group_size": 32}, tokenizer=tok,
     ...                   calib="tinystories", nsamples=8, seqlen=128)
     >>> save(model, tok, "out/stories-gptq", "gptq", result)   # packs, writes atomically
+
+Models larger than memory go through :func:`compress_streaming`, which reads the checkpoint one
+block at a time and writes the same bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from quantkit.calibrate.driver import BlockHooks, CompressionResult, run_blockwise
-from quantkit.checkpoint.packed import atomic_output_dir, pack_model, quantization_config, save_checkpoint
+from quantkit.calibrate.driver import BlockHooks, run_blockwise
+from quantkit.core.types import CompressionResult
+from quantkit.calibrate.workdir import MANIFEST_VERSION, WorkDir
+from quantkit.checkpoint.packed import atomic_output_dir, quantization_config, save_checkpoint, save_metadata
+from quantkit.checkpoint.streamed import StreamHooks, stream_settings
+from quantkit.runtime.swap import pack_finished, pack_model, to_module
 from quantkit.data import calibration_samples
 from quantkit.errors import QuantkitError
 from quantkit.memory import return_large_frees_to_os
-from quantkit.models.load import load_model  # noqa: F401  (re-exported)
-from quantkit.registry import get_method
+from quantkit.models.load import load_tokenizer
+from quantkit.models.safetensors import write_safetensors
+from quantkit.models.skeleton import StreamSource
+from quantkit.checkpoint.formats import load_model  # noqa: F401  (re-exported)
+import quantkit.methods  # noqa: F401  (fills the registry: every built-in method registers itself)
+from quantkit.registry import get_method, method_names  # noqa: F401  (re-exported)
 
 
 def make_config(method_name: str, options: dict):
@@ -40,7 +53,7 @@ def make_config(method_name: str, options: dict):
 def check_finite(model) -> None:
     """Refuse weights holding NaN or Inf: every method would turn them into garbage silently."""
     for name, p in model.named_parameters():
-        if p.is_meta:  # streaming: checked as each block is read (quantkit.calibrate.stream)
+        if p.is_meta:  # streaming: checked as each block is read (quantkit.checkpoint.streamed)
             continue
         if p.dtype.is_floating_point and not torch.isfinite(p).all():
             bad = int((~torch.isfinite(p)).sum())
@@ -72,7 +85,7 @@ def compress(model, method_name: str, options: dict | object, *, tokenizer=None,
         calib_ids = calibration_samples(tokenizer, calib, nsamples, seqlen, seed)
     model.config.use_cache = False
     result = run_blockwise(model, method, calib_ids if method.needs_calibration else None, batch_size, progress, hooks,
-                           pack=pack)
+                           to_module=to_module, finish_block=pack_finished if pack else None)
     if getattr(config, "quantize_lm_head", False):
         from quantkit.methods.base import quantize_head
 
@@ -92,3 +105,95 @@ def save(model, tokenizer, out: str | Path, method_name: str, result: Compressio
     with atomic_output_dir(out, overwrite) as tmp:
         save_checkpoint(model, tokenizer, tmp, qcfg, result)
     return Path(out)
+
+
+def compress_streaming(model_path: str | Path, out: str | Path, method_name: str, options, *, calib: str | None = None,
+                       nsamples: int = 128, seqlen: int = 2048, seed: int = 0, batch_size: int = 8, dtype=None,
+                       resume: bool = False, overwrite: bool = False, offload_dir: str | Path | None = None,
+                       trust_remote_code: bool = False, source: StreamSource | None = None,
+                       progress: Callable[[int, int, str], None] | None = None) -> CompressionResult:
+    """Compress a safetensors checkpoint block by block from disk and write the packed checkpoint to
+    ``out`` (atomically): the same bytes :func:`compress` + :func:`save` write, without holding the
+    model in memory.  ``resume``: continue the run that was killed writing ``out``;
+    ``offload_dir``: where calibration activations go (default: the work dir)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise QuantkitError(f"output {out} already exists; pass --overwrite to replace it")
+    src = source or StreamSource.open(model_path, dtype, trust_remote_code)
+    tok = load_tokenizer(str(model_path), trust_remote_code)
+    config = options if dataclasses.is_dataclass(options) else make_config(method_name, dict(options))
+    if getattr(config, "quantize_lm_head", False):
+        raise QuantkitError("--stream does not quantize lm_head yet (it needs the whole model in front of it); drop --quantize-lm-head or --stream")
+    calib_ids = None
+    if get_method(method_name).needs_calibration:
+        if calib is None:
+            raise QuantkitError(f"method {method_name!r} needs calibration data (--calib)")
+        calib_ids = calibration_samples(tok, calib, nsamples, seqlen, seed)
+    work = WorkDir(out)
+    manifest = _open_work(work, out, stream_settings(src, method_name, config, calib_ids, batch_size), resume, overwrite, offload_dir)
+    hooks = StreamHooks(src, work, manifest, Path(manifest["acts_dir"]))  # a resumed run keeps its activations
+    return _run_streamed(hooks, work, out, overwrite, tok, method_name, config, calib_ids, batch_size, progress)
+
+
+def _open_work(work: WorkDir, out: Path, settings: dict, resume: bool, overwrite: bool, offload_dir) -> dict:
+    """Lock ``out``'s work directory and return the manifest to run with: the unfinished run's
+    (``resume``, same settings) or a fresh one."""
+    work.acquire()
+    manifest = None
+    try:
+        manifest = work.read_manifest()
+        if manifest is not None and manifest["done"] == 0:
+            manifest = None  # killed before its first block was written: nothing to resume
+        if manifest is not None and not resume and not overwrite:
+            raise QuantkitError(f"{work.path} holds an unfinished run for {out} ({manifest['done']} of "
+                                f"{manifest.get('n_blocks', '?')} blocks done): pass --resume to continue it, or --overwrite to start over")
+        if manifest is not None and resume:
+            changed = [k for k, v in settings.items() if manifest.get("settings", {}).get(k) != v]
+            if changed:
+                raise QuantkitError(f"cannot resume {out}: the unfinished run in {work.path} was started with another "
+                                    f"{' and another '.join(changed)}; pass --overwrite to start over")
+            return manifest
+        work.clear()
+        key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]  # one directory per output
+        acts = Path(offload_dir) / f"quantkit-acts-{key}" if offload_dir else work.path / "acts"
+        manifest = {"version": MANIFEST_VERSION, "settings": settings, "done": 0, "acts_dir": str(acts.resolve())}
+        work.write_manifest(manifest)
+        return manifest
+    except BaseException:
+        if manifest is None or manifest.get("done", 0) == 0:
+            work.remove()
+        work.release()
+        raise
+
+
+def _run_streamed(hooks: StreamHooks, work: WorkDir, out: Path, overwrite: bool, tok, method_name: str, config,
+                  calib_ids, batch_size: int, progress) -> CompressionResult:
+    """Run the driver with the streaming hooks and assemble the checkpoint; a run stopped by
+    something outside its inputs (disk full, out of memory, Ctrl-C) keeps its finished blocks."""
+    keep = False
+    try:
+        result = compress(hooks.source.model, method_name, config, calib_ids=calib_ids, batch_size=batch_size,
+                          progress=progress, hooks=hooks)
+        qcfg = quantization_config(method_name, result.quantized, result.extra.get("config", {})) if result.quantized else None
+        with atomic_output_dir(out, overwrite) as tmp:
+            write_safetensors(tmp / "model.safetensors", hooks.entries(), {"format": "pt"})
+            save_metadata(hooks.source.model, tok, tmp, qcfg, result)
+        return result
+    except QuantkitError:
+        raise  # bad input or settings: a resume would meet it again
+    except (OSError, MemoryError, RuntimeError) as e:  # disk full, out of memory...: fix it, then --resume
+        oom = isinstance(e, MemoryError) or "can't allocate memory" in str(e)
+        keep = hooks.done > 0 and (oom or isinstance(e, OSError))
+        if not keep:
+            raise
+        what = "out of memory" if oom else f"{type(e).__name__}: {str(e).strip()[:200]}"
+        raise QuantkitError(f"{what} ({hooks.done} finished block(s) kept in {work.path}: --resume continues)") from None
+    except BaseException:  # Ctrl-C
+        keep = hooks.done > 0
+        raise
+    finally:
+        if keep:
+            work.release()
+        else:
+            shutil.rmtree(hooks.acts_dir, ignore_errors=True)
+            work.remove()

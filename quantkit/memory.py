@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import resource
 import sys
+from pathlib import Path
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers (malloc.h)
 _done = False
@@ -84,3 +85,14 @@ def keep_triton_unloaded(argv: list[str]) -> bool:
         return False
     sys.modules["triton"] = None  # the import system's own "known missing" marker: ImportError on import
     return True
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is no /proc)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None  # unreadable /proc/meminfo: the size is unknown
+    return None  # no MemAvailable line (old kernels)

@@ -60,7 +60,7 @@ def _type_ok(value, default) -> bool:
 
 
 def _build_step(i: int, raw) -> Step:
-    from quantkit.registry import get_method
+    from quantkit.api import get_method
 
     where = f"steps[{i}]"
     if not isinstance(raw, dict):
@@ -199,7 +199,7 @@ def load_recipe(path: str | Path, sets: tuple[str, ...] = ()) -> Recipe:
 def run_recipe(recipe: Recipe, model, tokenizer, progress=None):
     """Run every step on ``model`` in place; returns the merged :class:`CompressionResult`."""
     from quantkit import api
-    from quantkit.calibrate.driver import CompressionResult
+    from quantkit.core.types import CompressionResult
     from quantkit.data import calibration_samples
 
     calib = {"dataset": "c4", "nsamples": 128, "seqlen": 2048, "seed": 0, "batch_size": 8, **recipe.calibration}

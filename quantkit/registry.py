@@ -1,4 +1,6 @@
-"""The one registry of compression methods, read by the CLI and by recipes alike.
+"""The one registry of compression methods, read by the CLI and by recipes alike.  It is filled
+by importing :mod:`quantkit.methods` (each method module registers itself); :mod:`quantkit.api`
+does that once, so read the registry through ``api.get_method`` / ``api.method_names``.
 
     @register_method("gptq", GPTQConfig)
     class GPTQ(BlockMethod): ...
@@ -26,12 +28,7 @@ def register_method(name: str, config_cls: type):
     return wrap
 
 
-def _load_builtin_methods() -> None:
-    import quantkit.methods  # noqa: F401  (each method module registers itself on import)
-
-
 def get_method(name: str):
-    _load_builtin_methods()
     if name not in _METHODS:
         raise QuantkitError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}")
     return _METHODS[name]
@@ -39,5 +36,4 @@ def get_method(name: str):
 
 def method_names(kind: str | None = None) -> list[str]:
     """Registered names, optionally only those of one ``kind`` ("quantize", "prune", "lowrank")."""
-    _load_builtin_methods()
     return sorted(n for n, c in _METHODS.items() if kind is None or getattr(c, "kind", "quantize") == kind)

@@ -25,7 +25,7 @@ def tiny_text() -> Path:
 @pytest.fixture
 def stories():
     """(model, tokenizer) of stories260K in fp32, freshly loaded (tests mutate it)."""
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
 
     torch.manual_seed(0)
     return load_model(str(STORIES))

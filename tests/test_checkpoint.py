@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from quantkit import api
-from quantkit.checkpoint.packed import PackedEntry
+from quantkit.core.types import PackedEntry
 from quantkit.eval.perplexity import perplexity
-from quantkit.models.load import load_model
+from quantkit.checkpoint.formats import load_model
 from quantkit.runtime.qlinear import QuantLinear
 
 

@@ -4,7 +4,7 @@ from click.testing import CliRunner
 
 from quantkit import api
 from quantkit.cli import cli
-from quantkit.models.load import load_model
+from quantkit.checkpoint.formats import load_model
 
 
 def test_compare_three_checkpoints(stories_dir, tiny_text, tmp_path):

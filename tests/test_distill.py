@@ -8,7 +8,8 @@ from torch import nn
 from quantkit import api
 from quantkit.distill import check_pair, check_student_kinds, check_tokenizers, distill, kd_loss, save_student
 from quantkit.errors import QuantkitError
-from quantkit.models.load import load_model, read_quantization_config
+from quantkit.models.paths import read_quantization_config
+from quantkit.checkpoint.formats import load_model
 from quantkit.runtime.lowrank import LowRankLinear
 from quantkit.runtime.qlinear import QuantLinear
 from quantkit.runtime.sparse import SparseLinear

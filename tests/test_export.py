@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from quantkit import api
 from quantkit.cli import cli
 from quantkit.checkpoint.gptq import pack_int32, unpack_int32
-from quantkit.models.load import load_model
+from quantkit.checkpoint.formats import load_model
 
 
 def test_int32_packing_matches_the_gptq_layout():

@@ -15,7 +15,7 @@ from quantkit import api
 from quantkit.cli import cli
 from quantkit.errors import QuantkitError
 from quantkit.checkpoint.awq import unpack_awq
-from quantkit.models.load import load_model
+from quantkit.checkpoint.formats import load_model
 from quantkit.runtime.backends import use_backend
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",

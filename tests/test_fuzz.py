@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from quantkit import api
 from quantkit.errors import QuantkitError
-from quantkit.models.load import load_model
+from quantkit.checkpoint.formats import load_model
 from quantkit.recipe import load_recipe, parse_recipe
-from quantkit.calibrate.stream import StreamSource, read_header
+from quantkit.models.safetensors import read_header
+from quantkit.models.skeleton import StreamSource
 
 # a fixed, quick set of examples by default; QUANTKIT_FUZZ_EXAMPLES=2000 runs a longer random campaign
 _CAMPAIGN = int(os.environ.get("QUANTKIT_FUZZ_EXAMPLES", "0"))

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from quantkit import api
 from quantkit.cli import cli
 from quantkit.errors import QuantkitError
-from quantkit.models.load import load_model
+from quantkit.checkpoint.formats import load_model
 
 
 @pytest.fixture

@@ -8,12 +8,13 @@ from click.testing import CliRunner
 from torch import nn
 
 from quantkit import api
-from quantkit.calibrate.driver import CompressionResult
+from quantkit.core.types import CompressionResult
 from quantkit.cli import cli
 from quantkit.methods.base import head_statistics, quantize_head
-from quantkit.models.load import dir_bytes, load_model
+from quantkit.models.load import dir_bytes
+from quantkit.checkpoint.formats import load_model
 from quantkit.recipe import parse_recipe
-from quantkit.registry import get_method
+from quantkit.api import get_method
 from quantkit.runtime.backends import kernel_weight_bytes
 from quantkit.runtime.qlinear import QuantLinear
 

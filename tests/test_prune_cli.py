@@ -55,7 +55,7 @@ def test_sparsegpt_dense_checkpoint_loads_in_plain_transformers(stories_dir, tin
 
 
 def test_packed_nm_round_trips_through_the_runtime(stories_dir, tiny_text, tmp_path):
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
     from quantkit.runtime.sparse import SparseLinear
 
     common = ["--method", "wanda", "--pattern", "2:4", "--calib", tiny_text, "--nsamples", 4, "--seqlen", 128, "--json"]
@@ -77,7 +77,7 @@ def test_packed_nm_round_trips_through_the_runtime(stories_dir, tiny_text, tmp_p
 
 
 def test_sparsegpt_with_joint_quantization_is_one_command(stories_dir, tiny_text, tmp_path):
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
     from quantkit.runtime.qlinear import QuantLinear
 
     out = tmp_path / "sq"

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from quantkit.cli import cli
-from quantkit.calibrate.stream import KILL_AFTER_BLOCK_ENV, WorkDir, work_dir_for
+from quantkit.calibrate.workdir import WorkDir, work_dir_for
 
 
 def _args(src, out, tiny_text, *extra):
@@ -40,15 +40,32 @@ def _assert_identical(a, b):
     assert log_a == log_b
 
 
-def _run(args, **env):
-    return subprocess.run([sys.executable, "-m", "quantkit.cli", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+# the CLI in a real process that SIGKILLs itself right after block {last} is written (fault
+# injection lives here, not in the product)
+_KILLED_AFTER_BLOCK = """
+import os, signal
+from quantkit.checkpoint import streamed
+from quantkit.cli import main
+done = streamed.StreamHooks.block_done
+def block_done(self, index, *rest):
+    done(self, index, *rest)
+    if index >= {last}:
+        os.kill(os.getpid(), signal.SIGKILL)
+streamed.StreamHooks.block_done = block_done
+main()
+"""
+
+
+def _run(args, kill_after_block=None):
+    prog = ["-m", "quantkit.cli"] if kill_after_block is None else ["-c", _KILLED_AFTER_BLOCK.format(last=kill_after_block)]
+    return subprocess.run([sys.executable, *prog, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_sigkill_then_resume_is_byte_identical(tiny_sharded, tiny_text, tmp_path):
     out, ref = tmp_path / "out", tmp_path / "ref"
     # a real process, killed with SIGKILL right after block 1 of 4 is written
-    p = _run(_args(tiny_sharded, out, tiny_text), **{KILL_AFTER_BLOCK_ENV: "1"})
+    p = _run(_args(tiny_sharded, out, tiny_text), kill_after_block=1)
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert not out.exists()
     manifest = json.loads((work_dir_for(out) / "manifest.json").read_text())
@@ -73,7 +90,7 @@ def test_sigkill_then_resume_is_byte_identical(tiny_sharded, tiny_text, tmp_path
 
 def test_resume_after_the_last_block_only_assembles(tiny_sharded, tiny_text, tmp_path, monkeypatch):
     out, ref = tmp_path / "out", tmp_path / "ref"
-    import quantkit.calibrate.stream as st
+    import quantkit.checkpoint.streamed as st
 
     def die(self):  # killed after every block was written, while assembling OUT
         raise KeyboardInterrupt
@@ -97,7 +114,7 @@ def test_resume_after_the_last_block_only_assembles(tiny_sharded, tiny_text, tmp
 def test_changed_input_is_refused_and_overwrite_starts_over(tiny_sharded, tiny_text, tmp_path, monkeypatch):
     import shutil
 
-    import quantkit.calibrate.stream as st
+    import quantkit.checkpoint.streamed as st
 
     src, out = tmp_path / "m", tmp_path / "out"
     shutil.copytree(tiny_sharded, src)

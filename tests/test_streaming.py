@@ -12,18 +12,13 @@ from safetensors.torch import save_file
 from quantkit import api
 from quantkit.cli import cli
 from quantkit.errors import QuantkitError
-from quantkit.models.load import load_model
-from quantkit.calibrate.stream import (
-    DiskActivations,
-    OffloadHooks,
-    StreamHooks,
-    compress_streaming,
-    read_header,
-    read_tensor,
-    should_stream,
-    work_dir_for,
-    write_safetensors,
-)
+from quantkit.checkpoint.formats import load_model
+from quantkit.api import compress_streaming
+from quantkit.calibrate.offload import DiskActivations, OffloadHooks
+from quantkit.calibrate.workdir import work_dir_for
+from quantkit.checkpoint.streamed import StreamHooks
+from quantkit.models.safetensors import read_header, read_tensor, write_safetensors
+from quantkit.models.skeleton import should_stream
 
 CALIB = dict(nsamples=6, seqlen=32, batch_size=4)  # 4 + 2: the last batch is smaller
 
@@ -217,7 +212,7 @@ def test_read_header_rejects_overlapping_tensors(tmp_path):
 
 
 def test_should_stream_when_weights_exceed_half_of_memory(tiny_sharded, stories_dir, monkeypatch):
-    import quantkit.calibrate.stream as st
+    import quantkit.models.skeleton as st
 
     size = sum(f.stat().st_size for f in tiny_sharded.glob("model-*.safetensors"))
     monkeypatch.setattr(st, "available_memory", lambda: size)

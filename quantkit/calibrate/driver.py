@@ -7,12 +7,12 @@
 3. the block is re-run with its compressed weights to produce the next block's inputs.
 
 Only one block's activations are held (in memory by default, in files with
-``quantkit.calibrate.stream.DiskActivations``).  A method is a class with ``process_block(ctx)``;
+``quantkit.calibrate.offload.DiskActivations``).  A method is a class with ``process_block(ctx)``;
 methods that need no data (RTN, magnitude) set ``needs_calibration = False`` and the driver
 skips steps 1 and 3.
 
 The driver calls a :class:`BlockHooks` object around each block.  In memory the hooks do
-nothing; ``quantkit.calibrate.stream`` uses them to load a block's weights from the checkpoint shards
+nothing; ``quantkit.checkpoint.streamed`` uses them to load a block's weights from the checkpoint shards
 just before it runs, then write its packed tensors and free it, and to resume a killed run.
 """
 
@@ -21,64 +21,18 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from quantkit.models.arch import ArchSpec, LinearGroup, arch_for, get_module
+from quantkit.core.types import CompressionResult, LayerRecord
+from quantkit.models.arch import ArchSpec, LinearGroup, arch_for, get_module, set_module
 from quantkit.core.hessian import HessianAccumulator
-from quantkit.core.quant import QuantSpec
 from quantkit.core.stats import ActStats
 
 
-@dataclass
-class QuantizedWeight:
-    """What a quantizing method returns for one linear: unpacked codes and grid (no kernel layout)."""
-
-    q: torch.Tensor  # [out, in] uint8 codes
-    scales: torch.Tensor  # [out, n_groups]
-    zeros: torch.Tensor  # [out, n_groups] integer-valued
-    spec: QuantSpec
-    g_idx: torch.Tensor | None = None  # [in] column -> group, act-order only
-
-    kind = "quant"  # the runtime module kind that loads it (see quantkit.runtime.modules)
-
-    def config_entry(self) -> dict:
-        """This module's entry in ``quantization_config["modules"]``."""
-        return {"kind": self.kind, "bits": self.spec.bits, "group_size": self.spec.group_size, "sym": self.spec.sym,
-                "act_order": self.g_idx is not None}
-
-    def to_module(self, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
-        """The packed runtime module holding this weight."""
-        from quantkit.runtime.qlinear import QuantLinear
-
-        return QuantLinear.from_codes(self.q, self.scales, self.zeros, self.spec.bits, self.spec.group_size, self.spec.sym,
-                                      g_idx=self.g_idx, bias=bias, dtype=dtype)
-
-
-@dataclass
-class LayerRecord:
-    """One row of the per-module log written beside the checkpoint."""
-
-    block: int
-    module: str
-    seconds: float
-    loss: float | None = None
-    damp: float | None = None
-    bits: int | None = None
-    group_size: int | None = None
-    sparsity: float | None = None
-    note: str = ""
-
-
-@dataclass
-class CompressionResult:
-    # full module name -> compressed weight: any object with .kind, .config_entry() and .to_module(bias, dtype)
-    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
-    log: list[LayerRecord] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)  # method-specific results (scales, masks, ranks...)
+ToModule = Callable[[object, "torch.Tensor | None", torch.dtype], nn.Module]  # (result, bias, dtype) -> module
 
 
 class BlockMethod:
@@ -138,7 +92,7 @@ class Activations:
 
 class BlockHooks:
     """What the driver calls around the blocks.  These defaults keep the whole model in memory;
-    ``quantkit.calibrate.stream.StreamHooks`` loads each block from the checkpoint before it runs and
+    ``quantkit.checkpoint.streamed.StreamHooks`` loads each block from the checkpoint before it runs and
     writes and frees it after, and resumes after the last block a killed run finished."""
 
     def first_block(self, n_blocks: int, result: "CompressionResult") -> int:
@@ -165,11 +119,13 @@ class BlockContext:
     """What a method sees of one block: its linears, cached inputs and a statistics collector."""
 
     def __init__(self, index: int, prefix: str, block: nn.Module, arch: ArchSpec,
-                 inputs: list | None, result: CompressionResult, batch_device: torch.device):
+                 inputs: list | None, result: CompressionResult, batch_device: torch.device,
+                 to_module: ToModule | None = None):
         self.index, self.prefix, self.block, self.arch = index, prefix, block, arch
         self.inputs = inputs  # list of (hidden [b, seq, d], kwargs) or None without calibration
         self.result = result
         self.device = batch_device
+        self.to_module = to_module
 
     # -- modules ------------------------------------------------------------------
     @property
@@ -191,7 +147,16 @@ class BlockContext:
         w = w.t() if self.arch.transposed else w
         mod.weight.data.copy_(w.to(mod.weight.dtype))
 
-    def record(self, name: str, qw: QuantizedWeight | None, rec: LayerRecord) -> None:
+    def replace(self, name: str, result) -> None:
+        """Swap a linear for the module holding its compression ``result`` now, so the block's
+        next runs go through it (low-rank factors); built by the ``to_module`` the run was given."""
+        if self.to_module is None:
+            raise RuntimeError("this run builds no modules: pass to_module to run_blockwise")
+        old = self.module(name)
+        bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
+        set_module(self.block, name, self.to_module(result, bias, old.weight.dtype))
+
+    def record(self, name: str, qw, rec: LayerRecord) -> None:
         full = self.full_name(name)
         rec.module = full
         if qw is not None:
@@ -288,12 +253,14 @@ def _input_device(model: nn.Module) -> torch.device:
 
 def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor | None = None,
                   batch_size: int = 8, progress: Callable[[int, int, str], None] | None = None,
-                  hooks: BlockHooks | None = None, pack: bool = False) -> CompressionResult:
+                  hooks: BlockHooks | None = None, to_module: ToModule | None = None,
+                  finish_block: Callable[[nn.Module, CompressionResult, str], object] | None = None) -> CompressionResult:
     """Compress ``model`` in place, block by block.  ``calib_ids``: ``[nsamples, seqlen]`` token ids.
-    ``hooks`` (default: all in memory) load, write and free blocks when streaming.  ``pack``:
-    swap each finished block's compressed linears for their packed runtime modules at once
-    (frees their float weights and codes as the run goes; the model can then only be saved or
-    run, not compressed again)."""
+    ``hooks`` (default: all in memory) load, write and free blocks when streaming.  ``to_module``
+    builds the module holding a result, for methods that swap one in during the run
+    (:meth:`BlockContext.replace`); ``finish_block(model, result, prefix)`` runs after each block
+    (the API passes :func:`quantkit.runtime.swap.pack_finished` there: the finished block's linears
+    become packed modules at once).  The driver itself knows no runtime module."""
     hooks = BlockHooks() if hooks is None else hooks
     arch = arch_for(model)
     method.check(model, arch)
@@ -310,16 +277,14 @@ def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor
         t0 = time.perf_counter()
         block = blocks[i]
         hooks.load_block(i, block)
-        ctx = BlockContext(i, f"{arch.blocks_path}.{i}", block, arch, inputs, result, device)
+        ctx = BlockContext(i, f"{arch.blocks_path}.{i}", block, arch, inputs, result, device, to_module)
         with torch.no_grad():
             method.process_block(ctx)
             if inputs is not None and i + 1 < len(blocks):
                 inputs.advance(ctx.run)
         hooks.block_done(i, block, result, inputs)
-        if pack:
-            from quantkit.checkpoint.packed import pack_finished
-
-            pack_finished(model, result, f"{arch.blocks_path}.{i}.")
+        if finish_block is not None:
+            finish_block(model, result, f"{arch.blocks_path}.{i}.")
         if progress is not None:
             progress(i + 1, len(blocks), f"block {i} {time.perf_counter() - t0:.1f}s")
     method.finish(model, result)

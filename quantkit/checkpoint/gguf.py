@@ -415,7 +415,7 @@ def export_gguf(src: str | Path, out: str | Path, *, float_type: str = "f16", re
 
     import gguf
 
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
 
     src, out = Path(src), Path(out)
     if float_type not in FLOAT_TYPES:

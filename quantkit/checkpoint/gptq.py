@@ -74,14 +74,15 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     """Write a GPTQ-format checkpoint of a quantkit checkpoint whose modules all fit the layout."""
     from safetensors.torch import save_file
 
-    from quantkit.checkpoint.packed import atomic_output_dir, unique_state_dict
-    from quantkit.models.load import load_model, read_quantization_config
+    from quantkit.checkpoint.packed import atomic_output_dir, load_packed, unique_state_dict
+    from quantkit.models.load import load_model
+    from quantkit.models.paths import QUANT_METHOD, read_quantization_config
     from quantkit.runtime.qlinear import QuantLinear
 
     qcfg = read_quantization_config(src)
     if not qcfg or qcfg.get("quant_method") != "quantkit":
         raise QuantkitError(f"{src} is not a quantkit packed checkpoint")
-    model, tok = load_model(str(src))
+    model, tok = load_model(str(src), quantized={QUANT_METHOD: load_packed})
     formats = {(e["bits"], e["group_size"], e["sym"]) for e in qcfg["modules"].values()}
     other = [n for n, e in qcfg["modules"].items() if e.get("kind", "quant") != "quant"]
     if other:
@@ -121,7 +122,7 @@ def load_with_quant_linears(directory: str | Path, config, build, dtype: torch.d
     from safetensors.torch import load_file
 
     from quantkit.models.arch import set_module
-    from quantkit.models.load import model_from_config
+    from quantkit.models.skeleton import model_from_config
 
     directory = Path(directory)
     files = sorted(directory.glob("*.safetensors"))

@@ -25,54 +25,21 @@ import csv
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from quantkit.models.arch import arch_for, get_module, set_module
-from quantkit.calibrate.driver import CompressionResult
+from quantkit.core.types import CompressionResult
 from quantkit.errors import QuantkitError
-from quantkit.models.load import QUANT_METHOD, model_from_config
+from quantkit.models.safetensors import write_safetensors
+from quantkit.runtime.swap import swap_in_runtime_modules
+from quantkit.models.paths import QUANT_METHOD
+from quantkit.models.skeleton import model_from_config
 
 FORMAT = "quantkit-v1"
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class PackedEntry:
-    """A compressed module already swapped into the model as its packed runtime module (or
-    already written, when streaming): all that ``quantization_config`` still needs of it."""
-
-    kind: str
-    entry: dict
-
-    def config_entry(self) -> dict:
-        return dict(self.entry)
-
-
-def pack_model(model: nn.Module, quantized: dict) -> None:
-    """Replace each compressed linear of ``model`` (in place) by its packed runtime module
-    (entries already packed are skipped)."""
-    for name, qw in quantized.items():
-        if isinstance(qw, PackedEntry):
-            continue
-        lin = get_module(model, name)
-        bias = lin.bias.detach() if getattr(lin, "bias", None) is not None else None
-        dtype = lin.weight.dtype if lin.weight.dtype.is_floating_point else torch.float32
-        set_module(model, name, qw.to_module(bias, dtype))
-
-
-def pack_finished(model: nn.Module, result: CompressionResult, prefix: str) -> dict:
-    """Swap the compressed linears named ``prefix...`` for their packed modules now, and keep
-    only their config entries in ``result``: their float weights and unpacked codes are freed
-    (what ``compress(..., pack=True)`` does after each block).  Returns the packed entries."""
-    mine = {n: q for n, q in result.quantized.items() if n.startswith(prefix) and not isinstance(q, PackedEntry)}
-    pack_model(model, mine)
-    for n, q in mine.items():
-        result.quantized[n] = PackedEntry(q.kind, q.config_entry())
-    return mine
 
 
 def quantization_config(method: str, quantized: dict, defaults: dict, extra: dict | None = None) -> dict:
@@ -125,8 +92,6 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | 
     """Write weights (safetensors), config.json (+ quantization_config), tokenizer and the module log.
     Tensors are written one at a time (``save_file`` would first copy them all into one buffer),
     with the bytes ``safetensors.torch.save_file`` writes."""
-    from quantkit.calibrate.stream import write_safetensors
-
     out_dir = Path(out_dir)
     state = unique_state_dict(model)
     write_safetensors(out_dir / "model.safetensors", [(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in state.items()],
@@ -136,7 +101,7 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | 
 
 def save_metadata(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | None, result: CompressionResult | None = None) -> None:
     """Everything of a checkpoint but its weights: config.json (+ quantization_config), generation
-    config, tokenizer and the module log (quantkit.calibrate.stream writes the weights itself)."""
+    config, tokenizer and the module log (a streamed run writes the weights itself: quantkit.checkpoint.streamed)."""
     out_dir = Path(out_dir)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
@@ -151,38 +116,6 @@ def save_metadata(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | No
         tokenizer.save_pretrained(out_dir)
     if result is not None:
         write_log(out_dir / "quant_log.csv", result)
-
-
-def _swap_in_runtime_modules(model: nn.Module, modules: dict) -> None:
-    from quantkit.runtime.modules import runtime_module_class
-
-    transposed = arch_for(model).transposed
-    if not isinstance(modules, dict):
-        raise QuantkitError("quantization_config.modules must be a mapping of module names to entries")
-    for name, entry in modules.items():
-        lin = get_module(model, name)
-        w = getattr(lin, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.dim() != 2:
-            raise QuantkitError(f"quantization_config.modules names {name!r}, which is not a linear layer")
-        # GPT-2's Conv1D blocks store [in, out]; its lm_head is a plain nn.Linear
-        out_f, in_f = (w.shape[1], w.shape[0]) if transposed and not isinstance(lin, nn.Linear) else tuple(w.shape)
-        _check_entry(name, entry, in_f, out_f)
-        cls = runtime_module_class(entry.get("kind", "quant"))
-        set_module(model, name, cls.from_entry(in_f, out_f, entry, bias=getattr(lin, "bias", None) is not None, dtype=w.dtype))
-
-
-def _check_entry(name: str, entry, in_f: int, out_f: int) -> None:
-    """A module entry's sizes are sane before any buffer is allocated for it (a hostile config
-    could otherwise ask for a 10^9-bit grid or a rank larger than the layer)."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("kind", "quant"), str):
-        raise QuantkitError(f"quantization_config.modules[{name!r}] must be a mapping with a string 'kind'")
-    for key in ("bits", "group_size", "rank", "n", "m"):
-        v = entry.get(key)
-        if v is None and key in ("bits", "group_size") and entry.get("kind", "quant") == "quant":
-            raise QuantkitError(f"quantization_config.modules[{name!r}] has no {key!r}")
-        if v is not None and (type(v) is not int or not -1 <= v <= max(in_f, out_f) or (key == "bits" and not 2 <= v <= 8)
-                              or (key == "group_size" and v != -1 and (v < 1 or in_f % v))):
-            raise QuantkitError(f"quantization_config.modules[{name!r}].{key} = {v!r} does not fit a {out_f}x{in_f} layer")
 
 
 def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -202,7 +135,7 @@ def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = model_from_config(config, dtype)
-    _swap_in_runtime_modules(model, qcfg.get("modules", {}))
+    swap_in_runtime_modules(model, qcfg.get("modules", {}))
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise QuantkitError(f"{directory} has a quantization_config but no model.safetensors")

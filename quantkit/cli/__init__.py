@@ -202,7 +202,8 @@ def quantize(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_si
     """Quantize MODEL (a directory, .gguf file or hub id) and write a packed checkpoint.
     With --stream the overwrite check covers an unfinished run of OUTPUT too."""
     from quantkit import api
-    from quantkit.calibrate import stream as streaming
+    from quantkit.calibrate.offload import OffloadHooks
+    from quantkit.models.skeleton import StreamSource, should_stream
     from quantkit.models.load import dir_bytes
 
     method_cls = api.get_method(method)
@@ -211,20 +212,20 @@ def quantize(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_si
     if resume and stream is False:
         raise QuantkitError("--resume continues a --stream run; drop --no-stream")
     if stream is None:
-        stream = resume or streaming.should_stream(model, dtype)
+        stream = resume or should_stream(model, dtype)
         if stream and not resume:
             err_console.print(f"[yellow]note[/] {model}'s weights exceed half the available memory: streaming them "
                               "block by block (--no-stream loads the model whole)")
     t0 = time.perf_counter()
     if stream:
-        src = streaming.StreamSource.open(model, dtype, trust_remote_code)
+        src = StreamSource.open(model, dtype, trust_remote_code)
         bytes_before = src.nbytes()
         seqlen_cap = getattr(src.model.config, "max_position_embeddings", None)
         if method_cls.needs_calibration and seqlen_cap and seqlen > seqlen_cap:
             raise QuantkitError(f"--seqlen {seqlen} exceeds the model's context of {seqlen_cap} tokens")
         with _progress(not as_json or sys.stderr.isatty()) as prog:
             task = prog.add_task(f"{method}", total=None, info="")
-            res = streaming.compress_streaming(
+            res = api.compress_streaming(
                 model, output, method, config, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed,
                 batch_size=batch_size, resume=resume, overwrite=overwrite, offload_dir=offload,
                 trust_remote_code=trust_remote_code, source=src,
@@ -232,7 +233,7 @@ def quantize(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_si
     else:
         m, tok, calib_ids, bytes_before = _load_for_compression(model, method_cls, calib, nsamples, seqlen, seed, dtype,
                                                                 allow_pickle, trust_remote_code)
-        hooks = streaming.OffloadHooks(offload) if offload else None
+        hooks = OffloadHooks(offload) if offload else None
         try:
             res = _compress(m, method, config, calib_ids, batch_size, as_json, hooks, pack=True)
         finally:
@@ -269,7 +270,7 @@ def prune(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_size,
     (plain transformers loads it), packed N:M with --packed, or quantized with --bits."""
     from quantkit import api
     from quantkit.models.load import dir_bytes
-    from quantkit.registry import method_names
+    from quantkit.api import method_names
 
     method_cls = api.get_method(method)
     if getattr(method_cls, "kind", "quantize") != "prune":
@@ -321,7 +322,7 @@ def lowrank(ctx, model, output, method, calib, nsamples, seqlen, seed, batch_siz
     config records each module's rank; a layer is factorized only where that saves parameters."""
     from quantkit import api
     from quantkit.models.load import dir_bytes
-    from quantkit.registry import method_names
+    from quantkit.api import method_names
 
     method_cls = api.get_method(method)
     if getattr(method_cls, "kind", "quantize") != "lowrank":
@@ -390,7 +391,8 @@ def distill(teacher, student, output, data, steps, seqlen, batch_size, lr, tempe
 
     from quantkit import distill as kd
     from quantkit.data import calibration_samples
-    from quantkit.models.load import load_model, read_quantization_config
+    from quantkit.models.paths import read_quantization_config
+    from quantkit.checkpoint.formats import load_model
 
     _check_positive("--steps", steps, 10_000_000)
     _check_positive("--seqlen", seqlen, 1_048_576)
@@ -533,7 +535,7 @@ def perplexity(model, dataset, split, seqlen, max_windows, batch_size, backend, 
     """Perplexity of MODEL (GPTQ protocol: non-overlapping windows, mean NLL of every predicted token)."""
     from quantkit.data import eval_windows, load_text, tokenize
     from quantkit.eval.perplexity import perplexity as ppl_fn
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
 
     _check_positive("--seqlen", seqlen, 1_048_576)
     _check_positive("--max-windows", max_windows)
@@ -580,7 +582,7 @@ def methods(as_json):
     """List the registered compression methods and their options."""
     import dataclasses
 
-    from quantkit.registry import get_method, method_names
+    from quantkit.api import get_method, method_names
 
     rows = {}
     for name in method_names():
@@ -617,7 +619,7 @@ def compare(checkpoints, original, dataset, split, seqlen, max_windows, speed, p
     """Evaluate CHECKPOINTS and the original side by side: size, bits/weight, perplexity, KL, tok/s."""
     from quantkit.eval.compare import compare_models, decode_tokens_per_s, disk_bytes, linear_storage
     from quantkit.data import eval_windows, load_text, tokenize
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
 
     _check_positive("--seqlen", seqlen, 1_048_576)
     _check_positive("--max-windows", max_windows)

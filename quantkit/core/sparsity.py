@@ -20,7 +20,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from quantkit.errors import QuantkitError
 
@@ -155,28 +154,3 @@ def nm_decompress(values: torch.Tensor, indices: torch.Tensor, n: int, m: int) -
     w = torch.zeros(out_f, groups, m, dtype=values.dtype, device=values.device)
     w.scatter_(2, indices.reshape(out_f, groups, n).long(), values.reshape(out_f, groups, n))
     return w.reshape(out_f, groups * m)
-
-
-@dataclass
-class NMSparseWeight:
-    """What a pruning method returns for one N:M linear when a packed checkpoint is asked for."""
-
-    values: torch.Tensor  # [out, in/m*n] kept weights
-    indices: torch.Tensor  # [out, in/m*n] uint8 in-group positions
-    n: int
-    m: int
-
-    kind = "nm_sparse"  # the runtime module kind that loads it (see quantkit.runtime.sparse)
-
-    @classmethod
-    def from_dense(cls, w: torch.Tensor, n: int, m: int) -> "NMSparseWeight":
-        values, indices = nm_compress(w, n, m)
-        return cls(values, indices, n, m)
-
-    def config_entry(self) -> dict:
-        return {"kind": self.kind, "n": self.n, "m": self.m}
-
-    def to_module(self, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
-        from quantkit.runtime.sparse import SparseLinear
-
-        return SparseLinear.from_compressed(self.values, self.indices, self.n, self.m, bias=bias, dtype=dtype)

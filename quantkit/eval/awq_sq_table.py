@@ -36,7 +36,7 @@ from quantkit.eval.protocol import add_protocol_args, load_protocol
 from quantkit import api
 from quantkit.data import load_text, tokenize
 from quantkit.eval.perplexity import perplexity
-from quantkit.models.load import load_model
+from quantkit.checkpoint.formats import load_model
 from quantkit.runtime.kvcache import (
     KVCachedLM,
     KVQuantConfig,

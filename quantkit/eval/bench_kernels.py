@@ -122,7 +122,7 @@ def variants(model_fp32: nn.Module, group_size: int) -> dict[str, nn.Module]:
 
 
 def load_smol(path: str) -> nn.Module:
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
 
     model, _ = load_model(path, dtype="float32", with_tokenizer=False)
     return model

@@ -51,6 +51,22 @@ SHAPES = {
 }
 
 
+# `python -c` program: the CLI, killed with SIGKILL right after block {last} is written (the peak of a
+# long calibrated run is reached in its first blocks)
+STOP_AFTER_BLOCK = """
+import os, signal
+from quantkit.checkpoint import streamed
+from quantkit.cli import main
+done = streamed.StreamHooks.block_done
+def block_done(self, index, *rest):
+    done(self, index, *rest)
+    if index >= {last}:
+        os.kill(os.getpid(), signal.SIGKILL)
+streamed.StreamHooks.block_done = block_done
+main()
+"""
+
+
 def llama_config(shape: str):
     from transformers import LlamaConfig
 
@@ -100,7 +116,7 @@ def _bpe_tokenizer():
 
 def write_random_checkpoint(directory: Path, shape: str, shard_bytes: int = 5 * 2**30) -> int:
     """Write the model shard by shard; returns the weights' bytes.  Reuses a complete earlier write."""
-    from quantkit.calibrate.stream import write_safetensors
+    from quantkit.models.safetensors import write_safetensors
 
     cfg = llama_config(shape)
     done = directory / "DONE"
@@ -212,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     model_bytes = write_random_checkpoint(work / "model", shape, int(args.shard_gb * 2**30))
     params = model_bytes // 2
     write_s = time.perf_counter() - t0
-    baseline = run_capped([sys.executable, "-c", "import torch, transformers, quantkit.cli, quantkit.calibrate.stream; "
+    baseline = run_capped([sys.executable, "-c", "import torch, transformers, quantkit.cli, quantkit.api; "
                                                  "from transformers import LlamaForCausalLM; "
                                                  "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmPeak')][0])"],
                           None)
@@ -229,10 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--calib", "c4", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", "4"]
         blocks = args.calibrated_blocks if args.calibrated_blocks is not None else (0 if args.small else 2)
         env = None
-        if method != "rtn" and blocks:
-            from quantkit.calibrate.stream import KILL_AFTER_BLOCK_ENV
-
-            env = {**os.environ, KILL_AFTER_BLOCK_ENV: str(blocks - 1)}
+        if method != "rtn" and blocks:  # stop the run (SIGKILL) once its first calibrated blocks are written
+            cmd = [sys.executable, "-c", STOP_AFTER_BLOCK.format(last=blocks - 1), *cmd[3:]]
+            env = dict(os.environ)
         print(f"quantize --method {method} --stream under {LIMIT_NAMES[args.limit]} = {cap / 1e9 if cap else 0:.2f} GB"
               f"{f' (first {blocks} blocks)' if env else ''} ...", file=sys.stderr)
         r = run_capped(cmd, cap, env, args.limit)

@@ -32,7 +32,7 @@ from quantkit import api
 from quantkit.data import calibration_samples, eval_windows, load_text, tokenize
 from quantkit.eval.perplexity import perplexity
 from quantkit.checkpoint.gguf import export_gguf
-from quantkit.models.load import load_model
+from quantkit.checkpoint.formats import load_model
 from quantkit.runtime.backends import use_backend
 
 

@@ -28,7 +28,8 @@ from quantkit import api
 from quantkit.data import calibration_samples
 from quantkit.distill import distill, save_student
 from quantkit.eval.perplexity import perplexity
-from quantkit.models.load import load_model, read_quantization_config
+from quantkit.models.paths import read_quantization_config
+from quantkit.checkpoint.formats import load_model
 
 _METHODS = {"svd": ("svd", {}), "asvd": ("asvd", {}), "asvd-act": ("asvd", {"scaling": "act"})}
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.data import calibration_samples, eval_windows, load_text, tokenize
-from quantkit.models.load import load_model
+from quantkit.checkpoint.formats import load_model
 
 
 def add_protocol_args(ap: argparse.ArgumentParser, *, nsamples: int = 64) -> None:

@@ -25,7 +25,7 @@ from quantkit.eval.protocol import add_protocol_args, load_protocol
 
 from quantkit import api
 from quantkit.eval.perplexity import perplexity
-from quantkit.models.load import load_model
+from quantkit.checkpoint.formats import load_model
 from quantkit.core.sparsity import SparsityTarget, nm_valid
 from quantkit.runtime.sparse import SparseLinear
 

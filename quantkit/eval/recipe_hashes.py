@@ -43,7 +43,7 @@ def hashes(recipe: Path, model: Path) -> dict[str, str]:
         out = Path(tmp) / "out"
         env = dict(os.environ, OMP_NUM_THREADS="1")
         cmd = [sys.executable, "-m", "quantkit.cli", "run", str(recipe), str(model), "-o", str(out), *_overrides(recipe)]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=ROOT)
         if r.returncode:
             return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
         return {p.name: hashlib.sha256(_stable_bytes(p)).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
@@ -60,13 +60,14 @@ def _stable_bytes(path: Path) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(ROOT / "tests" / "fixtures" / "stories260K"))
-    ap.add_argument("--recipes", default=str(ROOT / "recipes"))
+    # relative to the repository root, where the runs start: config.json records the path it was given
+    ap.add_argument("--model", default="tests/fixtures/stories260K")
+    ap.add_argument("--recipes", default="recipes")
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--out", help="write the hashes here")
     group.add_argument("--check", help="compare with the hashes recorded here; exit 1 on a difference")
     args = ap.parse_args(argv)
-    result = {r.name: hashes(r, Path(args.model)) for r in sorted(Path(args.recipes).glob("*.yaml"))}
+    result = {r.name: hashes(r, Path(args.model)) for r in sorted((ROOT / args.recipes).glob("*.yaml"))}
     if args.out:
         record = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "recipes": result}
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")

@@ -267,7 +267,7 @@ def bench(model_path, dtype, prompt_len, gen_len, batch, repeat, backend, compil
     import torch
     from rich.console import Console
 
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
     from quantkit.runtime.backends import use_backend
 
     previous_threads = torch.get_num_threads()

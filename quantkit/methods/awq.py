@@ -32,7 +32,8 @@ from typing import Callable
 import torch
 
 from quantkit.models.arch import LinearGroup
-from quantkit.calibrate.driver import BlockContext, BlockMethod, LayerRecord
+from quantkit.calibrate.driver import BlockContext, BlockMethod
+from quantkit.core.types import LayerRecord
 from quantkit.errors import QuantkitError
 from quantkit.methods.base import WeightQuantConfig, check_group_sizes, quantize_block_linears
 from quantkit.methods.gptq import GPTQ, GPTQConfig

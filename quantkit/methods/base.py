@@ -13,11 +13,20 @@ import torch
 from torch import nn
 
 from quantkit.models.arch import ArchSpec, arch_for, get_module
-from quantkit.calibrate.driver import BlockContext, CompressionResult, LayerRecord, _linear_weight
+from quantkit.calibrate.driver import BlockContext, _linear_weight
+from quantkit.core.types import CompressionResult, LayerRecord, QuantizedWeight
 from quantkit.errors import QuantkitError
 from quantkit.core.hessian import HessianAccumulator
-from quantkit.core.quant import QuantSpec
+from quantkit.core.quant import QuantSpec, dequantize, quantize_rtn
 from quantkit.core.stats import ActStats
+
+
+def rtn_linear(w, _stats, spec: QuantSpec):
+    """Round-to-nearest one ``[out, in]`` weight: the per-linear quantizer RTN uses and the
+    baseline every calibrated method must beat (same return shape as every quantizer here)."""
+    q, s, z = quantize_rtn(w, spec)
+    w_hat = dequantize(q, s, z, spec.groups_for(w.shape[1]))
+    return QuantizedWeight(q, s, z, spec), w_hat, float((w - w_hat).pow(2).sum()), None, ""
 
 
 def check_module_patterns(ignore, overrides) -> None:
@@ -171,8 +180,6 @@ def quantize_head(model: nn.Module, method, calib_ids: torch.Tensor | None, batc
     if spec is None:
         result.log.append(LayerRecord(-1, arch.lm_head, 0.0, note="ignored: left in float"))
         return
-    from quantkit.methods.rtn import rtn_linear
-
     note = ""
     if hasattr(method, "head_quantizer"):
         quantizer, kind = method.head_quantizer()

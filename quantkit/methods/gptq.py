@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.calibrate.driver import BlockMethod, QuantizedWeight
+from quantkit.calibrate.driver import BlockMethod
+from quantkit.core.types import QuantizedWeight
 from quantkit.errors import QuantkitError
 from quantkit.methods.base import WeightQuantConfig, check_group_sizes, quantize_block_linears
 from quantkit.methods.rtn import rtn_linear

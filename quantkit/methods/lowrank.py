@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantkit.models.arch import get_module, set_module
-from quantkit.calibrate.driver import BlockContext, BlockMethod, CompressionResult, LayerRecord
+from quantkit.models.arch import get_module
+from quantkit.calibrate.driver import BlockContext, BlockMethod
+from quantkit.core.types import LowRankWeight, CompressionResult, LayerRecord
 from quantkit.errors import QuantkitError
 
 
@@ -96,30 +97,6 @@ def split_factors(Ur: torch.Tensor, sr: torch.Tensor, Vhr: torch.Tensor) -> tupl
     return root.unsqueeze(1) * Vhr, Ur * root.unsqueeze(0)
 
 
-@dataclass
-class LowRankWeight:
-    """What a low-rank method returns for one linear: ``W ~= v @ u``."""
-
-    u: torch.Tensor  # [rank, in]
-    v: torch.Tensor  # [out, rank]
-
-    kind = "lowrank"  # the runtime module kind that loads it (see quantkit.runtime.lowrank)
-
-    @property
-    def rank(self) -> int:
-        return self.u.shape[0]
-
-    def config_entry(self) -> dict:
-        """This module's entry in ``quantization_config["modules"]``."""
-        return {"kind": self.kind, "rank": self.rank}
-
-    def to_module(self, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
-        """The runtime module holding the two factors (a fresh copy)."""
-        from quantkit.runtime.lowrank import LowRankLinear
-
-        return LowRankLinear.from_factors(self.u, self.v, bias=bias, dtype=dtype)
-
-
 @contextlib.contextmanager
 def _lapack_one_thread():
     """Run the decompositions on one thread, restoring the setting after.  MKL's SVD/eigh on
@@ -177,9 +154,7 @@ class LowRankMethod(BlockMethod):
                                                                 f"for energy {cfg.energy} would not be smaller"))
                         continue
                 lw = LowRankWeight(u[:r].contiguous(), v[:, :r].contiguous())
-                old = ctx.module(name)
-                bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
-                set_module(ctx.block, name, lw.to_module(bias, old.weight.dtype))
+                ctx.replace(name, lw)  # the block's next runs (and the next block's inputs) use the factors
                 counts[ctx.full_name(name)] = (out_f * in_f, r * (out_f + in_f), r)
                 loss = float(sigma[r:].double().pow(2).sum())
                 full_note = f"rank {r}/{min(out_f, in_f)}" + (f"; {note}" if note else "")

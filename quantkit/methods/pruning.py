@@ -13,11 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.models.arch import get_module
-from quantkit.calibrate.driver import BlockContext, BlockMethod, CompressionResult, LayerRecord, _linear_weight
+from quantkit.calibrate.driver import BlockContext, BlockMethod, _linear_weight
+from quantkit.core.types import CompressionResult, LayerRecord
 from quantkit.errors import QuantkitError
 from quantkit.methods.base import check_module_patterns
 from quantkit.core.quant import QuantSpec
-from quantkit.core.sparsity import NMSparseWeight, SparsityTarget, check_sparsity, parse_pattern
+from quantkit.core.sparsity import SparsityTarget, check_sparsity, parse_pattern
+from quantkit.core.types import NMSparseWeight
 
 
 @dataclass(frozen=True)

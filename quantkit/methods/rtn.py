@@ -4,21 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quantkit.calibrate.driver import BlockMethod, QuantizedWeight
-from quantkit.methods.base import WeightQuantConfig, check_group_sizes, quantize_block_linears
-from quantkit.core.quant import QuantSpec, dequantize, quantize_rtn
+from quantkit.calibrate.driver import BlockMethod
+from quantkit.methods.base import WeightQuantConfig, check_group_sizes, quantize_block_linears, rtn_linear  # noqa: F401  (rtn_linear: public here too)
 from quantkit.registry import register_method
 
 
 @dataclass(frozen=True)
 class RTNConfig(WeightQuantConfig):
     pass
-
-
-def rtn_linear(w, _stats, spec: QuantSpec):
-    q, s, z = quantize_rtn(w, spec)
-    w_hat = dequantize(q, s, z, spec.groups_for(w.shape[1]))
-    return QuantizedWeight(q, s, z, spec), w_hat, float((w - w_hat).pow(2).sum()), None, ""
 
 
 @register_method("rtn", RTNConfig)

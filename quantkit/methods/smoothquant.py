@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from quantkit.calibrate.driver import BlockMethod, LayerRecord
+from quantkit.calibrate.driver import BlockMethod
+from quantkit.core.types import LayerRecord, W8A8Weight
 from quantkit.errors import QuantkitError
 from quantkit.core.quant import QuantSpec, quantize_rtn
 from quantkit.registry import register_method
@@ -56,29 +56,6 @@ class SmoothQuantConfig:
                 re.compile(pattern)
             except (re.error, TypeError) as e:
                 raise QuantkitError(f"bad ignore pattern {pattern!r}: {e}") from None
-
-
-@dataclass
-class W8A8Weight:
-    """One linear's W8A8 result: int8 codes, per-channel weight scales, optional static input scale."""
-
-    q: torch.Tensor  # [out, in] int8
-    w_scale: torch.Tensor  # [out] float32
-    act_scale: float | None = None  # static per-tensor input scale; None = dynamic per token
-
-    kind = "w8a8"
-
-    def config_entry(self) -> dict:
-        return {"kind": self.kind, "bits": 8, "group_size": -1, "sym": True,
-                "act": "dynamic" if self.act_scale is None else "static"}
-
-    def dequantized(self) -> torch.Tensor:
-        return self.q.float() * self.w_scale.float().unsqueeze(1)  # [out, in]
-
-    def to_module(self, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
-        from quantkit.runtime.int8 import Int8Linear
-
-        return Int8Linear.from_quantized(self.q, self.w_scale, self.act_scale, bias, dtype)
 
 
 def smooth_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.calibrate.driver import QuantizedWeight
+from quantkit.core.types import QuantizedWeight
 from quantkit.errors import QuantkitError
 from quantkit.methods.magnitude import magnitude_prune
 from quantkit.methods.pruning import PruneConfig, PruneMethod

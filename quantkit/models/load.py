@@ -1,7 +1,9 @@
-"""Loading models and tokenizers: a local Hugging Face directory, a hub id (online users), a
-``.gguf`` file (transformers' GGUF loader), or a quantkit packed checkpoint.
+"""Loading models and tokenizers: a local Hugging Face directory, a hub id (online users) or a
+``.gguf`` file (transformers' GGUF loader).  Quantized checkpoints (quantkit's packed format,
+GPTQ, AWQ) are read by the loaders :mod:`quantkit.checkpoint.formats` passes in: use its
+``load_model`` for any path.
 
-    >>> model, tok = load_model("path/to/model")          # float or packed, by its config
+    >>> model, tok = load_model("path/to/model")          # a float checkpoint
     >>> model, tok = load_model("SmolLM2-135M-Instruct.Q4_1.gguf")
 
 Every failure a user can cause becomes a one-line :class:`QuantkitError`.
@@ -9,143 +11,64 @@ Every failure a user can cause becomes a one-line :class:`QuantkitError`.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-
-QUANT_METHOD = "quantkit"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+from quantkit.models.paths import check_weights_format, one_line, parse_dtype, quiet_transformers, read_quantization_config, resolve_model_path
+from quantkit.models.skeleton import model_from_config, preflight
 
 
-def parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise QuantkitError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}")
-    return _DTYPES[dtype]
-
-
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    try:
-        hf_logging.disable_progress_bar()
-    except AttributeError:  # older transformers
-        pass
-
-
-def read_quantization_config(path: str | Path) -> dict | None:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        data = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QuantkitError(f"{cfg} is not valid JSON: {e}") from None
-    q = data.get("quantization_config")
-    return q if isinstance(q, dict) else None
-
-
-def _resolve(path: str) -> tuple[str, dict]:
-    """``(directory or hub id, extra from_pretrained kwargs)``; raises on what cannot be a model."""
-    p = Path(path)
-    if p.is_file():
-        if p.suffix == ".gguf":
-            return str(p.parent), {"gguf_file": p.name}
-        raise QuantkitError(f"{path} is a file but not a .gguf; give a model directory or a .gguf file")
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            ggufs = sorted(p.glob("*.gguf"))
-            if len(ggufs) == 1:
-                return str(p), {"gguf_file": ggufs[0].name}
-            raise QuantkitError(f"{path} has no config.json: not a Hugging Face model directory")
-        return str(p), {}
-    if _HUB_ID.match(path) and not path.startswith((".", "/")):
-        return path, {}  # a hub id: transformers downloads it when online
-    raise QuantkitError(f"model path {path!r} does not exist")
-
-
-def _check_weights_format(directory: str, allow_pickle: bool) -> dict:
-    p = Path(directory)
-    if not p.is_dir():
-        return {}
-    has_st = any(p.glob("*.safetensors"))
-    has_pickle = any(p.glob("*.bin")) or any(p.glob("*.pt")) or any(p.glob("*.pth"))
-    if not has_st and has_pickle:
-        if not allow_pickle:
-            raise QuantkitError(f"{directory} holds only pickle weights (.bin/.pt), which can run code when loaded; "
-                                "pass --allow-pickle if you trust them")
-        return {"use_safetensors": False}
-    return {}
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    directory, extra = _resolve(path)
+    directory, extra = resolve_model_path(path)
     extra.pop("use_safetensors", None)
     try:
         return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, **extra)
     except Exception as e:  # noqa: BLE001 - transformers raises many types
-        raise QuantkitError(f"cannot load a tokenizer from {path}: {_one_line(e)}") from None
+        raise QuantkitError(f"cannot load a tokenizer from {path}: {one_line(e)}") from None
 
 
-def _one_line(e: Exception) -> str:
-    msg = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    if len(msg) > 1 and msg[0].endswith(":"):  # "Validation error for field 'x':" + the reason below it
-        msg = [f"{msg[0]} {msg[1]}"]
-    return (msg[0] if msg else type(e).__name__)[:300]
+Loader = Callable[[str, torch.dtype], nn.Module]  # (directory, dtype) -> model
 
 
 def load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: bool = False,
-               trust_remote_code: bool = False, with_tokenizer: bool = True):
-    """``(model, tokenizer)`` for a float or packed checkpoint; model in eval mode on ``device``.
-    Whatever a broken or hostile checkpoint makes the loaders raise is one :class:`QuantkitError` line."""
+               trust_remote_code: bool = False, with_tokenizer: bool = True, quantized: dict[str, Loader] | None = None):
+    """``(model, tokenizer)``; model in eval mode on ``device``.  ``quantized`` maps a config's
+    ``quantization_config.quant_method`` to the loader of that format.  Whatever a broken or hostile
+    checkpoint makes the loaders raise is one :class:`QuantkitError` line."""
     try:
         return _load_model(path, dtype, device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                           with_tokenizer=with_tokenizer)
+                           with_tokenizer=with_tokenizer, quantized=quantized or {})
     except QuantkitError:
         raise
     except MemoryError:
         raise QuantkitError(f"cannot load {path}: out of memory") from None
     except Exception as e:  # noqa: BLE001 - never a traceback for a bad file
-        raise QuantkitError(f"cannot load {path}: {type(e).__name__}: {_one_line(e)}") from None
+        raise QuantkitError(f"cannot load {path}: {type(e).__name__}: {one_line(e)}") from None
 
 
 def _load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: bool = False,
-                trust_remote_code: bool = False, with_tokenizer: bool = True):
-    _quiet_transformers()
+                trust_remote_code: bool = False, with_tokenizer: bool = True, quantized: dict[str, Loader]):
+    quiet_transformers()
     dtype = parse_dtype(dtype)
-    directory, extra = _resolve(str(path))
+    directory, extra = resolve_model_path(str(path))
     qcfg = read_quantization_config(directory) if Path(directory).is_dir() else None
-    if qcfg is not None and qcfg.get("quant_method") == QUANT_METHOD:
-        from quantkit.checkpoint.packed import load_packed
-
-        model = load_packed(directory, dtype=dtype or torch.float32)
-    elif qcfg is not None and qcfg.get("quant_method") == "gptq":
-        from quantkit.checkpoint.gptq import import_gptq
-
-        model = import_gptq(directory, dtype=dtype or torch.float32)
-    elif qcfg is not None and qcfg.get("quant_method") == "awq":
-        from quantkit.checkpoint.awq import import_awq
-
-        model = import_awq(directory, dtype=dtype or torch.float32)
+    fmt = qcfg.get("quant_method") if qcfg is not None else None
+    if fmt in quantized:
+        model = quantized[fmt](directory, dtype or torch.float32)
     else:
         from transformers import AutoModelForCausalLM
 
-        extra.update(_check_weights_format(directory, allow_pickle))
+        extra.update(check_weights_format(directory, allow_pickle))
         if not extra:  # safetensors: config.json checked against the headers before anything is allocated
-            from quantkit.calibrate.stream import preflight
-
             preflight(directory, dtype, trust_remote_code)
         kwargs = dict(trust_remote_code=trust_remote_code, **extra)
         if dtype is not None:
@@ -160,16 +83,16 @@ def _load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: boo
                     raise QuantkitError(f"cannot load {path}: config.json disagrees with the stored weights: {len(missing)} "
                                         f"weight(s) of the model are not stored (e.g. {missing[0]})")
         except OSError as e:
-            raise QuantkitError(f"cannot load {path}: {_one_line(e)}") from None
+            raise QuantkitError(f"cannot load {path}: {one_line(e)}") from None
         except (ValueError, KeyError, RuntimeError, TypeError, ImportError) as e:
-            msg = _one_line(e)
+            msg = one_line(e)
             if "mismatched" in msg or "size mismatch" in msg:
                 msg = "config.json disagrees with the shapes of the stored weights"
             raise QuantkitError(f"cannot load {path}: {msg}") from None
         except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError and other format errors
             if type(e).__name__ != "SafetensorError":
                 raise
-            raise QuantkitError(f"cannot load {path}: corrupt or truncated safetensors file ({_one_line(e)})") from None
+            raise QuantkitError(f"cannot load {path}: corrupt or truncated safetensors file ({one_line(e)})") from None
     model.to(device).eval()
     tok = load_tokenizer(str(path), trust_remote_code) if with_tokenizer else None
     return model, tok
@@ -202,24 +125,6 @@ def _load_gguf(directory: str, gguf_file: str, dtype: torch.dtype | None, trust_
     if tied:
         model.tie_weights()
     return model.to(dtype) if dtype is not None else model
-
-
-def model_from_config(config, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A causal LM built from ``config`` without spending time on random initialisation
-    (its weights are about to be loaded)."""
-    import contextlib
-
-    from transformers import AutoModelForCausalLM
-
-    try:
-        from transformers.initialization import no_init_weights  # transformers >= 5
-    except ImportError:  # pragma: no cover - older transformers
-        try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:
-            no_init_weights = contextlib.nullcontext
-    with no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def model_bytes(model: nn.Module, modules: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ Plain functions over a transformers causal LM (anything whose forward takes
 `sample_next`, `TextStream`, `eos_token_ids`, `encode_prompt`, `encode_chat`. The ``quantkit generate``
 command lives in `quantkit.serve.cli` so that the CLI starts without importing torch.
 
-    >>> model, tok = quantkit.models.load.load_model("tests/fixtures/stories260K")
+    >>> model, tok = quantkit.checkpoint.formats.load_model("tests/fixtures/stories260K")
     >>> generate(model, tok, encode_prompt(tok, "Once upon"), SamplingParams(max_new_tokens=10)).text
     ' a time, there was a little girl'
 

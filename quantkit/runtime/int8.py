@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit.runtime.modules import register_runtime_module
 
 QMAX = 127
 
@@ -41,7 +40,6 @@ def quantize_activations(x: torch.Tensor, static_scale: torch.Tensor | None = No
     return q, scale
 
 
-@register_runtime_module("w8a8")
 class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, static: bool = False,
                  dtype: torch.dtype = torch.float32):

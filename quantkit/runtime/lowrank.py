@@ -16,10 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.runtime.modules import register_runtime_module
 
 
-@register_runtime_module("lowrank")
 class LowRankLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32):

@@ -20,10 +20,8 @@ from torch import nn
 
 from quantkit.core.sparsity import index_bits, nm_compress, nm_decompress
 from quantkit.pack.bits import pack_bits, packed_row_bytes, unpack_bits
-from quantkit.runtime.modules import register_runtime_module
 
 
-@register_runtime_module("nm_sparse")
 class SparseLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, n: int, m: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32):

@@ -56,7 +56,7 @@ def generate_command(model_path, prompt, max_new_tokens, temperature, top_k, top
                      kv_keys, lean, as_json):
     """Generate text from MODEL for PROMPT (a quick look at a model)."""
     from quantkit.runtime.generate import SamplingParams, encode_chat, encode_prompt, generate, stream_generate
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             stop=stop, seed=seed)
@@ -105,7 +105,7 @@ def serve_command(model_path, host, port, model_name, max_batch, max_queue, dtyp
     import torch
     import uvicorn
 
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
     from quantkit.serve.app import create_app
     from quantkit.serve.engine import Engine
 

@@ -99,7 +99,7 @@ def _ppl(model, windows):
 
 
 def test_asvd_beats_svd_on_stories(calib_ids, eval_windows):
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
 
     ppl = {}
     for method in ("svd", "asvd"):
@@ -117,7 +117,7 @@ def test_asvd_beats_svd_on_stories(calib_ids, eval_windows):
 
 
 def test_energy_mode_leaves_layers_dense_when_no_saving(calib_ids):
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
 
     model, _ = load_model(str(STORIES))
     res = api.compress(model, "asvd", {"energy": 0.999}, calib_ids=calib_ids)

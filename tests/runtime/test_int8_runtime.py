@@ -3,7 +3,10 @@
 import pytest
 import torch
 
-from quantkit.methods.smoothquant import W8A8Weight, quantize_int8_weight
+from quantkit.runtime.swap import to_module
+
+from quantkit.methods.smoothquant import quantize_int8_weight
+from quantkit.core.types import W8A8Weight
 from quantkit.runtime.backends import use_backend
 from quantkit.runtime.int8 import Int8Linear, quantize_activations
 from quantkit.runtime.modules import runtime_module_class
@@ -68,7 +71,7 @@ def test_w8a8_result_round_trips_through_state_dict():
     qw = W8A8Weight(q, s, act_scale=0.02)
     entry = qw.config_entry()
     assert entry["kind"] == "w8a8" and entry["act"] == "static"
-    built = qw.to_module(torch.zeros(12), torch.float32)
+    built = to_module(qw, torch.zeros(12), torch.float32)
     empty = runtime_module_class("w8a8").from_entry(16, 12, entry, bias=True, dtype=torch.float32)
     empty.load_state_dict(built.state_dict())
     for name, t in built.state_dict().items():

@@ -27,7 +27,7 @@ def test_lowrank_linear_matches_dense_product():
 @pytest.mark.parametrize("method", ["svd", "asvd"])
 def test_lowrank_save_load_logits_equal(tmp_path, stories, calib_ids, eval_windows, method):
     from quantkit.eval.perplexity import perplexity
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
 
     model, tok = stories
     res = api.compress(model, method, {"ratio": 0.7}, calib_ids=calib_ids)

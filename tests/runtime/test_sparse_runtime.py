@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+
+from quantkit.runtime.swap import to_module
 import torch.nn.functional as F
 
 from quantkit.errors import QuantkitError
-from quantkit.core.sparsity import NMSparseWeight, index_bits, nm_compress, nm_decompress, nm_mask
+from quantkit.core.sparsity import index_bits, nm_compress, nm_decompress, nm_mask
+from quantkit.core.types import NMSparseWeight
 from quantkit.runtime.modules import runtime_module_class
 from quantkit.runtime.sparse import SparseLinear
 
@@ -50,7 +53,7 @@ def test_state_dict_round_trip_through_from_entry():
     w = _nm_weight(6, 32, 2, 4, seed=2)
     res = NMSparseWeight.from_dense(w, 2, 4)
     assert res.config_entry() == {"kind": "nm_sparse", "n": 2, "m": 4}
-    src = res.to_module(torch.ones(6), torch.float32)
+    src = to_module(res, torch.ones(6), torch.float32)
     cls = runtime_module_class(res.config_entry()["kind"])
     assert cls is SparseLinear
     dst = cls.from_entry(32, 6, res.config_entry(), bias=True, dtype=torch.float32)

@@ -28,7 +28,7 @@ LILY = "Once upon a time, there was a little girl named Lily."
 
 @pytest.fixture(scope="module")
 def model_tok():
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)  # a 260K-parameter model: threads only add sync overhead

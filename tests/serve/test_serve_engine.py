@@ -20,7 +20,7 @@ FIXTURE = str(Path(__file__).resolve().parents[1] / "fixtures" / "stories260K")
 
 @pytest.fixture(scope="module")
 def model_tok():
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -37,7 +37,7 @@ PROMPTS = ["", "Once upon", "The dog", "Lily and Tom went to the park. They", "A
 @pytest.fixture(scope="module")
 def packed_dir(tmp_path_factory) -> str:
     from quantkit import api
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
 
     model, tok = load_model(FIXTURE)
     result = api.compress(model, "rtn", {"bits": 8, "group_size": -1})
@@ -46,7 +46,7 @@ def packed_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def model_tok(packed_dir):
-    from quantkit.models.load import load_model
+    from quantkit.checkpoint.formats import load_model
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)

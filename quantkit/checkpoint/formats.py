@@ -1,0 +1,25 @@
+"""Which reader loads each checkpoint format: one table, read by :func:`load_model`.
+
+A config whose ``quantization_config.quant_method`` is in :data:`LOADERS` is read by that loader
+(quantkit's packed format, GPTQ, AWQ); every other path is a float checkpoint, a ``.gguf`` file
+or a hub id, read by :func:`quantkit.models.load.load_model`.
+
+    >>> model, tok = load_model("out/smollm2-gptq-w4")    # any of them  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from quantkit.checkpoint.awq import import_awq
+from quantkit.checkpoint.gptq import import_gptq
+from quantkit.checkpoint.packed import load_packed
+from quantkit.models import load as float_load
+from quantkit.models.paths import QUANT_METHOD
+
+LOADERS = {QUANT_METHOD: load_packed, "gptq": import_gptq, "awq": import_awq}  # quant_method -> (directory, dtype) -> model
+
+
+def load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: bool = False,
+               trust_remote_code: bool = False, with_tokenizer: bool = True):
+    """``(model, tokenizer)`` for any checkpoint quantkit reads (model in eval mode on ``device``)."""
+    return float_load.load_model(path, dtype, device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                 with_tokenizer=with_tokenizer, quantized=LOADERS)
