@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantkit.core.hessian import damped_cholesky
 from quantkit.errors import QuantkitError
 from quantkit.methods.lowrank import LowRankConfig, LowRankMethod, split_factors
 from quantkit.methods.svd import svd_factorize
@@ -42,23 +43,9 @@ class ASVDConfig(LowRankConfig):
 
 
 def whitening_factor(H: torch.Tensor, percdamp: float = 0.01, tries: int = 4) -> tuple[torch.Tensor | None, float]:
-    """Lower Cholesky factor ``S`` of ``H + damp*I`` (float64), ``damp = percdamp * mean(diag H)``,
-    raising the damping x10 while the matrix is not positive definite (ill-conditioned or
-    rank-deficient ``H``: few tokens, dead channels); ``(None, last)`` if every try fails."""
-    H = H.double()
-    mean_diag = float(torch.diag(H).mean())
-    if not mean_diag > 0:
-        return None, percdamp
-    idx = torch.arange(H.shape[0])
-    damp = percdamp
-    for _ in range(tries):
-        Hd = H.clone()
-        Hd[idx, idx] += max(damp, 1e-10) * mean_diag
-        S, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0 and torch.isfinite(S).all():
-            return S, damp
-        damp = max(damp, 1e-4) * 10
-    return None, damp
+    """Lower Cholesky factor ``S`` of ``H + damp*I`` in float64 (:func:`quantkit.core.hessian.damped_cholesky`);
+    ``(None, last)`` if every try fails."""
+    return damped_cholesky(H.double(), percdamp, tries)
 
 
 def whitened_svd(W: torch.Tensor, H: torch.Tensor, rank: int | None = None, *, percdamp: float = 0.01):
