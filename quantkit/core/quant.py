@@ -54,6 +54,12 @@ class QuantSpec:
             )
 
 
+def symmetric_zero(bits: int) -> int:
+    """The zero point of a symmetric ``bits``-bit grid, ``2**(bits-1)`` (GPTQ's convention): stored
+    nowhere, so every reader of a symmetric grid (runtime, kernels, references) takes it from here."""
+    return 1 << (bits - 1)
+
+
 def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max scale and integer zero for each row of ``w`` (``[rows, cols]`` -> ``[rows]``, ``[rows]``)."""
     w = w.float()
@@ -63,7 +69,7 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     if spec.sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         scale = 2 * xmax / maxq
-        zero = torch.full_like(scale, (maxq + 1) // 2)
+        zero = torch.full_like(scale, symmetric_zero(spec.bits))
     else:
         scale = (xmax - xmin) / maxq
         zero = None

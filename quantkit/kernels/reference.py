@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 
 from quantkit.kernels.layout import Int4Weight, Int8Weight, group_map, unpack_int4_weight
-from quantkit.core.quant import dequantize
+from quantkit.core.quant import dequantize, symmetric_zero
 
 
 def _dequant(q: torch.Tensor, scales, zeros, g_idx, group_size: int, bits: int) -> torch.Tensor:
     """Codes ``[N, K]`` with kernel-layout ``scales``/``zeros [G, N]`` -> float32 weight ``[N, K]``."""
-    z = zeros.t().float() if zeros is not None else torch.full_like(scales.t(), 2 ** (bits - 1), dtype=torch.float32)
+    z = zeros.t().float() if zeros is not None else torch.full_like(scales.t(), symmetric_zero(bits), dtype=torch.float32)
     return dequantize(q, scales.t().float(), z, group_map(g_idx, group_size, q.shape[1], q.device))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from quantkit.core.quant import symmetric_zero
 from quantkit.kernels.layout import Int4Weight
 from quantkit.kernels.tiles import grouped_tile
 from quantkit.kernels.triton_utils import dot_in_fp32, interpreting
@@ -33,7 +34,7 @@ INTERPRET_SPLITK_CONFIG = dict(BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)
 @triton.jit
 def _load_int4_tile(w_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, N, K, group_size,
                     stride_wk, stride_wn, stride_sg, stride_sn,
-                    HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr):
+                    HAS_ZEROS: tl.constexpr, SYM_ZERO: tl.constexpr, HAS_GIDX: tl.constexpr):
     """Dequantized float32 weight tile ``[BLOCK_K, BLOCK_N]``: ``(q - z[g(k), n]) * s[g(k), n]``."""
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     words = tl.load(w_ptr + (offs_k[:, None] // 8) * stride_wk + offs_n[None, :] * stride_wn, mask=mask, other=0)
@@ -47,7 +48,7 @@ def _load_int4_tile(w_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, N, K, group_size
     if HAS_ZEROS:
         z = tl.load(z_ptr + sg_off, mask=mask, other=0).to(tl.int32)
     else:
-        z = 8
+        z = SYM_ZERO
     return (q - z).to(tl.float32) * s
 
 
@@ -56,7 +57,7 @@ def _w4a16_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, y_ptr,
     M, N, K, group_size,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sg, stride_sn, stride_ym, stride_yn,
-    HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, SYM_ZERO: tl.constexpr, HAS_GIDX: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)  # L2-friendly order
@@ -69,7 +70,7 @@ def _w4a16_gemm_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)  # [BM, BK]
         w = _load_int4_tile(w_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, N, K, group_size,
-                            stride_wk, stride_wn, stride_sg, stride_sn, HAS_ZEROS, HAS_GIDX)  # [BK, BN]
+                            stride_wk, stride_wn, stride_sg, stride_sn, HAS_ZEROS, SYM_ZERO, HAS_GIDX)  # [BK, BN]
         if DOT_FP32:
             acc += tl.dot(x.to(tl.float32), w)
         else:
@@ -83,7 +84,7 @@ def _w4a16_splitk_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, y_ptr,
     M, N, K, group_size,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sg, stride_sn, stride_ym, stride_yn,
-    HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, SYM_ZERO: tl.constexpr, HAS_GIDX: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """``y`` (float32, zero-initialised) ``+=`` this program's share of K; M <= 16."""
@@ -97,7 +98,7 @@ def _w4a16_splitk_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)  # [16, BK]
         w = _load_int4_tile(w_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, N, K, group_size,
-                            stride_wk, stride_wn, stride_sg, stride_sn, HAS_ZEROS, HAS_GIDX)
+                            stride_wk, stride_wn, stride_sg, stride_sn, HAS_ZEROS, SYM_ZERO, HAS_GIDX)
         if DOT_FP32:
             acc += tl.dot(x.to(tl.float32), w)
         else:
@@ -156,7 +157,8 @@ def w4a16_matmul(x: torch.Tensor, w: Int4Weight, config: dict | None = None) -> 
     g = w.g_idx if w.g_idx is not None else w.qweight  # dummy pointer without act-order
     args = (x2, w.qweight, w.scales, z, g, y, M, N, K, w.group_size, x2.stride(0), x2.stride(1),
             w.qweight.stride(0), w.qweight.stride(1), w.scales.stride(0), w.scales.stride(1), y.stride(0), y.stride(1))
-    flags = dict(HAS_ZEROS=w.zeros is not None, HAS_GIDX=w.g_idx is not None, DOT_FP32=dot_in_fp32(x2.dtype))
+    flags = dict(HAS_ZEROS=w.zeros is not None, SYM_ZERO=symmetric_zero(4), HAS_GIDX=w.g_idx is not None,
+                 DOT_FP32=dot_in_fp32(x2.dtype))
     tuned = config is None and not interpreting()
     if decode:
         if tuned:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from quantkit.core.quant import symmetric_zero
 from quantkit.kernels.layout import Int8Weight
 from quantkit.kernels.tiles import grouped_tile
 from quantkit.kernels.triton_utils import dot_in_fp32, interpreting
@@ -22,7 +23,7 @@ def _w8a16_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, y_ptr,
     M, N, K, group_size,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_sg, stride_sn, stride_ym, stride_yn,
-    HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, SYM_ZERO: tl.constexpr, HAS_GIDX: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)  # L2-friendly order
@@ -45,7 +46,7 @@ def _w8a16_kernel(
         if HAS_ZEROS:
             z = tl.load(z_ptr + sg_off, mask=mask, other=0).to(tl.int32)
         else:
-            z = 128
+            z = SYM_ZERO
         w = (q - z).to(tl.float32) * s  # [BK, BN]
         if DOT_FP32:
             acc += tl.dot(x.to(tl.float32), w)
@@ -84,7 +85,8 @@ def w8a16_matmul(x: torch.Tensor, w: Int8Weight, config: dict | None = None) -> 
     g = w.g_idx if w.g_idx is not None else w.qweight
     args = (x2, w.qweight, w.scales, z, g, y, M, N, K, w.group_size, x2.stride(0), x2.stride(1),
             w.qweight.stride(0), w.qweight.stride(1), w.scales.stride(0), w.scales.stride(1), y.stride(0), y.stride(1))
-    flags = dict(HAS_ZEROS=w.zeros is not None, HAS_GIDX=w.g_idx is not None, DOT_FP32=dot_in_fp32(x2.dtype))
+    flags = dict(HAS_ZEROS=w.zeros is not None, SYM_ZERO=symmetric_zero(8), HAS_GIDX=w.g_idx is not None,
+                 DOT_FP32=dot_in_fp32(x2.dtype))
     if config is None and not interpreting():
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _w8a16_tuned[grid](*args, **flags)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit.core.quant import dequantize, group_index
+from quantkit.core.quant import dequantize, group_index, symmetric_zero
 from quantkit.pack.bits import pack_bits, packed_row_bytes, unpack_bits
 
 
@@ -83,7 +83,7 @@ class QuantLinear(nn.Module):
     def zero_points(self) -> torch.Tensor:
         if self.qzeros is not None:
             return self.qzeros.float()
-        return torch.full(self.scales.shape, float(2 ** (self.bits - 1)), device=self.scales.device)
+        return torch.full(self.scales.shape, float(symmetric_zero(self.bits)), device=self.scales.device)
 
     def group_map(self) -> torch.Tensor:
         if self.g_idx is not None:

@@ -143,7 +143,7 @@ def test_float32_perplexity_on_the_cpu_path_equals_the_reference(native, stories
     """Windows of many rows take the exact float32 path: a packed float32 model's perplexity on
     the default CPU path is the reference backend's (GPTQ's published protocol is float32)."""
     from quantkit import api
-    from quantkit.checkpoint.packed import pack_model
+    from quantkit.runtime.swap import pack_model
     from quantkit.eval.perplexity import perplexity
     from quantkit.runtime.backends import reset_backends, use_backend
 
