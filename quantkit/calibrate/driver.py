@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from quantkit.core.types import CompressionResult, LayerRecord
-from quantkit.models.arch import ArchSpec, LinearGroup, arch_for, get_module, set_module
+from quantkit.models.arch import ArchSpec, LinearGroup, arch_for, get_module, set_module, weight_out_in
 from quantkit.core.hessian import HessianAccumulator
 from quantkit.core.stats import ActStats
 
@@ -110,11 +110,6 @@ class BlockHooks:
         """Block ``index`` is compressed and ``inputs`` hold the next block's inputs."""
 
 
-def _linear_weight(mod: nn.Module, transposed: bool) -> torch.Tensor:
-    w = mod.weight.data
-    return w.t() if transposed else w  # always [out, in]
-
-
 class BlockContext:
     """What a method sees of one block: its linears, cached inputs and a statistics collector."""
 
@@ -140,7 +135,7 @@ class BlockContext:
 
     def weight(self, name: str) -> torch.Tensor:
         """Float32 copy of a linear's weight as ``[out, in]``."""
-        return _linear_weight(self.module(name), self.arch.transposed).float().clone()
+        return weight_out_in(self.module(name), self.arch.transposed).float().clone()
 
     def set_weight(self, name: str, w: torch.Tensor) -> None:
         mod = self.module(name)
@@ -182,7 +177,7 @@ class BlockContext:
         handles = []
         for g in groups:
             first = self.module(g.linears[0])
-            in_f = _linear_weight(first, self.arch.transposed).shape[1]
+            in_f = weight_out_in(first, self.arch.transposed).shape[1]
             acc = HessianAccumulator(in_f) if kind == "hessian" else ActStats(in_f)
             for name in g.linears:
                 stats[name] = acc

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quantkit.models.arch import LinearGroup, get_module
+from quantkit.models.arch import LinearGroup, get_module, weight_out_in
 from quantkit.errors import QuantkitError
 
 FOLDABLE_KINDS = ("norm", "layernorm", "linear")
@@ -70,17 +70,12 @@ class ClipResult:
         return ClipResult(f"{prefix}.{self.module}" if prefix else self.module, self.max_val, self.group_size)
 
 
-def _weight_out_in(mod: nn.Module, transposed: bool) -> torch.Tensor:
-    """A view of a linear's weight as ``[out, in]`` (GPT-2's Conv1D stores ``[in, out]``)."""
-    return mod.weight.data.t() if transposed else mod.weight.data
-
-
 def _in_features(mod: nn.Module, transposed: bool) -> int:
-    return _weight_out_in(mod, transposed).shape[1]
+    return weight_out_in(mod, transposed).shape[1]
 
 
 def _out_features(mod: nn.Module, transposed: bool) -> int:
-    return _weight_out_in(mod, transposed).shape[0]
+    return weight_out_in(mod, transposed).shape[0]
 
 
 def fold_blocker(root: nn.Module, group: LinearGroup, transposed: bool = False) -> str | None:
@@ -111,7 +106,7 @@ def fold_scales(root: nn.Module, res: ScaleResult, *, transposed: bool = False, 
         raise QuantkitError(f"scales for {res.prev_op} must be finite and positive")
     prev = get_module(root, res.prev_op)
     if res.prev_kind == "linear":
-        w = _weight_out_in(prev, transposed)  # [out_prev, in_prev]
+        w = weight_out_in(prev, transposed)  # [out_prev, in_prev]
         if w.shape[0] != s.numel():
             raise QuantkitError(f"cannot fold {s.numel()} scales into the {w.shape[0]} outputs of {res.prev_op}")
         w.copy_((w.double() / s.to(w.device).unsqueeze(1)).to(w.dtype))
@@ -127,7 +122,7 @@ def fold_scales(root: nn.Module, res: ScaleResult, *, transposed: bool = False, 
     if bias is not None:
         bias.data.copy_((bias.data.double() / s.to(bias.device)).to(bias.dtype))
     for name in res.linears:
-        w = _weight_out_in(get_module(root, name), transposed)  # [out, in]
+        w = weight_out_in(get_module(root, name), transposed)  # [out, in]
         if w.shape[1] != s.numel():
             raise QuantkitError(f"cannot scale {name}'s {w.shape[1]} input columns by {s.numel()} scales")
         w.copy_((w.double() * s.to(w.device).unsqueeze(0)).to(w.dtype))
@@ -144,5 +139,5 @@ def clip_weight(w: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torc
 @torch.no_grad()
 def apply_clip(root: nn.Module, res: ClipResult, *, transposed: bool = False) -> None:
     """Clamp ``res.module``'s weight in place (see :func:`clip_weight`)."""
-    w = _weight_out_in(get_module(root, res.module), transposed)
+    w = weight_out_in(get_module(root, res.module), transposed)
     w.copy_(clip_weight(w.float(), res.max_val.float(), res.group_size).to(w.dtype))

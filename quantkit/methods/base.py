@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from quantkit.models.arch import ArchSpec, arch_for, get_module
-from quantkit.calibrate.driver import BlockContext, _linear_weight
+from quantkit.models.arch import ArchSpec, arch_for, get_module, weight_out_in
+from quantkit.calibrate.driver import BlockContext
 from quantkit.core.types import CompressionResult, LayerRecord, QuantizedWeight
 from quantkit.errors import QuantkitError
 from quantkit.core.hessian import HessianAccumulator
@@ -83,7 +83,7 @@ def check_group_sizes(model, arch: ArchSpec, config: WeightQuantConfig) -> None:
     blocks = arch.blocks(model)
     for i, block in enumerate(blocks):
         for name in arch.linear_names():
-            in_f = _linear_weight(get_module(block, name), arch.transposed).shape[1]
+            in_f = weight_out_in(get_module(block, name), arch.transposed).shape[1]
             full = f"{arch.blocks_path}.{i}.{name}"
             spec = config.spec_for(full)
             if spec is not None:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.models.arch import get_module
-from quantkit.calibrate.driver import BlockContext, BlockMethod, _linear_weight
+from quantkit.models.arch import get_module, weight_out_in
+from quantkit.calibrate.driver import BlockContext, BlockMethod
 from quantkit.core.types import CompressionResult, LayerRecord
 from quantkit.errors import QuantkitError
 from quantkit.methods.base import check_module_patterns
@@ -87,7 +87,7 @@ class PruneMethod(BlockMethod):
         for i, block in enumerate(arch.blocks(model)):
             for name in arch.linear_names():
                 full = f"{arch.blocks_path}.{i}.{name}"
-                in_f = _linear_weight(get_module(block, name), arch.transposed).shape[1]
+                in_f = weight_out_in(get_module(block, name), arch.transposed).shape[1]
                 target = self.config.target_for(full)
                 if target is not None:
                     target.check_layer(full, in_f)

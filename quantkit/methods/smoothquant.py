@@ -26,6 +26,7 @@ from quantkit.calibrate.driver import BlockMethod
 from quantkit.core.types import LayerRecord, W8A8Weight
 from quantkit.errors import QuantkitError
 from quantkit.core.quant import QuantSpec, quantize_rtn
+from quantkit.methods.base import check_module_patterns
 from quantkit.registry import register_method
 from quantkit.core.transforms import ScaleResult, fold_blocker, fold_scales
 
@@ -51,11 +52,7 @@ class SmoothQuantConfig:
         if (self.bits, self.group_size, self.sym) != (8, -1, True):
             raise QuantkitError("smoothquant is W8A8: int8 per-channel symmetric weights (bits=8, group_size=-1, sym); "
                                 f"got bits={self.bits}, group_size={self.group_size}, sym={self.sym}")
-        for pattern in self.ignore:
-            try:
-                re.compile(pattern)
-            except (re.error, TypeError) as e:
-                raise QuantkitError(f"bad ignore pattern {pattern!r}: {e}") from None
+        check_module_patterns(self.ignore, ())
 
 
 def smooth_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
@@ -173,3 +174,8 @@ def arch_for(model: nn.Module) -> ArchSpec:
     for name in spec.linear_names():
         get_module(blocks[0], name)
     return spec
+
+
+def weight_out_in(mod: nn.Module, transposed: bool) -> torch.Tensor:
+    """A view of a linear's weight as ``[out, in]`` (GPT-2's Conv1D stores ``[in, out]``)."""
+    return mod.weight.data.t() if transposed else mod.weight.data
