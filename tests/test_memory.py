@@ -39,5 +39,10 @@ def test_compression_commands_keep_triton_out_of_a_cpu_process():
     assert _run(["quantize"], TRITON_INTERPRET="1") == ["False", "imported"]  # explicitly asked for the interpreter
 
 
-def test_peak_rss_is_plausible():
-    assert 10 * 2**20 < peak_rss_bytes() < 64 * 2**30
+def test_peak_rss_sees_a_300_mb_allocation():
+    """Two fresh interpreters, one of which touches 300 MB: the reported peaks differ by about that."""
+    prog = "import sys; from quantkit.memory import peak_rss_bytes; b = b'x' * int(sys.argv[1]); print(peak_rss_bytes())"
+    env = {"PATH": os.environ.get("PATH", "")}  # a plain interpreter (no settings inherited from the test session)
+    peaks = [int(subprocess.run([sys.executable, "-c", prog, str(n)], capture_output=True, text=True, check=True, env=env).stdout)
+             for n in (0, 300 * 2**20)]
+    assert 250 * 2**20 < peaks[1] - peaks[0] < 400 * 2**20

@@ -44,20 +44,15 @@ def test_dead_inputs_are_zeroed_and_do_not_crash():
     h = HessianAccumulator(w.shape[1])
     h.add(x)
     qw, w_hat, loss, damp = gptq_quantize(w, h.H, QuantSpec(4, 32, True))
-    assert torch.isfinite(w_hat).all()
+    assert torch.isfinite(w_hat).all() and loss >= 0
+    assert torch.all(w_hat[:, 10] == 0) and torch.all(qw.q[:, 10] == 8)  # the dead column is the grid's zero
+    assert (w_hat[:, :10] != 0).float().mean() > 0.5  # the live columns keep their weights
 
 
 def test_singular_hessian_raises_damping_or_reports_failure():
     w = torch.randn(8, 16)
     H = -torch.eye(16)  # never positive definite
     assert gptq_quantize(w, H, QuantSpec(4, 16)) is None
-
-
-def test_gptq_is_deterministic():
-    w, x, H = _outlier_layer(seed=3)
-    a = gptq_quantize(w, H, QuantSpec(4, 32), act_order=True)
-    b = gptq_quantize(w, H, QuantSpec(4, 32), act_order=True)
-    assert torch.equal(a[0].q, b[0].q) and torch.equal(a[0].scales, b[0].scales)
 
 
 def test_default_is_act_order_with_static_groups():
