@@ -113,12 +113,20 @@ def test_cpu_path_matches_reference(bits, group_size, sym, act_order, layout, dt
 
 
 def test_reference_backend_is_the_dequantized_matmul():
-    m = make_qlinear(bias=True)
-    x = torch.randn(4, 128)
+    """The reference path equals a matmul with the weight rebuilt from the codes by hand (the
+    grid's definition, ``(q - z) * s`` per group), not with the module's own dequantization."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 128, generator=g)
+    q, s, z = quantize_rtn(w, QuantSpec(4, 64, False))  # [32, 128] codes, [32, 2] scales/zeros
+    b = torch.randn(32, generator=g)
+    m = QuantLinear.from_codes(q, s, z, 4, 64, False, bias=b)
+    w_hand = ((q.float() - z.repeat_interleave(64, dim=1)) * s.repeat_interleave(64, dim=1))  # [32, 128]
+    x = torch.randn(4, 128, generator=g)
     with use_backend("reference"):
         y = m(x)
     assert m._backend is reference_forward
-    assert torch.equal(y, nn.functional.linear(x, m.dequantized_weight(), m.bias))
+    assert torch.allclose(y, x @ w_hand.T + b, rtol=1e-5, atol=1e-5)
+    assert (w_hand - w).abs().max() < s.max()  # and it is the original weight on its grid
 
 
 def test_backend_is_chosen_once_and_reset():
