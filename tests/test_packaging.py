@@ -64,9 +64,10 @@ def test_pyproject_lists_every_package_and_ships_the_kernel_sources():
     assert listed - on_disk == {"quantkit.kernels.csrc"}
     assert cfg["package-dir"] == {"quantkit.kernels.csrc": "kernels"}
     assert sorted(p.name for p in (ROOT / "kernels").glob("*.c"))
-    from quantkit.kernels import cpu_native
+    from quantkit.kernels.native import build
 
-    assert cpu_native.SOURCE.is_file() and cpu_native.SOURCE.parent in (ROOT / "kernels", Path(cpu_native.__file__).with_name("csrc"))
+    assert build.SOURCE_DIR in (ROOT / "kernels", Path(build.__file__).parents[1] / "csrc")
+    assert all(p.is_file() and p.parent == build.SOURCE_DIR for p in (build.HEADER, *build.SOURCES))
 
 
 def test_bounded_dependencies_match_the_constraints_file():

@@ -1,5 +1,5 @@
 """Kernels for packed weights: Triton (GPU, and its interpreter in tests), quantkit's native CPU
-int4 kernel (``cpu_int4.c``, built on first use by :mod:`~quantkit.kernels.cpu_native`),
+kernels (C sources in ``kernels/``, built on first use by :mod:`~quantkit.kernels.native`),
 PyTorch's CPU low-bit ops, and a pure-torch reference for each.
 
 Which one runs is decided in one place, :mod:`quantkit.runtime.backends`; nothing here looks

@@ -1,7 +1,7 @@
 """CPU fast paths, fed layouts converted once at load.
 
 * int4 (any format with <= 4 bits), first choice: quantkit's own kernel
-  (:mod:`quantkit.kernels.cpu_native`, AVX-512 BF16, built on first use): bf16 products and
+  (:mod:`quantkit.kernels.native`, AVX-512 BF16, built on first use): bf16 products and
   float32 sums, float32 or bf16 activations in and out with no cast ops, the bias added inside,
   2-3x the speed of PyTorch's op.  Float32 activations of a sequence of at least
   ``FP32_EXACT_MIN_TOKENS`` positions (prefill, perplexity) are instead multiplied in float32
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quantkit.kernels import cpu_native
-from quantkit.kernels.cpu_native import NativeInt4Weight
+from quantkit.kernels.native import int4 as native_int4
+from quantkit.kernels.native.int4 import NativeInt4Weight
 from quantkit.kernels.layout import group_map
 from quantkit.core.quant import dequantize
 
@@ -100,7 +100,7 @@ def cpu_int4_weight(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
         return None
     q, perm = sorted_
     if native:
-        w = cpu_native.int4_weight(q, scales, zeros, perm, group_size)
+        w = native_int4.int4_weight(q, scales, zeros, perm, group_size)
         if w is not None:
             return w
     op_group = next((g for g in CPU_INT4_GROUP_SIZES if group_size % g == 0 and k % g == 0), None)
@@ -128,8 +128,8 @@ def cpu_int4_matmul(x: torch.Tensor, w: NativeInt4Weight | CpuInt4Weight, bias: 
             return _int4_exact_fp32(x, w, bias)
         if x.dtype in (torch.float32, torch.bfloat16):
             b = None if bias is None else bias.float().contiguous()  # a no-op for float32 biases
-            return cpu_native.int4_matmul(x, w, b)
-        y = cpu_native.int4_matmul(x.to(COMPUTE_DTYPE), w, None if bias is None else bias.float())
+            return native_int4.int4_matmul(x, w, b)
+        y = native_int4.int4_matmul(x.to(COMPUTE_DTYPE), w, None if bias is None else bias.float())
         return y.to(x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
     if x2.dtype != COMPUTE_DTYPE:
@@ -152,12 +152,12 @@ def _int4_exact_fp32(x: torch.Tensor, w: NativeInt4Weight, bias: torch.Tensor | 
     n = w.out_features
     rows = max(16, DEQUANT_CHUNK_ELEMENTS // w.in_features // 16 * 16)
     if rows >= n:
-        y = F.linear(x2, cpu_native.dequantize_rows(w, 0, n, torch.float32), None if bias is None else bias.float())
+        y = F.linear(x2, native_int4.dequantize_rows(w, 0, n, torch.float32), None if bias is None else bias.float())
     else:
         y = torch.empty(x2.shape[0], n, dtype=torch.float32)
         for start in range(0, n, rows):
             stop = min(n, start + rows)
-            y[:, start:stop] = x2 @ cpu_native.dequantize_rows(w, start, stop, torch.float32).t()
+            y[:, start:stop] = x2 @ native_int4.dequantize_rows(w, start, stop, torch.float32).t()
         if bias is not None:
             y += bias.float()
     return y.reshape(*x.shape[:-1], n)

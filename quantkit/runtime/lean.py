@@ -30,7 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantkit.kernels.native.build import available as native_available
+from quantkit.kernels.native.matvec import bf16_matvec
 from quantkit.models.arch import arch_for, get_module
+from quantkit.runtime.native_decode import build_plan
 
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
@@ -137,7 +140,7 @@ class LeanLM:
             raise ValueError(f"the lean cache holds {self.max_len} positions; {end} needed")
         if n == 1 and b == 1 and self.native and self._native_plan():
             x = self.embed(ids)[0, 0].float().contiguous()
-            self._plan.step(x, start, self._cos32[start], self._sin32[start])
+            self._plan.step(x, start)
             self.pos = end
             return self._logits(_rms(x.to(self.dtype)[None], self.norm.weight, self.eps))
         cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # [n, 1, hd]: broadcast over heads
@@ -169,11 +172,8 @@ class LeanLM:
         """``[b, hidden] -> [b, vocab]`` float32: a bf16 head for one sequence on quantkit's native
         matrix-vector product (PyTorch's reads ~9 GB/s on a CPU), anything else through the module."""
         if self._head_matvec and h.shape[0] == 1:
-            from quantkit.kernels.cpu_native import bf16_matvec
-
             return bf16_matvec(h[0], self.head.weight)[None]
         return self.head(h).float()
-
 
     @property
     def native_step(self) -> bool:
@@ -182,45 +182,16 @@ class LeanLM:
 
     def _native_plan(self) -> bool:
         """Whether every block can run as one native call per token (quantkit's int4 CPU kernel on
-        all seven linears, biases only on q/k/v, no q/k norms, batch 1); builds the plan once."""
+        all seven linears, biases only on q/k/v, no q/k norms, batch 1); builds the plan once
+        (:func:`quantkit.runtime.native_decode.build_plan`)."""
         if self._plan is None:
-            self._plan = _build_plan(self) or False
+            self._plan = build_plan(self) or False
         return self._plan is not False
 
 
 def _bf16_head(head: nn.Module) -> bool:
-    from quantkit.kernels import cpu_native
-
     return (type(head) is nn.Linear and head.bias is None and head.weight.dtype == torch.bfloat16
-            and head.weight.is_contiguous() and cpu_native.available())
-
-
-def _build_plan(lm: LeanLM):
-    from quantkit.kernels import cpu_native
-    from quantkit.runtime.qlinear import QuantLinear
-
-    if not cpu_native.available() or lm.k_cache[0].shape[0] != 1 or lm.attn_dtype != torch.float32:
-        return None
-    if lm.layers[0].q_norm is not None or lm.n_heads % lm.n_kv or lm.head_dim > 1024:
-        return None
-    layers = []
-    for lay, kc, vc in zip(lm.layers, lm.k_cache, lm.v_cache):
-        mods = (lay.q, lay.k, lay.v, lay.o, lay.gate, lay.up, lay.down)
-        if not all(isinstance(m, QuantLinear) for m in mods) or any(m.bias is not None for m in mods[3:]):
-            return None
-        for m in mods:
-            if m._backend is None:  # the kernel layout is made at a module's first forward
-                m(torch.zeros(1, 1, m.in_features, dtype=lm.dtype))
-        weights = tuple(getattr(m, "_kernel_weight", None) for m in mods)
-        if not all(isinstance(w, cpu_native.NativeInt4Weight) for w in weights):
-            return None
-        biases = tuple(None if m.bias is None else m.bias.detach().float().contiguous() for m in mods[:3])
-        layers.append(cpu_native.DecodeLayer(weights, biases, lay.attn_norm.weight.detach().float().contiguous(),
-                                             lay.mlp_norm.weight.detach().float().contiguous(), lay.eps1, lay.eps2,
-                                             kc[0], vc[0]))
-    lm._cos32, lm._sin32 = lm.cos.float().contiguous(), lm.sin.float().contiguous()
-    return cpu_native.DecodePlan(layers, lm.n_heads, lm.n_kv, lm.head_dim, layers[0].weights[4].out_features,
-                                 lm.max_len, lm.scaling)
+            and head.weight.is_contiguous() and native_available())
 
 
 def _eps(norm: nn.Module) -> float:

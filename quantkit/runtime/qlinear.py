@@ -52,7 +52,8 @@ class QuantLinear(nn.Module):
         else:
             self.g_idx = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
-        self._backend = None
+        self._backend = None  # the forward chosen at the first call (quantkit.runtime.backends)
+        self._kernel_weight = None  # the weight converted for it
 
     # ---- construction -------------------------------------------------------------
     @classmethod
@@ -98,11 +99,26 @@ class QuantLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.qzeros, self.g_idx) if t is not None)
 
     # ---- compute ------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare(self, like: torch.Tensor) -> None:
+        """Choose the kernel path for inputs like ``like`` (its device) and convert the weight for
+        it, as the first forward does; nothing once chosen (until ``reset_backends``)."""
         if self._backend is None:
             from quantkit.runtime.backends import select_backend
 
-            self._backend = select_backend(self, x)
+            self._backend = select_backend(self, like)
+
+    @property
+    def kernel_weight(self):
+        """The weight as the chosen kernel path reads it (e.g. a ``NativeInt4Weight`` on quantkit's
+        CPU kernel); None before :meth:`prepare` / the first forward, or on the reference path.
+
+            >>> m.prepare(x); m.kernel_weight     # doctest: +SKIP
+        """
+        return self._kernel_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._backend is None:
+            self.prepare(x)
         return self._backend(self, x)
 
     def extra_repr(self) -> str:

@@ -64,9 +64,9 @@ def test_run_benches_interleaves_and_renders():
     assert set(res) == {"f", "q"} and all(r["repeat"] == 2 for r in res.values())
     table = bench_table(list(res.items()))
     assert table.row_count == 4  # a pp and a tg row per model
-    from quantkit.kernels import cpu_native
+    from quantkit.kernels.native import build
 
-    assert res["f"]["forward"] == "lean" and res["q"]["forward"] == ("lean-native" if cpu_native.available() else "lean")
+    assert res["f"]["forward"] == "lean" and res["q"]["forward"] == ("lean-native" if build.available() else "lean")
     res = run_benches({"f": tiny_llama(), "opt": tiny_opt()}, prompt_len=3, gen_len=2, repeat=1, bandwidth=1e10)
     assert res["f"]["forward"] == "lean" and res["opt"]["forward"] == "transformers"  # unsupported: transformers'
     res = run_benches({"f": tiny_llama()}, prompt_len=3, gen_len=2, repeat=1, bandwidth=1e10, lean=False)

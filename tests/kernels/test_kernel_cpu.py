@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quantkit.kernels import cpu_native
+from quantkit.kernels.native import build as native_build
 from quantkit.kernels.cpu import (
     CpuInt4Weight,
     NativeInt4Weight,
@@ -31,7 +31,7 @@ def _zeros(s, z, bits):
     return z if z is not None else torch.full_like(s, 2 ** (bits - 1))
 
 
-NATIVE = [pytest.param(True, marks=pytest.mark.skipif(not cpu_native.available(), reason="native int4 kernel unavailable")),
+NATIVE = [pytest.param(True, marks=pytest.mark.skipif(not native_build.available(), reason="native int4 kernel unavailable")),
           False]
 
 
@@ -68,7 +68,7 @@ def test_cpu_int4_declines_what_no_path_can_do(native, make_format):
 def test_torch_op_fallback_declines_group_16_that_native_takes(make_format):
     q, s, z, g = make_format(16, 48, 16)
     assert cpu_int4_weight(q, s, _zeros(s, z, 4), g, 16, native=False) is None
-    if cpu_native.available():
+    if native_build.available():
         assert isinstance(cpu_int4_weight(q, s, _zeros(s, z, 4), g, 16), NativeInt4Weight)
 
 

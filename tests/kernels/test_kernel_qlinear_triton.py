@@ -39,5 +39,5 @@ def test_quantlinear_triton_path(bits, group_size, sym, act_order, layout, m, cl
     reset_backends(lin)
     with use_backend("triton"):
         y = lin(x)
-    assert isinstance(lin._kernel_weight, layout)
+    assert isinstance(lin.kernel_weight, layout)
     close(y, ref, torch.float32)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.kernels import cpu_native
+from quantkit.kernels.native import build as native_build
 from quantkit.kernels.cpu import CpuInt4Weight, CpuInt8Weight, DenseWeight, NativeInt4Weight
 from quantkit.core.quant import QuantSpec, quantize_rtn
 from quantkit.runtime import backends
@@ -86,7 +86,7 @@ def test_bad_settings_are_one_line_errors(monkeypatch):
 
 
 # ---- each CPU path through QuantLinear ----------------------------------------------------------
-INT4 = NativeInt4Weight if cpu_native.available() else CpuInt4Weight  # quantkit's kernel, else PyTorch's op
+INT4 = NativeInt4Weight if native_build.available() else CpuInt4Weight  # quantkit's kernel, else PyTorch's op
 
 
 @pytest.mark.parametrize("bits,group_size,sym,act_order,layout", [
@@ -107,7 +107,7 @@ def test_cpu_path_matches_reference(bits, group_size, sym, act_order, layout, dt
         ref = m(x.float())
     reset_backends(m)
     y = m(x)
-    assert isinstance(m._kernel_weight, layout)
+    assert isinstance(m.kernel_weight, layout)
     assert y.dtype == dtype and y.shape == (2, 3, 24)  # float32 in -> float32 out (bf16 inside)
     assert rel_err(y, ref) < BF16_TOL
 
@@ -140,6 +140,21 @@ def test_backend_is_chosen_once_and_reset():
         assert reset_backends(nn.Sequential(m)) == 1
         m(x)
         assert m._backend is reference_forward  # ...until reset
+
+
+def test_prepare_chooses_the_path_once_and_exposes_its_weight():
+    m = make_qlinear()
+    assert m.kernel_weight is None  # nothing chosen before the first forward
+    m.prepare(torch.zeros(1, 128))
+    first = m.kernel_weight
+    assert isinstance(first, INT4)
+    m.prepare(torch.zeros(1, 128))
+    m(torch.randn(1, 128))
+    assert m.kernel_weight is first  # chosen once: prepare and forward keep it
+    with use_backend("reference"):
+        reset_backends(m)
+        m.prepare(torch.zeros(1, 128))
+        assert m.kernel_weight is None and m._backend is reference_forward
 
 
 def test_kernel_weight_bytes_counts_the_converted_layout():

@@ -97,38 +97,3 @@ def test_unsupported_models_say_why():
     lm = LeanLM(tiny_llama(0), max_len=8)
     with pytest.raises(ValueError, match="holds 8 positions"):
         lm.forward(torch.zeros(1, 9, dtype=torch.long))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_decode_step_matches_the_torch_forward(stories, dtype):
-    """The one-call-per-token native step (every linear int4 on quantkit's CPU kernel) against the
-    lean forward's torch ops on the same modules: the reference it is tested against."""
-    from quantkit.kernels import cpu_native
-
-    if not cpu_native.available():
-        pytest.skip(f"native kernel unavailable: {cpu_native.library()}")
-    model, _ = stories
-    api.compress(model, "rtn", {"bits": 4, "group_size": -1}, pack=True)
-    model = model.to(dtype)
-    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(4))
-    native, torch_ops = LeanLM(model, 40), LeanLM(model, 40, native=False)
-    with torch.inference_mode():
-        a, b = native.forward(ids), torch_ops.forward(ids)
-        for _ in range(12):
-            tok = b.argmax(-1, keepdim=True)
-            a, b = native.forward(tok), torch_ops.forward(tok)
-            tol = 1e-3 if dtype == torch.float32 else 0.05
-            assert (a - b).abs().max() <= tol * b.abs().max()
-    assert native._plan is not False and torch_ops._plan is None  # the native step did run
-    for kn, kt in zip(native.k_cache, torch_ops.k_cache):  # and wrote the same cache
-        assert (kn - kt).abs().max() <= (1e-4 if dtype == torch.float32 else 0.02) * kt.abs().max()
-
-
-def test_native_step_declines_what_it_cannot_run(stories):
-    """A float model (no int4 kernel weights) or a batch of two: the torch ops, same results."""
-    model, _ = stories
-    lm = LeanLM(model, 16)
-    with torch.inference_mode():
-        lm.forward(torch.tensor([[1, 2, 3]]))
-        lm.forward(torch.tensor([[4]]))
-    assert lm._plan is False

@@ -1,4 +1,4 @@
-"""quantkit's native CPU int4 kernel (kernels/cpu_int4.c) against the pure-torch reference."""
+"""quantkit's native int4 kernel (kernels/int4_gemm.c, quantkit/kernels/native/int4.py) against the pure-torch reference."""
 
 import copy
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from quantkit.kernels import cpu as cpu_kernels
-from quantkit.kernels import cpu_native
+from quantkit.kernels.native import build, int4
 from quantkit.kernels.layout import group_map
 from quantkit.core.quant import dequantize
 
-pytestmark = pytest.mark.skipif(not cpu_native.available(), reason=f"native int4 kernel unavailable: {cpu_native.library()}")
+pytestmark = pytest.mark.skipif(not build.available(), reason=f"native int4 kernel unavailable: {build.library()}")
 
 BF16 = torch.bfloat16
 # bf16 activations (8-bit mantissa), float32 sums: ~2e-3 relative; the float32 path is exact up to summation order
@@ -48,10 +48,10 @@ def _rel(y, ref):
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 def test_matches_reference(m, n, k, gs, sym, act, dtype):
     q, s, z, perm = _format(n, k, gs, sym, act)
-    w = cpu_native.int4_weight(q, s, z, perm, k if gs == -1 else gs)
+    w = int4.int4_weight(q, s, z, perm, k if gs == -1 else gs)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(dtype)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(3))
-    y = cpu_native.int4_matmul(x, w, bias)
+    y = int4.int4_matmul(x, w, bias)
     assert y.dtype == dtype and y.shape == (m, n)
     xs = x if perm is None else x[:, perm]
     W = _weight_in_layout_order(q, s, z, gs)
@@ -64,11 +64,11 @@ def test_matches_reference(m, n, k, gs, sym, act, dtype):
 @pytest.mark.parametrize("n,k,gs,sym", [(40, 172, -1, False), (33, 128, 32, True), (16, 64, 64, False)])
 def test_dequantize_is_exact(n, k, gs, sym):
     q, s, z, _ = _format(n, k, gs, sym)
-    w = cpu_native.int4_weight(q, s, z, None, k if gs == -1 else gs)
+    w = int4.int4_weight(q, s, z, None, k if gs == -1 else gs)
     ref = _weight_in_layout_order(q, s, z, gs)
-    assert torch.equal(cpu_native.dequantize_rows(w, 0, n, torch.float32), ref)
-    assert torch.equal(cpu_native.dequantize_rows(w, 16, n, torch.float32), ref[16:])
-    assert torch.equal(cpu_native.dequantize_rows(w, 0, n, BF16), ref.to(BF16))
+    assert torch.equal(int4.dequantize_rows(w, 0, n, torch.float32), ref)
+    assert torch.equal(int4.dequantize_rows(w, 16, n, torch.float32), ref[16:])
+    assert torch.equal(int4.dequantize_rows(w, 0, n, BF16), ref.to(BF16))
 
 
 @pytest.mark.parametrize("act", [False, True])
@@ -89,14 +89,14 @@ def test_many_float32_rows_take_the_exact_path(act, monkeypatch):
 
 def test_threads_do_not_change_the_result():
     q, s, z, _ = _format(1024, 512, 64)
-    w = cpu_native.int4_weight(q, s, z, None, 64)
+    w = int4.int4_weight(q, s, z, None, 64)
     x = torch.randn(3, 512).to(BF16)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        y1 = cpu_native.int4_matmul(x, w)
+        y1 = int4.int4_matmul(x, w)
         torch.set_num_threads(2)
-        y2 = cpu_native.int4_matmul(x, w)
+        y2 = int4.int4_matmul(x, w)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(y1, y2)
@@ -104,38 +104,25 @@ def test_threads_do_not_change_the_result():
 
 def test_layout_survives_deepcopy():
     q, s, z, _ = _format(16, 64, 32)
-    w = cpu_native.int4_weight(q, s, z, None, 32)
+    w = int4.int4_weight(q, s, z, None, 32)
     x = torch.randn(1, 64)
     w2 = copy.deepcopy(w)
     assert w2.desc.contents.w == w2.w.data_ptr() != w.w.data_ptr()
     del w
-    assert torch.equal(cpu_native.int4_matmul(x, w2), cpu_native.int4_matmul(x, copy.deepcopy(w2)))
-
-
-def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv("QUANTKIT_NATIVE", "0")
-    cpu_native.library.cache_clear()
-    try:
-        assert not cpu_native.available() and "QUANTKIT_NATIVE" in str(cpu_native.library())
-        q, s, z, _ = _format(16, 64, 32)
-        assert isinstance(cpu_kernels.cpu_int4_weight(q, s, z, None, 32), cpu_kernels.CpuInt4Weight)  # PyTorch's op
-    finally:
-        monkeypatch.delenv("QUANTKIT_NATIVE")
-        cpu_native.library.cache_clear()
-    assert cpu_native.available()
+    assert torch.equal(int4.int4_matmul(x, w2), int4.int4_matmul(x, copy.deepcopy(w2)))
 
 
 def test_custom_op_matches_the_direct_call():
     """What torch.compile calls (``quantkit::int4_mm``) computes what eager calls."""
     q, s, z, perm = _format(24, 64, 32, sym=False, act=True)
-    w = cpu_native.int4_weight(q, s, z, perm, 32)
+    w = int4.int4_weight(q, s, z, perm, 32)
     x = torch.randn(2, 64)
     y = torch.ops.quantkit.int4_mm(x, w.w, w.s16, w.z, w.perm, None, w.in_features, w.k_padded, w.group_size,
                                    w.out_features, w.zconst)
-    assert torch.equal(y, cpu_native.int4_matmul(x, w))
+    assert torch.equal(y, int4.int4_matmul(x, w))
     d = torch.ops.quantkit.int4_dequant(w.w, w.s16, w.z, w.in_features, w.k_padded, w.group_size, w.zconst, 0, 24,
                                         torch.float32)
-    assert torch.equal(d, cpu_native.dequantize_rows(w, 0, 24, torch.float32))
+    assert torch.equal(d, int4.dequantize_rows(w, 0, 24, torch.float32))
 
 
 @pytest.mark.parametrize("native", ["1", "0"])
@@ -155,61 +142,13 @@ def test_float32_perplexity_on_the_cpu_path_equals_the_reference(native, stories
         ref = perplexity(model, eval_windows[:4])["perplexity"]
     reset_backends(model)
     monkeypatch.setenv("QUANTKIT_NATIVE", native)  # "0": PyTorch's op layout, float32 prefill by the reference
-    cpu_native.library.cache_clear()
+    build.library.cache_clear()
     try:
         with use_backend("cpu"):
             fast = perplexity(model, eval_windows[:4])["perplexity"]
-            layout = cpu_native.NativeInt4Weight if native == "1" else cpu_kernels.CpuInt4Weight
-            assert isinstance(model.model.layers[0].self_attn.q_proj._kernel_weight, layout)
+            layout = int4.NativeInt4Weight if native == "1" else cpu_kernels.CpuInt4Weight
+            assert isinstance(model.model.layers[0].self_attn.q_proj.kernel_weight, layout)
     finally:
         monkeypatch.delenv("QUANTKIT_NATIVE")
-        cpu_native.library.cache_clear()
+        build.library.cache_clear()
     assert abs(fast - ref) / ref < 1e-5
-
-
-def _rebuild_with(monkeypatch, tmp_path, cc: str):
-    monkeypatch.setenv("CC", cc)
-    monkeypatch.setenv("QUANTKIT_CACHE_DIR", str(tmp_path / "cache"))
-    cpu_native.library.cache_clear()
-
-
-def test_build_falls_back_to_one_thread_without_openmp_and_to_torch_without_a_compiler(monkeypatch, tmp_path):
-    import shutil
-
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    no_omp = tmp_path / "cc-no-openmp"
-    no_omp.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {gcc} "$@"\n')
-    no_omp.chmod(0o755)
-    q, s, z, _ = _format(16, 64, 32)
-    x = torch.randn(2, 64)
-    try:
-        _rebuild_with(monkeypatch, tmp_path, str(no_omp))
-        assert cpu_native.available()
-        y = cpu_native.int4_matmul(x, cpu_native.int4_weight(q, s, z, None, 32))
-        ref = x.to(BF16).float() @ _weight_in_layout_order(q, s, z, 32).t()
-        assert _rel(y, ref) < 1e-5
-        _rebuild_with(monkeypatch, tmp_path / "other", "false")
-        assert "failed" in str(cpu_native.library())
-        assert isinstance(cpu_kernels.cpu_int4_weight(q, s, z, None, 32), cpu_kernels.CpuInt4Weight)
-    finally:
-        monkeypatch.undo()
-        cpu_native.library.cache_clear()
-    assert cpu_native.available()
-
-
-@pytest.mark.parametrize("n,k", [(1, 2), (7, 576), (49, 100), (300, 64)])
-def test_bf16_matvec_matches_reference(n, k):
-    """The bf16 head's matrix-vector product against float32 math on the same bf16 values."""
-    g = torch.Generator().manual_seed(n + k)
-    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
-    x = torch.randn(k, generator=g)
-    ref = w.float() @ x.to(torch.bfloat16).float()
-    got = cpu_native.bf16_matvec(x, w)
-    assert got.dtype == torch.float32 and got.shape == (n,)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert torch.equal(cpu_native.bf16_matvec(x, w), got)  # a row's sum never depends on the threads
-    finally:
-        torch.set_num_threads(previous)

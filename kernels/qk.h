@@ -1,0 +1,99 @@
+/* quantkit's native CPU kernels: what the three translation units share, and what Python calls.
+ *
+ *   int4_gemm.c    y = x W^T over 4-bit codes (qk_int4_mm) and their exact dequantization (qk_int4_dequant)
+ *   decode_step.c  one decode step of Llama-style blocks, every linear on qk_int4_mm (qk_decode_layers)
+ *   matvec.c       a bf16 matrix-vector product, for an unquantized lm_head at decode (qk_bf16_matvec)
+ *
+ * AVX-512 (F, BW, VL) + AVX512-BF16.  quantkit.kernels.native.build compiles the three into one
+ * shared object (cc -O3 -fopenmp, cached under a hash of every source and the flags) and
+ * quantkit.kernels.native calls it through ctypes.
+ *
+ * The int4 layout, made at load (quantkit.kernels.native.int4) from codes q [N, K] (0..15), fp16
+ * scales s and integer zeros z [N, G]:
+ *
+ *   w   uint8  [N16/16, K8/8, 64]  one 64-byte chunk = 16 rows x 8 columns; its 16-bit word
+ *                                  2r + j holds, in nibble t (bits 4t..4t+3), q[r][k0 + 2t + j]
+ *   s16 fp16   [N16/16, G, 16]     scales, 16 rows of a group side by side
+ *   z   uint8  [N16/16, G, 16]     zero points (NULL: every zero is zconst)
+ *
+ * N16 = N rounded up to 16 (padded rows have scale 0), K8 = K rounded up to 8 (only when the
+ * whole row is one group; padded codes meet zero activations).
+ */
+#ifndef QK_H
+#define QK_H
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint16_t bf16_t;
+
+#define INLINE static inline __attribute__((always_inline))
+
+static inline float bf16_to_f32(bf16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16_t f32_to_bf16(float f) { /* round to nearest even, as torch does (inputs are finite) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (bf16_t)(u >> 16);
+}
+
+/* The four bf16 weight vectors of one 64-byte chunk: nibble t of every 16-bit word as 128 + q
+ * (bf16 holds 128 + q exactly with bits 0x4300 | q). */
+INLINE void unpack_chunk(__m512i p, __m512i v[4]) {
+    const __m512i magic = _mm512_set1_epi16(0x4300), nib = _mm512_set1_epi16(0x000F);
+    v[0] = _mm512_ternarylogic_epi32(p, nib, magic, 0xEA); /* (p & 0xF) | 0x4300 */
+    v[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 4), nib, magic, 0xEA);
+    v[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 8), nib, magic, 0xEA);
+    v[3] = _mm512_or_si512(_mm512_srli_epi16(p, 12), magic);
+}
+
+/* One packed weight, filled once by the caller (fewer arguments to convert per call). */
+typedef struct {
+    const uint8_t *w;
+    const uint16_t *s16;
+    const uint8_t *z;     /* NULL: every zero is zconst */
+    const int64_t *perm;  /* NULL: no act-order */
+    int64_t N, K, K8, gs;
+    float zconst;
+} qk_int4_weight;
+
+/* y [M, N] (float32 or bf16, like x) = x [M, K] @ W^T (+ bias float32 [N]).  Returns 0, or -1 when out of memory. */
+int qk_int4_mm(const qk_int4_weight *d, const void *x, int x_bf16, void *y, int64_t M, const float *bias, int threads);
+
+/* The dequantized rows n0 <= n < n1 (n0 a multiple of 16) of W, in the layout's column order:
+ * out [n1 - n0, K] float32 or bf16, out[n, k] = (q - z) * s rounded once (as the reference computes it). */
+void qk_int4_dequant(const uint8_t *w, const uint16_t *s16, const uint8_t *z, float zconst, int64_t K, int64_t K8,
+                     int64_t gs, int64_t n0, int64_t n1, void *out, int out_bf16, int threads);
+
+/* One block for qk_decode_layers. */
+typedef struct {
+    const qk_int4_weight *q, *k, *v, *o, *gate, *up, *down;
+    const float *bq, *bk, *bv;     /* q/k/v biases or NULL (Qwen2 has them) */
+    const float *norm1, *norm2;    /* RMSNorm weights, float32 [d] */
+    float eps1, eps2;
+    float *k_cache, *v_cache;      /* float32 [nkv, max_len, hd] */
+} qk_layer;
+
+/* The sizes every block of one model shares (nh a multiple of nkv). */
+typedef struct {
+    int64_t d, nh, nkv, hd, inter, max_len;  /* hidden, heads, kv heads, head dim, MLP width, cache positions */
+    float scale;                             /* attention's softmax scale */
+} qk_decode_dims;
+
+/* Decode one position pos of one sequence through n_layers blocks.  x: float32 [d], updated in place.
+ * cos, sin: float32 [hd], this position's RoPE tables.  Returns 0, or -1 when out of memory. */
+int qk_decode_layers(const qk_layer *layers, int n_layers, const qk_decode_dims *dims, float *x, int64_t pos,
+                     const float *cos, const float *sin, int threads);
+
+/* y [N] (float32) = W [N, K] (bf16, row-major) @ x [K] (bf16), float32 sums. */
+void qk_bf16_matvec(const bf16_t *w, const bf16_t *x, float *y, int64_t N, int64_t K, int threads);
+
+#endif

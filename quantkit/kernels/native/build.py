@@ -1,0 +1,158 @@
+"""Build, cache and load quantkit's native CPU kernels (the C sources in the repository's ``kernels/``).
+
+The sources (``qk.h``, ``int4_gemm.c``, ``decode_step.c``, ``matvec.c``) are compiled together into
+one shared object, cached in ``$QUANTKIT_CACHE_DIR`` (default ``~/.cache/quantkit``) under a hash
+of every source, the flags and the compiler's version: changing any of them builds anew.
+
+Requirements, checked once by :func:`library`: x86-64 Linux with AVX-512 (F, BW, VL) and
+AVX512-BF16, and a C compiler (``$CC``, else ``cc``).  OpenMP threads come from the ``libgomp``
+PyTorch already loaded, ``torch.get_num_threads()`` of them.  ``QUANTKIT_NATIVE=0`` disables the
+kernels (PyTorch's ops are used instead).
+
+    >>> lib = library()                 # doctest: +SKIP
+    >>> available()                     # False: lib is a NativeUnavailable saying why
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _source_dir() -> Path:
+    """Where the C sources are: a wheel ships the repository's top-level ``kernels/`` as
+    ``quantkit/kernels/csrc/``; a checkout (editable install) reads ``kernels/`` itself."""
+    shipped = Path(__file__).parents[1] / "csrc"
+    return shipped if shipped.is_dir() else Path(__file__).resolve().parents[3] / "kernels"
+
+
+SOURCE_DIR = _source_dir()
+HEADER = SOURCE_DIR / "qk.h"
+SOURCES = tuple(SOURCE_DIR / name for name in ("int4_gemm.c", "decode_step.c", "matvec.c"))  # one shared object
+CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-strict-aliasing", "-mavx512f", "-mavx512bw", "-mavx512vl",
+          "-mavx512bf16", "-mf16c", "-mfma", "-fopenmp")
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma")
+
+
+class NativeUnavailable(RuntimeError):
+    """Why the kernels cannot be used here (reported once, then PyTorch's ops are used)."""
+
+
+def _cpu_supported() -> str | None:
+    """None if this CPU runs the kernels, else why not (read at run time from ``/proc/cpuinfo``)."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs x86-64 Linux, this is {sys.platform}/{platform.machine()}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError as e:
+        return f"cannot read /proc/cpuinfo: {e}"
+    missing = [f for f in _CPU_FLAGS if f not in flags]
+    return f"the CPU lacks {', '.join(missing)}" if missing else None
+
+
+def cache_key(flags: tuple[str, ...], compiler_version: list[str]) -> str:
+    """16 hex digits over every source file (name and bytes), the flags and the compiler."""
+    h = hashlib.sha256()
+    for path in (HEADER, *SOURCES):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(repr((flags, compiler_version)).encode())
+    return h.hexdigest()[:16]
+
+
+def _build(cache: Path) -> Path:
+    """Compile the sources into ``cache`` (once per sources, flags and compiler) and return the
+    shared object; without OpenMP if the compiler has none (the kernels then run on one thread)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise NativeUnavailable("no C compiler found (set $CC)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout.splitlines()[:1]
+    error = ""
+    for flags in (CFLAGS, tuple(f for f in CFLAGS if f != "-fopenmp")):
+        target = cache / f"quantkit-native-{cache_key(flags, version)}.so"
+        if target.is_file():
+            return target
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            cmd = [cc, *flags, "-I", str(SOURCE_DIR), *map(str, SOURCES), "-o", tmp, "-lm"]
+            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if r.returncode == 0:
+                os.replace(tmp, target)  # atomic: concurrent builders agree on the result
+                return target
+            error = (r.stderr.strip().splitlines() or ["?"])[-1][:300]
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise NativeUnavailable(f"{cc} failed: {error}")
+
+
+class Int4WeightStruct(ctypes.Structure):
+    """``qk_int4_weight`` in qk.h: one packed weight's pointers and sizes, converted once."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("s16", ctypes.c_void_p), ("z", ctypes.c_void_p), ("perm", ctypes.c_void_p),
+                ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("K8", ctypes.c_int64), ("gs", ctypes.c_int64),
+                ("zconst", ctypes.c_float)]
+
+
+class LayerStruct(ctypes.Structure):
+    """``qk_layer`` in qk.h: one block's seven weights, biases, norms and KV cache."""
+
+    _fields_ = [(n, ctypes.POINTER(Int4WeightStruct)) for n in ("q", "k", "v", "o", "gate", "up", "down")] + [
+        ("bq", ctypes.c_void_p), ("bk", ctypes.c_void_p), ("bv", ctypes.c_void_p),
+        ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("eps1", ctypes.c_float), ("eps2", ctypes.c_float),
+        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+class DecodeDimsStruct(ctypes.Structure):
+    """``qk_decode_dims`` in qk.h: the sizes every block of a model shares."""
+
+    _fields_ = [(n, ctypes.c_int64) for n in ("d", "nh", "nkv", "hd", "inter", "max_len")] + [("scale", ctypes.c_float)]
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The C signatures of qk.h, so ctypes converts every argument."""
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.qk_int4_mm.restype = ctypes.c_int
+    lib.qk_int4_mm.argtypes = [ctypes.POINTER(Int4WeightStruct), p, i32, p, i64, p, i32]
+    lib.qk_int4_dequant.restype = None
+    lib.qk_int4_dequant.argtypes = [p, p, p, f32, i64, i64, i64, i64, i64, p, i32, i32]
+    lib.qk_bf16_matvec.restype = None
+    lib.qk_bf16_matvec.argtypes = [p, p, p, i64, i64, i32]
+    lib.qk_decode_layers.restype = ctypes.c_int
+    lib.qk_decode_layers.argtypes = [p, i32, ctypes.POINTER(DecodeDimsStruct), p, i64, p, p, i32]
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def library():
+    """The loaded kernel library, or a :class:`NativeUnavailable` saying why not (built once per process)."""
+    if os.environ.get("QUANTKIT_NATIVE", "1").strip() == "0":
+        return NativeUnavailable("disabled by QUANTKIT_NATIVE=0")
+    why = _cpu_supported()
+    if why:
+        return NativeUnavailable(why)
+    try:
+        cache = Path(os.environ.get("QUANTKIT_CACHE_DIR") or Path.home() / ".cache" / "quantkit")
+        return _declare(ctypes.CDLL(str(_build(cache))))
+    except (NativeUnavailable, OSError, subprocess.SubprocessError) as e:
+        return e if isinstance(e, NativeUnavailable) else NativeUnavailable(f"cannot build or load the kernel: {e}")
+
+
+def available() -> bool:
+    """Whether :func:`library` loaded (this CPU, a compiler, not disabled)."""
+    return not isinstance(library(), Exception)
+
+
+def ptr(t) -> int | None:
+    """A tensor's data pointer for a C call, None for None."""
+    return None if t is None else t.data_ptr()

@@ -1,0 +1,106 @@
+"""Building quantkit's native kernels (quantkit/kernels/native/build.py): one shared object from every
+C source in kernels/, cached under a hash of all of them, and the fallbacks when it cannot be built."""
+
+import shutil
+
+import pytest
+import torch
+
+from quantkit.core.quant import dequantize
+from quantkit.kernels import cpu as cpu_kernels
+from quantkit.kernels.layout import group_map
+from quantkit.kernels.native import build, int4
+
+NEEDS_KERNEL = pytest.mark.skipif(not build.available(), reason=f"native kernels unavailable: {build.library()}")
+ON_DISK = sorted(p.name for p in build.SOURCE_DIR.iterdir() if p.suffix in (".c", ".h"))
+
+
+def _format(n, k, gs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g)
+    s = (torch.rand(n, k // gs, generator=g) * 0.1 + 0.01).half().float()
+    return q, s, torch.full((n, k // gs), 8.0)
+
+
+def _sources_in(monkeypatch, folder):
+    """Point the build at a copy of kernels/ in ``folder`` (so a test may edit it)."""
+    shutil.copytree(build.SOURCE_DIR, folder)
+    monkeypatch.setattr(build, "SOURCE_DIR", folder)
+    monkeypatch.setattr(build, "HEADER", folder / build.HEADER.name)
+    monkeypatch.setattr(build, "SOURCES", tuple(folder / p.name for p in build.SOURCES))
+
+
+def test_every_source_in_the_folder_is_compiled_or_included():
+    assert sorted(p.name for p in (build.HEADER, *build.SOURCES)) == ON_DISK
+    assert all(f'#include "{build.HEADER.name}"' in p.read_text() for p in build.SOURCES)
+
+
+@pytest.mark.parametrize("name", ON_DISK)
+def test_changing_any_source_changes_the_cache_key(name, monkeypatch, tmp_path):
+    _sources_in(monkeypatch, tmp_path / "kernels")
+    before = build.cache_key(build.CFLAGS, ["cc 1"])
+    assert build.cache_key(build.CFLAGS, ["cc 1"]) == before  # deterministic
+    with open(tmp_path / "kernels" / name, "a") as f:
+        f.write("/* edited */\n")
+    assert build.cache_key(build.CFLAGS, ["cc 1"]) != before
+
+
+def test_flags_and_compiler_change_the_cache_key():
+    key = build.cache_key(build.CFLAGS, ["cc 1"])
+    assert build.cache_key(build.CFLAGS[:-1], ["cc 1"]) != key
+    assert build.cache_key(build.CFLAGS, ["cc 2"]) != key
+
+
+@NEEDS_KERNEL
+def test_an_edited_source_is_rebuilt_and_an_unchanged_one_is_not(monkeypatch, tmp_path):
+    _sources_in(monkeypatch, tmp_path / "kernels")
+    cache = tmp_path / "cache"
+    first = build._build(cache)
+    assert build._build(cache) == first and len(list(cache.glob("*.so"))) == 1  # cached
+    with open(build.SOURCE_DIR / "matvec.c", "a") as f:
+        f.write("/* edited */\n")
+    second = build._build(cache)
+    assert second != first and second.is_file() and len(list(cache.glob("*.so"))) == 2
+
+
+@NEEDS_KERNEL
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("QUANTKIT_NATIVE", "0")
+    build.library.cache_clear()
+    try:
+        assert not build.available() and "QUANTKIT_NATIVE" in str(build.library())
+        q, s, z = _format(16, 64, 32)
+        assert isinstance(cpu_kernels.cpu_int4_weight(q, s, z, None, 32), cpu_kernels.CpuInt4Weight)  # PyTorch's op
+    finally:
+        monkeypatch.delenv("QUANTKIT_NATIVE")
+        build.library.cache_clear()
+    assert build.available()
+
+
+def _rebuild_with(monkeypatch, tmp_path, cc: str):
+    monkeypatch.setenv("CC", cc)
+    monkeypatch.setenv("QUANTKIT_CACHE_DIR", str(tmp_path / "cache"))
+    build.library.cache_clear()
+
+
+@NEEDS_KERNEL
+def test_build_falls_back_to_one_thread_without_openmp_and_to_torch_without_a_compiler(monkeypatch, tmp_path):
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    no_omp = tmp_path / "cc-no-openmp"
+    no_omp.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {gcc} "$@"\n')
+    no_omp.chmod(0o755)
+    q, s, z = _format(16, 64, 32)
+    x = torch.randn(2, 64)
+    try:
+        _rebuild_with(monkeypatch, tmp_path, str(no_omp))
+        assert build.available()
+        y = int4.int4_matmul(x, int4.int4_weight(q, s, z, None, 32))
+        ref = x.to(torch.bfloat16).float() @ dequantize(q, s, z, group_map(None, 32, 64)).t()
+        assert float((y - ref).norm() / ref.norm()) < 1e-5
+        _rebuild_with(monkeypatch, tmp_path / "other", "false")
+        assert "failed" in str(build.library())
+        assert isinstance(cpu_kernels.cpu_int4_weight(q, s, z, None, 32), cpu_kernels.CpuInt4Weight)
+    finally:
+        monkeypatch.undo()
+        build.library.cache_clear()
+    assert build.available()

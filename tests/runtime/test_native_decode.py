@@ -1,0 +1,60 @@
+"""quantkit.runtime.native_decode: LeanLM's single-token step as one native call per token, against
+the lean forward's torch ops on the same modules (its reference), and where it declines to run."""
+
+import pytest
+import torch
+
+from quantkit import api
+from quantkit.kernels.native import build
+from quantkit.runtime.lean import LeanLM
+from quantkit.runtime.native_decode import DecodePlan, build_plan
+
+NEEDS_KERNEL = pytest.mark.skipif(not build.available(), reason=f"native kernels unavailable: {build.library()}")
+
+
+@NEEDS_KERNEL
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_decode_step_matches_the_torch_forward(stories, dtype):
+    """The one-call-per-token native step (every linear int4 on quantkit's CPU kernel) against the
+    lean forward's torch ops on the same modules: the reference it is tested against."""
+    model, _ = stories
+    api.compress(model, "rtn", {"bits": 4, "group_size": -1}, pack=True)
+    model = model.to(dtype)
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(4))
+    native, torch_ops = LeanLM(model, 40), LeanLM(model, 40, native=False)
+    with torch.inference_mode():
+        a, b = native.forward(ids), torch_ops.forward(ids)
+        for _ in range(12):
+            tok = b.argmax(-1, keepdim=True)
+            a, b = native.forward(tok), torch_ops.forward(tok)
+            tol = 1e-3 if dtype == torch.float32 else 0.05
+            assert (a - b).abs().max() <= tol * b.abs().max()
+    assert native._plan is not False and torch_ops._plan is None  # the native step did run
+    for kn, kt in zip(native.k_cache, torch_ops.k_cache):  # and wrote the same cache
+        assert (kn - kt).abs().max() <= (1e-4 if dtype == torch.float32 else 0.02) * kt.abs().max()
+
+
+def test_native_step_declines_what_it_cannot_run(stories):
+    """A float model (no int4 kernel weights) or a batch of two: the torch ops, same results."""
+    model, _ = stories
+    lm = LeanLM(model, 16)
+    with torch.inference_mode():
+        lm.forward(torch.tensor([[1, 2, 3]]))
+        lm.forward(torch.tensor([[4]]))
+    assert lm._plan is False
+
+
+@NEEDS_KERNEL
+def test_plan_shares_each_modules_converted_weight_and_declines_a_batch(stories):
+    """The plan points into the weights the modules' own forward uses (converted once), checks
+    what it is fed, and is not made for a cache of two sequences."""
+    model, _ = stories
+    api.compress(model, "rtn", {"bits": 4, "group_size": -1}, pack=True)
+    lm = LeanLM(model, 16)
+    plan = build_plan(lm)
+    assert isinstance(plan, DecodePlan) and len(plan.layers) == len(lm.layers)
+    assert plan.layers[1].weights[6] is lm.layers[1].down.kernel_weight is not None
+    with pytest.raises(ValueError, match="features"):
+        plan.step(torch.zeros(plan.dims.d + 1), 0)
+    lm.reset(batch=2)
+    assert build_plan(lm) is None
