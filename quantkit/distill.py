@@ -219,6 +219,29 @@ def check_pair(teacher, student, hidden_weight: float = 0.0) -> None:
                                 f"(teacher {t_shape}, student {s_shape}); use logits only")
 
 
+def _train_step(teacher, student, batch: torch.Tensor, state: TrainState, opt, sched, temperature: float,
+                hidden_weight: float, grad_clip: float) -> tuple[float, float]:
+    """One optimizer step on ``batch [b, seqlen]``: ``(loss, kd loss)``."""
+    hidden = bool(hidden_weight)
+    with torch.no_grad():
+        t_out = _forward(teacher, batch, hidden)
+    s_out = _forward(student, batch, hidden)
+    loss, kd = _loss(s_out, t_out, temperature, hidden_weight)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for p, mask in state.masks:  # pruned weights get no update...
+        if p.grad is not None:
+            p.grad.masked_fill_(mask, 0)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(state.params, grad_clip)
+    opt.step()
+    sched.step()
+    with torch.no_grad():  # ...and stay exactly zero
+        for p, mask in state.masks:
+            p.masked_fill_(mask, 0)
+    return float(loss.detach()), float(kd.detach())
+
+
 def distill(teacher: nn.Module, student: nn.Module, ids: torch.Tensor, *, steps: int, batch_size: int = 4,
             lr: float = 1e-4, temperature: float = 1.0, hidden_weight: float = 0.0, warmup: int | None = None,
             grad_clip: float = 1.0, train_embeddings: bool = False, heldout: torch.Tensor | None = None,
@@ -240,7 +263,6 @@ def distill(teacher: nn.Module, student: nn.Module, ids: torch.Tensor, *, steps:
     opt = torch.optim.AdamW(state.params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, steps // 20) if warmup is None else max(1, warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, warmup))
-    hidden = bool(hidden_weight)
     losses, kd_losses = [], []
     student.train()
     n = ids.shape[0]
@@ -248,24 +270,9 @@ def distill(teacher: nn.Module, student: nn.Module, ids: torch.Tensor, *, steps:
         for step in range(steps):
             idx = torch.arange(step * batch_size, (step + 1) * batch_size) % n
             batch = ids[idx]  # [b, seqlen]
-            with torch.no_grad():
-                t_out = _forward(teacher, batch, hidden)
-            s_out = _forward(student, batch, hidden)
-            loss, kd = _loss(s_out, t_out, temperature, hidden_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for p, mask in state.masks:  # pruned weights get no update...
-                if p.grad is not None:
-                    p.grad.masked_fill_(mask, 0)
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(state.params, grad_clip)
-            opt.step()
-            sched.step()
-            with torch.no_grad():  # ...and stay exactly zero
-                for p, mask in state.masks:
-                    p.masked_fill_(mask, 0)
-            losses.append(float(loss.detach()))
-            kd_losses.append(float(kd.detach()))
+            loss, kd = _train_step(teacher, student, batch, state, opt, sched, temperature, hidden_weight, grad_clip)
+            losses.append(loss)
+            kd_losses.append(kd)
             if progress is not None:
                 progress(step + 1, steps, kd_losses[-1])
     finally:

@@ -3,7 +3,7 @@ AutoAWQ read and write them) into quantkit's runtime:
 
 * ``qweight`` int32 ``[in, out / 8]``: eight 4-bit codes per word, packed along the *output*
   dimension in AutoAWQ's interleaved order: nibble ``i`` (bits ``4i..4i+3``) of word ``c``
-  holds output column ``8c + AWQ_ORDER[i]``;
+  holds output column ``8c + AWQ_ORDER[i]`` (:func:`quantkit.pack.int32.unpack_awq`);
 * ``qzeros`` int32 ``[in / group, out / 8]``: the integer zero points, packed the same way
   (stored as they are, unlike GPTQ v1's ``z - 1``);
 * ``scales`` float16 ``[in / group, out]``; ``bias`` float16 ``[out]``;
@@ -23,18 +23,8 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.checkpoint.gptq import load_with_quant_linears, unpack_int32
-
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output column (within 8) of nibble i
-
-
-def unpack_awq(words: torch.Tensor) -> torch.Tensor:
-    """``[rows, cols / 8]`` int32 words in AWQ's interleaved order -> ``[rows, cols]`` 4-bit codes."""
-    nibbles = unpack_int32(words, 4, 1)  # [rows, cols]: nibble i of word c at column 8c + i
-    cols = (torch.arange(words.shape[1]).unsqueeze(1) * 8 + torch.tensor(AWQ_ORDER)).reshape(-1)
-    codes = torch.empty_like(nibbles)
-    codes[:, cols] = nibbles
-    return codes
+from quantkit.checkpoint.gptq import load_with_quant_linears
+from quantkit.pack.int32 import unpack_awq
 
 
 def awq_settings(qcfg: dict) -> tuple[int, int]:

@@ -2,7 +2,8 @@
 GPTQ integration, GPTQModel, vLLM, AutoGPTQ), for 2, 4 and 8 bits:
 
 * ``qweight`` int32 ``[in * bits / 32, out]``: codes packed along the input dimension, code of
-  input row ``k`` at bits ``(k % (32/bits)) * bits`` of word ``k // (32/bits)``;
+  input row ``k`` at bits ``(k % (32/bits)) * bits`` of word ``k // (32/bits)``
+  (:func:`quantkit.pack.int32.pack_int32`);
 * ``qzeros`` int32 ``[n_groups, out * bits / 32]``: zero points packed along the output
   dimension, stored minus one (the ``gptq`` v1 checkpoint format);
 * ``scales`` float16 ``[n_groups, out]``; ``g_idx`` int32 ``[in]``;
@@ -23,29 +24,9 @@ from pathlib import Path
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.pack.int32 import pack_int32, unpack_int32
 
 GPTQ_BITS = (2, 4, 8)
-
-
-def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Pack integer codes along ``dim`` into int32 words (``32 // bits`` codes per word, low bits first)."""
-    per = 32 // bits
-    c = codes.to(torch.int64).movedim(dim, 0)  # [L, ...]
-    if c.shape[0] % per:
-        raise QuantkitError(f"cannot pack {c.shape[0]} codes into int32 words of {per}")
-    c = c.reshape(c.shape[0] // per, per, *c.shape[1:])
-    shifts = (torch.arange(per, dtype=torch.int64) * bits).reshape(1, per, *([1] * (c.dim() - 2)))
-    words = (c << shifts).sum(1)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return words.movedim(0, dim)
-
-
-def unpack_int32(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    per = 32 // bits
-    w = words.to(torch.int64).movedim(dim, 0) & 0xFFFFFFFF  # [W, ...]
-    shifts = (torch.arange(per, dtype=torch.int64) * bits).reshape(1, per, *([1] * (w.dim() - 1)))
-    codes = (w.unsqueeze(1) >> shifts) & (2**bits - 1)
-    return codes.reshape(w.shape[0] * per, *w.shape[1:]).movedim(0, dim)
 
 
 def module_to_gptq(mod) -> dict[str, torch.Tensor]:

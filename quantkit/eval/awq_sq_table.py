@@ -123,12 +123,23 @@ def markdown(state: dict, args) -> str:
              f"{args.dataset} test, first {args.max_windows} windows of {args.seqlen} tokens; calibration {args.calib} "
              f"{args.nsamples} x {args.calib_seqlen} tokens, seed 0; weight-only rows symmetric {args.bits}-bit "
              f"g{args.group_size}.  Produced by `python -m quantkit.eval.awq_sq_table` ({state.get('machine', '')}).", ""]
+    lines += _model_table(r, args.dataset)
+    lines += [""] + [f"- {n}" for n in _notes(r)]
+    if any(k in r for k in KV_CONFIGS):
+        lines += _kv_table(r, args.dataset)
+    if "kv_memory" in r:
+        lines += _kv_memory_table(r["kv_memory"])
+    return "\n".join(lines) + "\n"
+
+
+def _model_table(r: dict, dataset: str) -> list[str]:
+    """Perplexity and compression time of the weight (and W8A8) rows."""
     fp = r.get("fp32", {}).get("perplexity")
 
     def rel(p):
         return f"{100 * (p / fp - 1):+.2f}%" if fp else ""
 
-    lines += [f"| model | {args.dataset} ppl | vs fp32 | compress s (wall) | compress s (CPU) |", "|---|---|---|---|---|"]
+    lines = [f"| model | {dataset} ppl | vs fp32 | compress s (wall) | compress s (CPU) |", "|---|---|---|---|---|"]
     for key in ("fp32", "rtn", "gptq", "awq", "awq_gptq", "w8a8_naive", "smoothquant"):
         if key in r:
             row = r[key]
@@ -136,6 +147,11 @@ def markdown(state: dict, args) -> str:
             cpu = f"{row['cpu_seconds']:.0f}" if row.get("cpu_seconds") is not None else ""
             lines.append(f"| {row['label']} | {row['perplexity']:.2f} | {rel(row['perplexity']) if key != 'fp32' else ''} "
                          f"| {secs} | {cpu} |")
+    return lines
+
+
+def _notes(r: dict) -> list[str]:
+    """The AWQ checkpoint check, AWQ against GPTQ, and the int8 matmul counts of the W8A8 rows."""
     notes = []
     if "awq" in r and "packed_perplexity" in r["awq"]:
         a = r["awq"]
@@ -153,36 +169,40 @@ def markdown(state: dict, args) -> str:
         if key in r:
             notes.append(f"{r[key]['label']}: evaluated from its saved checkpoint, {r[key]['int_mm_calls']} int8 "
                          "`torch._int_mm` calls (every linear of every window).")
-    lines += [""] + [f"- {n}" for n in notes]
-    kv_rows = [k for k in KV_CONFIGS if k in r]
-    if kv_rows:
-        base = r.get("kv_float", {}).get("perplexity")
-        lines += ["", "## KV cache (fp32 model, every window read back through the cache)", "",
-                  f"| cache | {args.dataset} ppl | vs float cache | bytes / token (all layers) |", "|---|---|---|---|"]
-        for k in kv_rows:
-            row = r[k]
-            vs = f"{100 * (row['perplexity'] / base - 1):+.2f}%" if base and k != "kv_float" else ""
-            lines.append(f"| {row['label']} | {row['perplexity']:.3f} | {vs} | {row['bytes_per_token']:.0f} |")
-        lines.append("")
-        lines.append("How the effect is measured: a plain forward over a window never reads a cache (attention uses "
-                     "the fresh float keys and values), so each window is prefilled *through* the cache.  Per-token "
-                     "rows quantize every token as it is written and attention reads the whole cache back, the "
-                     "current tokens included: every query sees exactly the keys and values token-by-token decoding "
-                     "from this cache would give it (tested: chunked and one-pass prefill store the same codes).  "
-                     "KIVI rows prefill in chunks of 64 tokens, the key-group size, which reproduces decoding with "
-                     "its float residual exactly.")
-        lines.append("")
-        lines.append("Bytes per token: float row in fp32 (the model's dtype); fp16 would be half.  Quantized rows: "
-                     "codes + fp16 scale (+ uint8 zero point for the asymmetric 4-bit grid) per token and KV head; "
-                     "KIVI keys carry their scales per channel per 64 tokens, and up to 63 recent tokens stay float.")
-    if "kv_memory" in r:
-        m = r["kv_memory"]
-        f32 = m["kv_float"]
-        lines += ["", f"KV memory measured after a {m['context']}-token prefill:", "",
-                  "| cache | bytes | vs fp32 cache | vs fp16 cache |", "|---|---|---|---|"]
-        for k in KV_CONFIGS:
-            lines.append(f"| {k} | {m[k]:,} | {m[k] / f32:.3f} | {m[k] / (f32 / 2):.3f} |")
-    return "\n".join(lines) + "\n"
+    return notes
+
+
+def _kv_table(r: dict, dataset: str) -> list[str]:
+    """Perplexity and bytes per token of the KV-cache rows, and how they are measured."""
+    base = r.get("kv_float", {}).get("perplexity")
+    lines = ["", "## KV cache (fp32 model, every window read back through the cache)", "",
+             f"| cache | {dataset} ppl | vs float cache | bytes / token (all layers) |", "|---|---|---|---|"]
+    for k in [k for k in KV_CONFIGS if k in r]:
+        row = r[k]
+        vs = f"{100 * (row['perplexity'] / base - 1):+.2f}%" if base and k != "kv_float" else ""
+        lines.append(f"| {row['label']} | {row['perplexity']:.3f} | {vs} | {row['bytes_per_token']:.0f} |")
+    lines.append("")
+    lines.append("How the effect is measured: a plain forward over a window never reads a cache (attention uses "
+                 "the fresh float keys and values), so each window is prefilled *through* the cache.  Per-token "
+                 "rows quantize every token as it is written and attention reads the whole cache back, the "
+                 "current tokens included: every query sees exactly the keys and values token-by-token decoding "
+                 "from this cache would give it (tested: chunked and one-pass prefill store the same codes).  "
+                 "KIVI rows prefill in chunks of 64 tokens, the key-group size, which reproduces decoding with "
+                 "its float residual exactly.")
+    lines.append("")
+    lines.append("Bytes per token: float row in fp32 (the model's dtype); fp16 would be half.  Quantized rows: "
+                 "codes + fp16 scale (+ uint8 zero point for the asymmetric 4-bit grid) per token and KV head; "
+                 "KIVI keys carry their scales per channel per 64 tokens, and up to 63 recent tokens stay float.")
+    return lines
+
+
+def _kv_memory_table(m: dict) -> list[str]:
+    f32 = m["kv_float"]
+    lines = ["", f"KV memory measured after a {m['context']}-token prefill:", "",
+             "| cache | bytes | vs fp32 cache | vs fp16 cache |", "|---|---|---|---|"]
+    for k in KV_CONFIGS:
+        lines.append(f"| {k} | {m[k]:,} | {m[k] / f32:.3f} | {m[k] / (f32 / 2):.3f} |")
+    return lines
 
 
 def main(argv=None) -> dict:

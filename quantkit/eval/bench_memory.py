@@ -198,7 +198,7 @@ def run_capped(cmd: list[str], cap_bytes: int | None, env: dict | None = None, l
             "seconds": round(time.perf_counter() - t0, 1), "stdout": "".join(out_chunks), "stderr": "".join(err_chunks)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="A ~100M-parameter model instead of Llama-3.2-3B's shape.")
     ap.add_argument("--workdir", default=None, help="Where the model and outputs go [default: /tmp/quantkit-bench-memory-SHAPE].")
@@ -218,8 +218,66 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-gb", type=float, default=5.0, help="Shard size of the written model (Hugging Face's default: 5).")
     ap.add_argument("--keep", action="store_true", help="Keep the model and outputs (the model is reused if kept).")
     ap.add_argument("--json", action="store_true", help="Print one JSON object.")
-    args = ap.parse_args(argv)
+    return ap
 
+
+def _interpreter_baseline() -> tuple[dict, int]:
+    """The capped-run record of an interpreter that only imports quantkit's CLI and its stack, and its VmPeak in bytes."""
+    baseline = run_capped([sys.executable, "-c", "import torch, transformers, quantkit.cli, quantkit.api; "
+                                                 "from transformers import LlamaForCausalLM; "
+                                                 "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmPeak')][0])"],
+                          None)
+    return baseline, int(baseline["stdout"].split()[-1]) * 1024
+
+
+def _run_method(method: str, args, work: Path, cap: int | None, model_bytes: int, baseline: dict) -> dict:
+    """One ``quantize --stream`` run of ``method`` under the cap: its row of the table."""
+    out = work / f"out-{method}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "quantkit.cli", "quantize", str(work / "model"), "-o", str(out), "--method", method,
+           "--bits", "4", "--group-size", str(args.group_size), "--stream", "--json", "--overwrite"]
+    if method != "rtn":
+        cmd += ["--calib", "c4", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", "4"]
+    blocks = args.calibrated_blocks if args.calibrated_blocks is not None else (0 if args.small else 2)
+    env = None
+    if method != "rtn" and blocks:  # stop the run (SIGKILL) once its first calibrated blocks are written
+        cmd = [sys.executable, "-c", STOP_AFTER_BLOCK.format(last=blocks - 1), *cmd[3:]]
+        env = dict(os.environ)
+    print(f"quantize --method {method} --stream under {LIMIT_NAMES[args.limit]} = {cap / 1e9 if cap else 0:.2f} GB"
+          f"{f' (first {blocks} blocks)' if env else ''} ...", file=sys.stderr)
+    r = run_capped(cmd, cap, env, args.limit)
+    stopped = env is not None and r["returncode"] == -9 and not r["rss_cap_exceeded"] and not out.exists()
+    row = {"method": method + (f" ({blocks} blocks)" if env else ""), "ok": r["returncode"] == 0 or stopped,
+           "returncode": r["returncode"], "seconds": r["seconds"],
+           "peak_rss_bytes": r["peak_rss_bytes"], "vmhwm_bytes": r["vmhwm_bytes"], "vmpeak_bytes": r["vmpeak_bytes"],
+           "peak_over_model": round(r["peak_rss_bytes"] / model_bytes, 3),
+           "peak_above_baseline_over_model": round((r["peak_rss_bytes"] - baseline["peak_rss_bytes"]) / model_bytes, 3)}
+    if stopped:
+        row["bytes_after"] = 0
+    elif r["returncode"] == 0:
+        payload = json.loads(r["stdout"].strip().splitlines()[-1])
+        row["bytes_after"] = payload["bytes_after"]
+    else:
+        row["error"] = "killed by the RSS watchdog" if r["rss_cap_exceeded"] else (r["stderr"].strip().splitlines() or [""])[-1][:300]
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def _print_table(result: dict, limit: str) -> None:
+    rows, cap = result["runs"], result["cap_bytes"]
+    print(f"\n{result['shape']}: {result['params'] / 1e9:.2f}B parameters, {result['model_bytes'] / 1e9:.2f} GB bf16 in shards; "
+          f"{LIMIT_NAMES[limit]} {cap / 1e9 if cap else 0:.2f} GB; interpreter baseline RSS {result['baseline_rss_bytes'] / 1e9:.2f} GB\n")
+    print("| method | ok | peak RSS GB | peak / model | (peak - baseline) / model | peak virtual GB | output GB | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {'yes' if r['ok'] else 'NO: ' + r.get('error', '')} | {r['peak_rss_bytes'] / 1e9:.2f} | "
+              f"{r['peak_over_model']:.2f}x | {r['peak_above_baseline_over_model']:.2f}x | {r['vmpeak_bytes'] / 1e9:.2f} | "
+              f"{r.get('bytes_after', 0) / 1e9:.2f} | {r['seconds']} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     shape = "small" if args.small else "llama-3.2-3b"
     work = Path(args.workdir or f"/tmp/quantkit-bench-memory-{shape}")
     work.mkdir(parents=True, exist_ok=True)
@@ -228,45 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     model_bytes = write_random_checkpoint(work / "model", shape, int(args.shard_gb * 2**30))
     params = model_bytes // 2
     write_s = time.perf_counter() - t0
-    baseline = run_capped([sys.executable, "-c", "import torch, transformers, quantkit.cli, quantkit.api; "
-                                                 "from transformers import LlamaForCausalLM; "
-                                                 "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmPeak')][0])"],
-                          None)
-    baseline_vsz = int(baseline["stdout"].split()[-1]) * 1024
+    baseline, baseline_vsz = _interpreter_baseline()
     extra = (args.cap_extra_gb if args.cap_extra_gb is not None else 1.5 if args.small else 0.0) * 2**30
     cap = int(model_bytes * args.cap + extra) if args.cap > 0 else None
-    rows = []
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        out = work / f"out-{method}"
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "quantkit.cli", "quantize", str(work / "model"), "-o", str(out), "--method", method,
-               "--bits", "4", "--group-size", str(args.group_size), "--stream", "--json", "--overwrite"]
-        if method != "rtn":
-            cmd += ["--calib", "c4", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", "4"]
-        blocks = args.calibrated_blocks if args.calibrated_blocks is not None else (0 if args.small else 2)
-        env = None
-        if method != "rtn" and blocks:  # stop the run (SIGKILL) once its first calibrated blocks are written
-            cmd = [sys.executable, "-c", STOP_AFTER_BLOCK.format(last=blocks - 1), *cmd[3:]]
-            env = dict(os.environ)
-        print(f"quantize --method {method} --stream under {LIMIT_NAMES[args.limit]} = {cap / 1e9 if cap else 0:.2f} GB"
-              f"{f' (first {blocks} blocks)' if env else ''} ...", file=sys.stderr)
-        r = run_capped(cmd, cap, env, args.limit)
-        stopped = env is not None and r["returncode"] == -9 and not r["rss_cap_exceeded"] and not out.exists()
-        row = {"method": method + (f" ({blocks} blocks)" if env else ""), "ok": r["returncode"] == 0 or stopped,
-               "returncode": r["returncode"], "seconds": r["seconds"],
-               "peak_rss_bytes": r["peak_rss_bytes"], "vmhwm_bytes": r["vmhwm_bytes"], "vmpeak_bytes": r["vmpeak_bytes"],
-               "peak_over_model": round(r["peak_rss_bytes"] / model_bytes, 3),
-               "peak_above_baseline_over_model": round((r["peak_rss_bytes"] - baseline["peak_rss_bytes"]) / model_bytes, 3)}
-        if stopped:
-            row["bytes_after"] = 0
-        elif r["returncode"] == 0:
-            payload = json.loads(r["stdout"].strip().splitlines()[-1])
-            row["bytes_after"] = payload["bytes_after"]
-        else:
-            row["error"] = "killed by the RSS watchdog" if r["rss_cap_exceeded"] else (r["stderr"].strip().splitlines() or [""])[-1][:300]
-        rows.append(row)
-        if not args.keep:
-            shutil.rmtree(out, ignore_errors=True)
+    rows = [_run_method(method, args, work, cap, model_bytes, baseline)
+            for method in [m.strip() for m in args.methods.split(",") if m.strip()]]
     result = {"shape": shape, "params": params, "model_bytes": model_bytes, "limit": args.limit, "cap_bytes": cap,
               "baseline_rss_bytes": baseline["peak_rss_bytes"], "baseline_vsz_bytes": baseline_vsz, "write_seconds": round(write_s, 1),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "runs": rows}
@@ -275,14 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"\n{shape}: {params / 1e9:.2f}B parameters, {model_bytes / 1e9:.2f} GB bf16 in shards; "
-              f"{LIMIT_NAMES[args.limit]} {cap / 1e9 if cap else 0:.2f} GB; interpreter baseline RSS {baseline['peak_rss_bytes'] / 1e9:.2f} GB\n")
-        print("| method | ok | peak RSS GB | peak / model | (peak - baseline) / model | peak virtual GB | output GB | seconds |")
-        print("|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['method']} | {'yes' if r['ok'] else 'NO: ' + r.get('error', '')} | {r['peak_rss_bytes'] / 1e9:.2f} | "
-                  f"{r['peak_over_model']:.2f}x | {r['peak_above_baseline_over_model']:.2f}x | {r['vmpeak_bytes'] / 1e9:.2f} | "
-                  f"{r.get('bytes_after', 0) / 1e9:.2f} | {r['seconds']} |")
+        _print_table(result, args.limit)
     return 0 if all(r["ok"] for r in rows) else 1
 
 

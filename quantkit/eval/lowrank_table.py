@@ -34,7 +34,7 @@ from quantkit.checkpoint.formats import load_model
 _METHODS = {"svd": ("svd", {}), "asvd": ("asvd", {}), "asvd-act": ("asvd", {"scaling": "act"})}
 
 
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_protocol_args(ap)
     ap.add_argument("--ratio", type=float, default=0.8, help="Fraction of the factorized layers' parameters kept.")
@@ -45,49 +45,44 @@ def main(argv=None) -> dict:
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--workdir", default=None, help="Keep the asvd checkpoints (before/after distillation) here.")
     ap.add_argument("--json", dest="json_out", default=None, help="Also write the results as JSON here.")
-    args = ap.parse_args(argv)
-    torch.manual_seed(0)
+    return ap
 
-    setup = load_protocol(args)
-    base, tok, windows, calib = setup.model, setup.tokenizer, setup.windows, setup.calib
-    rows = []
+
+def _fp32_row(base, windows) -> dict:
     t = time.perf_counter()
     fp = perplexity(base, windows)
     n_params = sum(p.numel() for p in base.parameters())
-    rows.append({"model": "fp32", "perplexity": fp["perplexity"], "param_ratio": 1.0, "model_params": n_params, "seconds": None})
     print(f"fp32: {fp['perplexity']:.3f} (eval {time.perf_counter() - t:.0f}s)", flush=True)
-    packed_check, distilled = None, None
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.workdir:
-            tmp = args.workdir
-            Path(tmp).mkdir(parents=True, exist_ok=True)
-        for label in args.methods.split(","):
-            method, extra = _METHODS[label]
-            model = copy.deepcopy(base)
-            t0 = time.perf_counter()
-            res = api.compress(model, method, {"ratio": args.ratio, **extra}, calib_ids=calib)
-            secs = time.perf_counter() - t0
-            s = res.extra["lowrank"]
-            ppl = perplexity(model, windows)["perplexity"]
-            row = {"model": f"{label} {args.ratio:.0%}", "perplexity": ppl, "param_ratio": s["ratio"],
-                   "model_params": s["model_params_after"], "seconds": secs}
-            rows.append(row)
-            print(f"{row['model']}: {ppl:.3f} (kept {s['ratio']:.4f} of the factorized layers, {s['ratio_model']:.4f} "
-                  f"of the model; {secs:.0f}s)", flush=True)
-            if label == "asvd":
-                ckpt = Path(tmp) / "asvd"
-                api.save(model, tok, ckpt, method, res, overwrite=True)
-                loaded, _ = load_model(str(ckpt))
-                with torch.no_grad():
-                    same = torch.equal(loaded(input_ids=windows[:1]).logits, model(input_ids=windows[:1]).logits)
-                packed_check = {"logits_equal": same, "in_memory": ppl,
-                                "safetensors_bytes": (ckpt / "model.safetensors").stat().st_size}
-                print(f"saved asvd checkpoint: logits equal to the in-memory model: {same}", flush=True)
-                del loaded
-                if args.distill_steps:
-                    distilled = _distill(args, base, tok, ckpt, Path(tmp) / "asvd-kd", windows, s, ppl)
-                    rows.append(distilled["row"])
-            del model
+    return {"model": "fp32", "perplexity": fp["perplexity"], "param_ratio": 1.0, "model_params": n_params, "seconds": None}
+
+
+def _compress_row(args, base, label: str, calib, windows):
+    """A copy of ``base`` factorized by the method of row ``label``: ``(model, result, row)``."""
+    method, extra = _METHODS[label]
+    model = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    res = api.compress(model, method, {"ratio": args.ratio, **extra}, calib_ids=calib)
+    secs = time.perf_counter() - t0
+    s = res.extra["lowrank"]
+    ppl = perplexity(model, windows)["perplexity"]
+    row = {"model": f"{label} {args.ratio:.0%}", "perplexity": ppl, "param_ratio": s["ratio"],
+           "model_params": s["model_params_after"], "seconds": secs}
+    print(f"{row['model']}: {ppl:.3f} (kept {s['ratio']:.4f} of the factorized layers, {s['ratio_model']:.4f} "
+          f"of the model; {secs:.0f}s)", flush=True)
+    return model, res, row
+
+
+def _saved_check(model, tok, res, ckpt: Path, windows, ppl: float) -> dict:
+    """Save the ``asvd`` model and check that the runtime's reload computes the same logits."""
+    api.save(model, tok, ckpt, "asvd", res, overwrite=True)
+    loaded, _ = load_model(str(ckpt))
+    with torch.no_grad():
+        same = torch.equal(loaded(input_ids=windows[:1]).logits, model(input_ids=windows[:1]).logits)
+    print(f"saved asvd checkpoint: logits equal to the in-memory model: {same}", flush=True)
+    return {"logits_equal": same, "in_memory": ppl, "safetensors_bytes": (ckpt / "model.safetensors").stat().st_size}
+
+
+def _print_table(args, rows: list[dict], packed_check: dict | None, distilled: dict | None) -> None:
     print()
     print(f"| {args.model.split('/')[-1]} | WikiText-2 ppl ({args.max_windows} x {args.seqlen} tokens) "
           f"| params kept (factorized layers) | model params | s |")
@@ -103,6 +98,32 @@ def main(argv=None) -> dict:
               f"({d['tokens']} tokens), lr {d['lr']:g}, {d['seconds'] / 60:.1f} min; WikiText-2 ppl "
               f"{distilled['ppl_before']:.2f} -> {distilled['ppl_after']:.2f}; held-out KD {d['heldout_kd_before']:.4f} "
               f"-> {d['heldout_kd_after']:.4f}")
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    torch.manual_seed(0)
+
+    setup = load_protocol(args)
+    base, tok, windows, calib = setup.model, setup.tokenizer, setup.windows, setup.calib
+    rows = [_fp32_row(base, windows)]
+    packed_check, distilled = None, None
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.workdir:
+            tmp = args.workdir
+            Path(tmp).mkdir(parents=True, exist_ok=True)
+        for label in args.methods.split(","):
+            model, res, row = _compress_row(args, base, label, calib, windows)
+            rows.append(row)
+            if label == "asvd":
+                ckpt = Path(tmp) / "asvd"
+                packed_check = _saved_check(model, tok, res, ckpt, windows, row["perplexity"])
+                if args.distill_steps:
+                    distilled = _distill(args, base, tok, ckpt, Path(tmp) / "asvd-kd", windows, res.extra["lowrank"],
+                                         row["perplexity"])
+                    rows.append(distilled["row"])
+            del model
+    _print_table(args, rows, packed_check, distilled)
     out = {"rows": rows, "packed_check": packed_check, "args": vars(args),
            "distill": {k: v for k, v in distilled.items() if k != "row"} if distilled else None}
     if args.json_out:

@@ -15,9 +15,11 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.datastructures import State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quantkit.serve import protocol
@@ -58,6 +60,17 @@ def _error_response(e: ApiError, app_state) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
+@dataclass
+class _Served:
+    """What every route reads: the engine, the served model's name and creation time, and the app
+    state that counts refused requests."""
+
+    engine: Engine
+    model_name: str
+    created: int
+    state: State
+
+
 def create_app(engine: Engine, model_name: str) -> FastAPI:
     """The FastAPI app serving `engine`'s model under the name `model_name`."""
 
@@ -69,7 +82,15 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
 
     app = FastAPI(title="quantkit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.rejected = {}  # HTTP status -> count of refused requests
-    created = int(time.time())
+    served = _Served(engine, model_name, int(time.time()), app.state)
+    _add_error_handlers(app)
+    _add_info_routes(app, served)
+    _add_generation_routes(app, served)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error, routing ones included, as an OpenAI error body (counted in ``/metrics``)."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -82,122 +103,136 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         return _error_response(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"),
                                app.state)
 
+
+def _add_info_routes(app: FastAPI, served: _Served) -> None:
+    """GET /health, /v1/models, /v1/models/{name}, /metrics."""
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name}
+        return {"status": "ok", "model": served.model_name}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list",
-                "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "quantkit",
-                          "max_model_len": engine.n_ctx}]}
+                "data": [{"id": served.model_name, "object": "model", "created": served.created,
+                          "owned_by": "quantkit", "max_model_len": served.engine.n_ctx}]}
 
     @app.get("/v1/models/{name:path}")
     async def model_info(name: str):
-        if name != model_name:
+        if name != served.model_name:
             return _error_response(ApiError(404, f"The model '{name}' does not exist", param="model",
-                                            code="model_not_found"), app.state)
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "quantkit"}
+                                            code="model_not_found"), served.state)
+        return {"id": served.model_name, "object": "model", "created": served.created, "owned_by": "quantkit"}
 
     @app.get("/metrics")
     async def metrics(format: str = "prometheus"):
-        stats = engine.stats()
-        stats["rejected"] = dict(app.state.rejected)
+        stats = served.engine.stats()
+        stats["rejected"] = dict(served.state.rejected)
         if format == "json":
             return stats
         return PlainTextResponse(_prometheus(stats), media_type="text/plain; version=0.0.4")
 
+
+def _add_generation_routes(app: FastAPI, served: _Served) -> None:
+    """POST /v1/completions and /v1/chat/completions."""
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await _handle(request, chat=False)
+        return await _handle(served, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await _handle(request, chat=True)
+        return await _handle(served, request, chat=True)
 
-    async def _handle(request: Request, chat: bool):
+
+async def _handle(served: _Served, request: Request, chat: bool):
+    """Parse and submit one request; answer it whole or as a server-sent event stream."""
+    engine = served.engine
+    try:
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
+        body = protocol.parse_json_body(await request.body())
+        parse = protocol.parse_chat if chat else protocol.parse_completion
+        req = parse(body, engine.tokenizer, served.model_name, engine.n_ctx)
+        inbox = _Inbox(asyncio.get_running_loop())
         try:
-            if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-                raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
-            body = protocol.parse_json_body(await request.body())
-            parse = protocol.parse_chat if chat else protocol.parse_completion
-            req = parse(body, engine.tokenizer, model_name, engine.n_ctx)
-            inbox = _Inbox(asyncio.get_running_loop())
-            try:
-                handle = engine.submit(req.prompt_ids, req.params, inbox)
-            except QueueFull as e:
-                raise ApiError(503, f"{e}; retry later", type="server_overloaded", code="queue_full") from None
-            except EngineStopped as e:
-                raise ApiError(503, str(e), type="server_error", code="engine_stopped") from None
-        except ApiError as e:
-            return _error_response(e, app.state)
-        if req.stream:
-            return StreamingResponse(_stream(req, handle, inbox, chat), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _collect(request, req, handle, inbox, chat)
+            handle = engine.submit(req.prompt_ids, req.params, inbox)
+        except QueueFull as e:
+            raise ApiError(503, f"{e}; retry later", type="server_overloaded", code="queue_full") from None
+        except EngineStopped as e:
+            raise ApiError(503, str(e), type="server_error", code="engine_stopped") from None
+    except ApiError as e:
+        return _error_response(e, served.state)
+    if req.stream:
+        return StreamingResponse(_stream(req, handle, inbox, chat), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _collect(request, req, handle, inbox, chat)
 
-    async def _collect(request: Request, req: GenRequest, handle, inbox: _Inbox, chat: bool):
-        async def watch_disconnect():  # a client that gives up frees its slot
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            handle.cancel()
-            inbox.queue.put_nowait(Event("error", message=CLIENT_GONE))
 
-        watcher = asyncio.create_task(watch_disconnect())
-        pieces = []
-        try:
-            while True:
-                text, final = await inbox.next_batch()
-                pieces.append(text)
-                if final is not None:
-                    break
-        finally:
-            watcher.cancel()
-            handle.cancel()  # no-op when it finished
-        if final.kind == "error":
-            status = 499 if final.message == CLIENT_GONE else 500
-            return JSONResponse(protocol.error_body(final.message, type="server_error"), status_code=status)
-        build = protocol.chat_body if chat else protocol.completion_body
-        rid = protocol.new_id("chatcmpl" if chat else "cmpl")
-        return build(rid, req.model, "".join(pieces), final.finish_reason, final.prompt_tokens,
-                     final.completion_tokens)
+async def _collect(request: Request, req: GenRequest, handle, inbox: _Inbox, chat: bool):
+    """The whole answer as one JSON body; a client that disconnects first cancels its request."""
 
-    async def _stream(req: GenRequest, handle, inbox: _Inbox, chat: bool) -> AsyncIterator[bytes]:
-        rid = protocol.new_id("chatcmpl" if chat else "cmpl")
-        created = int(time.time())
-        obj = "chat.completion.chunk" if chat else "text_completion"
+    async def watch_disconnect():  # a client that gives up frees its slot
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        handle.cancel()
+        inbox.queue.put_nowait(Event("error", message=CLIENT_GONE))
 
-        def chunk(text: str, finish: str | None = None, first: bool = False) -> bytes:
-            if chat:
-                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-                return protocol.sse(protocol.chat_chunk(rid, req.model, created, delta, finish))
-            return protocol.sse(protocol.completion_chunk(rid, req.model, created, text, finish))
+    watcher = asyncio.create_task(watch_disconnect())
+    pieces = []
+    try:
+        while True:
+            text, final = await inbox.next_batch()
+            pieces.append(text)
+            if final is not None:
+                break
+    finally:
+        watcher.cancel()
+        handle.cancel()  # no-op when it finished
+    if final.kind == "error":
+        status = 499 if final.message == CLIENT_GONE else 500
+        return JSONResponse(protocol.error_body(final.message, type="server_error"), status_code=status)
+    build = protocol.chat_body if chat else protocol.completion_body
+    rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+    return build(rid, req.model, "".join(pieces), final.finish_reason, final.prompt_tokens,
+                 final.completion_tokens)
 
-        try:
-            if chat:
-                yield chunk("", first=True)
-            while True:
-                text, final = await inbox.next_batch()
-                if final is None:
+
+async def _stream(req: GenRequest, handle, inbox: _Inbox, chat: bool) -> AsyncIterator[bytes]:
+    """Server-sent events: text chunks as they come, the finish chunk (and usage), ``[DONE]``."""
+    rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+    created = int(time.time())
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str, finish: str | None = None, first: bool = False) -> bytes:
+        if chat:
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            return protocol.sse(protocol.chat_chunk(rid, req.model, created, delta, finish))
+        return protocol.sse(protocol.completion_chunk(rid, req.model, created, text, finish))
+
+    try:
+        if chat:
+            yield chunk("", first=True)
+        while True:
+            text, final = await inbox.next_batch()
+            if final is None:
+                yield chunk(text)
+                continue
+            if final.kind == "error":
+                if text:
                     yield chunk(text)
-                    continue
-                if final.kind == "error":
-                    if text:
-                        yield chunk(text)
-                    yield protocol.sse(protocol.error_body(final.message, type="server_error"))
-                else:
-                    if text:
-                        yield chunk(text)
-                    yield chunk("", final.finish_reason)
-                    if req.include_usage:
-                        yield protocol.sse(protocol.usage_chunk(rid, req.model, created, obj, final.prompt_tokens,
-                                                                final.completion_tokens))
-                yield protocol.sse("[DONE]")
-                return
-        finally:
-            handle.cancel()  # the client disconnected (this generator was cancelled) or we are done
-
-    return app
+                yield protocol.sse(protocol.error_body(final.message, type="server_error"))
+            else:
+                if text:
+                    yield chunk(text)
+                yield chunk("", final.finish_reason)
+                if req.include_usage:
+                    yield protocol.sse(protocol.usage_chunk(rid, req.model, created, obj, final.prompt_tokens,
+                                                            final.completion_tokens))
+            yield protocol.sse("[DONE]")
+            return
+    finally:
+        handle.cancel()  # the client disconnected (this generator was cancelled) or we are done
 
 
 def _prometheus(stats: dict) -> str:

@@ -1,4 +1,5 @@
-"""GPTQ-format export: the documented layout, and a reload with identical outputs."""
+"""GPTQ-format export: the documented layout, and a reload with identical outputs (the int32 word
+layout itself: tests/pack/test_int32.py)."""
 
 import json
 
@@ -9,25 +10,8 @@ from safetensors.torch import load_file
 
 from quantkit import api
 from quantkit.cli import cli
-from quantkit.checkpoint.gptq import pack_int32, unpack_int32
 from quantkit.checkpoint.formats import load_model
-
-
-def test_int32_packing_matches_the_gptq_layout():
-    # 8 four-bit codes along the input dimension fill one int32 word, first code in the low bits
-    codes = torch.tensor([[1], [2], [3], [4], [5], [6], [7], [15]])  # [in=8, out=1]
-    word = pack_int32(codes, 4, 0)
-    assert word.shape == (1, 1)
-    assert int(word) & 0xFFFFFFFF == 0xF7654321
-    assert torch.equal(unpack_int32(word, 4, 0), codes)
-
-
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_int32_round_trip(bits):
-    g = torch.Generator().manual_seed(bits)
-    codes = torch.randint(0, 2**bits, (64, 48), generator=g)
-    assert torch.equal(unpack_int32(pack_int32(codes, bits, 0), bits, 0), codes)
-    assert torch.equal(unpack_int32(pack_int32(codes, bits, 1), bits, 1), codes)
+from quantkit.pack.int32 import unpack_int32
 
 
 @pytest.fixture

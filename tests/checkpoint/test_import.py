@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from quantkit import api
 from quantkit.cli import cli
 from quantkit.errors import QuantkitError
-from quantkit.checkpoint.awq import unpack_awq
 from quantkit.checkpoint.formats import load_model
 from quantkit.runtime.backends import use_backend
 
@@ -95,14 +94,6 @@ def check_logits(directory, reference):
 
 
 # ---- AWQ ---------------------------------------------------------------------------------
-def test_awq_word_layout():
-    # columns 0..7 hold codes 1..8: nibbles (low first) hold columns 0, 2, 4, 6, 1, 3, 5, 7
-    word = torch.tensor([[np.uint32(0x86427531).view(np.int32)]], dtype=torch.int32)
-    assert unpack_awq(word).tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
-    codes = np.random.default_rng(0).integers(0, 16, (5, 24))
-    assert torch.equal(unpack_awq(torch.from_numpy(awq_pack(codes))), torch.from_numpy(codes).to(torch.int64))
-
-
 @pytest.mark.parametrize("bias", [False, True])
 def test_awq_gemm_checkpoint_loads_with_the_reference_logits(tmp_path, bias):
     model = tiny_llama(bias)

@@ -1,6 +1,6 @@
-"""GGUF export: block encodings that gguf's own dequantizer reads back as quantkit's weights,
-the Q/K row permutation, metadata and tokenizer, refusals, and a model transformers' GGUF
-reader loads with quantkit's logits."""
+"""GGUF export: quantized linears whose blocks gguf's own dequantizer reads back as quantkit's
+weights (the block encoders on their own: tests/pack/test_ggml.py), the Q/K row permutation,
+metadata and tokenizer, refusals, and a model transformers' GGUF reader loads with quantkit's logits."""
 
 import json
 
@@ -12,7 +12,8 @@ from gguf import GGMLQuantizationType, GGUFReader, quants
 
 from quantkit import api
 from quantkit.cli import cli
-from quantkit.checkpoint.gguf import DoesNotFit, bpe_pre_name, quant_linear_blocks, rope_permutation
+from quantkit.checkpoint.gguf import DoesNotFit, quant_linear_blocks, rope_permutation
+from quantkit.checkpoint.gguf_tokenizer import bpe_pre_name
 from quantkit.runtime.backends import use_backend
 from quantkit.runtime.qlinear import QuantLinear
 
