@@ -98,10 +98,11 @@ def check_group_sizes(model, arch: ArchSpec, config: WeightQuantConfig) -> None:
 LinearQuantizer = Callable[[torch.Tensor, object, QuantSpec], tuple]
 
 
-def quantize_block_linears(ctx: BlockContext, quantizer: LinearQuantizer, stats_kind: str | None,
-                           spec_for: Callable[[str], QuantSpec], true_sequential: bool = False) -> None:
-    """Quantize every linear of the block with ``quantizer``, collecting ``stats_kind`` first
-    (all groups in one pass, or group by group with ``true_sequential``)."""
+def each_linear(ctx: BlockContext, stats_kind: str | None = None, true_sequential: bool = False):
+    """Yield ``(name, statistics or None)`` for every linear of the block, in the architecture
+    table's order: the one per-linear loop of every method.  ``stats_kind`` (``"hessian"``,
+    ``"act"``...) is collected first, for all groups in one pass or, with ``true_sequential``, group
+    by group (each group then sees the inputs its compressed predecessors produce)."""
     if stats_kind is None or ctx.inputs is None:
         passes = [ctx.groups]
     else:
@@ -110,15 +111,22 @@ def quantize_block_linears(ctx: BlockContext, quantizer: LinearQuantizer, stats_
         stats = ctx.collect(stats_kind, groups) if stats_kind and ctx.inputs is not None else {}
         for g in groups:
             for name in g.linears:
-                t0 = time.perf_counter()
-                spec = spec_for(ctx.full_name(name))
-                if spec is None:
-                    ctx.record(name, None, LayerRecord(ctx.index, name, 0.0, note="ignored: left in float"))
-                    continue
-                qw, w_hat, loss, damp, note = quantizer(ctx.weight(name), stats.get(name), spec)
-                ctx.set_weight(name, w_hat)
-                ctx.record(name, qw, LayerRecord(ctx.index, name, time.perf_counter() - t0, loss, damp,
-                                                 spec.bits, spec.group_size, note=note))
+                yield name, stats.get(name)
+
+
+def quantize_block_linears(ctx: BlockContext, quantizer: LinearQuantizer, stats_kind: str | None,
+                           spec_for: Callable[[str], QuantSpec], true_sequential: bool = False) -> None:
+    """Quantize every linear of the block with ``quantizer`` (see :func:`each_linear`)."""
+    for name, stats in each_linear(ctx, stats_kind, true_sequential):
+        t0 = time.perf_counter()
+        spec = spec_for(ctx.full_name(name))
+        if spec is None:
+            ctx.record(name, None, LayerRecord(ctx.index, name, 0.0, note="ignored: left in float"))
+            continue
+        qw, w_hat, loss, damp, note = quantizer(ctx.weight(name), stats, spec)
+        ctx.set_weight(name, w_hat)
+        ctx.record(name, qw, LayerRecord(ctx.index, name, time.perf_counter() - t0, loss, damp,
+                                         spec.bits, spec.group_size, note=note))
 
 
 # ---- the output head (quantize_lm_head) --------------------------------------------------------

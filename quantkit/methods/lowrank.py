@@ -23,6 +23,7 @@ from quantkit.models.arch import get_module
 from quantkit.calibrate.driver import BlockContext, BlockMethod
 from quantkit.core.types import LowRankWeight, CompressionResult, LayerRecord
 from quantkit.errors import QuantkitError
+from quantkit.methods.base import each_linear
 
 
 @dataclass(frozen=True)
@@ -130,35 +131,33 @@ class LowRankMethod(BlockMethod):
                                     "low-rank factorization starts from a float model")
 
     def process_block(self, ctx: BlockContext) -> None:
-        stats = ctx.collect(self.stats_kind, ctx.groups) if self.stats_kind and ctx.inputs is not None else {}
         counts = ctx.result.extra.setdefault("_lowrank_counts", {})
         cfg = self.config
-        for g in ctx.groups:
-            for name in g.linears:
-                t0 = time.perf_counter()
-                w = ctx.weight(name)  # [out, in]; read before the module is replaced
-                out_f, in_f = w.shape
-                r = None if cfg.needs_spectrum else cfg.rank_for(out_f, in_f)
-                if r is None and not cfg.needs_spectrum:
+        for name, stats in each_linear(ctx, self.stats_kind):
+            t0 = time.perf_counter()
+            w = ctx.weight(name)  # [out, in]; read before the module is replaced
+            out_f, in_f = w.shape
+            r = None if cfg.needs_spectrum else cfg.rank_for(out_f, in_f)
+            if r is None and not cfg.needs_spectrum:
+                counts[ctx.full_name(name)] = (out_f * in_f, out_f * in_f, None)
+                ctx.record(name, None, LayerRecord(ctx.index, name, 0.0, note="left dense: factors would not be smaller"))
+                continue
+            with _lapack_one_thread():
+                u, v, sigma, note = self.decompose(w, stats)
+            if cfg.needs_spectrum:
+                r = cfg.rank_for(out_f, in_f, sigma)
+                if r is None:
                     counts[ctx.full_name(name)] = (out_f * in_f, out_f * in_f, None)
-                    ctx.record(name, None, LayerRecord(ctx.index, name, 0.0, note="left dense: factors would not be smaller"))
+                    ctx.record(name, None, LayerRecord(ctx.index, name, time.perf_counter() - t0,
+                                                       note=f"left dense: rank {energy_rank(sigma, cfg.energy)} "
+                                                            f"for energy {cfg.energy} would not be smaller"))
                     continue
-                with _lapack_one_thread():
-                    u, v, sigma, note = self.decompose(w, stats.get(name))
-                if cfg.needs_spectrum:
-                    r = cfg.rank_for(out_f, in_f, sigma)
-                    if r is None:
-                        counts[ctx.full_name(name)] = (out_f * in_f, out_f * in_f, None)
-                        ctx.record(name, None, LayerRecord(ctx.index, name, time.perf_counter() - t0,
-                                                           note=f"left dense: rank {energy_rank(sigma, cfg.energy)} "
-                                                                f"for energy {cfg.energy} would not be smaller"))
-                        continue
-                lw = LowRankWeight(u[:r].contiguous(), v[:, :r].contiguous())
-                ctx.replace(name, lw)  # the block's next runs (and the next block's inputs) use the factors
-                counts[ctx.full_name(name)] = (out_f * in_f, r * (out_f + in_f), r)
-                loss = float(sigma[r:].double().pow(2).sum())
-                full_note = f"rank {r}/{min(out_f, in_f)}" + (f"; {note}" if note else "")
-                ctx.record(name, lw, LayerRecord(ctx.index, name, time.perf_counter() - t0, loss, note=full_note))
+            lw = LowRankWeight(u[:r].contiguous(), v[:, :r].contiguous())
+            ctx.replace(name, lw)  # the block's next runs (and the next block's inputs) use the factors
+            counts[ctx.full_name(name)] = (out_f * in_f, r * (out_f + in_f), r)
+            loss = float(sigma[r:].double().pow(2).sum())
+            full_note = f"rank {r}/{min(out_f, in_f)}" + (f"; {note}" if note else "")
+            ctx.record(name, lw, LayerRecord(ctx.index, name, time.perf_counter() - t0, loss, note=full_note))
 
     def finish(self, model, result: CompressionResult) -> None:
         result.extra["lowrank"] = lowrank_summary(result.extra.pop("_lowrank_counts", {}), model)

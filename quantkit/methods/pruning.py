@@ -16,7 +16,7 @@ from quantkit.models.arch import get_module, weight_out_in
 from quantkit.calibrate.driver import BlockContext, BlockMethod
 from quantkit.core.types import CompressionResult, LayerRecord
 from quantkit.errors import QuantkitError
-from quantkit.methods.base import check_module_patterns
+from quantkit.methods.base import check_module_patterns, each_linear
 from quantkit.core.quant import QuantSpec
 from quantkit.core.sparsity import SparsityTarget, check_sparsity, parse_pattern
 from quantkit.core.types import NMSparseWeight
@@ -96,28 +96,26 @@ class PruneMethod(BlockMethod):
                     spec.check_layer(full, in_f)
 
     def process_block(self, ctx: BlockContext) -> None:
-        stats = ctx.collect(self.stats_kind, ctx.groups) if self.stats_kind and ctx.inputs is not None else {}
         counts = ctx.result.extra.setdefault("_prune_counts", {})
-        for g in ctx.groups:
-            for name in g.linears:
-                full = ctx.full_name(name)
-                target = self.config.target_for(full)
-                spec = self.config.spec_for(full)
-                t0 = time.perf_counter()
-                if target is None:
-                    ctx.record(name, None, LayerRecord(ctx.index, name, 0.0, sparsity=0.0, note="left dense (ignore/override)"))
-                    continue
-                w = ctx.weight(name)
-                w_hat, mask, qw, loss, note = self.prune_linear(w, stats.get(name), target, spec)
-                ctx.set_weight(name, w_hat)
-                if qw is None and self.config.packed and target.nm is not None:
-                    qw = NMSparseWeight.from_dense(w_hat, *target.nm)
-                pruned = int(mask.sum())
-                counts[full] = (pruned, mask.numel())
-                ctx.record(name, qw, LayerRecord(ctx.index, name, time.perf_counter() - t0, loss,
-                                                 bits=spec.bits if spec else None,
-                                                 group_size=spec.group_size if spec else None,
-                                                 sparsity=pruned / mask.numel(), note=note))
+        for name, stats in each_linear(ctx, self.stats_kind):
+            full = ctx.full_name(name)
+            target = self.config.target_for(full)
+            spec = self.config.spec_for(full)
+            t0 = time.perf_counter()
+            if target is None:
+                ctx.record(name, None, LayerRecord(ctx.index, name, 0.0, sparsity=0.0, note="left dense (ignore/override)"))
+                continue
+            w = ctx.weight(name)
+            w_hat, mask, qw, loss, note = self.prune_linear(w, stats, target, spec)
+            ctx.set_weight(name, w_hat)
+            if qw is None and self.config.packed and target.nm is not None:
+                qw = NMSparseWeight.from_dense(w_hat, *target.nm)
+            pruned = int(mask.sum())
+            counts[full] = (pruned, mask.numel())
+            ctx.record(name, qw, LayerRecord(ctx.index, name, time.perf_counter() - t0, loss,
+                                             bits=spec.bits if spec else None,
+                                             group_size=spec.group_size if spec else None,
+                                             sparsity=pruned / mask.numel(), note=note))
 
     def finish(self, model, result: CompressionResult) -> None:
         result.extra["sparsity"] = sparsity_summary(result.extra.pop("_prune_counts", {}))

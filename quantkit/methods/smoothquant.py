@@ -26,7 +26,7 @@ from quantkit.calibrate.driver import BlockMethod
 from quantkit.core.types import LayerRecord, W8A8Weight
 from quantkit.errors import QuantkitError
 from quantkit.core.quant import QuantSpec, quantize_rtn
-from quantkit.methods.base import check_module_patterns
+from quantkit.methods.base import check_module_patterns, each_linear
 from quantkit.registry import register_method
 from quantkit.core.transforms import ScaleResult, fold_blocker, fold_scales
 
@@ -116,18 +116,17 @@ class SmoothQuant(BlockMethod):
         ctx.result.extra.setdefault("smoothquant", []).extend(
             {"prev_op": ctx.full_name(r.prev_op), "linears": [ctx.full_name(n) for n in r.linears]} for r in results)
         smooth_s = (time.perf_counter() - t0) / max(1, len(act_max))  # spread over the block's linears in the log
-        for g in ctx.groups:
-            for n in g.linears:
-                if any(re.search(p, ctx.full_name(n)) for p in cfg.ignore):
-                    ctx.record(n, None, LayerRecord(ctx.index, n, 0.0, note="ignored: left in float"))
-                    continue
-                t1 = time.perf_counter()
-                w = ctx.weight(n)
-                q, w_scale = quantize_int8_weight(w)
-                act_scale = float(act_max[n].max().clamp(min=1e-8)) / ACT_QMAX if cfg.act_quant == "static" else None
-                qw = W8A8Weight(q, w_scale, act_scale)
-                w_hat = qw.dequantized()
-                ctx.set_weight(n, w_hat)
-                ctx.record(n, qw, LayerRecord(ctx.index, n, smooth_s + time.perf_counter() - t1,
-                                              float((w - w_hat).pow(2).sum()), bits=8, group_size=-1,
-                                              note=notes.get(n, "")))
+        for n, _ in each_linear(ctx):  # the statistics were taken by smooth_block, before folding
+            if any(re.search(p, ctx.full_name(n)) for p in cfg.ignore):
+                ctx.record(n, None, LayerRecord(ctx.index, n, 0.0, note="ignored: left in float"))
+                continue
+            t1 = time.perf_counter()
+            w = ctx.weight(n)
+            q, w_scale = quantize_int8_weight(w)
+            act_scale = float(act_max[n].max().clamp(min=1e-8)) / ACT_QMAX if cfg.act_quant == "static" else None
+            qw = W8A8Weight(q, w_scale, act_scale)
+            w_hat = qw.dequantized()
+            ctx.set_weight(n, w_hat)
+            ctx.record(n, qw, LayerRecord(ctx.index, n, smooth_s + time.perf_counter() - t1,
+                                          float((w - w_hat).pow(2).sum()), bits=8, group_size=-1,
+                                          note=notes.get(n, "")))
