@@ -23,7 +23,7 @@ import torch
 from quantkit.calibrate.driver import BlockHooks, run_blockwise
 from quantkit.core.types import CompressionResult
 from quantkit.calibrate.workdir import MANIFEST_VERSION, WorkDir
-from quantkit.checkpoint.packed import atomic_output_dir, quantization_config, save_checkpoint, save_metadata
+from quantkit.checkpoint.packed import atomic_output_dir, check_output, quantization_config, save_checkpoint, save_metadata
 from quantkit.checkpoint.streamed import StreamHooks, stream_settings
 from quantkit.runtime.swap import pack_finished, pack_model, to_module
 from quantkit.data import calibration_samples
@@ -117,8 +117,7 @@ def compress_streaming(model_path: str | Path, out: str | Path, method_name: str
     model in memory.  ``resume``: continue the run that was killed writing ``out``;
     ``offload_dir``: where calibration activations go (default: the work dir)."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise QuantkitError(f"output {out} already exists; pass --overwrite to replace it")
+    check_output(out, overwrite)
     src = source or StreamSource.open(model_path, dtype, trust_remote_code)
     tok = load_tokenizer(str(model_path), trust_remote_code)
     config = options if dataclasses.is_dataclass(options) else make_config(method_name, dict(options))

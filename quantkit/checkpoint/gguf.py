@@ -29,9 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from quantkit.checkpoint.formats import load_model
 from quantkit.checkpoint.gguf_tokenizer import write_tokenizer
+from quantkit.checkpoint.packed import check_output, unique_state_dict
 from quantkit.errors import QuantkitError
 from quantkit.pack.ggml import BLOCK, BLOCK_TYPES, BlockType, DoesNotFit, encode_grid
+from quantkit.runtime.qlinear import QuantLinear
 
 
 # ---- architectures as data ----------------------------------------------------------------
@@ -172,9 +175,6 @@ def _quant_linear_tensors(layout: _Layout, mod_name: str, mod, leaf: str, t: tor
 
 def gguf_tensors(model: nn.Module, float_type: str = "f16", requant: str | None = None) -> list[GGUFTensor]:
     """Every tensor of ``model`` under its GGUF name, Q/K rows permuted, quantized linears encoded."""
-    from quantkit.checkpoint.packed import unique_state_dict
-    from quantkit.runtime.qlinear import QuantLinear
-
     layout = _Layout.of(model.config)
     modules = dict(model.named_modules())
     _refuse_other_runtime_modules(modules, QuantLinear)
@@ -239,8 +239,7 @@ def _check_arguments(src: Path, out: Path, float_type: str, requant: str | None,
         raise QuantkitError(f"--requant must be one of {', '.join(REQUANT_TYPES)}, got {requant!r}")
     if not src.is_dir():
         raise QuantkitError(f"{src} is not a checkpoint directory (GGUF export reads a local model directory)")
-    if out.exists() and not overwrite:
-        raise QuantkitError(f"output {out} already exists; pass --overwrite to replace it")
+    check_output(out, overwrite)
     if out.is_dir():
         raise QuantkitError(f"output {out} is a directory; give a .gguf file path")
 
@@ -282,7 +281,6 @@ def export_gguf(src: str | Path, out: str | Path, *, float_type: str = "f16", re
     ``{"output", "bytes", "tensors": {type: count}, "tokenizer"}``."""
     import logging
 
-    from quantkit.checkpoint.formats import load_model
 
     src, out = Path(src), Path(out)
     _check_arguments(src, out, float_type, requant, overwrite)

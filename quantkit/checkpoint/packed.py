@@ -59,12 +59,18 @@ def quantization_config(method: str, quantized: dict, defaults: dict, extra: dic
     return cfg
 
 
+def check_output(out: str | Path, overwrite: bool = False) -> None:
+    """The one rule for an output path: an existing one is replaced only with ``overwrite``
+    (commands check it before any work, the writers again when they rename into place)."""
+    if Path(out).exists() and not overwrite:
+        raise QuantkitError(f"output {out} already exists; pass --overwrite to replace it")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False):
     """Yield a temporary directory beside ``out``; rename it to ``out`` only if the body succeeds."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise QuantkitError(f"output {out} already exists; pass --overwrite to replace it")
+    check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint should read like any directory

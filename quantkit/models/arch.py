@@ -159,13 +159,16 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
 )
 
 
+def find_arch(model_type: str | None) -> ArchSpec | None:
+    """The table entry for a ``config.model_type`` (``None`` when the table has none): the one lookup."""
+    return next((spec for spec in ARCHITECTURES if model_type in spec.model_types), None)
+
+
 def arch_for(model: nn.Module) -> ArchSpec:
     """The table entry for ``model`` (by ``config.model_type``), checked against the model."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for spec in ARCHITECTURES:
-        if model_type in spec.model_types:
-            break
-    else:
+    spec = find_arch(model_type)
+    if spec is None:
         known = sorted(t for s in ARCHITECTURES for t in s.model_types)
         raise QuantkitError(f"unsupported architecture: model_type {model_type!r} is not in quantkit's table (known: {', '.join(known)})")
     blocks = spec.blocks(model)

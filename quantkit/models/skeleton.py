@@ -17,7 +17,7 @@ from torch import nn
 from quantkit.errors import QuantkitError
 from quantkit.memory import available_memory
 from quantkit.models.paths import HUB_ID, one_line, parse_dtype, quiet_transformers, read_quantization_config
-from quantkit.models.arch import ArchSpec, arch_for, get_module
+from quantkit.models.arch import ArchSpec, arch_for, find_arch, get_module
 from quantkit.models.safetensors import MAX_HEADER, TensorInfo, read_header, read_tensor
 
 
@@ -255,9 +255,8 @@ def _skeleton(p: Path, files: list[Path], dtype, trust_remote_code: bool) -> tup
 def _check_block_count(p: Path, config, tensors: dict[str, TensorInfo]) -> None:
     """For an architecture in quantkit's table: config.json's block count is the stored one (more
     would be random blocks, fewer would drop stored ones), checked before a model is built."""
-    from quantkit.models.arch import ARCHITECTURES
 
-    spec = next((s for s in ARCHITECTURES if getattr(config, "model_type", None) in s.model_types), None)
+    spec = find_arch(getattr(config, "model_type", None))
     want = getattr(config, "num_hidden_layers", None)
     if spec is None or type(want) is not int:
         return
@@ -274,14 +273,13 @@ def preflight(directory: str | Path, dtype=None, trust_remote_code: bool = False
     a missing tensor or a shape that disagrees (transformers would fill missing weights with random
     values), or a corrupt header.  Architectures outside quantkit's table get the header and config
     checks only (their checkpoints may name tensors differently)."""
-    from quantkit.models.arch import ARCHITECTURES
 
     p = Path(directory)
     if not p.is_dir() or not ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()):
         return
     files = weight_files(p)
     model, tensors, dtype = _skeleton(p, files, dtype, trust_remote_code)
-    if any(model.config.model_type in s.model_types for s in ARCHITECTURES):
+    if find_arch(model.config.model_type) is not None:
         src = StreamSource(p, model, arch_for(model), tensors, files, dtype)
         if not src.converted:  # tensors transformers fuses or splits on load are its business
             src.check_names()
