@@ -80,24 +80,22 @@ def _lowrank_check(method: str, options: dict) -> None:
     chosen = [k for k in ("ratio", "rank", "energy") if k in options]
     if len(chosen) > 1:
         raise QuantkitError(f"give one of --ratio, --rank and --energy, not {' and '.join('--' + k for k in chosen)}")
-    fields = {f.name for f in dataclasses.fields(get_method(method).config_cls)}
-    foreign = [k for k in options if k not in fields]
+    takes = {n: {f.name for f in dataclasses.fields(get_method(n).config_cls)} for n in method_names("lowrank")}
+    foreign = [k for k in options if k not in takes[method]]
     if foreign:
-        takers = [n for n in method_names("lowrank") if set(foreign) <= {f.name for f in
-                                                                         dataclasses.fields(get_method(n).config_cls)}]
+        takers = [n for n, names in takes.items() if set(foreign) <= names]
         raise QuantkitError(f"{', '.join('--' + k for k in foreign)} only apply to --method {' or '.join(takers)}")
 
 
-QUANTIZE = Kind("quantize", "gptq", None, _quantize_fields, pack=True, last=("modules", "stream"),
+QUANTIZE = Kind("quantize", default="gptq", noun=None, fields=_quantize_fields, pack=True, last=("modules", "stream"),
                 keys=("output", "method", "bits", "group_size", "modules", "bytes_before", "bytes_after", "seconds",
                       "peak_rss_bytes"))
-PRUNE = Kind("prune", "sparsegpt", "pruning", _prune_fields, _prune_check, fmt=four_decimals("sparsity"))
-LOWRANK = Kind("lowrank", "asvd", "low-rank", _lowrank_fields, _lowrank_check, fmt=four_decimals("param_ratio"),
-               skip_note=lambda note: note.startswith("rank "),
+PRUNE = Kind("prune", default="sparsegpt", noun="pruning", fields=_prune_fields, check=_prune_check,
+             fmt=four_decimals("sparsity"))
+LOWRANK = Kind("lowrank", default="asvd", noun="low-rank", fields=_lowrank_fields, check=_lowrank_check,
+               fmt=four_decimals("param_ratio"), skip_note=lambda note: note.startswith("rank "),
                extra_config=lambda res: {"lowrank": {k: res.extra["lowrank"][k] for k in
                                                      ("params_before", "params_after", "ratio", "ratio_model")}})
-
-
 
 
 def _method_command(kind: Kind):

@@ -163,8 +163,6 @@ class MethodJob(Job):
         return res.log
 
 
-
-
 class RecipeJob(Job):
     """``quantkit run``: the steps of a YAML recipe, validated before the model is loaded."""
 
