@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,11 +43,11 @@ class CalibSpec:
     (the CLI generates its calibration options from these fields; recipes, the API and streaming
     runs start from them)."""
 
-    dataset: str = "c4"  # a dataset name (DATASET_NAMES) or a local file
-    nsamples: int = 128  # windows
-    seqlen: int = 2048  # tokens per window
-    seed: int = 0  # seed of the window draw
-    batch_size: int = 8  # windows per forward
+    dataset: str = field(default="c4", metadata={"help": "Calibration data: a dataset name or a local file."})  # DATASET_NAMES
+    nsamples: int = field(default=128, metadata={"help": "Calibration windows."})
+    seqlen: int = field(default=2048, metadata={"help": "Tokens per calibration window."})
+    seed: int = field(default=0, metadata={"help": "Seed of the calibration windows."})
+    batch_size: int = field(default=8, metadata={"help": "Calibration windows per forward."})
 
 
 def _data_dirs() -> list[Path]:

@@ -44,13 +44,13 @@ def _free_port() -> int:
 
 
 class Server:
-    """`python -m quantkit.serve` in a subprocess; stderr is drained into `log`."""
+    """`python -m quantkit.cli serve` in a subprocess; stderr is drained into `log`."""
 
     def __init__(self, model: str, name: str, max_batch: int, threads: int | None):
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.name = name
-        cmd = [sys.executable, "-m", "quantkit.serve", model, "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "quantkit.cli", "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
                "--model-name", name, "--max-batch", str(max_batch), "--max-queue", "256", "--log-level", "warning"]
         if threads:
             cmd += ["--threads", str(threads)]

@@ -1,4 +1,4 @@
-"""``quantkit bench``: prefill and decode throughput, time to first token, memory, and the
+"""What ``quantkit bench`` measures: prefill and decode throughput, time to first token, memory, and the
 decode roofline, for float and packed models alike.
 
 Decode on a CPU is bound by memory traffic: every new token reads every weight once.  The
@@ -17,19 +17,15 @@ Timing: a static KV cache, greedy tokens, ``torch.inference_mode``; one untimed 
 (it also converts packed weights to the kernel layout); then ``repeat`` runs, reported as
 mean and standard deviation.  Prefill = one forward over the prompt (logits of the last
 position only) plus the argmax: that is also the time to first token.  Decode = ``gen_len``
-single-token forwards.  torch is imported inside the functions so ``quantkit --help`` stays fast.
+single-token forwards.  The command is in :mod:`quantkit.cli.evaluate`; torch is imported inside
+the functions so ``quantkit --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import resource
 import statistics
 import time
-
-import click
 
 BANDWIDTH_BYTES = 512 * 2**20
 
@@ -242,46 +238,3 @@ def bench_table(results: list[tuple[str, dict]]):
                      f"at {r['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s = {r['roofline_tokens_per_s']:.0f} t/s roofline")
     t.caption = "\n".join(notes + [f"{results[0][1]['threads']} threads" if results else ""])
     return t
-
-
-@click.command("bench")
-@click.argument("model_path", metavar="MODEL")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="bfloat16", show_default=True,
-              help="Activation/float-weight dtype (CPU low-bit ops are fast in bf16).")
-@click.option("--prompt-len", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--gen-len", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--batch", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--repeat", type=click.IntRange(1), default=5, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "reference", "cpu", "triton"]), default=None,
-              help="Force the quantized-matmul path (default: $QUANTKIT_BACKEND, else by device).")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the decode step (slow to start; transformers' forward).")
-@click.option("--lean/--no-lean", default=True, show_default=True,
-              help="Run Llama/Mistral/Qwen2/Qwen3 models with quantkit's lean forward (fewer ops per step; "
-                   "others always use transformers').")
-@click.option("--threads", type=click.IntRange(1), default=None,
-              help="CPU threads (default: torch's, one per core); 1 is steadier on a busy machine.")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench(model_path, dtype, prompt_len, gen_len, batch, repeat, backend, compile_, lean, threads, device, as_json):
-    """Prefill/decode tokens per second, time to first token, memory and decode roofline of MODEL."""
-    import torch
-    from rich.console import Console
-
-    from quantkit.checkpoint.formats import load_model
-    from quantkit.runtime.backends import use_backend
-
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        with use_backend(backend) if backend else contextlib.nullcontext():
-            model, _ = load_model(model_path, dtype=dtype, device=device, with_tokenizer=False)
-            r = run_bench(model, prompt_len=prompt_len, gen_len=gen_len, batch=batch, repeat=repeat, compile=compile_,
-                          lean=lean)
-    finally:
-        torch.set_num_threads(previous_threads)
-    r["model"] = model_path
-    if as_json:
-        click.echo(json.dumps(r))
-    else:
-        Console().print(bench_table([(os.path.basename(model_path.rstrip("/")), r)]))

@@ -15,7 +15,7 @@ drops what the layer's *outputs* need least.  The default low-rank method.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,15 +26,21 @@ from quantkit.methods.svd import svd_factorize
 from quantkit.registry import register_method
 
 
+SCALINGS = ("whiten", "act")  # how activations weigh the decomposition (ASVDConfig.scaling)
+
+
 @dataclass(frozen=True)
 class ASVDConfig(LowRankConfig):
-    scaling: str = "whiten"  # "whiten" (SVD-LLM, Cholesky of X^T X) or "act" (ASVD, diag mean|x|^alpha)
-    damp: float = 0.01  # whiten: fraction of the mean diagonal of X^T X added to its diagonal
-    alpha: float = 0.5  # act: exponent of the activation magnitude
+    scaling: str = field(default="whiten", metadata={
+        "help": "asvd: Cholesky whitening of X^T X (SVD-LLM) or activation-magnitude scaling, diag mean|x|^alpha (ASVD).",
+        "choices": SCALINGS})
+    damp: float = field(default=0.01, metadata={
+        "help": "asvd whitening damping (fraction of the mean diagonal of X^T X added to its diagonal)."})
+    alpha: float = field(default=0.5, metadata={"help": "asvd --scaling act: exponent of mean |x|."})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.scaling not in ("whiten", "act"):
+        if self.scaling not in SCALINGS:
             raise QuantkitError(f"scaling must be 'whiten' or 'act', got {self.scaling!r}")
         if not 0 <= self.damp < 1:
             raise QuantkitError(f"damp must be in [0, 1), got {self.damp}")

@@ -26,7 +26,7 @@ import dataclasses
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -35,7 +35,7 @@ from quantkit.models.arch import LinearGroup
 from quantkit.calibrate.driver import BlockContext, BlockMethod
 from quantkit.core.types import LayerRecord
 from quantkit.errors import QuantkitError
-from quantkit.methods.base import WeightQuantConfig, check_group_sizes, quantize_block_linears
+from quantkit.methods.base import WeightQuantConfig, check_group_sizes, like, quantize_block_linears
 from quantkit.methods.gptq import GPTQ, GPTQConfig
 from quantkit.methods.rtn import rtn_linear
 from quantkit.core.quant import QuantSpec, compute_qparams, fake_quantize
@@ -48,14 +48,14 @@ QK_LINEARS = r"(^|\.)(q_proj|k_proj|qkv_proj|query_key_value|c_attn|Wqkv)$"
 
 @dataclass(frozen=True)
 class AWQConfig(WeightQuantConfig):
-    n_grid: int = 20  # alpha grid points in [0, 1]
-    duo_scaling: bool = False  # s = mean|x|^a / mean|w~|^(1-a) (AutoAWQ's variant) instead of mean|x|^a
-    search_tokens: int = 512  # tokens the alpha search runs on (see _Captured); 0 = all
-    clip: bool = True  # search a clipping range per weight group (auto-clip)
-    clip_grid: int = 20  # shrink steps of 1/clip_grid ...
-    max_shrink: float = 0.5  # ... down to (1 - max_shrink) of each group's max |w|
-    clip_tokens: int = 512  # input tokens (strided over the whole calibration set) the clip search uses
-    clip_exclude: str = QK_LINEARS  # regex of module names never clipped
+    n_grid: int = field(default=20, metadata={"help": "AWQ: alpha grid points in [0, 1]."})
+    duo_scaling: bool = field(default=False, metadata={"help": "AWQ: s = mean|x|^a / mean|w|^(1-a) (AutoAWQ), not mean|x|^a."})
+    search_tokens: int = field(default=512, metadata={"help": "AWQ: tokens the alpha search runs on; 0 = all."})  # see _Captured
+    clip: bool = field(default=True, metadata={"help": "AWQ: search a clipping range per weight group."})  # auto-clip
+    clip_grid: int = field(default=20, metadata={"help": "AWQ clip search: shrink steps, each 1/clip-grid of the range."})
+    max_shrink: float = field(default=0.5, metadata={"help": "AWQ clip search: clip max |w| to (1 - max-shrink) of itself at most."})
+    clip_tokens: int = field(default=512, metadata={"help": "AWQ clip search: input tokens (strided over the calibration set)."})
+    clip_exclude: str = field(default=QK_LINEARS, metadata={"help": "AWQ: regex of module names never clipped."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -370,12 +370,12 @@ class AWQ(BlockMethod):
 
 @dataclass(frozen=True)
 class AWQGPTQConfig(AWQConfig):
-    clip: bool = False  # GPTQ compensates rounding itself; clipping first rarely helps it
-    act_order: bool = False
-    static_groups: bool = False
-    damp: float = 0.01
-    blocksize: int = 128
-    true_sequential: bool = False
+    clip: bool = like(AWQConfig, "clip", default=False)  # GPTQ compensates rounding itself; clipping first rarely helps it
+    act_order: bool = like(GPTQConfig, "act_order", default=False)
+    static_groups: bool = like(GPTQConfig, "static_groups", default=False)
+    damp: float = like(GPTQConfig, "damp")
+    blocksize: int = like(GPTQConfig, "blocksize")
+    true_sequential: bool = like(GPTQConfig, "true_sequential")
 
     def gptq_config(self) -> GPTQConfig:
         """The GPTQ half of this config: every GPTQConfig field, read from this one."""

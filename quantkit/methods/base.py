@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -29,6 +29,14 @@ def rtn_linear(w, _stats, spec: QuantSpec):
     return QuantizedWeight(q, s, z, spec), w_hat, float((w - w_hat).pow(2).sum()), None, ""
 
 
+def like(config_cls: type, name: str, **change):
+    """``config_cls``'s field ``name`` (default and help) for a config that restates it, with
+    ``change`` (e.g. ``default=False``) applied: a config that takes another's option declares
+    it as ``act_order: bool = like(GPTQConfig, "act_order", default=False)``."""
+    f = config_cls.__dataclass_fields__[name]
+    return field(**{"default": f.default, "metadata": f.metadata, **change})
+
+
 def check_module_patterns(ignore, overrides) -> None:
     """Every ``ignore`` regex and every ``overrides`` key compiles (configs call this up front)."""
     for kind, patterns in (("ignore", ignore), ("module", [p for p, _ in overrides])):
@@ -45,12 +53,14 @@ class WeightQuantConfig:
     a tuple of ``(regex, {"bits":..., "group_size":..., "sym":...})`` matched against full module
     names, the last match winning."""
 
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    overrides: tuple = ()
-    ignore: tuple = ()  # regexes of module names left in float (reported in the log)
-    quantize_lm_head: bool = False  # also quantize the output head (untied from the embeddings), see quantize_head
+    bits: int = field(default=4, metadata={"help": "Bits per weight, 2 to 8."})
+    group_size: int = field(default=128, metadata={"help": "Input columns per scale; -1 = per channel."})
+    sym: bool = field(default=True, metadata={"help": "Symmetric grid (no zero point); --asym: a zero point per group."})
+    overrides: tuple = field(default=(), metadata={"help": "Per-module (regex, {bits, group_size, sym}), the last match winning."})
+    ignore: tuple = field(default=(), metadata={"help": "Regexes of module names left in float (reported in the log)."})
+    quantize_lm_head: bool = field(default=False, metadata={
+        "help": "Quantize lm_head too (untied from the embeddings, which stay float); "
+                "GPTQ calibrates it on the final norm's output."})  # see quantize_head
 
     def __post_init__(self):
         QuantSpec(self.bits, self.group_size, self.sym)  # validates

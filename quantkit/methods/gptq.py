@@ -7,7 +7,7 @@ the block-wise driver with a Hessian per linear.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,11 +26,14 @@ class GPTQConfig(WeightQuantConfig):
     # Columns in order of decreasing Hessian diagonal (desc_act) with group grids fixed up front, so
     # groups stay contiguous and the checkpoint needs no g_idx: llm-compressor's default ("static"
     # activation ordering), free at run time; on SmolLM2 W4 g64 it takes WikiText-2 from 52.31 to 46.03.
-    act_order: bool = True
-    static_groups: bool = True
-    damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
-    blocksize: int = 128  # columns per lazy batch update
-    true_sequential: bool = False  # re-collect inputs after each group of linears is quantized
+    act_order: bool = field(default=True, metadata={"help": "GPTQ: quantize columns by decreasing Hessian diagonal."})
+    static_groups: bool = field(default=True, metadata={
+        "help": "GPTQ with --act-order: fix group grids up front (contiguous groups, no g_idx); "
+                "--no-static-groups stores a g_idx."})
+    damp: float = field(default=0.01, metadata={"help": "GPTQ damping (fraction of mean diag H added to the diagonal)."})
+    blocksize: int = field(default=128, metadata={"help": "GPTQ lazy-batch block size (columns per update)."})
+    true_sequential: bool = field(default=False, metadata={
+        "help": "Re-collect statistics after each group of linears is quantized."})
 
     def __post_init__(self):
         super().__post_init__()

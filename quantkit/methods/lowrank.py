@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from quantkit.calibrate.driver import BlockContext, BlockMethod
 from quantkit.core.types import LowRankWeight, CompressionResult, LayerRecord
 from quantkit.errors import QuantkitError
 from quantkit.methods.base import each_linear
+
+
+DEFAULT_RATIO = 0.8  # LowRankConfig.ratio when none of ratio, rank and energy is given
 
 
 @dataclass(frozen=True)
@@ -42,16 +45,18 @@ class LowRankConfig:
         230
     """
 
-    ratio: float | None = None
-    rank: int | None = None
-    energy: float | None = None
+    ratio: float | None = field(default=None, metadata={
+        "help": f"Fraction of each factorized layer's parameters kept (none of ratio, rank, energy given: {DEFAULT_RATIO})."})
+    rank: int | None = field(default=None, metadata={"help": "The same rank for every layer instead."})
+    energy: float | None = field(default=None, metadata={
+        "help": "Per layer, the smallest rank keeping this fraction of the squared spectrum."})
 
     def __post_init__(self):
         given = [k for k in ("ratio", "rank", "energy") if getattr(self, k) is not None]
         if len(given) > 1:
             raise QuantkitError(f"give one of ratio, rank and energy, not {' and '.join(given)}")
         if not given:
-            object.__setattr__(self, "ratio", 0.8)
+            object.__setattr__(self, "ratio", DEFAULT_RATIO)
         if self.ratio is not None and not 0 < self.ratio < 1:
             raise QuantkitError(f"ratio must be in (0, 1) (the fraction of parameters kept), got {self.ratio}")
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):

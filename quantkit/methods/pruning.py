@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +20,9 @@ from quantkit.methods.base import check_module_patterns, each_linear
 from quantkit.core.quant import QuantSpec
 from quantkit.core.sparsity import SparsityTarget, check_sparsity, parse_pattern
 from quantkit.core.types import NMSparseWeight
+
+
+DEFAULT_SPARSITY = 0.5  # PruneConfig.sparsity when neither sparsity nor pattern is given
 
 
 @dataclass(frozen=True)
@@ -34,15 +37,19 @@ class PruneConfig:
         >>> PruneConfig(pattern="2:4", overrides=((r"mlp\\.down_proj", {"sparsity": 0}),))
     """
 
-    sparsity: float | None = None
-    pattern: str | None = None
-    overrides: tuple = ()
-    ignore: tuple = ()  # regexes of module names left dense (reported in the log)
-    packed: bool = False
+    sparsity: float | None = field(default=None, metadata={
+        "help": f"Fraction of each linear's weights to prune, in (0, 1) (neither sparsity nor pattern given: {DEFAULT_SPARSITY})."})
+    pattern: str | None = field(default=None, metadata={
+        "help": "N:M semi-structured sparsity instead: keep N of every M inputs (2:4, 4:8...)."})
+    overrides: tuple = field(default=(), metadata={
+        "help": "Per-module (regex, {sparsity: s} or {pattern: N:M}), the last match winning."})
+    ignore: tuple = field(default=(), metadata={"help": "Regexes of module names left dense (reported in the log)."})
+    packed: bool = field(default=False, metadata={
+        "help": "With --pattern: store kept values + indices (quantkit runtime) instead of dense zeros."})
 
     def __post_init__(self):
         if self.sparsity is None and self.pattern is None:
-            object.__setattr__(self, "sparsity", 0.5)
+            object.__setattr__(self, "sparsity", DEFAULT_SPARSITY)
         SparsityTarget.parse(self.sparsity, self.pattern)  # validates
         check_module_patterns(self.ignore, self.overrides)
         for pattern, fields in self.overrides:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,20 +34,28 @@ INT8_SPEC = QuantSpec(bits=8, group_size=-1, sym=True)  # per output channel, ze
 ACT_QMAX = 127
 
 
+ACT_QUANT = ("dynamic", "static")  # how activations are quantized (SmoothQuantConfig.act_quant)
+
+
 @dataclass(frozen=True)
 class SmoothQuantConfig:
-    alpha: float = 0.5  # migration strength; 0 = no smoothing (naive W8A8)
-    act_quant: str = "dynamic"  # "dynamic": int8 per token at run time; "static": one calibrated scale per tensor
-    smooth_linear_inputs: bool = True  # also smooth groups fed by a linear (up_proj -> down_proj), not only by norms
-    ignore: tuple = ()  # regexes of module names left in float (still smoothed: that changes no function)
-    bits: int = 8  # W8A8 only: kept so the checkpoint's quantization_config reads like the others
-    group_size: int = -1
-    sym: bool = True
+    alpha: float = field(default=0.5, metadata={"help": "SmoothQuant migration strength; 0 = naive W8A8."})
+    act_quant: str = field(default="dynamic", metadata={
+        "help": "SmoothQuant activations: int8 per token at run time, or one calibrated scale per tensor.",
+        "choices": ACT_QUANT})
+    smooth_linear_inputs: bool = field(default=True, metadata={
+        "help": "SmoothQuant: also smooth groups fed by a linear (up_proj -> down_proj), not only by norms."})
+    ignore: tuple = field(default=(), metadata={
+        "help": "Regexes of module names left in float (still smoothed: that changes no function)."})
+    # W8A8 only: kept so the checkpoint's quantization_config reads like the others
+    bits: int = field(default=8, metadata={"help": "SmoothQuant: 8 only (W8A8)."})
+    group_size: int = field(default=-1, metadata={"help": "SmoothQuant: -1 only (per-channel weights)."})
+    sym: bool = field(default=True, metadata={"help": "SmoothQuant: symmetric only."})
 
     def __post_init__(self):
         if not 0 <= self.alpha <= 1:
             raise QuantkitError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.act_quant not in ("dynamic", "static"):
+        if self.act_quant not in ACT_QUANT:
             raise QuantkitError(f"act_quant must be 'dynamic' or 'static', got {self.act_quant!r}")
         if (self.bits, self.group_size, self.sym) != (8, -1, True):
             raise QuantkitError("smoothquant is W8A8: int8 per-channel symmetric weights (bits=8, group_size=-1, sym); "

@@ -9,7 +9,7 @@ into the block-wise driver with a Hessian per linear (the accumulator GPTQ uses)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,11 +25,13 @@ from quantkit.registry import register_method
 
 @dataclass(frozen=True)
 class SparseGPTConfig(PruneConfig):
-    blocksize: int = 128  # columns per adaptive-mask block and lazy batch update (sec. 3.2)
-    damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
-    bits: int | None = None  # quantize the kept weights jointly (sec. 3.4); None: stay float
-    group_size: int = 128
-    sym: bool = True
+    blocksize: int = field(default=128, metadata={
+        "help": "SparseGPT adaptive-mask block size (columns per mask block and lazy batch update, sec. 3.2)."})
+    damp: float = field(default=0.01, metadata={"help": "SparseGPT damping (fraction of mean diag H added to the diagonal)."})
+    bits: int | None = field(default=None, metadata={
+        "help": "SparseGPT: also quantize the kept weights in the same pass (sec. 3.4)."})  # None: stay float
+    group_size: int = field(default=128, metadata={"help": "With --bits: input columns per scale; -1 = per channel."})
+    sym: bool = field(default=True, metadata={"help": "With --bits: symmetric grid."})
 
     def __post_init__(self):
         super().__post_init__()

@@ -4,7 +4,7 @@ Plain functions over a transformers causal LM (anything whose forward takes
 ``input_ids, attention_mask, position_ids, past_key_values, use_cache`` and returns ``.logits`` and
 ``.past_key_values``). The server (`quantkit.serve`) reuses the same pieces: `SamplingParams`,
 `sample_next`, `TextStream`, `eos_token_ids`, `encode_prompt`, `encode_chat`. The ``quantkit generate``
-command lives in `quantkit.serve.cli` so that the CLI starts without importing torch.
+command lives in `quantkit.cli.serve` so that the CLI starts without importing torch.
 
     >>> model, tok = quantkit.checkpoint.formats.load_model("tests/fixtures/stories260K")
     >>> generate(model, tok, encode_prompt(tok, "Once upon"), SamplingParams(max_new_tokens=10)).text

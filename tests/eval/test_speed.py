@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from quantkit.eval.speed import bench, bench_table, decode_bytes_per_token, run_bench, run_benches, weight_bytes
+from quantkit.cli.evaluate import bench
+from quantkit.eval.speed import bench_table, decode_bytes_per_token, run_bench, run_benches, weight_bytes
 from quantkit.core.quant import QuantSpec, quantize_rtn
 from quantkit.testing import tiny_opt
 from quantkit.runtime.qlinear import QuantLinear
@@ -95,7 +96,7 @@ def test_bench_cli_table_and_bad_input(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 def test_bench_subprocess(tiny_dir):
-    code = "import sys; from quantkit.eval.speed import bench; bench(sys.argv[1:])"
+    code = "import sys; from quantkit.cli.evaluate import bench; bench(sys.argv[1:])"
     p = subprocess.run([sys.executable, "-c", code, str(tiny_dir), "--prompt-len", "3", "--gen-len", "2", "--repeat", "1",
                         "--threads", "1", "--json"], capture_output=True, text=True, timeout=300, env={**os.environ, "QUANTKIT_BACKEND": "auto"})
     assert p.returncode == 0, p.stderr[-2000:]

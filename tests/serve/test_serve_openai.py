@@ -65,7 +65,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(request, packed_dir):
     port = _free_port()
-    cmd = [sys.executable, "-m", "quantkit.serve", packed_dir, "--model-name", NAME, "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "quantkit.cli", "serve", packed_dir, "--model-name", NAME, "--host", "127.0.0.1",
            "--port", str(port), "--max-batch", "16", "--max-queue", "64", "--threads", "1", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log: list[str] = []

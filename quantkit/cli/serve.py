@@ -1,8 +1,6 @@
-"""Click commands ``quantkit generate`` and ``quantkit serve``.
-
-Kept free of heavy imports (torch, transformers, FastAPI are imported when a command runs) so that
-``quantkit --help`` stays fast.
-"""
+"""``quantkit generate`` and ``quantkit serve``: a quick look at a model, and an OpenAI-compatible
+HTTP server over it (:mod:`quantkit.serve`).  torch, transformers and FastAPI are imported when a
+command runs, so ``quantkit --help`` stays fast."""
 
 from __future__ import annotations
 
@@ -14,16 +12,8 @@ import sys
 
 import click
 
+from quantkit.cli.common import kv_cache_options
 from quantkit.errors import QuantkitError
-
-
-def kv_cache_options(f):
-    """``--kv-bits`` / ``--kv-keys``: an int8/int4 KV cache (quantkit.runtime.kvcache), shared by
-    ``generate``, ``serve`` and ``eval perplexity``."""
-    f = click.option("--kv-keys", type=click.Choice(["token", "channel"]), default="token", show_default=True,
-                     help="KV-cache key scales: per token and head, or per channel over groups of 64 tokens (KIVI).")(f)
-    return click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
-                        help="Keep the KV cache in int8/int4 (transformers' forward; see quantkit.runtime.kvcache).")(f)
 
 
 def kv_cache_factory(kv_bits: str | None, kv_keys: str):
