@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from quantkit.cli import cli, compress
 from quantkit.cli.options import RECIPE_ONLY, bool_flags, calib_options, method_options
 from quantkit.data import CalibSpec
-from quantkit.registry import get_method, method_names
+from quantkit.api import get_method, method_names
 
 COMMANDS = {"quantize": compress.QUANTIZE, "prune": compress.PRUNE, "lowrank": compress.LOWRANK}
 TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
