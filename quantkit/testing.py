@@ -81,3 +81,25 @@ def tiny_llama(seed: int = 0, *, tied: bool = False, dtype: torch.dtype = torch.
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
                       tie_word_embeddings=tied)
     return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+# the CLI in a process that SIGKILLs itself right after block {last} of a streamed run is written:
+# fault injection by patching the hook, in a test or a benchmark, never behind a switch in the product
+_KILLED_AFTER_BLOCK = """
+import os, signal
+from quantkit.checkpoint import streamed
+from quantkit.cli import main
+done = streamed.StreamHooks.block_done
+def block_done(self, index, *rest):
+    done(self, index, *rest)
+    if index >= {last}:
+        os.kill(os.getpid(), signal.SIGKILL)
+streamed.StreamHooks.block_done = block_done
+main()
+"""
+
+
+def cli_killed_after_block(last: int) -> list[str]:
+    """``python`` arguments running ``quantkit`` (append the CLI's own) in a process killed with
+    SIGKILL once block ``last`` of a ``--stream`` run is written."""
+    return ["-c", _KILLED_AFTER_BLOCK.format(last=last)]

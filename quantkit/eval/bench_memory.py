@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from quantkit.testing import cli_killed_after_block
+
 SHAPES = {
     # Llama-3.2-3B: 3.21B parameters, tied embeddings
     "llama-3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
@@ -50,21 +52,6 @@ SHAPES = {
                   num_key_value_heads=4, head_dim=64, tie_word_embeddings=False),
 }
 
-
-# `python -c` program: the CLI, killed with SIGKILL right after block {last} is written (the peak of a
-# long calibrated run is reached in its first blocks)
-STOP_AFTER_BLOCK = """
-import os, signal
-from quantkit.checkpoint import streamed
-from quantkit.cli import main
-done = streamed.StreamHooks.block_done
-def block_done(self, index, *rest):
-    done(self, index, *rest)
-    if index >= {last}:
-        os.kill(os.getpid(), signal.SIGKILL)
-streamed.StreamHooks.block_done = block_done
-main()
-"""
 
 
 def llama_config(shape: str):
@@ -241,7 +228,7 @@ def _run_method(method: str, args, work: Path, cap: int | None, model_bytes: int
     blocks = args.calibrated_blocks if args.calibrated_blocks is not None else (0 if args.small else 2)
     env = None
     if method != "rtn" and blocks:  # stop the run (SIGKILL) once its first calibrated blocks are written
-        cmd = [sys.executable, "-c", STOP_AFTER_BLOCK.format(last=blocks - 1), *cmd[3:]]
+        cmd = [sys.executable, *cli_killed_after_block(blocks - 1), *cmd[3:]]  # the peak is in the first blocks
         env = dict(os.environ)
     print(f"quantize --method {method} --stream under {LIMIT_NAMES[args.limit]} = {cap / 1e9 if cap else 0:.2f} GB"
           f"{f' (first {blocks} blocks)' if env else ''} ...", file=sys.stderr)

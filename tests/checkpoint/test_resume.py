@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from quantkit.cli import cli
 from quantkit.calibrate.workdir import WorkDir, work_dir_for
+from quantkit.testing import cli_killed_after_block
 
 
 def _args(src, out, tiny_text, *extra):
@@ -40,24 +41,8 @@ def _assert_identical(a, b):
     assert log_a == log_b
 
 
-# the CLI in a real process that SIGKILLs itself right after block {last} is written (fault
-# injection lives here, not in the product)
-_KILLED_AFTER_BLOCK = """
-import os, signal
-from quantkit.checkpoint import streamed
-from quantkit.cli import main
-done = streamed.StreamHooks.block_done
-def block_done(self, index, *rest):
-    done(self, index, *rest)
-    if index >= {last}:
-        os.kill(os.getpid(), signal.SIGKILL)
-streamed.StreamHooks.block_done = block_done
-main()
-"""
-
-
 def _run(args, kill_after_block=None):
-    prog = ["-m", "quantkit.cli"] if kill_after_block is None else ["-c", _KILLED_AFTER_BLOCK.format(last=kill_after_block)]
+    prog = ["-m", "quantkit.cli"] if kill_after_block is None else cli_killed_after_block(kill_after_block)
     return subprocess.run([sys.executable, *prog, *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
