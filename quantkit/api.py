@@ -26,7 +26,7 @@ from quantkit.calibrate.workdir import MANIFEST_VERSION, WorkDir
 from quantkit.checkpoint.packed import atomic_output_dir, check_output, quantization_config, save_checkpoint, save_metadata
 from quantkit.checkpoint.streamed import StreamHooks, stream_settings
 from quantkit.runtime.swap import pack_finished, pack_model, to_module
-from quantkit.data import calibration_samples
+from quantkit.data import CalibSpec, calibration_samples
 from quantkit.errors import QuantkitError
 from quantkit.memory import return_large_frees_to_os
 from quantkit.models.load import load_tokenizer
@@ -61,7 +61,8 @@ def check_finite(model) -> None:
 
 
 def compress(model, method_name: str, options: dict | object, *, tokenizer=None, calib: str | None = None,
-             nsamples: int = 128, seqlen: int = 2048, seed: int = 0, batch_size: int = 8,
+             nsamples: int = CalibSpec.nsamples, seqlen: int = CalibSpec.seqlen, seed: int = CalibSpec.seed,
+             batch_size: int = CalibSpec.batch_size,
              calib_ids: torch.Tensor | None = None,
              progress: Callable[[int, int, str], None] | None = None,
              hooks: BlockHooks | None = None, pack: bool = False) -> CompressionResult:
@@ -108,7 +109,8 @@ def save(model, tokenizer, out: str | Path, method_name: str, result: Compressio
 
 
 def compress_streaming(model_path: str | Path, out: str | Path, method_name: str, options, *, calib: str | None = None,
-                       nsamples: int = 128, seqlen: int = 2048, seed: int = 0, batch_size: int = 8, dtype=None,
+                       nsamples: int = CalibSpec.nsamples, seqlen: int = CalibSpec.seqlen, seed: int = CalibSpec.seed,
+                       batch_size: int = CalibSpec.batch_size, dtype=None,
                        resume: bool = False, overwrite: bool = False, offload_dir: str | Path | None = None,
                        trust_remote_code: bool = False, source: StreamSource | None = None,
                        progress: Callable[[int, int, str], None] | None = None) -> CompressionResult:

@@ -200,9 +200,9 @@ def run_recipe(recipe: Recipe, model, tokenizer, progress=None):
     """Run every step on ``model`` in place; returns the merged :class:`CompressionResult`."""
     from quantkit import api
     from quantkit.core.types import CompressionResult
-    from quantkit.data import calibration_samples
+    from quantkit.data import CalibSpec, calibration_samples
 
-    calib = {"dataset": "c4", "nsamples": 128, "seqlen": 2048, "seed": 0, "batch_size": 8, **recipe.calibration}
+    calib = {**dataclasses.asdict(CalibSpec()), **recipe.calibration}  # the one set of calibration defaults
     calib_ids = None
     merged = CompressionResult()
     for i, step in enumerate(recipe.steps):

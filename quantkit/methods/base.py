@@ -37,6 +37,15 @@ def like(config_cls: type, name: str, **change):
     return field(**{"default": f.default, "metadata": f.metadata, **change})
 
 
+def check_obs_settings(damp: float, blocksize: int) -> None:
+    """The settings GPTQ and SparseGPT share (their OBS-style column loop): damping in (0, 1) and
+    a positive lazy-batch block size."""
+    if not 0 < damp < 1:
+        raise QuantkitError(f"damp must be in (0, 1), got {damp}")
+    if blocksize < 1:
+        raise QuantkitError(f"blocksize must be positive, got {blocksize}")
+
+
 def check_module_patterns(ignore, overrides) -> None:
     """Every ``ignore`` regex and every ``overrides`` key compiles (configs call this up front)."""
     for kind, patterns in (("ignore", ignore), ("module", [p for p, _ in overrides])):

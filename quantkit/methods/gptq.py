@@ -14,7 +14,7 @@ import torch
 from quantkit.calibrate.driver import BlockMethod
 from quantkit.core.types import QuantizedWeight
 from quantkit.errors import QuantkitError
-from quantkit.methods.base import WeightQuantConfig, check_group_sizes, quantize_block_linears
+from quantkit.methods.base import WeightQuantConfig, check_group_sizes, check_obs_settings, quantize_block_linears
 from quantkit.methods.rtn import rtn_linear
 from quantkit.core.hessian import dead_columns, robust_inverse_cholesky
 from quantkit.core.quant import QuantSpec, compute_qparams, dequantize, quantize_codes
@@ -37,10 +37,7 @@ class GPTQConfig(WeightQuantConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 < self.damp < 1:
-            raise QuantkitError(f"damp must be in (0, 1), got {self.damp}")
-        if self.blocksize < 1:
-            raise QuantkitError(f"blocksize must be positive, got {self.blocksize}")
+        check_obs_settings(self.damp, self.blocksize)
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksize: int = 128, percdamp: float = 0.01,

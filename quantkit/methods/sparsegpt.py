@@ -20,6 +20,7 @@ from quantkit.methods.pruning import PruneConfig, PruneMethod
 from quantkit.core.hessian import dead_columns, robust_inverse_cholesky
 from quantkit.core.quant import QuantSpec, compute_qparams, dequantize, quantize_codes, quantize_rtn
 from quantkit.core.sparsity import lowest_k_mask, n_pruned, nm_mask
+from quantkit.methods.base import check_obs_settings
 from quantkit.registry import register_method
 
 
@@ -35,10 +36,7 @@ class SparseGPTConfig(PruneConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 < self.damp < 1:
-            raise QuantkitError(f"damp must be in (0, 1), got {self.damp}")
-        if self.blocksize < 1:
-            raise QuantkitError(f"blocksize must be positive, got {self.blocksize}")
+        check_obs_settings(self.damp, self.blocksize)
         if self.bits is not None:
             QuantSpec(self.bits, self.group_size, self.sym)  # validates
             if self.packed:
