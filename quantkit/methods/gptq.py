@@ -132,8 +132,10 @@ class GPTQ(BlockMethod):
 
     def _linear(self, w, hessian, spec):
         cfg = self.config
+        # static groups belong to the act-order default (--static-groups' help says so): --no-act-order
+        # is classic GPTQ, each group's grid set when its first column is reached
         res = gptq_quantize(w, hessian.H, spec, blocksize=cfg.blocksize, percdamp=cfg.damp,
-                            act_order=cfg.act_order, static_groups=cfg.static_groups)
+                            act_order=cfg.act_order, static_groups=cfg.static_groups and cfg.act_order)
         if res is None:
             qw, w_hat, loss, _, _ = rtn_linear(w, None, spec)
             return qw, w_hat, loss, None, "Hessian not positive definite after damping: fell back to RTN"

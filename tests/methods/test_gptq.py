@@ -71,3 +71,18 @@ def test_default_is_act_order_with_static_groups():
     ordered = gptq_quantize(w, H, QuantSpec(4, 32), act_order=True, static_groups=True)[0]
     natural = gptq_quantize(w, H, QuantSpec(4, 32))[0]
     assert ordered.g_idx is None and not torch.equal(ordered.q, natural.q)
+
+
+def test_no_act_order_is_classic_gptq_whatever_static_groups_says():
+    """Static groups belong to the act-order default: with act_order off, each group's grid is set
+    when its first column is reached (classic GPTQ), as `--no-act-order` promises."""
+    from quantkit import api
+    from quantkit.testing import tiny_llama
+
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    runs = [api.compress(tiny_llama(0), "gptq", {"bits": 4, "group_size": 16, "act_order": False, "static_groups": s},
+                         calib_ids=ids) for s in (True, False)]
+    for name, q in runs[0].quantized.items():
+        assert torch.equal(q.q, runs[1].quantized[name].q) and torch.equal(q.scales, runs[1].quantized[name].scales)
+    core = [gptq_quantize(*_outlier_layer(seed=7)[::2], QuantSpec(4, 32), static_groups=s)[0] for s in (True, False)]
+    assert not torch.equal(core[0].scales, core[1].scales)  # the core itself does tell them apart
