@@ -24,13 +24,12 @@ _done = False
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far: ``VmHWM`` where Linux has it (``ru_maxrss``
     would report the peak of the process that started this one: it survives fork and exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+    status = Path("/proc/self/status")
+    if status.is_file():  # Linux
+        for line in status.read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass  # no /proc (macOS): getrusage below
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS (no /proc)
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 

@@ -31,10 +31,7 @@ def quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    try:
-        hf_logging.disable_progress_bar()
-    except AttributeError:  # older transformers
-        pass
+    hf_logging.disable_progress_bar()
 
 
 def read_quantization_config(path: str | Path) -> dict | None:

@@ -24,17 +24,10 @@ from quantkit.models.safetensors import MAX_HEADER, TensorInfo, read_header, rea
 def model_from_config(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A causal LM built from ``config`` without spending time on random initialisation
     (its weights are about to be loaded)."""
-    import contextlib
-
     from transformers import AutoModelForCausalLM
 
-    try:
-        from transformers.initialization import no_init_weights  # transformers >= 5
-    except ImportError:  # pragma: no cover - older transformers
-        try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:
-            no_init_weights = contextlib.nullcontext
+    from transformers.initialization import no_init_weights  # every transformers in the tested range has it
+
     with no_init_weights():
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 

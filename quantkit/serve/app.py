@@ -173,8 +173,9 @@ async def _collect(request: Request, req: GenRequest, handle, inbox: _Inbox, cha
     """The whole answer as one JSON body; a client that disconnects first cancels its request."""
 
     async def watch_disconnect():  # a client that gives up frees its slot
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+        message = await request.receive()
+        while message["type"] != "http.disconnect":  # each receive waits for the next ASGI message
+            message = await request.receive()
         handle.cancel()
         inbox.queue.put_nowait(Event("error", message=CLIENT_GONE))
 
