@@ -27,7 +27,7 @@ Other packed kinds (W8A8 with quantized activations) are refused.
 
     >>> teacher, tok = load_model("SmolLM2-135M.gguf"); student, _ = load_model("out/smol-asvd80")
     >>> ids = calibration_samples(tok, "c4", 200 * 4, 256)
-    >>> report = distill(teacher, student, ids, steps=200, batch_size=4)
+    >>> report = distill(teacher, student, ids, DistillConfig(steps=200, batch_size=4))
     >>> save_student(student, tok, "out/smol-asvd80-kd", read_quantization_config("out/smol-asvd80"))
 """
 
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -242,22 +242,51 @@ def _train_step(teacher, student, batch: torch.Tensor, state: TrainState, opt, s
     return float(loss.detach()), float(kd.detach())
 
 
-def distill(teacher: nn.Module, student: nn.Module, ids: torch.Tensor, *, steps: int, batch_size: int = 4,
-            lr: float = 1e-4, temperature: float = 1.0, hidden_weight: float = 0.0, warmup: int | None = None,
-            grad_clip: float = 1.0, train_embeddings: bool = False, heldout: torch.Tensor | None = None,
-            progress: Callable[[int, int, float], None] | None = None) -> dict:
-    """Distill ``teacher`` into ``student`` (in place) for ``steps`` steps of ``batch_size``
-    windows from ``ids [n, seqlen]`` (cycled).  Returns per-step losses, the KD loss on
-    ``heldout`` before and after, and counts of what was trained and masked."""
-    if steps < 1 or batch_size < 1:
-        raise QuantkitError(f"steps and batch size must be positive, got {steps} and {batch_size}")
+@dataclass
+class DistillConfig:
+    """Every setting of a distillation run, with its default (the CLI's ``quantkit distill``
+    options are generated from these fields)."""
+
+    data: str = field(default="c4", metadata={"help": "Training text: a dataset name or a local file."})
+    steps: int = field(default=200, metadata={"help": "Optimizer steps."})
+    seqlen: int = field(default=256, metadata={"help": "Tokens per training window."})
+    batch_size: int = field(default=4, metadata={"help": "Windows per step."})
+    lr: float = field(default=1e-4, metadata={"help": "Peak AdamW learning rate (warm-up, cosine decay)."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL term."})
+    hidden_mse: float = field(default=0.0, metadata={"help": "Weight of the hidden-state MSE term (same-shape students)."})
+    warmup: int | None = field(default=None, metadata={"help": "Linear warm-up steps [default: steps / 20]."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Gradient norm clip (0: none)."})
+    train_embeddings: bool = field(default=False, metadata={"help": "Also train the input/output embeddings (frozen by default)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the training windows (the held-out ones use seed + 1)."})
+
+    def __post_init__(self):
+        for name, hi in (("steps", 10_000_000), ("seqlen", 1_048_576), ("batch_size", 1_000_000)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not 1 <= v <= hi:
+                raise QuantkitError(f"--{name.replace('_', '-')} must be between 1 and {hi}, got {v}")
+        if not self.lr > 0 or not self.temperature > 0 or not self.hidden_mse >= 0 or not self.grad_clip >= 0:
+            raise QuantkitError("--lr and --temperature must be positive, --hidden-mse and --grad-clip non-negative")
+        if self.warmup is not None and self.warmup < 0:
+            raise QuantkitError(f"--warmup must be non-negative, got {self.warmup}")
+
+
+def distill(teacher: nn.Module, student: nn.Module, ids: torch.Tensor, config: DistillConfig | None = None, *,
+            heldout: torch.Tensor | None = None, progress: Callable[[int, int, float], None] | None = None,
+            **settings) -> dict:
+    """Distill ``teacher`` into ``student`` (in place) for ``config.steps`` steps of
+    ``config.batch_size`` windows from ``ids [n, seqlen]`` (cycled); ``settings`` override fields
+    of ``config`` (``steps=30, lr=2e-3``).  Returns per-step losses, the KD loss on ``heldout``
+    before and after, and counts of what was trained and masked."""
+    cfg = replace(config or DistillConfig(), **settings)
+    steps, batch_size, lr, temperature = cfg.steps, cfg.batch_size, cfg.lr, cfg.temperature
+    hidden_weight, grad_clip, warmup = cfg.hidden_mse, cfg.grad_clip, cfg.warmup
     check_pair(teacher, student, hidden_weight)
     t0 = time.perf_counter()
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     before = evaluate_kd(teacher, student, heldout, temperature) if heldout is not None else None
-    state = prepare_student(student, train_embeddings)
+    state = prepare_student(student, cfg.train_embeddings)
     if not state.params:
         raise QuantkitError("the student has nothing to train")
     opt = torch.optim.AdamW(state.params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)

@@ -64,7 +64,7 @@ def test_sparsity_masks_intact_after_distillation(tmp_path, stories, tiny_text):
             w.masked_fill_(w.abs() <= thresh, 0)
             masks[name] = w == 0
     before = {n: lin.weight.detach().clone() for n, lin in _block_linears(student).items()}
-    rep = distill(teacher, student, _train_ids(tok, tiny_text, n=32), steps=10, batch_size=4, lr=1e-3, hidden_weight=0.5)
+    rep = distill(teacher, student, _train_ids(tok, tiny_text, n=32), steps=10, batch_size=4, lr=1e-3, hidden_mse=0.5)
     assert rep["masked_weights"] >= sum(int(m.sum()) for m in masks.values())
     save_student(student, tok, tmp_path / "kd", None)
     assert read_quantization_config(tmp_path / "kd") is None  # a float student stays a plain checkpoint

@@ -19,7 +19,7 @@ from rich.table import Table
 from quantkit.cli.common import (err_console, four_decimals, json_option, load_options, model_options, output_options,
                                  progress_task, report)
 from quantkit.cli.jobs import DistillJob, Kind, MethodJob, RecipeJob
-from quantkit.cli.options import GeneratedOptions, calib_options, method_options
+from quantkit.cli.options import GeneratedOptions, calib_options, config_options, method_options
 from quantkit.errors import QuantkitError
 from quantkit.memory import peak_rss_bytes
 
@@ -98,6 +98,12 @@ LOWRANK = Kind("lowrank", default="asvd", noun="low-rank", fields=_lowrank_field
                                                      ("params_before", "params_after", "ratio", "ratio_model")}})
 
 
+def _distill_options():
+    from quantkit.distill import DistillConfig
+
+    return config_options(DistillConfig)
+
+
 def _method_command(kind: Kind):
     """A command of ``kind``: its method options (then the calibration options) come after --method."""
     return click.command(kind.name, cls=GeneratedOptions, after="method",
@@ -159,19 +165,10 @@ def run_cmd(**params):
     execute(RecipeJob(params))
 
 
-@click.command()
+@click.command(cls=GeneratedOptions, after="output", generate=lambda: _distill_options())
 @click.option("--teacher", required=True, help="The original model (directory, .gguf file or hub id).")
 @click.option("--student", required=True, help="The model to train: a compressed checkpoint or a smaller model sharing the tokenizer.")
 @output_options
-@click.option("--data", default="c4", show_default=True, help="Training text: a dataset name or a local file.")
-@click.option("--steps", type=int, default=200, show_default=True)
-@click.option("--seqlen", type=int, default=256, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per step.")
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak AdamW learning rate (warm-up, cosine decay).")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature of the KL term.")
-@click.option("--hidden-mse", type=float, default=0.0, show_default=True, help="Weight of the hidden-state MSE term (same-shape students).")
-@click.option("--train-embeddings", is_flag=True, help="Also train the input/output embeddings (frozen by default).")
-@click.option("--seed", type=int, default=0, show_default=True)
 @load_options
 def distill(**params):
     """Recover STUDENT by knowledge distillation from TEACHER (KL on softened logits, optional

@@ -227,11 +227,7 @@ class DistillJob(Job):
         from quantkit.models.paths import read_quantization_config
 
         p = self.p
-        check_positive("--steps", p["steps"], 10_000_000)
-        check_positive("--seqlen", p["seqlen"], 1_048_576)
-        check_positive("--batch-size", p["batch_size"])
-        if not p["lr"] > 0 or not p["temperature"] > 0 or p["hidden_mse"] < 0:
-            raise QuantkitError("--lr and --temperature must be positive and --hidden-mse non-negative")
+        self.cfg = kd.DistillConfig(**{f.name: p[f.name] for f in dataclasses.fields(kd.DistillConfig)})
         check_output(p["output"], p["overwrite"])
         student = p["student"]
         self.qcfg = read_quantization_config(student) if Path(student).is_dir() else None
@@ -256,18 +252,17 @@ class DistillJob(Job):
         if self.qcfg is None and self.dtype != torch.float32:
             self.student.float()
         kd.check_tokenizers(t_tok, self.tok)
-        kd.check_pair(self.teacher, self.student, p["hidden_mse"])
-        check_context(p["seqlen"], self.teacher.config, self.student.config, whose="models'")
-        self.ids = calibration_samples(self.tok, p["data"], p["steps"] * p["batch_size"], p["seqlen"], p["seed"])
-        self.heldout = calibration_samples(self.tok, p["data"], 4, p["seqlen"], p["seed"] + 1)
+        kd.check_pair(self.teacher, self.student, self.cfg.hidden_mse)
+        cfg = self.cfg
+        check_context(cfg.seqlen, self.teacher.config, self.student.config, whose="models'")
+        self.ids = calibration_samples(self.tok, cfg.data, cfg.steps * cfg.batch_size, cfg.seqlen, cfg.seed)
+        self.heldout = calibration_samples(self.tok, cfg.data, 4, cfg.seqlen, cfg.seed + 1)
 
     def compress(self, update):
         from quantkit import distill as kd
 
         p = self.p
-        return kd.distill(self.teacher, self.student, self.ids, steps=p["steps"], batch_size=p["batch_size"], lr=p["lr"],
-                          temperature=p["temperature"], hidden_weight=p["hidden_mse"],
-                          train_embeddings=p["train_embeddings"], heldout=self.heldout,
+        return kd.distill(self.teacher, self.student, self.ids, self.cfg, heldout=self.heldout,
                           progress=lambda i, n, loss: update(i, info=f"kd {loss:.4f}"))
 
     def save(self, rep) -> None:

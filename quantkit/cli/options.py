@@ -1,6 +1,7 @@
 """Options generated from the dataclasses that own their defaults: each compression command's
 method options from the configs in the registry (:mod:`quantkit.registry`), the calibration
-options from :class:`quantkit.data.CalibSpec`.  No default is written here.
+options from :class:`quantkit.data.CalibSpec`, ``quantkit distill``'s from
+:class:`quantkit.distill.DistillConfig`.  No default is written here.
 
 A config field ``damp: float = field(default=0.01, metadata={"help": ...})`` becomes
 ``--damp FLOAT`` with that help; ``int | None`` becomes ``INTEGER``; ``choices`` in the metadata
@@ -92,10 +93,22 @@ def calib_options() -> tuple[click.Option, ...]:
     defaults and help (the values are the ``CalibSpec`` fields, ``dataset`` included)."""
     from quantkit.data import CalibSpec
 
-    hints = typing.get_type_hints(CalibSpec)
-    return tuple(click.Option([CALIB_FLAGS.get(f.name, _flag(f.name)), f.name], type=_TYPES[hints[f.name]],
-                              default=f.default, show_default=True, help=_help(f, "CalibSpec"))
-                 for f in dataclasses.fields(CalibSpec))
+    return config_options(CalibSpec, CALIB_FLAGS)
+
+
+def config_options(cls, flags: dict[str, str] | None = None) -> tuple[click.Option, ...]:
+    """One option per field of dataclass ``cls``, with the field's default and help (a bool field
+    is a flag that is off unless given); ``flags`` renames fields' options (``{"dataset": "--calib"}``)."""
+    hints, flags = typing.get_type_hints(cls), flags or {}
+    out = []
+    for f in dataclasses.fields(cls):
+        tp, decl = _plain(hints[f.name]), flags.get(f.name, _flag(f.name))
+        if tp is bool:
+            out.append(click.Option([decl, f.name], is_flag=True, default=f.default, help=_help(f, cls.__name__)))
+        else:
+            out.append(click.Option([decl, f.name], type=_TYPES[tp], default=f.default, show_default=f.default is not None,
+                                    help=_help(f, cls.__name__)))
+    return tuple(out)
 
 
 def bool_flags(name: str) -> tuple[str, str]:

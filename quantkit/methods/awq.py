@@ -42,10 +42,6 @@ from quantkit.core.quant import QuantSpec, compute_qparams, fake_quantize
 from quantkit.registry import register_method
 from quantkit.core.transforms import ClipResult, ScaleResult, apply_clip, fold_blocker, fold_scales
 
-# Linears whose outputs meet in q @ k^T: their clipping error is not measured by their own output (llm-awq skips them).
-QK_LINEARS = r"(^|\.)(q_proj|k_proj|qkv_proj|query_key_value|c_attn|Wqkv)$"
-
-
 @dataclass(frozen=True)
 class AWQConfig(WeightQuantConfig):
     n_grid: int = field(default=20, metadata={"help": "AWQ: alpha grid points in [0, 1]."})
@@ -55,7 +51,9 @@ class AWQConfig(WeightQuantConfig):
     clip_grid: int = field(default=20, metadata={"help": "AWQ clip search: shrink steps, each 1/clip-grid of the range."})
     max_shrink: float = field(default=0.5, metadata={"help": "AWQ clip search: clip max |w| to (1 - max-shrink) of itself at most."})
     clip_tokens: int = field(default=512, metadata={"help": "AWQ clip search: input tokens (strided over the calibration set)."})
-    clip_exclude: str = field(default=QK_LINEARS, metadata={"help": "AWQ: regex of module names never clipped."})
+    clip_exclude: str | None = field(default=None, metadata={
+        "help": "AWQ: regex of module names never clipped [default: the architecture's q and k projections, whose "
+                "clipping error their own output does not measure (as llm-awq)]."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -66,7 +64,7 @@ class AWQConfig(WeightQuantConfig):
         if not 0 <= self.max_shrink < 1:
             raise QuantkitError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
         try:
-            re.compile(self.clip_exclude)
+            re.compile(self.clip_exclude or "")
         except re.error as e:
             raise QuantkitError(f"bad clip_exclude pattern {self.clip_exclude!r}: {e}") from None
 
@@ -316,12 +314,12 @@ def awq_block(ctx: BlockContext, cfg: AWQConfig) -> tuple[list[ScaleResult], lis
     clips: list[ClipResult] = []
     if cfg.clip:  # 3. clip search on the scaled weights, with the scaled inputs
         by_linear = {n: r.scales for r in scales for n in r.linears}
-        exclude = re.compile(cfg.clip_exclude)
+        exclude = re.compile(cfg.clip_exclude) if cfg.clip_exclude is not None else None
         for g in ctx.groups:
             x = cap.clip_x[g.linears[0]]
             for n in g.linears:
                 spec = cfg.spec_for(ctx.full_name(n))
-                if spec is None or exclude.search(n):  # left in float, or clipping not measurable
+                if spec is None or (n in arch.qk if exclude is None else exclude.search(n)):  # float, or not measurable
                     continue
                 xs = x / by_linear[n] if n in by_linear else x
                 max_val = search_clip(ctx.weight(n), xs, spec, cfg.clip_grid, cfg.max_shrink)

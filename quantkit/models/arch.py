@@ -71,6 +71,9 @@ class ArchSpec:
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
     fused: dict = field(default_factory=dict)  # fused linear -> sizes of its parts (informative)
     decode: tuple[DecodeSpec, ...] = ()  # the lean runtime forward, for the model types each lists
+    # the linears whose outputs meet in q @ k^T (AWQ does not clip them: their own output error
+    # does not measure what clipping costs the attention scores)
+    qk: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return get_module(model, self.blocks_path)
@@ -124,7 +127,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             LinearGroup(("mlp.gate_up_proj",), "post_attention_layernorm", "norm", "mlp"),
             LinearGroup(("mlp.down_proj",), None, ""),  # fed by act(gate) * up of a fused linear
         ),
-        ("model.embed_tokens",), "model.norm",
+        ("model.embed_tokens",), "model.norm", qk=("self_attn.qkv_proj",),
     ),
     ArchSpec(
         "opt", ("opt",), "model.decoder.layers",
@@ -144,7 +147,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             LinearGroup(("mlp.c_fc",), "ln_2", "layernorm"),
             LinearGroup(("mlp.c_proj",), None, ""),  # fed through GELU: not foldable
         ),
-        ("transformer.wte", "transformer.wpe"), "transformer.ln_f", transposed=True,
+        ("transformer.wte", "transformer.wpe"), "transformer.ln_f", transposed=True, qk=("attn.c_attn",),
     ),
     ArchSpec(
         "gpt_neox", ("gpt_neox",), "gpt_neox.layers",
@@ -155,6 +158,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             LinearGroup(("mlp.dense_4h_to_h",), None, ""),
         ),
         ("gpt_neox.embed_in",), "gpt_neox.final_layer_norm", lm_head="embed_out",
+        qk=("attention.query_key_value",),
     ),
 )
 

@@ -159,3 +159,30 @@ def test_a_new_config_field_gets_an_option_or_fails_loudly(monkeypatch):
             opts = {o.name: o for o in method_options(kind, f"test-{i}")}
             assert opts["level"].opts == ["--level"] and opts["level"].help == "How hard.  [default: 3]"
             assert opts["fast"].secondary_opts == ["--no-fast"] and opts["fast"].help.endswith("[default: fast]")
+
+
+def test_distill_options_come_from_distillconfig_and_reach_it(monkeypatch, tmp_path):
+    """`quantkit distill` writes no default: every option is a DistillConfig field with its default
+    and help, and what the user gives (and only that) reaches the config."""
+    from quantkit import distill as kd
+
+    command = cli.commands["distill"]
+    params = {p.name: p for p in command.get_params(click.Context(command))}
+    for f in dataclasses.fields(kd.DistillConfig):
+        assert params[f.name].default == f.default and params[f.name].help.startswith(f.metadata["help"])
+    assert not {p.name for p in command.params} & {f.name for f in dataclasses.fields(kd.DistillConfig)}
+
+    seen = []
+
+    def stop(self):
+        seen.append(self.cfg)
+        raise kd.QuantkitError("stop here")
+
+    monkeypatch.setattr("quantkit.cli.jobs.DistillJob.load", stop)
+    r = CliRunner().invoke(cli, ["distill", "--teacher", "t", "--student", str(tmp_path), "-o", str(tmp_path / "o"),
+                                 "--lr", "3e-4", "--warmup", "5"])
+    assert r.exit_code == 1 and "stop here" in r.output, r.output
+    assert seen == [kd.DistillConfig(lr=3e-4, warmup=5)]
+    r = CliRunner().invoke(cli, ["distill", "--teacher", "t", "--student", str(tmp_path), "-o", str(tmp_path / "o"),
+                                 "--temperature", "0"])
+    assert r.exit_code == 1 and "--temperature must be positive" in r.output

@@ -150,3 +150,17 @@ def test_awq_leaves_ignored_linears_in_float(stories, calib_ids):
     assert not any(n.endswith("down_proj") for n in res.extra["awq"]["clipped"])
     assert len(res.extra["awq"]["scales"]) == 2 * 5  # up_proj -> down_proj is not searched: nothing to protect
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, down)  # neither scaled, clipped nor quantized
+
+
+def test_awq_never_clips_the_architectures_qk_linears_unless_told(stories, calib_ids):
+    """The default exclusion is the arch table's ``qk`` (q and k projections); a regex replaces it."""
+    model, _ = stories
+    res = api.compress(model, "awq", {"bits": 3, "group_size": -1, "n_grid": 4}, calib_ids=calib_ids[:4])
+    clipped = res.extra["awq"]["clipped"]
+    assert clipped and not any(n.endswith(("q_proj", "k_proj")) for n in clipped)
+    assert any(n.endswith("v_proj") for n in clipped)
+    model2 = api.load_model("tests/fixtures/stories260K")[0]
+    res = api.compress(model2, "awq", {"bits": 3, "group_size": -1, "n_grid": 4, "clip_exclude": r"v_proj$"},
+                       calib_ids=calib_ids[:4])
+    clipped = res.extra["awq"]["clipped"]
+    assert any(n.endswith("q_proj") for n in clipped) and not any(n.endswith("v_proj") for n in clipped)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from quantkit import api
-from quantkit.models.arch import arch_for
+from quantkit.models.arch import ARCHITECTURES, arch_for
 from quantkit.errors import QuantkitError
 
 transformers = pytest.importorskip("transformers")
@@ -65,3 +65,9 @@ def test_table_entry_that_does_not_fit_the_model_names_the_module():
     del model.model.layers[0].mlp.gate_proj
     with pytest.raises(QuantkitError, match="mlp.gate_proj"):
         arch_for(model)
+
+
+def test_every_entrys_qk_linears_are_its_attention_inputs():
+    for spec in ARCHITECTURES:
+        assert spec.qk and set(spec.qk) <= set(spec.linear_names()), spec.name
+        assert all(g.linears[0] in spec.qk or not set(g.linears) & set(spec.qk) for g in spec.groups), spec.name
