@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,9 +46,34 @@ def _corrupt(path, why: str) -> QuantkitError:
 
 def read_header(path: str | Path) -> dict[str, TensorInfo]:
     """Every tensor of a safetensors file, checked against the file: dtype known, shape and byte
-    span agreeing, spans inside the file and not overlapping."""
-    path = Path(path)
-    size = path.stat().st_size
+    span agreeing, spans inside the file and not overlapping.  A file is read and checked once
+    while it is unchanged (same inode, size and mtime): the auto-stream decision, the header
+    checks and the resume fingerprint of one run share one read."""
+    return dict(_parsed(Path(path))[1])
+
+
+def raw_header(path: str | Path) -> bytes:
+    """The JSON header bytes of a safetensors file, as :func:`read_header` read them."""
+    return _parsed(Path(path))[0]
+
+
+_HEADERS: dict[tuple, tuple[bytes, dict[str, TensorInfo]]] = {}  # (path, inode, size, mtime) -> (raw, infos)
+_HEADERS_KEPT = 256
+
+
+def _parsed(path: Path) -> tuple[bytes, dict[str, TensorInfo]]:
+    st = path.stat()
+    if time.time_ns() - st.st_mtime_ns < 2_000_000_000:  # modified within the mtime's granularity: no caching
+        return _parse_header(path, st.st_size)  # (as git treats "racily clean" files)
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HEADERS:
+        if len(_HEADERS) >= _HEADERS_KEPT:
+            _HEADERS.pop(next(iter(_HEADERS)))
+        _HEADERS[key] = _parse_header(path, st.st_size)
+    return _HEADERS[key]
+
+
+def _parse_header(path: Path, size: int) -> tuple[bytes, dict[str, TensorInfo]]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -56,6 +82,8 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
         if n > min(size - 8, MAX_HEADER):
             raise _corrupt(path, f"header of {n} bytes in a file of {size}")
         raw = f.read(n)
+    if len(raw) < n:
+        raise _corrupt(path, "shorter than its header")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -81,7 +109,7 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
     spans = sorted((i.start, i.end) for i in infos.values() if i.end > i.start)
     if any(s < prev_end for (_, prev_end), (s, _) in itertools.pairwise(spans)):
         raise _corrupt(path, "tensors overlap")
-    return infos
+    return raw, infos
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:

@@ -18,7 +18,7 @@ from quantkit.errors import QuantkitError
 from quantkit.memory import available_memory
 from quantkit.models.paths import HUB_ID, one_line, parse_dtype, quiet_transformers, read_quantization_config
 from quantkit.models.arch import ArchSpec, arch_for, find_arch, get_module
-from quantkit.models.safetensors import MAX_HEADER, TensorInfo, read_header, read_tensor
+from quantkit.models.safetensors import TensorInfo, raw_header, read_header, read_tensor
 
 
 def model_from_config(config, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -201,8 +201,8 @@ class StreamSource:
         for f in self.files:
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(8 + min(int.from_bytes(fh.read(8), "little"), MAX_HEADER)))
+            raw = raw_header(f)
+            h.update(len(raw).to_bytes(8, "little") + raw)
         return h.hexdigest()
 
 

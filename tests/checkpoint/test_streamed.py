@@ -253,3 +253,39 @@ def test_every_family_streams_to_the_same_bytes(family, stories_dir, tiny_text, 
     _in_memory(tmp_path / "m", tmp_path / "mem", "gptq", dict(bits=4, group_size=-1), tiny_text)
     compress_streaming(tmp_path / "m", tmp_path / "st", "gptq", dict(bits=4, group_size=-1), calib=str(tiny_text), **CALIB)
     _same_checkpoint(tmp_path / "mem", tmp_path / "st")
+
+
+def test_a_streamed_run_reads_each_shard_header_once(tiny_sharded, tiny_text, tmp_path, monkeypatch):
+    """should_stream, the skeleton's header checks and the resume fingerprint share one read per shard."""
+    import os
+    import shutil
+
+    import quantkit.models.safetensors as sft
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_sharded, src)
+    for f in src.iterdir():  # files older than the mtime granularity are cached
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns - 10**10))
+    parsed = []
+    real = sft._parse_header
+    monkeypatch.setattr(sft, "_parse_header", lambda path, size: parsed.append(path) or real(path, size))
+    r = CliRunner().invoke(cli, ["quantize", str(src), "-o", str(tmp_path / "out"), "--method", "rtn", "--group-size", "32",
+                                 "--stream", "--json"])
+    assert r.exit_code == 0, r.output
+    shards = sorted(f.name for f in src.glob("model-*.safetensors"))
+    assert len(shards) == 5 and sorted(p.name for p in parsed if p.parent == src) == shards
+
+
+def test_a_rewritten_file_is_read_again(tmp_path):
+    import os
+
+    f = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(4)}, str(f))
+    os.utime(f, ns=(0, 10**18))
+    assert set(read_header(f)) == {"a"}
+    save_file({"b": torch.zeros(4)}, str(f))  # same size, within the same mtime tick
+    assert set(read_header(f)) == {"b"}
+    os.utime(f, ns=(0, 10**18))  # even with the old mtime forced back: size and inode...
+    save_file({"c": torch.zeros(2), "d": torch.zeros(2)}, str(f))
+    os.utime(f, ns=(0, 10**18))
+    assert set(read_header(f)) == {"c", "d"}  # ...differ (size here)

@@ -11,7 +11,7 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-for _name in ("quantkit.kernels.w4a16", "quantkit.kernels.w8a16", "quantkit.kernels.w8a8"):
+for _name in ("quantkit.kernels.tiles", "quantkit.kernels.w4a16", "quantkit.kernels.w8a16", "quantkit.kernels.w8a8"):
     if _name in sys.modules:
         importlib.reload(sys.modules[_name])
 
