@@ -104,7 +104,7 @@ def json_option(f):
 def output_options(f):
     """``-o/--output``, ``--overwrite`` and ``--json``: every command that writes a checkpoint."""
     f = json_option(f)
-    f = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")(f)
+    f = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists and quantkit wrote it.")(f)
     f = click.option("-o", "--output", "output", required=True, help="Output directory (written atomically).")(f)
     return f
 

@@ -179,6 +179,21 @@ def test_a_fault_while_writing_is_one_line_naming_out(wipe, monkeypatch, code, r
     assert not (wipe / "ckpt").exists()
 
 
+def test_a_real_file_size_limit_is_one_line(wipe):
+    """D08 for real: ``ulimit -f`` (RLIMIT_FSIZE) below the checkpoint's size gives EFBIG."""
+    import resource
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    r = subprocess.run([sys.executable, "-m", "quantkit.cli", "quantize", "model", "-o", "ckpt", *RTN], cwd=wipe,
+                       capture_output=True, text=True, preexec_fn=limit, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "Error: cannot write ckpt: file too large (over the "\
+        "file-size limit, see ulimit -f)", r.stderr
+    assert sorted(p.name for p in wipe.iterdir()) == ["model", "notes.txt"]
+
+
 def test_a_streamed_write_fault_keeps_the_finished_blocks(wipe, monkeypatch):
     def fault(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
