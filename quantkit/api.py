@@ -23,11 +23,12 @@ import torch
 from quantkit.calibrate.driver import BlockHooks, run_blockwise
 from quantkit.core.types import CompressionResult
 from quantkit.calibrate.workdir import MANIFEST_VERSION, WorkDir
-from quantkit.checkpoint.packed import atomic_output_dir, check_output, quantization_config, save_checkpoint, save_metadata
+from quantkit.checkpoint.output import atomic_output_dir, check_output
+from quantkit.checkpoint.packed import quantization_config, save_checkpoint, save_metadata
 from quantkit.checkpoint.streamed import StreamHooks, stream_settings
 from quantkit.runtime.swap import pack_finished, pack_model, to_module
 from quantkit.data import CalibSpec, calibration_samples
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, WriteError, os_reason
 from quantkit.memory import return_large_frees_to_os
 from quantkit.models.load import load_tokenizer
 from quantkit.models.safetensors import write_safetensors
@@ -96,14 +97,15 @@ def compress(model, method_name: str, options: dict | object, *, tokenizer=None,
 
 
 def save(model, tokenizer, out: str | Path, method_name: str, result: CompressionResult, overwrite: bool = False,
-         extra_config: dict | None = None) -> Path:
-    """Pack the quantized linears and write the checkpoint to ``out`` atomically."""
+         extra_config: dict | None = None, inputs=()) -> Path:
+    """Pack the quantized linears and write the checkpoint to ``out`` atomically (``inputs``: paths
+    ``out`` must neither be nor hold, see :func:`quantkit.checkpoint.output.check_output`)."""
     config = result.extra.get("config", {})
     qcfg = None
     if result.quantized:
         qcfg = quantization_config(method_name, result.quantized, config, extra_config)
         pack_model(model, result.quantized)
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, inputs) as tmp:
         save_checkpoint(model, tokenizer, tmp, qcfg, result)
     return Path(out)
 
@@ -119,7 +121,7 @@ def compress_streaming(model_path: str | Path, out: str | Path, method_name: str
     model in memory.  ``resume``: continue the run that was killed writing ``out``;
     ``offload_dir``: where calibration activations go (default: the work dir)."""
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=(model_path, calib))
     src = source or StreamSource.open(model_path, dtype, trust_remote_code)
     tok = load_tokenizer(str(model_path), trust_remote_code)
     config = options if dataclasses.is_dataclass(options) else make_config(method_name, dict(options))
@@ -134,6 +136,11 @@ def compress_streaming(model_path: str | Path, out: str | Path, method_name: str
     manifest = _open_work(work, out, stream_settings(src, method_name, config, calib_ids, batch_size), resume, overwrite, offload_dir)
     hooks = StreamHooks(src, work, manifest, Path(manifest["acts_dir"]))  # a resumed run keeps its activations
     return _run_streamed(hooks, work, out, overwrite, tok, method_name, config, calib_ids, batch_size, progress)
+
+
+def _os_what(e: OSError, where: Path) -> str:
+    reason = os_reason(e)
+    return f"cannot write {where}: {reason}" if reason else f"{type(e).__name__}: {str(e).strip()[:200]}"
 
 
 def _open_work(work: WorkDir, out: Path, settings: dict, resume: bool, overwrite: bool, offload_dir) -> dict:
@@ -176,10 +183,15 @@ def _run_streamed(hooks: StreamHooks, work: WorkDir, out: Path, overwrite: bool,
         result = compress(hooks.source.model, method_name, config, calib_ids=calib_ids, batch_size=batch_size,
                           progress=progress, hooks=hooks)
         qcfg = quantization_config(method_name, result.quantized, result.extra.get("config", {})) if result.quantized else None
-        with atomic_output_dir(out, overwrite) as tmp:
+        with atomic_output_dir(out, overwrite, inputs=(hooks.source.directory,)) as tmp:
             write_safetensors(tmp / "model.safetensors", hooks.entries(), {"format": "pt"})
             save_metadata(hooks.source.model, tok, tmp, qcfg, result)
         return result
+    except WriteError as e:  # writing OUT failed (disk full...): fix it, then --resume
+        keep = hooks.done > 0
+        if not keep:
+            raise
+        raise WriteError(f"{e} ({hooks.done} finished block(s) kept in {work.path}: --resume continues)") from None
     except QuantkitError:
         raise  # bad input or settings: a resume would meet it again
     except (OSError, MemoryError, RuntimeError) as e:  # disk full, out of memory...: fix it, then --resume
@@ -187,7 +199,7 @@ def _run_streamed(hooks: StreamHooks, work: WorkDir, out: Path, overwrite: bool,
         keep = hooks.done > 0 and (oom or isinstance(e, OSError))
         if not keep:
             raise
-        what = "out of memory" if oom else f"{type(e).__name__}: {str(e).strip()[:200]}"
+        what = "out of memory" if oom else _os_what(e, work.path)
         raise QuantkitError(f"{what} ({hooks.done} finished block(s) kept in {work.path}: --resume continues)") from None
     except BaseException:  # Ctrl-C
         keep = hooks.done > 0

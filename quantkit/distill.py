@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.models.arch import get_module, set_module
-from quantkit.checkpoint.packed import atomic_output_dir, save_checkpoint
+from quantkit.checkpoint.output import atomic_output_dir
+from quantkit.checkpoint.packed import save_checkpoint
 from quantkit.errors import QuantkitError
 from quantkit.core.quant import fake_quantize, quantize_codes
 from quantkit.runtime.qlinear import QuantLinear

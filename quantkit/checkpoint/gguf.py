@@ -20,7 +20,6 @@ applied to whole encoded rows), the hyperparameters under ``llama.*``, and the t
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,8 @@ from torch import nn
 
 from quantkit.checkpoint.formats import load_model
 from quantkit.checkpoint.gguf_tokenizer import write_tokenizer
-from quantkit.checkpoint.packed import check_output, unique_state_dict
+from quantkit.checkpoint.output import atomic_output_file, check_output
+from quantkit.checkpoint.packed import unique_state_dict
 from quantkit.errors import QuantkitError
 from quantkit.pack.ggml import BLOCK, BLOCK_TYPES, BlockType, DoesNotFit, encode_grid
 from quantkit.runtime.qlinear import QuantLinear
@@ -239,9 +239,7 @@ def _check_arguments(src: Path, out: Path, float_type: str, requant: str | None,
         raise QuantkitError(f"--requant must be one of {', '.join(REQUANT_TYPES)}, got {requant!r}")
     if not src.is_dir():
         raise QuantkitError(f"{src} is not a checkpoint directory (GGUF export reads a local model directory)")
-    check_output(out, overwrite)
-    if out.is_dir():
-        raise QuantkitError(f"output {out} is a directory; give a .gguf file path")
+    check_output(out, overwrite, inputs=(src,), kind="file")
 
 
 def _file_type(counts: Counter) -> int:
@@ -291,13 +289,7 @@ def export_gguf(src: str | Path, out: str | Path, *, float_type: str = "f16", re
     counts = Counter(t.qtype for t in tensors)
     ftype = _file_type(counts)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     logging.getLogger("gguf").setLevel(logging.ERROR)
-    try:
+    with atomic_output_file(out, overwrite, inputs=(src,)) as tmp:
         tok_model = _write_file(tmp, arch, model.config, src, tensors, ftype, tokenizer_pre)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return {"output": str(out), "bytes": out.stat().st_size, "tensors": dict(sorted(counts.items())), "tokenizer": tok_model}

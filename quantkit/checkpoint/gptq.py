@@ -55,11 +55,13 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     """Write a GPTQ-format checkpoint of a quantkit checkpoint whose modules all fit the layout."""
     from safetensors.torch import save_file
 
-    from quantkit.checkpoint.packed import atomic_output_dir, load_packed, unique_state_dict
+    from quantkit.checkpoint.output import atomic_output_dir, check_output
+    from quantkit.checkpoint.packed import load_packed, unique_state_dict
     from quantkit.models.load import load_model
     from quantkit.models.paths import QUANT_METHOD, read_quantization_config
     from quantkit.runtime.qlinear import QuantLinear
 
+    check_output(out, overwrite, inputs=(src,))  # before the model is loaded
     qcfg = read_quantization_config(src)
     if not qcfg or qcfg.get("quant_method") != "quantkit":
         raise QuantkitError(f"{src} is not a quantkit packed checkpoint")
@@ -86,7 +88,7 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
                                      "desc_act": any(e.get("act_order") for e in qcfg["modules"].values()),
                                      "sym": sym, "checkpoint_format": "gptq", "true_sequential": True,
                                      "quantizer": ["quantkit"]}
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, inputs=(src,)) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         (tmp / "quantize_config.json").write_text(json.dumps(config["quantization_config"], indent=2) + "\n")

@@ -15,7 +15,8 @@ lm_head unless it was quantized (``quantize_lm_head``): then it is listed like a
 and, if it was tied to the input embedding, the config says ``tie_word_embeddings: false``.
 
 Writes go to a temporary directory beside the target, renamed into place at the end, so a
-failed run never leaves a half-written checkpoint.
+failed run never leaves a half-written checkpoint (:mod:`quantkit.checkpoint.output`: the rules for
+``-o OUT``, the one place that decides whether an output may be replaced).
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -57,31 +56,6 @@ def quantization_config(method: str, quantized: dict, defaults: dict, extra: dic
     if extra:
         cfg.update(extra)
     return cfg
-
-
-def check_output(out: str | Path, overwrite: bool = False) -> None:
-    """The one rule for an output path: an existing one is replaced only with ``overwrite``
-    (commands check it before any work, the writers again when they rename into place)."""
-    if Path(out).exists() and not overwrite:
-        raise QuantkitError(f"output {out} already exists; pass --overwrite to replace it")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False):
-    """Yield a temporary directory beside ``out``; rename it to ``out`` only if the body succeeds."""
-    out = Path(out)
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint should read like any directory
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_log(path: Path, result: CompressionResult) -> None:

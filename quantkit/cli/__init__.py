@@ -17,7 +17,7 @@ import sys
 import click
 
 from quantkit.cli import compress, evaluate, export, serve
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, os_reason
 
 
 class _Group(click.Group):
@@ -38,6 +38,9 @@ class _Group(click.Group):
                 raise click.ClickException("out of memory; try a smaller --nsamples/--seqlen/--batch-size, or --stream") from None
             if os.environ.get("QUANTKIT_DEBUG"):
                 raise
+            reason = os_reason(e) if isinstance(e, OSError) else None
+            if reason:  # disk full, read-only, size limit...: the environment's fault, said in plain words
+                raise click.ClickException(f"{e.filename}: {reason}" if e.filename else reason) from None
             msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             raise click.ClickException(f"internal error: {type(e).__name__}: {msg} (set QUANTKIT_DEBUG=1 for a traceback)") from None
 

@@ -67,12 +67,13 @@ def check_positive(name: str, value: int | None, upper: int | None = None) -> No
         raise QuantkitError(f"{name} must be between 1 and {upper}, got {value}" if upper else f"{name} must be positive, got {value}")
 
 
-def check_output(output: str, overwrite: bool) -> None:
-    """Before any work: :func:`quantkit.checkpoint.packed.check_output`, the one rule (imported when a
-    command runs, so that ``import quantkit.cli`` stays free of torch)."""
-    from quantkit.checkpoint.packed import check_output as rule
+def check_output(output: str, overwrite: bool, inputs=()) -> None:
+    """Before any work: :func:`quantkit.checkpoint.output.check_output`, the one rule (imported when a
+    command runs, so that ``import quantkit.cli`` stays free of torch); ``inputs``: the paths the
+    command reads, which OUTPUT must neither be nor hold."""
+    from quantkit.checkpoint.output import check_output as rule
 
-    rule(output, overwrite)
+    rule(output, overwrite, inputs)
 
 
 def check_context(seqlen: int, *configs, whose: str = "model's") -> None:
@@ -103,7 +104,7 @@ def json_option(f):
 def output_options(f):
     """``-o/--output``, ``--overwrite`` and ``--json``: every command that writes a checkpoint."""
     f = json_option(f)
-    f = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")(f)
+    f = click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists and quantkit wrote it.")(f)
     f = click.option("-o", "--output", "output", required=True, help="Output directory (written atomically).")(f)
     return f
 

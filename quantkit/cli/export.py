@@ -23,7 +23,7 @@ from quantkit.errors import QuantkitError
                    "act-order without static groups) in this type instead of refusing.")
 @click.option("--tokenizer-pre", default=None,
               help="gguf: llama.cpp pre-tokenizer name for byte-level BPE vocabularies (default: recognised from tokenizer.json).")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists and quantkit wrote it (gguf: a GGUF file).")
 @json_option
 def export(checkpoint, fmt, output, float_type, requant, tokenizer_pre, overwrite, as_json):
     """Export a quantkit CHECKPOINT to a format other engines run."""

@@ -84,7 +84,7 @@ class MethodJob(Job):
         check_positive("--batch-size", self.calib.batch_size)
         if self.method_cls.needs_calibration:
             check_calibration_size(self.calib.nsamples, self.calib.seqlen)
-        check_output(self.output, self.overwrite)
+        check_output(self.output, self.overwrite, inputs=(self.model, self.calib.dataset, self.offload))
         self._choose_streaming()
 
     def _choose_streaming(self) -> None:
@@ -151,7 +151,7 @@ class MethodJob(Job):
 
         if not self.stream:
             api.save(self.m, self.tok, self.output, self.method, res, overwrite=self.overwrite,
-                     extra_config=self.kind.extra_config(res))
+                     extra_config=self.kind.extra_config(res), inputs=(self.model,))
 
     def payload(self, res) -> dict:
         from quantkit.models.load import dir_bytes
@@ -178,7 +178,7 @@ class RecipeJob(Job):
         from quantkit.recipe import load_recipe
 
         self.rec = load_recipe(self.recipe, self.sets)
-        check_output(self.output, self.overwrite)
+        check_output(self.output, self.overwrite, inputs=(self.model, self.recipe, self.rec.calibration.get("dataset")))
 
     def load(self) -> None:
         from quantkit import api
@@ -198,7 +198,8 @@ class RecipeJob(Job):
         from quantkit import api
 
         name = "+".join(s.method for s in self.rec.steps)
-        api.save(self.m, self.tok, self.output, name, res, overwrite=self.overwrite, extra_config={"recipe": self.rec.source})
+        api.save(self.m, self.tok, self.output, name, res, overwrite=self.overwrite, extra_config={"recipe": self.rec.source},
+                 inputs=(self.model,))
 
     def payload(self, res) -> dict:
         from quantkit.models.load import dir_bytes
@@ -228,7 +229,7 @@ class DistillJob(Job):
 
         p = self.p
         self.cfg = kd.DistillConfig(**{f.name: p[f.name] for f in dataclasses.fields(kd.DistillConfig)})
-        check_output(p["output"], p["overwrite"])
+        check_output(p["output"], p["overwrite"], inputs=(p["teacher"], p["student"], self.cfg.data))
         student = p["student"]
         self.qcfg = read_quantization_config(student) if Path(student).is_dir() else None
         if self.qcfg is not None and self.qcfg.get("quant_method") != "quantkit":

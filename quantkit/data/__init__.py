@@ -20,6 +20,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.memory import release_freed_memory
+from quantkit.models.paths import file_kind
 
 # name -> {split: (file relative to the data dir, how its records are joined)}
 _LOCAL = {
@@ -60,8 +61,11 @@ def _data_dirs() -> list[Path]:
 
 def _records(path: Path) -> list[str]:
     """The text records of a local file, by its extension."""
-    if not path.is_file():
+    kind = file_kind(path)
+    if kind == "missing":
         raise QuantkitError(f"dataset file {path} does not exist")
+    if kind is not None:  # reading a FIFO would block; a directory or a device is no text
+        raise QuantkitError(f"dataset file {path} is {kind}, not a regular file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from quantkit.checkpoint.output import MARKER
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -46,7 +48,8 @@ def hashes(recipe: Path, model: Path) -> dict[str, str]:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=ROOT)
         if r.returncode:
             return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
-        return {p.name: hashlib.sha256(_stable_bytes(p)).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+        return {p.name: hashlib.sha256(_stable_bytes(p)).hexdigest() for p in sorted(out.iterdir())
+                if p.is_file() and p.name != MARKER}  # the marker says who wrote OUT, not what
 
 
 def _stable_bytes(path: Path) -> bytes:

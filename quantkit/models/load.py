@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.models.paths import check_weights_format, one_line, parse_dtype, quiet_transformers, read_quantization_config, resolve_model_path
+from quantkit.models.paths import (check_weights_format, hub_failure, one_line, parse_dtype, quiet_transformers,
+                                   read_quantization_config, resolve_model_path)
 from quantkit.models.skeleton import model_from_config, preflight
 
 
@@ -33,6 +34,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, **extra)
     except Exception as e:  # noqa: BLE001 - transformers raises many types
+        if directory == path and not os.path.lexists(path):  # resolved as a hub id
+            raise hub_failure(path, e) from None
         raise QuantkitError(f"cannot load a tokenizer from {path}: {one_line(e)}") from None
 
 
@@ -83,6 +86,8 @@ def _load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: boo
                     raise QuantkitError(f"cannot load {path}: config.json disagrees with the stored weights: {len(missing)} "
                                         f"weight(s) of the model are not stored (e.g. {missing[0]})")
         except OSError as e:
+            if not os.path.lexists(directory):  # resolved as a hub id
+                raise hub_failure(str(path), e) from None
             raise QuantkitError(f"cannot load {path}: {one_line(e)}") from None
         except (ValueError, KeyError, RuntimeError, TypeError, ImportError) as e:
             msg = one_line(e)

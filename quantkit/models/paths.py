@@ -6,7 +6,9 @@ the small parsing rules every loader shares (dtype names, one-line errors).
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import torch
@@ -46,6 +48,51 @@ def read_quantization_config(path: str | Path) -> dict | None:
     return q if isinstance(q, dict) else None
 
 
+def file_kind(path: Path) -> str | None:
+    """None for a regular file (or a symlink to one), else what ``path`` is, in words: ``missing``,
+    ``a directory``, ``a FIFO``, ``a character device (a symlink to /dev/zero)``..."""
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks
+    except FileNotFoundError:
+        return "a broken symlink" if os.path.islink(path) else "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"{kind} (a symlink to {os.readlink(path)})" if os.path.islink(path) else kind
+
+
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".gguf")
+
+
+def check_model_files(directory: str | Path) -> None:
+    """Refuse a model directory whose weight or config files are not regular files (a FIFO, a
+    device, a symlink to /dev/zero): loaders would block on them or say they are missing."""
+    with os.scandir(directory) as entries:
+        names = sorted(e.name for e in entries if e.name.endswith(MODEL_FILE_SUFFIXES))
+    for name in names:
+        kind = file_kind(Path(directory) / name)
+        if kind is not None:
+            raise QuantkitError(f"cannot load {directory}: {name} is {kind}, not a regular file")
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether a path that does not exist here is taken for a hub id: ``owner/name`` (one ``/``, no
+    leading ``.``, ``/`` or ``~``) whose ``owner`` is not a local directory or file (``out/no_such_ckpt``
+    with an ``out/`` here is a missing local path)."""
+    if not HUB_ID.match(path) or path.startswith((".", "/", "~")):
+        return False
+    return not os.path.lexists(path.split("/", 1)[0])
+
+
+def hub_failure(path: str, e: Exception) -> QuantkitError:
+    """The error for a hub id that could not be loaded: it is not a local path either."""
+    return QuantkitError(f"model path {path!r} does not exist locally; tried as a Hugging Face hub id: {one_line(e)}")
+
+
 def resolve_model_path(path: str) -> tuple[str, dict]:
     """``(directory or hub id, extra from_pretrained kwargs)``; raises on what cannot be a model."""
     p = Path(path)
@@ -54,13 +101,16 @@ def resolve_model_path(path: str) -> tuple[str, dict]:
             return str(p.parent), {"gguf_file": p.name}
         raise QuantkitError(f"{path} is a file but not a .gguf; give a model directory or a .gguf file")
     if p.is_dir():
+        check_model_files(p)
         if not (p / "config.json").is_file():
             ggufs = sorted(p.glob("*.gguf"))
             if len(ggufs) == 1:
                 return str(p), {"gguf_file": ggufs[0].name}
             raise QuantkitError(f"{path} has no config.json: not a Hugging Face model directory")
         return str(p), {}
-    if HUB_ID.match(path) and not path.startswith((".", "/")):
+    if os.path.lexists(p):  # a FIFO, a device, a broken symlink
+        raise QuantkitError(f"model path {path!r} is {file_kind(p)}, not a model directory or a .gguf file")
+    if is_hub_id(path):
         return path, {}  # a hub id: transformers downloads it when online
     raise QuantkitError(f"model path {path!r} does not exist")
 

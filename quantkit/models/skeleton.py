@@ -16,7 +16,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.memory import available_memory
-from quantkit.models.paths import HUB_ID, one_line, parse_dtype, quiet_transformers, read_quantization_config
+from quantkit.models.paths import check_model_files, file_kind, is_hub_id, one_line, parse_dtype, quiet_transformers, read_quantization_config
 from quantkit.models.arch import ArchSpec, arch_for, find_arch, get_module
 from quantkit.models.safetensors import TensorInfo, raw_header, read_header, read_tensor
 
@@ -86,9 +86,12 @@ class StreamSource:
                 raise _not_streamable(path, "a GGUF file is not stored as safetensors blocks; quantize it without --stream")
             raise QuantkitError(f"{path} is a file but not a .gguf; give a model directory or a .gguf file")
         if not p.exists():
-            if HUB_ID.match(str(path)):
+            if is_hub_id(str(path)):
                 raise _not_streamable(path, "--stream reads a local directory; download the model first")
             raise QuantkitError(f"model path {str(path)!r} does not exist")
+        if not p.is_dir():
+            raise QuantkitError(f"model path {str(path)!r} is {file_kind(p)}, not a model directory")
+        check_model_files(p)
         if not (p / "config.json").is_file():
             raise QuantkitError(f"{path} has no config.json: not a Hugging Face model directory")
         qcfg = read_quantization_config(p)

@@ -106,3 +106,17 @@ def test_real_subprocess_quantize(stories_dir, tmp_path):
     p = subprocess.run([sys.executable, "-m", "quantkit.cli", "quantize", "/nope", "-o", str(out / "x")],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 1 and "Traceback" not in p.stderr and "does not exist" in p.stderr
+
+
+def test_an_environment_oserror_is_said_in_plain_words(stories_dir, tmp_path, monkeypatch):
+    import errno
+
+    from quantkit.cli.jobs import MethodJob
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "x"))
+
+    monkeypatch.setattr(MethodJob, "load", full)
+    r = run("quantize", stories_dir, "-o", tmp_path / "q", "--method", "rtn", "--group-size", -1)
+    assert r.exit_code == 1 and f"Error: {tmp_path / 'cache' / 'x'}: no space left on device" in r.output, r.output
+    assert "internal error" not in r.output

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -85,3 +86,11 @@ def test_tokenizer_fixture_matches_sentencepiece(stories_dir, tiny_text):
     text = tiny_text.read_text()[:4000]
     assert tokenize(tok, text).tolist() == sp.encode(text)
     assert tok("Once upon a time").input_ids == [1, 403, 407, 261, 378]
+
+
+@pytest.mark.parametrize("make,kind", [(lambda p: p.mkdir(), "a directory"), (lambda p: os.mkfifo(p), "a FIFO"),
+                                       (lambda p: os.symlink("/dev/zero", p), "a character device")])
+def test_a_data_path_that_is_not_a_regular_file_says_what_it_is(tmp_path, make, kind):
+    make(tmp_path / "data.txt")  # a FIFO would block a reader forever: refused before it is opened
+    with pytest.raises(QuantkitError, match=f"dataset file .*data.txt is {kind}"):
+        load_text(str(tmp_path / "data.txt"))
