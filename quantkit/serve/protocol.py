@@ -37,17 +37,23 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def parse_json_body(raw: bytes) -> dict:
-    """The request body as a JSON object; 400 for invalid UTF-8, malformed JSON or a non-object."""
+def parse_json_body(raw: bytes | bytearray) -> dict:
+    """The request body as a JSON object; 400 for invalid UTF-8, malformed JSON or a non-object, JSON
+    nested deeper than Python's recursion limit, or an integer past Python's digit limit (4300)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ApiError(400, f"request body is not valid UTF-8: {e.reason} at byte {e.start}",
                        code="invalid_utf8") from None
     try:
-        body = json.loads(text)
+        body = json.loads(text)  # the C scanner raises RecursionError past the limit; it never overflows
     except json.JSONDecodeError as e:
         raise ApiError(400, f"malformed JSON in request body: {e.msg} (line {e.lineno}, column {e.colno})",
+                       code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion..."
+        raise ApiError(400, f"a number in the request body is too long: {str(e).split(';')[0]}",
                        code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
