@@ -1,5 +1,6 @@
-"""The server under hostile requests (audit root causes 3 and 4): a chunked body past the limit is
-cut off at 413, a huge prompt is refused before it is tokenized, parsing runs off the event loop."""
+"""The server under hostile requests (audit root causes 2, 3 and 4): a chunked body past the limit is
+cut off at 413, a huge prompt is refused before it is tokenized, parsing runs off the event loop, and
+a small load with a poisoned and a 15 MB request in the middle loses no valid request."""
 
 from __future__ import annotations
 
@@ -133,3 +134,55 @@ def test_requests_are_tokenized_off_the_event_loop(client, monkeypatch, encode_c
         release.set()
         assert held.result(20).status_code == 200
     assert encode_calls and all(name.startswith("quantkit-parse") for _, name in encode_calls)
+
+
+def _post(client, i: int) -> tuple[str, bool]:
+    """Request i of the small load: (kind, answered as it should be)."""
+    if i == 7:  # a poisoned temperature: greedy
+        r = client.post("/v1/completions", json={"model": NAME, "prompt": "Once", "max_tokens": 12,
+                                                 "temperature": 1e-300, "ignore_eos": True})
+        return "poisoned", r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 12
+    if i == 10:  # 15 MB: just under the body limit
+        r = client.post("/v1/completions", json={"model": NAME, "prompt": "a" * 15_000_000, "max_tokens": 4})
+        return "big", r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    if i % 5 == 4:
+        r = client.post("/v1/completions", content=[b'{"model": ', b'{"model": "stories260K", "prompt": 5}'][i % 2])
+        return "malformed", r.status_code == 400
+    body = {"model": NAME, "prompt": ["Once upon", "The dog", "Lily and Tom"][i % 3], "max_tokens": 8 + i,
+            "ignore_eos": True, "temperature": 0.8 if i % 3 == 0 else 0, "seed": i}
+    if i % 2:
+        r = client.post("/v1/completions", json=body)
+        return "valid", r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8 + i
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(e) for e in events[:-1]]
+    return "valid", (events[-1] == "[DONE]" and all("error" not in c for c in chunks)
+                     and chunks[-1]["choices"][0]["finish_reason"] == "length")
+
+
+def test_small_load_with_a_poisoned_and_a_huge_request_loses_nothing(client):
+    """The issue's acceptance, small: 20 requests, 8 at a time, 4 malformed, a 1e-300 temperature and
+    a 15 MB prompt in the middle; every valid request completes and /health answers throughout."""
+    stop, health = threading.Event(), []  # (status, seconds) of each /health probe
+
+    def probe():
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            status = client.get("/health").status_code
+            health.append((status, time.perf_counter() - t0))
+            time.sleep(0.05)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: _post(client, i), range(20)))
+    finally:
+        stop.set()
+        prober.join(10)
+    assert [kind for kind, ok in results if not ok] == []
+    assert sorted(kind for kind, _ in results).count("valid") == 14
+    worst = max(seconds for _, seconds in health)
+    assert {status for status, _ in health} == {200} and worst < 1.0, f"/health took {worst:.2f} s"
+    stats = client.get("/metrics?format=json").json()
+    assert stats["errors"] == 0 and stats["running"] == 0 and stats["queued"] == 0
