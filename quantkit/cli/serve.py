@@ -30,7 +30,8 @@ def kv_cache_factory(kv_bits: str | None, kv_keys: str):
 @click.argument("model_path", metavar="MODEL")
 @click.argument("prompt")
 @click.option("--max-new-tokens", default=128, show_default=True, help="Tokens to generate at most.")
-@click.option("--temperature", default=0.0, show_default=True, help="0 means greedy.")
+@click.option("--temperature", default=0.0, show_default=True,
+              help="0 means greedy, and so does any temperature too small to sample with (below 1e-5).")
 @click.option("--top-k", default=0, show_default=True, help="Keep the k likeliest tokens (0: off).")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1: off).")
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")

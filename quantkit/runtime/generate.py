@@ -26,10 +26,16 @@ from quantkit.errors import QuantkitError
 
 CacheFactory = Callable[[torch.nn.Module], object]  # model -> transformers Cache
 
+# A temperature below this is greedy. Sampling at 1e-5 already picks the argmax unless two logits lie
+# within ~1e-4 of each other, and dividing by a smaller one is where float32 logits overflowed to inf
+# (a 1e-300 temperature made the probabilities NaN and multinomial raise).
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` are off."""
+    """How to pick tokens. A temperature below `GREEDY_TEMPERATURE` (0 included) is greedy; ``top_k == 0`` and
+    ``top_p == 1`` are off."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -56,7 +62,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 @dataclass
@@ -78,8 +84,14 @@ class Generation:
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus) on logits [..., V]; dropped entries become -inf."""
-    logits = logits.float() / temperature
+    """Temperature, then top-k, then top-p (nucleus) on logits [..., V]; dropped entries become -inf.
+
+    Works in float64 on logits shifted so that each row's maximum is 0, with the temperature floored at
+    `GREEDY_TEMPERATURE`: any finite input gives finite kept entries (the maximum stays 0, the rest are
+    <= 0 or -inf), so the softmax of the result is a valid distribution.
+    """
+    logits = logits.double()
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, GREEDY_TEMPERATURE)
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [..., 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -94,10 +106,13 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """Pick the next token id from one row of logits [V]."""
+    """Pick the next token id from one row of logits [V]. Raises `QuantkitError` (instead of sampling
+    garbage) when the logits hold a NaN or +inf, or are all -inf: a model failure, not a request's."""
     if params.greedy:
         return int(torch.argmax(logits))
-    probs = filter_logits(logits, params.temperature, params.top_k, params.top_p).softmax(-1)
+    if not torch.isfinite(logits.max()):  # max() is NaN when any entry is
+        raise QuantkitError("cannot sample: the model's logits are NaN or infinite")
+    probs = filter_logits(logits, params.temperature, params.top_k, params.top_p).softmax(-1)  # float64
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

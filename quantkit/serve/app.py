@@ -6,6 +6,11 @@
 Routes: GET /health, /v1/models, /metrics (Prometheus text; ``?format=json`` for JSON);
 POST /v1/completions and /v1/chat/completions (``"stream": true`` for server-sent events ending
 with ``data: [DONE]``). Every error is an OpenAI error body with a 4xx/5xx status.
+
+The event loop only moves bytes: a request body is read as it arrives (413 past `MAX_BODY_BYTES`,
+chunked or not), then parsed, validated and tokenized in one worker thread (one, because a Rust
+tokenizer shared between threads can fail with "Already borrowed"), so a large body never stalls
+other clients or /health.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -62,13 +68,16 @@ def _error_response(e: ApiError, app_state) -> JSONResponse:
 
 @dataclass
 class _Served:
-    """What every route reads: the engine, the served model's name and creation time, and the app
-    state that counts refused requests."""
+    """What every route reads: the engine, the served model's name and creation time, the app
+    state that counts refused requests, the longest string prompt (characters) worth tokenizing, and
+    the thread that parses and tokenizes requests."""
 
     engine: Engine
     model_name: str
     created: int
     state: State
+    max_prompt_chars: int
+    parser: ThreadPoolExecutor
 
 
 def create_app(engine: Engine, model_name: str) -> FastAPI:
@@ -79,10 +88,13 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         engine.start()
         yield
         engine.stop()
+        served.parser.shutdown(wait=False)
 
     app = FastAPI(title="quantkit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.rejected = {}  # HTTP status -> count of refused requests
-    served = _Served(engine, model_name, int(time.time()), app.state)
+    served = _Served(engine, model_name, int(time.time()), app.state,
+                     protocol.max_prompt_chars(engine.tokenizer, engine.n_ctx),
+                     ThreadPoolExecutor(1, thread_name_prefix="quantkit-parse"))
     _add_error_handlers(app)
     _add_info_routes(app, served)
     _add_generation_routes(app, served)
@@ -149,12 +161,10 @@ async def _handle(served: _Served, request: Request, chat: bool):
     """Parse and submit one request; answer it whole or as a server-sent event stream."""
     engine = served.engine
     try:
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
-        body = protocol.parse_json_body(await request.body())
-        parse = protocol.parse_chat if chat else protocol.parse_completion
-        req = parse(body, engine.tokenizer, served.model_name, engine.n_ctx)
-        inbox = _Inbox(asyncio.get_running_loop())
+        raw = await _read_body(request)
+        loop = asyncio.get_running_loop()
+        req = await loop.run_in_executor(served.parser, _parse_request, served, raw, chat)
+        inbox = _Inbox(loop)
         try:
             handle = engine.submit(req.prompt_ids, req.params, inbox)
         except QueueFull as e:
@@ -167,6 +177,30 @@ async def _handle(served: _Served, request: Request, chat: bool):
         return StreamingResponse(_stream(req, handle, inbox, chat), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await _collect(request, req, handle, inbox, chat)
+
+
+async def _read_body(request: Request) -> bytearray:
+    """The body, read as it arrives: 413 as soon as it passes MAX_BODY_BYTES, whether a Content-Length
+    announced it or not (a chunked body has none; it was read whole, audit E19b)."""
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise _body_too_large()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise _body_too_large()  # the rest is never read: the server closes the connection
+    return body
+
+
+def _body_too_large() -> ApiError:
+    return ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="body_too_large")
+
+
+def _parse_request(served: _Served, raw: bytearray, chat: bool) -> GenRequest:
+    """The body as a validated request with its prompt tokenized (in the parser thread)."""
+    parse = protocol.parse_chat if chat else protocol.parse_completion
+    return parse(protocol.parse_json_body(raw), served.engine.tokenizer, served.model_name, served.engine.n_ctx,
+                 max_chars=served.max_prompt_chars)
 
 
 async def _collect(request: Request, req: GenRequest, handle, inbox: _Inbox, chat: bool):

@@ -8,6 +8,10 @@ on its own (batch 1, the same call `quantkit.runtime.generate` makes), then its 
 (`kvbatch.select_rows`). Requests beyond ``max_batch`` wait in a bounded queue; `submit` raises
 `QueueFull` when that is full.
 
+Failures are contained: an exception in one request's own work (its prefill forward, sampling its
+token, detokenizing) ends that request alone with an error event; only a failure of the shared batch
+(the batched decode forward, the shared KV cache) fails every active request.
+
 Events go back through the request's ``on_event`` callback, called from the engine thread:
 ``Event("delta", text=...)`` as text becomes final, then one ``Event("done", finish_reason=...)``
 (or ``Event("error", message=...)``).
@@ -234,11 +238,18 @@ class Engine:
             _deliver(req, Event("error", message="server shutting down"))
 
     def _prefill(self, req: Request) -> None:
-        """Prefill one request on its own, sample its first token, and join it to the batch."""
-        s = _Seq(req, self._detok, self._eos)
-        kv = make_cache(self.model, self._cache_factory)
-        ids = torch.tensor([req.prompt_ids])  # [1, L]
-        logits = self.model(ids, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[0, -1].float()
+        """Prefill one request on its own, sample its first token, and join it to the batch. A failure of
+        its own forward ends this request alone; one while joining the shared cache fails the batch."""
+        try:
+            s = _Seq(req, self._detok, self._eos)
+            kv = make_cache(self.model, self._cache_factory)
+            ids = torch.tensor([req.prompt_ids])  # [1, L]
+            logits = self.model(ids, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[0, -1].float()
+        except Exception as e:
+            with self._cond:
+                self._admitting -= 1
+            self._fail(req, e)
+            return
         s.cached = len(req.prompt_ids)
         with self._cond:
             self.counters["prompt_tokens"] += s.cached
@@ -248,8 +259,7 @@ class Engine:
             self._kv = kv
         else:
             kvbatch.concat_rows(self._kv, kv)
-        self._advance(s, sample_next(logits, s.params, s.generator))
-        self._count_tokens(1)
+        self._count_step(self._take(s, logits, int(logits.argmax())))
 
     def _decode_step(self) -> None:
         """One token for every active sequence."""
@@ -268,10 +278,30 @@ class Engine:
             s.cached += 1
             if s.done or s.req.cancelled:  # dropped in _retire
                 continue
-            tok = greedy_tokens[i] if s.params.greedy else sample_next(logits[i], s.params, s.generator)
+            n += self._take(s, logits[i], greedy_tokens[i])
+        self._count_step(n)
+
+    def _take(self, s: _Seq, logits: torch.Tensor, greedy_token: int) -> int:
+        """Pick `s`'s next token from its logits [V] (``greedy_token``: their argmax) and take it; 1 if it
+        did. An exception here (sampling, detokenizing) ends `s` alone with an error; the other rows go on."""
+        try:
+            tok = greedy_token if s.params.greedy else sample_next(logits, s.params, s.generator)
+            with self._cond:  # counted before its events go out: a finished request's tokens are in the stats
+                self.counters["generated_tokens"] += 1
             self._advance(s, tok)
-            n += 1
-        self._count_tokens(n)
+            return 1
+        except Exception as e:
+            if not s.done:  # (a row that finished has had its last event)
+                s.done = True  # _retire drops its row
+                self._fail(s.req, e)
+            return 0
+
+    def _fail(self, req: Request, e: Exception) -> None:
+        """End one request with an error event (its row, if any, must already be marked done)."""
+        log.error("request %d failed: %s: %s", req.id, type(e).__name__, e, exc_info=e)
+        with self._cond:
+            self.counters["errors"] += 1
+        _deliver(req, Event("error", message=f"generation failed: {type(e).__name__}: {e}"))
 
     def _advance(self, s: _Seq, tok: int) -> None:
         """Take a sampled token: emit text, decide whether the sequence is finished."""
@@ -319,10 +349,10 @@ class Engine:
         T = kvbatch.seq_length(self._kv)
         kvbatch.drop_left(self._kv, T - max(s.cached for s in self._active))
 
-    def _count_tokens(self, n: int) -> None:
+    def _count_step(self, n: int) -> None:
+        """One model step that generated n tokens (for the steps counter and the tokens/s window)."""
         now = time.monotonic()
         with self._cond:
-            self.counters["generated_tokens"] += n
             self.counters["steps"] += 1
             self._recent.append((now, n))
             while self._recent[0][0] < now - self._rate_window:

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from quantkit.errors import QuantkitError
 from quantkit.runtime.generate import (
+    GREEDY_TEMPERATURE,
     SamplingParams,
     TextStream,
     encode_chat,
@@ -73,6 +74,37 @@ def test_sample_next_greedy_seeded_and_within_top_k():
     gen = make_generator(7)
     draws = {sample_next(logits, params, gen) for _ in range(200)}
     assert draws <= top5 and len(draws) > 1
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, GREEDY_TEMPERATURE / 2])
+def test_a_temperature_below_the_floor_is_greedy(temperature):
+    """Audit E13/B64: 1e-300 passed validation, divided the logits into inf/NaN and multinomial raised."""
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=temperature, top_k=5, top_p=0.9)
+    assert params.greedy and not SamplingParams(temperature=GREEDY_TEMPERATURE).greedy
+    assert sample_next(logits, params, make_generator(0)) == int(logits.argmax())
+
+
+def test_sampling_never_raises_on_finite_logits():
+    big = torch.finfo(torch.float32).max
+    rows = [torch.tensor([big, -big, 0.0, big]), torch.tensor([-big, -big / 2, 1.0]), torch.full((8,), -big),
+            torch.tensor([0.0, float("-inf"), 1.0])]
+    gen = make_generator(0)
+    for logits in rows:
+        for t in (GREEDY_TEMPERATURE, 0.7, 2.0):
+            for k, p in ((0, 1.0), (2, 0.5)):
+                probs = filter_logits(logits, t, k, p).softmax(-1)
+                assert torch.isfinite(probs).all() and abs(float(probs.sum()) - 1) < 1e-9
+                tok = sample_next(logits, SamplingParams(temperature=t, top_k=k, top_p=p), gen)
+                assert probs[tok] > 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_sampling_non_finite_logits_is_a_clear_error(bad):
+    with pytest.raises(QuantkitError, match="NaN or infinite"):
+        sample_next(torch.tensor([0.0, bad, 1.0]), SamplingParams(temperature=1.0), make_generator(0))
+    with pytest.raises(QuantkitError, match="NaN or infinite"):
+        sample_next(torch.full((3,), float("-inf")), SamplingParams(temperature=1.0), make_generator(0))
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_new_tokens=0), dict(temperature=-1.0), dict(temperature=float("nan")),
@@ -216,6 +248,15 @@ def test_generate_cli_json_and_stream():
     assert r.exit_code == 0 and r.output.startswith(" a time, there was")
     r = CliRunner().invoke(cli, ["generate", FIXTURE, "x", "--top-p", "0"])
     assert r.exit_code == 1 and "top_p" in r.output
+
+
+def test_generate_cli_tiny_temperature_is_greedy():
+    """Audit B64: ``--temperature 1e-300`` ended in 'internal error'; it is greedy."""
+    from quantkit.cli import cli
+
+    r = CliRunner().invoke(cli, ["generate", FIXTURE, "Once upon", "--max-new-tokens", "8", "--temperature", "1e-300"])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith(" a time, there was")
 
 
 def test_generate_cli_int8_kv_cache_and_transformers_forward(monkeypatch):

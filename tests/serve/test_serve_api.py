@@ -117,6 +117,10 @@ LONG = "Once upon a time " * 200  # > 512 tokens
     (b"[1, 2]", 400, "invalid_json", None),
     (b'{"model": "stories260K", "prompt": "\xff\xfe"}', 400, "invalid_utf8", None),
     (b'{"model": "stories260K", "prompt": "\\ud800"}', 400, "invalid_utf8", "prompt"),  # a lone surrogate
+    # audit E21, E22: 500 internal errors (RecursionError; Python's 4300-digit limit on int())
+    (b'{"model": "stories260K", "prompt": "hi", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "invalid_json",
+     None),
+    (b'{"model": "stories260K", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", 400, "invalid_json", None),
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model_not_found", "model"),
     ({"prompt": "hi"}, 400, "missing_required_parameter", "model"),
     ({"model": NAME}, 400, "missing_required_parameter", "prompt"),

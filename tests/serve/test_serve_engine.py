@@ -152,18 +152,124 @@ def test_queue_bound_and_cancel_free_slots(model_tok):
         engine.stop()
 
 
-def test_model_failure_fails_the_batch_and_engine_keeps_serving(model_tok):
+def test_a_failing_batched_forward_fails_the_batch_and_engine_keeps_serving(model_tok):
+    """Only a failure of the shared decode forward fails every request in the batch."""
     model, tok = model_tok
-    gated = GatedModel(model)
+
+    class FailsOnBatch(GatedModel):
+        def __call__(self, input_ids, **kwargs):
+            if input_ids.shape[0] > 1 and self.fail_batch:
+                self.fail_batch = False
+                raise RuntimeError("boom")
+            return super().__call__(input_ids, **kwargs)
+
+    gated = FailsOnBatch(model)
     engine = Engine(gated, tok, max_batch=4).start()
     try:
-        gated.fail_next = True
-        with pytest.raises(RuntimeError, match="boom"):
-            engine.generate(encode_prompt(tok, "Once"), SamplingParams(max_new_tokens=5))
+        gated.gate.clear()
+        gated.fail_batch = True
+        inboxes = [queue.Queue() for _ in range(2)]
+        for q, prompt in zip(inboxes, ("Once", "The dog")):
+            engine.submit(encode_prompt(tok, prompt), SamplingParams(max_new_tokens=5), q.put)
+        gated.gate.set()
+        for q in inboxes:
+            events = [q.get(timeout=20)]
+            while events[-1].kind == "delta":
+                events.append(q.get(timeout=20))
+            assert events[-1].kind == "error" and "boom" in events[-1].message
         text, reason, n = engine.generate(encode_prompt(tok, "Once upon"), SamplingParams(max_new_tokens=5))
         assert text == " a time, there was" and n == 5
-        assert engine.stats()["errors"] == 1 and engine.stats()["running"] == 0
+        assert engine.stats()["errors"] == 2 and engine.stats()["running"] == 0
     finally:
+        gated.gate.set()
+        engine.stop()
+
+
+def test_one_failing_sequence_ends_alone_and_the_batch_goes_on(model_tok, monkeypatch):
+    """Audit E13: one request's sampling failure failed every request in the batch. Two rows' sampler
+    raises (one at its first token, in the prefill; one mid-decode); a 1e-300 temperature row is greedy;
+    the other rows finish with the text they give alone."""
+    from quantkit.serve import engine as engine_mod
+
+    model, tok = model_tok
+    real, calls = engine_mod.sample_next, {13: 0, 14: 0}
+
+    def poisoned(logits, params, generator=None):
+        if params.seed in calls:
+            calls[params.seed] += 1
+            if params.seed == 14 or calls[13] == 3:
+                raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_mod, "sample_next", poisoned)
+    prompts = ["Once upon", "The dog", "Lily and Tom", "A big red"]
+    greedy = [SamplingParams(max_new_tokens=20), SamplingParams(max_new_tokens=25),
+              SamplingParams(max_new_tokens=20, temperature=1e-300), SamplingParams(max_new_tokens=15)]
+    refs = [generate(model, tok, encode_prompt(tok, p), sp) for p, sp in zip(prompts, greedy)]
+    gated = GatedModel(model)
+    engine = Engine(gated, tok, max_batch=8).start()
+    try:
+        gated.gate.clear()  # everything is queued before the first step: one batch
+        inboxes = []
+        for ids, sp in [(encode_prompt(tok, p), sp) for p, sp in zip(prompts, greedy)] + [
+                (encode_prompt(tok, "Once"), SamplingParams(max_new_tokens=30, temperature=0.9, seed=seed))
+                for seed in (13, 14)]:
+            inboxes.append(queue.Queue())
+            engine.submit(ids, sp, inboxes[-1].put)
+        gated.gate.set()
+        outs = []
+        for q in inboxes:
+            events = [q.get(timeout=20)]
+            while events[-1].kind == "delta":
+                events.append(q.get(timeout=20))
+            outs.append(("".join(e.text for e in events), events[-1]))
+        for (text, last), ref in zip(outs, refs):
+            assert last.kind == "done" and (text, last.completion_tokens) == (ref.text, ref.completion_tokens)
+        for _, last in outs[4:]:
+            assert last.kind == "error" and "probability tensor" in last.message
+        assert calls[13] == 3 and len(outs[4][0]) > 0  # it failed mid-decode, after some text
+        _wait(lambda: engine.stats()["running"] == 0)
+        assert engine.stats()["errors"] == 2
+    finally:
+        gated.gate.set()
+        engine.stop()
+
+
+def test_a_failing_prefill_forward_ends_only_its_request(model_tok):
+    """A request whose own (batch-1) prefill forward raises ends alone: the running request and the one
+    admitted with it finish (before, it failed everything in flight)."""
+    model, tok = model_tok
+    bad = encode_prompt(tok, "The dog")
+
+    class FailsOnBad(GatedModel):
+        def __call__(self, input_ids, **kwargs):
+            if input_ids.shape[0] == 1 and input_ids[0].tolist() == bad:
+                raise RuntimeError("out of memory")
+            return super().__call__(input_ids, **kwargs)
+
+    gated = FailsOnBad(model)
+    engine = Engine(gated, tok, max_batch=4).start()
+    try:
+        gated.gate.clear()
+        inboxes = [queue.Queue() for _ in range(3)]
+        engine.submit(encode_prompt(tok, "Once"), SamplingParams(max_new_tokens=6), inboxes[0].put)
+        _wait(lambda: engine.stats()["running"] == 1)  # its prefill waits at the gate
+        engine.submit(bad, SamplingParams(max_new_tokens=6), inboxes[1].put)  # these two are admitted together
+        engine.submit(encode_prompt(tok, "Once upon"), SamplingParams(max_new_tokens=5), inboxes[2].put)
+        gated.gate.set()
+        finals = []
+        for q in inboxes:
+            events = [q.get(timeout=20)]
+            while events[-1].kind == "delta":
+                events.append(q.get(timeout=20))
+            finals.append(events)
+        assert [e[-1].kind for e in finals] == ["done", "error", "done"]
+        assert "out of memory" in finals[1][-1].message
+        assert "".join(e.text for e in finals[2]) == " a time, there was"
+        _wait(lambda: engine.stats()["running"] == 0)
+        assert engine.stats()["errors"] == 1
+    finally:
+        gated.gate.set()
         engine.stop()
 
 
