@@ -149,7 +149,7 @@ class StreamSource:
         if stored is None:
             return slot.detach()
         t = read_tensor(self.tensors[stored]).to(slot.dtype)
-        bad = _count_nonfinite(t)
+        bad = count_nonfinite(t)
         if bad:
             raise QuantkitError(f"{name} holds {bad} NaN/Inf value(s); refusing to compress a broken checkpoint")
         return t
@@ -309,7 +309,7 @@ def _stored_names(model: nn.Module, tensors: dict[str, TensorInfo]) -> tuple[dic
     return out, []
 
 
-def _count_nonfinite(t: torch.Tensor, chunk: int = 1 << 20) -> int:
+def count_nonfinite(t: torch.Tensor, chunk: int = 1 << 20) -> int:
     """NaN/Inf values in ``t``, in chunks (a whole-tensor isfinite would cost a copy of it)."""
     if not t.dtype.is_floating_point:
         return 0
