@@ -18,16 +18,19 @@ from quantkit.errors import QuantkitError
 from quantkit.memory import available_memory
 from quantkit.models.paths import HUB_ID, one_line, parse_dtype, quiet_transformers, read_quantization_config
 from quantkit.models.arch import ArchSpec, arch_for, find_arch, get_module
+from quantkit.models.config import check_config
 from quantkit.models.safetensors import TensorInfo, raw_header, read_header, read_tensor
 
 
 def model_from_config(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A causal LM built from ``config`` without spending time on random initialisation
-    (its weights are about to be loaded)."""
+    (its weights are about to be loaded); a config whose values would make the forward NaN is
+    refused first (:func:`quantkit.models.config.check_config`)."""
     from transformers import AutoModelForCausalLM
 
     from transformers.initialization import no_init_weights  # every transformers in the tested range has it
 
+    check_config(config)
     with no_init_weights():
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
@@ -233,6 +236,8 @@ def _skeleton(p: Path, files: list[Path], dtype, trust_remote_code: bool) -> tup
         with init_empty_weights(include_buffers=False):
             model = model_from_config(config, dtype)
         model.tie_weights()
+    except QuantkitError:
+        raise
     except Exception as e:  # noqa: BLE001 - a config that builds no model
         raise QuantkitError(f"cannot build a model from {p / 'config.json'}: {type(e).__name__}: {one_line(e)}") from None
     if (p / "generation_config.json").is_file():  # as from_pretrained does
