@@ -113,7 +113,8 @@ class StreamSource:
         return self._stored_as.get(name)
 
     def check_names(self) -> None:
-        """Every parameter has a stored tensor of its shape: checked from the headers, before any work."""
+        """Every parameter has a stored tensor of its shape, of a float dtype where the parameter is
+        a float one (an integer tensor would be cast, not read): checked from the headers, before any work."""
         for group in self.tie_groups():
             stored = self.stored_name(group[0])
             slot = self.slots[group[0]]
@@ -126,6 +127,9 @@ class StreamSource:
             if info.shape != tuple(slot.shape):
                 raise QuantkitError(f"cannot load {self.directory}: config.json disagrees with the shapes of the stored "
                                     f"weights ({group[0]}: {list(info.shape)} stored, {list(slot.shape)} expected)")
+            if isinstance(slot, nn.Parameter) and slot.dtype.is_floating_point and not info.dtype.is_floating_point:
+                raise QuantkitError(f"cannot load {self.directory}: {stored} is stored as {_dtype_name(info.dtype)}, an integer "
+                                    f"type, for a float parameter ({_dtype_name(slot.dtype)}): its bytes would be cast, not read")
 
     def tie_groups(self, names: list[str] | None = None) -> list[list[str]]:
         """Names sharing one tensor, grouped; in :func:`quantkit.checkpoint.packed.unique_state_dict`'s order,
@@ -324,6 +328,10 @@ def count_nonfinite(t: torch.Tensor, chunk: int = 1 << 20) -> int:
         if not ok.all():
             bad += ok.numel() - int(ok.sum())
     return bad
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _config_dtype(config) -> torch.dtype | None:
