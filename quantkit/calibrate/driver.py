@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from quantkit.core.types import CompressionResult, LayerRecord
+from quantkit.errors import QuantkitError
 from quantkit.models.arch import ArchSpec, LinearGroup, arch_for, get_module, set_module, weight_out_in
 from quantkit.core.hessian import HessianAccumulator
 from quantkit.core.stats import ActStats
@@ -160,9 +161,14 @@ class BlockContext:
 
     # -- running the block ------------------------------------------------------------
     def run(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """The block's output for one batch (returned on the device ``hidden`` came from)."""
+        """The block's output for one batch (returned on the device ``hidden`` came from); a
+        non-finite output stops the run (every statistic after it would be NaN: GPTQ would fall
+        back to RTN on each linear without saying why)."""
         out = self.block(hidden.to(self.device), **kwargs)
         out = out[0] if isinstance(out, (tuple, list)) else out
+        if not torch.isfinite(out).all():
+            raise QuantkitError(f"block {self.prefix} computes NaN/Inf activations on the calibration data "
+                                "(a broken config value or weight: a norm epsilon, rope_theta...)")
         return out.to(hidden.device)
 
     def forward(self) -> list[torch.Tensor]:
