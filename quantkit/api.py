@@ -32,7 +32,7 @@ from quantkit.errors import QuantkitError, WriteError, os_reason
 from quantkit.memory import return_large_frees_to_os
 from quantkit.models.load import load_tokenizer
 from quantkit.models.safetensors import write_safetensors
-from quantkit.models.skeleton import StreamSource
+from quantkit.models.skeleton import StreamSource, count_nonfinite
 from quantkit.checkpoint.formats import load_model  # noqa: F401  (re-exported)
 import quantkit.methods  # noqa: F401  (fills the registry: every built-in method registers itself)
 from quantkit.registry import get_method, method_names  # noqa: F401  (re-exported)
@@ -56,8 +56,8 @@ def check_finite(model) -> None:
     for name, p in model.named_parameters():
         if p.is_meta:  # streaming: checked as each block is read (quantkit.checkpoint.streamed)
             continue
-        if p.dtype.is_floating_point and not torch.isfinite(p).all():
-            bad = int((~torch.isfinite(p)).sum())
+        bad = count_nonfinite(p.detach())
+        if bad:
             raise QuantkitError(f"{name} holds {bad} NaN/Inf value(s); refusing to compress a broken checkpoint")
 
 

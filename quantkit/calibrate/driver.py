@@ -26,7 +26,9 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from quantkit.core.types import CompressionResult, LayerRecord
+from quantkit.core.quant import clipped_scale_note
+from quantkit.core.types import CompressionResult, LayerRecord, QuantizedWeight
+from quantkit.errors import QuantkitError
 from quantkit.models.arch import ArchSpec, LinearGroup, arch_for, get_module, set_module, weight_out_in
 from quantkit.core.hessian import HessianAccumulator
 from quantkit.core.stats import ActStats
@@ -152,17 +154,26 @@ class BlockContext:
         set_module(self.block, name, self.to_module(result, bias, old.weight.dtype))
 
     def record(self, name: str, qw, rec: LayerRecord) -> None:
+        """Log ``rec`` for linear ``name`` and keep its result ``qw`` (None: left as it was); a grid
+        whose scales were clamped at float16's maximum adds its note."""
         full = self.full_name(name)
         rec.module = full
         if qw is not None:
             self.result.quantized[full] = qw
+        if isinstance(qw, QuantizedWeight):
+            rec.note = "; ".join(n for n in (rec.note, clipped_scale_note(qw.scales)) if n)
         self.result.log.append(rec)
 
     # -- running the block ------------------------------------------------------------
     def run(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """The block's output for one batch (returned on the device ``hidden`` came from)."""
+        """The block's output for one batch (returned on the device ``hidden`` came from); a
+        non-finite output stops the run (every statistic after it would be NaN: GPTQ would fall
+        back to RTN on each linear without saying why)."""
         out = self.block(hidden.to(self.device), **kwargs)
         out = out[0] if isinstance(out, (tuple, list)) else out
+        if not torch.isfinite(out).all():
+            raise QuantkitError(f"block {self.prefix} computes NaN/Inf activations on the calibration data "
+                                "(a broken config value or weight: a norm epsilon, rope_theta...)")
         return out.to(hidden.device)
 
     def forward(self) -> list[torch.Tensor]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from quantkit.checkpoint.values import check_loaded, check_range
 from quantkit.errors import QuantkitError
 from quantkit.pack.int32 import pack_int32, unpack_int32
 
@@ -132,6 +133,7 @@ def load_with_quant_linears(directory: str | Path, config, build, dtype: torch.d
         raise QuantkitError(f"{directory}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    check_loaded(model, directory, zero_max=None)  # both layouts pack zero points in bits-wide fields: in range
     return model.eval()
 
 
@@ -162,6 +164,9 @@ def import_gptq(directory: str | Path, dtype: torch.dtype = torch.float32):
         codes = unpack_int32(qweight, bits, 0).t().contiguous()  # [in/per, out] -> [out, in]
         out_f, in_f = codes.shape
         zeros = (unpack_int32(qzeros, bits, 1)[:, :out_f] + 1).t().float()  # [G, out/per] -> [out, G]; v1 stores z - 1
+        if bits == 8:  # a stored 255 is zero point 256, which quantkit's uint8 zero points cannot hold
+            check_range(directory, f"{name}.qzeros", zeros, 255, "zero point",
+                        "an 8-bit grid's zero points lie in 0..255 (GPTQ v1 stores z - 1)")
         group = in_f if gs == -1 else gs
         act = g_idx is not None and not torch.equal(g_idx.to(torch.int32), torch.arange(in_f, dtype=torch.int32) // group)
         return QuantLinear.from_codes(codes.to(torch.uint8), scales.t().float(), zeros, bits, gs, sym=False,

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantkit.checkpoint.values import check_loaded
 from quantkit.core.types import CompressionResult
 from quantkit.errors import QuantkitError
 from quantkit.models.safetensors import write_safetensors
@@ -99,7 +100,8 @@ def save_metadata(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | No
 
 
 def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Rebuild the model skeleton from config.json, swap in QuantLinear modules and load the weights."""
+    """Rebuild the model skeleton from config.json, swap in QuantLinear modules and load the weights
+    (then check their values: :func:`quantkit.checkpoint.values.check_loaded`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model as st_load
     from transformers import AutoConfig
@@ -129,6 +131,7 @@ def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
         raise QuantkitError(f"{weights} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    check_loaded(model, directory)
     return model
 
 

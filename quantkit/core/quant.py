@@ -54,6 +54,9 @@ class QuantSpec:
             )
 
 
+FP16_MAX = 65504.0  # the largest float16: scales are stored in float16, so none can exceed it
+
+
 def symmetric_zero(bits: int) -> int:
     """The zero point of a symmetric ``bits``-bit grid, ``2**(bits-1)`` (GPTQ's convention): stored
     nowhere, so every reader of a symmetric grid (runtime, kernels, references) takes it from here."""
@@ -76,10 +79,22 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     # checkpoints store scales in float16: put them on that grid now, so the in-memory model
     # and the packed checkpoint compute with the same numbers
-    scale = scale.clamp(6e-8, 65504).to(torch.float16).float()
+    # (a scale clamped at FP16_MAX clips its group's largest weights: clipped_scale_note says so)
+    scale = scale.clamp(6e-8, FP16_MAX).to(torch.float16).float()
     if zero is None:
         zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
+
+
+def clipped_scale_note(scales: torch.Tensor) -> str:
+    """A note for the log when ``scales`` hold groups clamped at :data:`FP16_MAX`: their weights
+    are too large for a float16 scale, so the grid cannot reach the largest of them, which are
+    clipped (a weight of 1e6 on a 4-bit symmetric grid is stored as 7 * 65504 = 458528); else ``""``."""
+    n = int((scales >= FP16_MAX).sum())
+    if not n:
+        return ""
+    return (f"weights beyond float16's scale range: {n} group scale(s) clamped at {FP16_MAX:g}, "
+            "their largest weights clipped (a recipe's ignore: keeps the module in float)")
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:

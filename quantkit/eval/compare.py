@@ -9,12 +9,13 @@ original's (as ``llama-perplexity --kl-divergence`` reports), and decode tokens/
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from quantkit.eval.perplexity import finite_perplexity
 
 
 def linear_storage(model: nn.Module) -> tuple[int, int]:
@@ -58,7 +59,7 @@ def compare_models(models: dict[str, nn.Module], windows: torch.Tensor, referenc
         count += target.numel()
     out = {}
     for name, s in stats.items():
-        out[name] = {"perplexity": math.exp(s["nll"] / count), "kl_divergence": s["kl"] / count,
+        out[name] = {"perplexity": finite_perplexity(s["nll"] / count, name), "kl_divergence": s["kl"] / count,
                      "same_top1": s["top1"] / count, "tokens": count}
     return out
 

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from quantkit.errors import QuantkitError
+
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1,
@@ -31,11 +33,11 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1,
         nll_sum += float(nll.sum())
         nll_sq += float(nll.pow(2).sum())
         count += nll.numel()
+        ppl = finite_perplexity(nll_sum / count)  # a NaN stops the run here, not after the last window
         if progress is not None:
-            progress(min(start + batch_size, n), n, math.exp(nll_sum / count))
+            progress(min(start + batch_size, n), n, ppl)
     mean = nll_sum / count
     var = max(nll_sq / count - mean * mean, 0.0)
-    ppl = math.exp(mean)
     return {
         "perplexity": ppl,
         "stderr": ppl * math.sqrt(var / count),
@@ -44,3 +46,13 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1,
         "seqlen": seqlen,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def finite_perplexity(mean_nll: float, who: str = "") -> float:
+    """``exp(mean_nll)``, refused when it is not finite: a NaN/Inf perplexity is never a result
+    (and ``NaN`` is not JSON).  ``who`` (a model's name) starts the message."""
+    ppl = math.exp(mean_nll) if mean_nll < 709.0 else math.inf  # math.exp overflows past ~709.78; NaN < x is False
+    if not math.isfinite(ppl):
+        raise QuantkitError(f"{who + ': ' if who else ''}perplexity is not finite ({'NaN' if math.isnan(mean_nll) else 'Inf'}): "
+                            "the model computes NaN/Inf logits on this data")
+    return ppl

@@ -17,7 +17,7 @@ from quantkit.calibrate.driver import BlockContext
 from quantkit.core.types import CompressionResult, LayerRecord, QuantizedWeight
 from quantkit.errors import QuantkitError
 from quantkit.core.hessian import HessianAccumulator
-from quantkit.core.quant import QuantSpec, dequantize, quantize_rtn
+from quantkit.core.quant import QuantSpec, clipped_scale_note, dequantize, quantize_rtn
 from quantkit.core.stats import ActStats
 
 
@@ -223,6 +223,7 @@ def quantize_head(model: nn.Module, method, calib_ids: torch.Tensor | None, batc
     qw, w_hat, loss, damp, qnote = quantizer(head.weight.detach().float().clone(), stats, spec)
     head.weight.data.copy_(w_hat.to(head.weight.dtype))
     result.quantized[arch.lm_head] = qw
-    notes = [n for n in (note, qnote, "untied from the input embedding (which stays float)" if tied else "") if n]
+    notes = [n for n in (note, qnote, clipped_scale_note(qw.scales) if isinstance(qw, QuantizedWeight) else "",
+                         "untied from the input embedding (which stays float)" if tied else "") if n]
     result.log.append(LayerRecord(-1, arch.lm_head, time.perf_counter() - t0, loss, damp, spec.bits, spec.group_size,
                                   note="; ".join(notes)))

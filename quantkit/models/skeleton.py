@@ -18,16 +18,19 @@ from quantkit.errors import QuantkitError
 from quantkit.memory import available_memory
 from quantkit.models.paths import check_model_files, file_kind, is_hub_id, one_line, parse_dtype, quiet_transformers, read_quantization_config
 from quantkit.models.arch import ArchSpec, arch_for, find_arch, get_module
+from quantkit.models.config import check_config
 from quantkit.models.safetensors import TensorInfo, raw_header, read_header, read_tensor
 
 
 def model_from_config(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A causal LM built from ``config`` without spending time on random initialisation
-    (its weights are about to be loaded)."""
+    (its weights are about to be loaded); a config whose values would make the forward NaN is
+    refused first (:func:`quantkit.models.config.check_config`)."""
     from transformers import AutoModelForCausalLM
 
     from transformers.initialization import no_init_weights  # every transformers in the tested range has it
 
+    check_config(config)
     with no_init_weights():
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
@@ -113,7 +116,8 @@ class StreamSource:
         return self._stored_as.get(name)
 
     def check_names(self) -> None:
-        """Every parameter has a stored tensor of its shape: checked from the headers, before any work."""
+        """Every parameter has a stored tensor of its shape, of a float dtype where the parameter is
+        a float one (an integer tensor would be cast, not read): checked from the headers, before any work."""
         for group in self.tie_groups():
             stored = self.stored_name(group[0])
             slot = self.slots[group[0]]
@@ -126,6 +130,9 @@ class StreamSource:
             if info.shape != tuple(slot.shape):
                 raise QuantkitError(f"cannot load {self.directory}: config.json disagrees with the shapes of the stored "
                                     f"weights ({group[0]}: {list(info.shape)} stored, {list(slot.shape)} expected)")
+            if isinstance(slot, nn.Parameter) and slot.dtype.is_floating_point and not info.dtype.is_floating_point:
+                raise QuantkitError(f"cannot load {self.directory}: {stored} is stored as {_dtype_name(info.dtype)}, an integer "
+                                    f"type, for a float parameter ({_dtype_name(slot.dtype)}): its bytes would be cast, not read")
 
     def tie_groups(self, names: list[str] | None = None) -> list[list[str]]:
         """Names sharing one tensor, grouped; in :func:`quantkit.checkpoint.packed.unique_state_dict`'s order,
@@ -152,7 +159,7 @@ class StreamSource:
         if stored is None:
             return slot.detach()
         t = read_tensor(self.tensors[stored]).to(slot.dtype)
-        bad = _count_nonfinite(t)
+        bad = count_nonfinite(t)
         if bad:
             raise QuantkitError(f"{name} holds {bad} NaN/Inf value(s); refusing to compress a broken checkpoint")
         return t
@@ -236,6 +243,8 @@ def _skeleton(p: Path, files: list[Path], dtype, trust_remote_code: bool) -> tup
         with init_empty_weights(include_buffers=False):
             model = model_from_config(config, dtype)
         model.tie_weights()
+    except QuantkitError:
+        raise
     except Exception as e:  # noqa: BLE001 - a config that builds no model
         raise QuantkitError(f"cannot build a model from {p / 'config.json'}: {type(e).__name__}: {one_line(e)}") from None
     if (p / "generation_config.json").is_file():  # as from_pretrained does
@@ -312,7 +321,7 @@ def _stored_names(model: nn.Module, tensors: dict[str, TensorInfo]) -> tuple[dic
     return out, []
 
 
-def _count_nonfinite(t: torch.Tensor, chunk: int = 1 << 20) -> int:
+def count_nonfinite(t: torch.Tensor, chunk: int = 1 << 20) -> int:
     """NaN/Inf values in ``t``, in chunks (a whole-tensor isfinite would cost a copy of it)."""
     if not t.dtype.is_floating_point:
         return 0
@@ -322,6 +331,10 @@ def _count_nonfinite(t: torch.Tensor, chunk: int = 1 << 20) -> int:
         if not ok.all():
             bad += ok.numel() - int(ok.sum())
     return bad
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _config_dtype(config) -> torch.dtype | None:

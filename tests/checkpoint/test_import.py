@@ -94,18 +94,20 @@ def check_logits(directory, reference):
 
 
 # ---- AWQ ---------------------------------------------------------------------------------
+AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True,
+              "modules_to_not_convert": None}
+
+
+def awq_tensors(out_f, in_f, j):
+    q, z, s = random_grid(out_f, in_f, 32, j)
+    w = (q.astype(np.float32) - np.repeat(z, 32, 1)) * np.repeat(s.astype(np.float32), 32, 1)  # [out, in]
+    return {"qweight": awq_pack(q.T), "qzeros": awq_pack(z.T), "scales": np.ascontiguousarray(s.T)}, w
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_awq_gemm_checkpoint_loads_with_the_reference_logits(tmp_path, bias):
     model = tiny_llama(bias)
-
-    def tensors_for(out_f, in_f, j):
-        q, z, s = random_grid(out_f, in_f, 32, j)
-        w = (q.astype(np.float32) - np.repeat(z, 32, 1)) * np.repeat(s.astype(np.float32), 32, 1)  # [out, in]
-        return {"qweight": awq_pack(q.T), "qzeros": awq_pack(z.T), "scales": np.ascontiguousarray(s.T)}, w
-
-    qcfg = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True,
-            "modules_to_not_convert": None}
-    write_checkpoint(model, tmp_path / "awq", qcfg, tensors_for)
+    write_checkpoint(model, tmp_path / "awq", AWQ_CONFIG, awq_tensors)
     t = load_file(str(tmp_path / "awq" / "model.safetensors"))
     assert t["model.layers.0.mlp.down_proj.qweight"].shape == (128, 8) and t["model.layers.0.mlp.down_proj.scales"].shape == (4, 64)
     check_logits(tmp_path / "awq", model)
@@ -127,20 +129,23 @@ def test_awq_variants_not_supported_are_refused(tmp_path, change, match):
 
 
 # ---- GPTQ --------------------------------------------------------------------------------
+GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "sym": False, "checkpoint_format": "gptq"}
+
+
+def gptq_tensors(out_f, in_f, j):
+    """One linear's GPTQ tensors with act-order (a permuted ``g_idx``)."""
+    q, z, s = random_grid(out_f, in_f, 32, j)
+    g_idx = np.random.default_rng(100 + j).permutation(np.arange(in_f) // 32).astype(np.int32)  # act-order
+    zeros = np.maximum(z.astype(np.int64) - 1, 0)  # gptq v1 stores z - 1 ...
+    z_eff = np.where(z == 0, 1, z)  # ... so a zero point of 0 cannot be stored: use 1 in the reference too
+    w = (q.astype(np.float32) - z_eff[:, g_idx]) * s.astype(np.float32)[:, g_idx]
+    return {"qweight": gptq_pack_rows(q.T), "qzeros": gptq_pack_cols(zeros.T), "scales": np.ascontiguousarray(s.T),
+            "g_idx": g_idx}, w
+
+
 def test_gptq_checkpoint_with_act_order_loads_with_the_reference_logits(tmp_path):
     model = tiny_llama(False)
-
-    def tensors_for(out_f, in_f, j):
-        q, z, s = random_grid(out_f, in_f, 32, j)
-        g_idx = np.random.default_rng(100 + j).permutation(np.arange(in_f) // 32).astype(np.int32)  # act-order
-        zeros = np.maximum(z.astype(np.int64) - 1, 0)  # gptq v1 stores z - 1 ...
-        z_eff = np.where(z == 0, 1, z)  # ... so a zero point of 0 cannot be stored: use 1 in the reference too
-        w = (q.astype(np.float32) - z_eff[:, g_idx]) * s.astype(np.float32)[:, g_idx]
-        return {"qweight": gptq_pack_rows(q.T), "qzeros": gptq_pack_cols(zeros.T), "scales": np.ascontiguousarray(s.T),
-                "g_idx": g_idx}, w
-
-    qcfg = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "sym": False, "checkpoint_format": "gptq"}
-    write_checkpoint(model, tmp_path / "gptq", qcfg, tensors_for)
+    write_checkpoint(model, tmp_path / "gptq", GPTQ_CONFIG, gptq_tensors)
     check_logits(tmp_path / "gptq", model)
 
 
@@ -162,3 +167,64 @@ def test_gptq_export_matches_the_independent_packer(stories_dir, calib_ids, tmp_
         assert np.array_equal(t[f"{name}.qzeros"].numpy(), gptq_pack_cols(np.maximum(zeros - 1, 0).T))
         assert torch.equal(t[f"{name}.scales"], mod.scales.t())
         assert np.array_equal(t[f"{name}.g_idx"].numpy(), np.arange(mod.in_features) // 32)
+
+
+# ---- values: what sizes cannot show, checked once the tensors are read ---------------------------
+Q = "model.layers.0.self_attn.q_proj"
+
+
+def poke(directory, name: str, index: int, value) -> None:
+    """Set one entry of tensor ``name`` in ``directory``'s model.safetensors to ``value``."""
+    from safetensors.torch import save_file as save_torch
+
+    path = str(directory / "model.safetensors")
+    t = load_file(path)
+    t[name].view(-1)[index] = value
+    save_torch(t, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("fmt,name,index,value,message", [
+    ("gptq", f"{Q}.scales", 5, float("nan"), f"{Q}.scales holds 1 NaN/Inf value(s)"),  # F22
+    ("gptq", f"{Q}.g_idx", 5, 1000, f"{Q}.g_idx holds group 1000; the layer has 2 group(s), 0..1"),  # F23
+    ("gptq", f"{Q}.g_idx", 5, -1, f"{Q}.g_idx holds group -1; the layer has 2 group(s), 0..1"),  # F24
+    ("awq", f"{Q}.scales", 5, float("nan"), f"{Q}.scales holds 1 NaN/Inf value(s)"),  # F31
+    ("awq", f"{Q}.scales", 0, float("inf"), f"{Q}.scales holds 1 NaN/Inf value(s)"),
+    ("awq", "model.norm.weight", 3, float("nan"), "model.norm.weight holds 1 NaN/Inf value(s)"),
+])
+def test_broken_values_are_refused_at_load(tmp_path, fmt, name, index, value, message):
+    import re
+
+    d = tmp_path / fmt
+    write_checkpoint(tiny_llama(False), d, GPTQ_CONFIG if fmt == "gptq" else AWQ_CONFIG,
+                     gptq_tensors if fmt == "gptq" else awq_tensors)
+    poke(d, name, index, value)
+    with pytest.raises(QuantkitError, match=f"^cannot load {re.escape(str(d))}: {re.escape(message)}$"):
+        load_model(str(d), with_tokenizer=False)
+    r = CliRunner().invoke(cli, ["eval", "perplexity", str(d), "--dataset", "x.txt", "--json"])
+    assert r.exit_code == 1 and "Traceback" not in r.output and r.output.strip() == f"Error: cannot load {d}: {message}"
+
+
+def test_gptq_v1_all_ones_zero_field_still_loads(tmp_path):
+    """GPTQ v1 stores ``z - 1``: a field of all ones is zero point ``2**bits`` (16 here), as other
+    engines read it; quantkit's uint8 zero points hold it, so it loads."""
+    d = tmp_path / "gptq"
+    write_checkpoint(tiny_llama(False), d, GPTQ_CONFIG, gptq_tensors)
+    poke(d, f"{Q}.qzeros", 0, -1)  # eight 4-bit fields of 15
+    loaded, _ = load_model(str(d), with_tokenizer=False)
+    assert loaded.get_submodule(Q).qzeros[:8, 0].tolist() == [16] * 8
+
+
+def test_gptq_8bit_zero_point_256_is_refused(stories_dir, tmp_path):
+    """An 8-bit GPTQ v1 field of 255 is zero point 256, which quantkit's uint8 zero points cannot
+    hold (it would wrap to 0)."""
+    from transformers import AutoTokenizer
+
+    model = tiny_llama(False)
+    api.save(model, AutoTokenizer.from_pretrained(str(stories_dir)), tmp_path / "qk", "rtn",
+             api.compress(model, "rtn", dict(bits=8, group_size=32, sym=False)))
+    r = CliRunner().invoke(cli, ["export", str(tmp_path / "qk"), "--format", "gptq", "-o", str(tmp_path / "g8")])
+    assert r.exit_code == 0, r.output
+    load_model(str(tmp_path / "g8"), with_tokenizer=False)
+    poke(tmp_path / "g8", f"{Q}.qzeros", 0, 255)  # the first output column's field: 255
+    with pytest.raises(QuantkitError, match=f"{Q}.qzeros holds zero point 256; an 8-bit grid's zero points lie in 0..255"):
+        load_model(str(tmp_path / "g8"), with_tokenizer=False)

@@ -24,3 +24,35 @@ def test_backend_is_forced_during_the_evaluation_only(stories_dir, tiny_text, tm
     assert r.exit_code == 0, r.output
     assert seen == ["reference"] and json.loads(r.stdout.strip().splitlines()[-1])["windows"] == 2
     assert backend_setting() == "auto" and "QUANTKIT_BACKEND" not in os.environ
+
+
+def _nan_model(stories_dir, tmp_path):
+    """A float copy of stories260K whose final norm holds a NaN: it loads, and computes NaN."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "nan"
+    shutil.copytree(stories_dir, d)
+    t = load_file(str(d / "model.safetensors"))
+    t["model.norm.weight"][0] = float("nan")
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def test_eval_of_a_model_computing_nan_is_an_error(stories_dir, tiny_text, tmp_path):
+    d = _nan_model(stories_dir, tmp_path)
+    for extra in ([], ["--json"]):
+        r = CliRunner().invoke(cli, ["eval", "perplexity", str(d), "--dataset", str(tiny_text), "--seqlen", "64",
+                                     "--max-windows", "2", *extra])
+        assert r.exit_code == 1 and "Traceback" not in r.output and r.stdout == ""
+        assert r.output.strip().splitlines()[-1] == ("Error: perplexity is not finite (NaN): the model computes NaN/Inf "
+                                                     "logits on this data")
+
+
+def test_compare_with_a_model_computing_nan_is_an_error(stories_dir, tiny_text, tmp_path):
+    d = _nan_model(stories_dir, tmp_path)
+    r = CliRunner().invoke(cli, ["compare", str(stories_dir), str(d), "--dataset", str(tiny_text), "--seqlen", "64",
+                                 "--max-windows", "2", "--no-speed", "--json"])
+    assert r.exit_code == 1 and "Traceback" not in r.output and r.stdout == ""
+    assert r.output.strip().splitlines()[-1] == "Error: nan: perplexity is not finite (NaN): the model computes NaN/Inf logits on this data"

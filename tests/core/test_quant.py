@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.core.quant import QuantSpec, dequantize, quantize_rtn, sqnr_db
+from quantkit.core.quant import FP16_MAX, QuantSpec, clipped_scale_note, dequantize, quantize_rtn, sqnr_db
 
 
 @pytest.mark.parametrize("bits,floor_db", [(8, 40.0), (4, 17.0), (3, 11.0), (2, 4.0)])
@@ -41,3 +41,13 @@ def test_bad_specs_are_refused(bad):
 def test_group_size_must_divide_layer():
     with pytest.raises(QuantkitError, match="does not divide layer.x's 100 input features"):
         QuantSpec(4, 64).check_layer("layer.x", 100)
+
+
+def test_a_scale_beyond_float16_is_clamped_and_noted():  # A45
+    w = torch.randn(4, 64) * 0.02
+    w[1, 5] = 1e6
+    q, s, z = quantize_rtn(w, QuantSpec(4, 32, True))
+    assert s[1, 0] == FP16_MAX and float(dequantize(q, s, z, 32)[1, 5]) == 7 * FP16_MAX  # 1e6 stored as 458528
+    assert clipped_scale_note(s) == ("weights beyond float16's scale range: 1 group scale(s) clamped at 65504, "
+                                     "their largest weights clipped (a recipe's ignore: keeps the module in float)")
+    assert clipped_scale_note(quantize_rtn(w[[0, 2, 3]], QuantSpec(4, 32, True))[1]) == ""

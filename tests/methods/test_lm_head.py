@@ -109,6 +109,16 @@ def test_gptq_head_beats_rtn_head_on_its_calibration_inputs(stories, calib_ids):
     assert errors["gptq"] < 0.9 * errors["rtn"], errors
 
 
+def test_a_head_clipped_by_the_float16_scale_range_is_noted():  # A45, for the head
+    model = tiny_llama(tied=False)
+    with torch.no_grad():
+        model.lm_head.weight[7, 3] = 1e6
+    res = api.compress(model, "rtn", dict(bits=4, group_size=-1, quantize_lm_head=True))
+    head = [r for r in res.log if r.module == "lm_head"]
+    assert len(head) == 1 and "weights beyond float16's scale range: 1 group scale(s) clamped at 65504" in head[0].note
+    assert not any("float16" in r.note for r in res.log if r.module != "lm_head")
+
+
 def test_group_size_check_covers_the_head():
     model = tiny_llama(tied=True)  # hidden 64: group 128 would not divide it anywhere; -1 on blocks, 48 on the head
     with pytest.raises(Exception, match="lm_head"):
