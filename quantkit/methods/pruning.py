@@ -15,7 +15,7 @@ import torch
 from quantkit.models.arch import get_module, weight_out_in
 from quantkit.calibrate.driver import BlockContext, BlockMethod
 from quantkit.core.types import CompressionResult, LayerRecord
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, excerpt
 from quantkit.methods.base import check_module_patterns, each_linear
 from quantkit.core.quant import QuantSpec
 from quantkit.core.sparsity import SparsityTarget, check_sparsity, parse_pattern
@@ -54,7 +54,7 @@ class PruneConfig:
         check_module_patterns(self.ignore, self.overrides)
         for pattern, fields in self.overrides:
             if not isinstance(fields, dict) or len(fields) != 1 or set(fields) - {"sparsity", "pattern"}:
-                raise QuantkitError(f"override for {pattern!r} must be {{'sparsity': s}} or {{'pattern': 'N:M'}}, got {fields!r}")
+                raise QuantkitError(f"override for {excerpt(pattern)} must be {{'sparsity': s}} or {{'pattern': 'N:M'}}, got {excerpt(fields)}")
             if "pattern" in fields:
                 parse_pattern(fields["pattern"])
             elif fields["sparsity"] != 0:
