@@ -77,3 +77,77 @@ def test_unsafe_yaml_is_not_executed(tmp_path, stories_dir):
     r = CliRunner().invoke(cli, ["run", str(recipe), str(stories_dir), "-o", str(tmp_path / "o")])
     assert r.exit_code == 1 and "not valid YAML" in r.output
     assert not (tmp_path / "o").exists() and not Path("pwned").exists()
+
+
+# ---- hostile YAML (audit root causes 5 and 14) --------------------------------------------------
+
+def _bomb(levels: int) -> str:
+    """The audit's alias bomb: each level a list of 9 aliases of the one before (400 bytes at 9)."""
+    names = "abcdefghij"
+    text = "steps:\n  - &a [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n"
+    for i in range(1, levels - 1):
+        text += f"  - &{names[i]} [" + ",".join([f"*{names[i - 1]}"] * 9) + "]\n"
+    return text + "calibration:\n  dataset: [" + ",".join([f"*{names[levels - 2]}"] * 9) + "]\n"
+
+
+def test_alias_bomb_is_refused_at_once(tmp_path):
+    import time
+
+    recipe = tmp_path / "bomb9.yaml"
+    recipe.write_text(_bomb(9))
+    t0 = time.perf_counter()
+    with pytest.raises(QuantkitError) as e:
+        load_recipe(recipe)
+    assert time.perf_counter() - t0 < 1
+    assert str(e.value) == f"recipe {recipe}: recipes may not use YAML anchors/aliases (line 3)"
+
+
+def test_alias_in_a_set_value_is_refused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps: [{method: rtn}]\n")
+    with pytest.raises(QuantkitError, match=r"--set steps.0.ignore: recipes may not use YAML anchors/aliases"):
+        load_recipe(recipe, ("steps.0.ignore=[&a x, *a]",))
+
+
+@pytest.mark.parametrize("text", [
+    "steps: " + "[" * 100_000 + "]" * 100_000 + "\n",  # B37: a 100k-deep flow sequence
+    "steps: " + "{k: " * 20_000 + "1" + "}" * 20_000 + "\n",  # B38: a 20k-deep mapping
+    "steps:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 100)),  # block style
+], ids=["sequence", "mapping", "block"])
+def test_deep_nesting_is_one_line(tmp_path, text):
+    recipe = tmp_path / "deep.yaml"
+    recipe.write_text(text)
+    with pytest.raises(QuantkitError, match=r"recipe nesting deeper than 32 levels \(line \d+\)$"):
+        load_recipe(recipe)
+
+
+def test_messages_quote_long_values_as_excerpts():
+    bomb = [["lol"] * 9]
+    for _ in range(5):  # what a 7-level alias bomb loads to: a repr of 3.7 MB (34.7 MB in the audit's B36)
+        bomb = [bomb] * 9
+    for data in ({"calibration": {"dataset": bomb}, "steps": [{"method": "rtn"}]},
+                 {"steps": [{"method": "rtn", "bits": bomb}]},
+                 {"steps": [{"method": "magnitude", "sparsity": bomb}]},  # no default to take a type from
+                 {"steps": [{"method": "rtn", "overrides": [{"match": "x", "bits": bomb}]}]},
+                 {"steps": [{"method": "rtn", "overrides": [{"match": bomb, "bits": 8}]}]},
+                 {"steps": [{"method": "magnitude", "pattern": "x" * 10**6}]},
+                 {"steps": [{"method": "x" * 10**6}]},
+                 {"steps": [{"method": "rtn", "k" * 10**6: 1}]},
+                 {"k" * 10**6: 1, "steps": [{"method": "rtn"}]}):
+        with pytest.raises(QuantkitError) as e:
+            parse_recipe(data)
+        assert len(str(e.value)) < 200 and "\n" not in str(e.value), str(e.value)[:300]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("steps: [{method: rtn, bits: " + "1" * 5000 + "}]\n", "is not valid YAML: Exceeds the limit (4300 digits)"),
+    ("calibration: {nsamples: 0x" + "F" * 3000 + "}\nsteps: [{method: rtn}]\n", "nsamples x seqlen = <an integer of"),
+    ("calibration: {seed: 0x" + "F" * 30 + "}\nsteps: [{method: rtn}]\n", "seed must be between"),
+    ("description: 2001-13-45\nsteps: [{method: rtn}]\n", "is not valid YAML: month must be in 1..12"),
+])
+def test_huge_or_impossible_values_are_one_line(tmp_path, text, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    with pytest.raises(QuantkitError) as e:
+        load_recipe(recipe)
+    assert message in str(e.value) and len(str(e.value)) < 300
