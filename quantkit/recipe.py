@@ -272,9 +272,11 @@ def run_recipe(recipe: Recipe, model, tokenizer, progress=None):
     """Run every step on ``model`` in place; returns the merged :class:`CompressionResult`."""
     from quantkit import api
     from quantkit.core.types import CompressionResult
-    from quantkit.data import calibration_samples
+    from quantkit.data import calibration_samples, check_context
 
     calib = recipe.calibration
+    if any(api.get_method(step.method).needs_calibration for step in recipe.steps):
+        check_context(calib["seqlen"], model.config, name="calibration.seqlen")
     calib_ids = None
     merged = CompressionResult()
     for i, step in enumerate(recipe.steps):

@@ -151,3 +151,17 @@ def test_huge_or_impossible_values_are_one_line(tmp_path, text, message):
     with pytest.raises(QuantkitError) as e:
         load_recipe(recipe)
     assert message in str(e.value) and len(str(e.value)) < 300
+
+
+# ---- calibration settings (audit root cause 11) -------------------------------------------------
+
+def test_calibration_seqlen_beyond_the_context_is_refused_like_the_cli(stories, tiny_text):
+    from quantkit.recipe import run_recipe
+
+    model, tok = stories
+    rec = parse_recipe({"calibration": {"dataset": str(tiny_text), "nsamples": 2, "seqlen": 1024},
+                        "steps": [{"method": "gptq", "group_size": -1}]})
+    with pytest.raises(QuantkitError, match=r"^calibration.seqlen 1024 exceeds the model's context of 512 tokens$"):
+        run_recipe(rec, model, tok)
+    rec = parse_recipe({"calibration": {"seqlen": 1024}, "steps": [{"method": "rtn", "group_size": -1}]})
+    assert run_recipe(rec, model, tok).quantized  # no step calibrates: the setting is unused

@@ -194,6 +194,15 @@ def check_seed(seed: int) -> None:
         raise QuantkitError(f"seed must be between {-(1 << 63)} and {(1 << 64) - 1}, got {excerpt(seed)}")
 
 
+def check_context(seqlen: int, *configs, whose: str = "model's", name: str = "--seqlen") -> None:
+    """Refuse windows of ``seqlen`` tokens beyond the (smallest) ``max_position_embeddings`` of
+    ``configs``: the one check of the CLI's ``--seqlen`` and of a recipe's ``calibration.seqlen``
+    (``name``: how the message names the setting)."""
+    caps = [c for c in (getattr(cfg, "max_position_embeddings", None) for cfg in configs) if c]
+    if caps and seqlen > min(caps):
+        raise QuantkitError(f"{name} {seqlen} exceeds the {whose} context of {min(caps)} tokens")
+
+
 def calibration_samples(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0, split: str = "validation") -> torch.Tensor:
     """``[nsamples, seqlen]`` random windows of the source's text, seeded (same inputs -> same samples)."""
     check_calibration_size(nsamples, seqlen)

@@ -145,3 +145,17 @@ def test_absurd_calibration_size_message_stays_short():
     with pytest.raises(QuantkitError, match=r"nsamples x seqlen = <an integer of \d+ bits> calibration tokens") as e:
         check_calibration_size(16 ** 4000, 2048)  # 4800 digits: Python would refuse to print it
     assert len(str(e.value)) < 200
+
+
+def test_context_check_names_the_setting():
+    from types import SimpleNamespace
+
+    from quantkit.data import check_context
+
+    cfg = SimpleNamespace(max_position_embeddings=512)
+    check_context(512, cfg)
+    with pytest.raises(QuantkitError, match=r"^--seqlen 1024 exceeds the model's context of 512 tokens$"):
+        check_context(1024, cfg)
+    with pytest.raises(QuantkitError, match=r"^calibration.seqlen 1024 exceeds the model's context of 512 tokens$"):
+        check_context(1024, cfg, name="calibration.seqlen")
+    check_context(10**6, SimpleNamespace())  # no context length in the config: nothing to check
