@@ -14,8 +14,9 @@
 
 A step's keys are ``method`` plus the fields of that method's config (the same registry the
 CLI reads); ``overrides`` entries are ``match`` plus config fields.  The whole recipe is
-validated before any model is loaded: an unknown key or a bad value is an error naming it.
-YAML is loaded with ``yaml.SafeLoader`` (no object construction), without
+validated before any model is loaded: an unknown key or a bad value is an error naming it, and
+an order of steps in which one step's work would not reach the checkpoint is refused
+(:func:`check_order`).  YAML is loaded with ``yaml.SafeLoader`` (no object construction), without
 aliases and at most :data:`MAX_DEPTH` levels deep (:class:`RecipeLoader`).
 """
 
@@ -203,7 +204,9 @@ def parse_recipe(data) -> Recipe:
     description = data.get("description", "")
     if not isinstance(description, str):
         raise QuantkitError("description must be a string")
-    return Recipe(description, calib, tuple(_build_step(i, s) for i, s in enumerate(steps)), copy.deepcopy(data))
+    built = tuple(_build_step(i, s) for i, s in enumerate(steps))
+    check_order(built)
+    return Recipe(description, calib, built, copy.deepcopy(data))
 
 
 def _set_value(name: str, raw: str):
@@ -268,6 +271,51 @@ def load_recipe(path: str | Path, sets: tuple[str, ...] = ()) -> Recipe:
     return parse_recipe(data)
 
 
+def check_order(steps: tuple[Step, ...]) -> None:
+    """Refuse, before any model is loaded, steps in an order in which one step's work would not
+    reach the checkpoint.
+
+    :func:`run_recipe` keeps each linear's last stored result (codes, W8A8 weights, low-rank
+    factors, packed N:M) and :func:`quantkit.api.save` packs those: a linear's float weight is
+    saved only where no step stored one.  A later step's change to a float weight is therefore
+    lost where an earlier step stored that linear and the later step does not store it again:
+
+    - a pruning step that stores nothing (its zeros are in the float weights) after a step that
+      stores: prune first;
+    - a step folding scales (AWQ, SmoothQuant) that ignores linears an earlier storing step did
+      not ignore: it scales the ignored linears too, so their stored results would no longer fit;
+    - any step after a low-rank one: the factorized linears have no dense weight left to write.
+
+    Later steps that store every linear they change (gptq then rtn 8-bit, gptq then smoothquant,
+    gptq then svd) compress the earlier step's rounded weights again; that is accepted."""
+    from quantkit.api import get_method
+
+    methods = [get_method(s.method)(s.config) for s in steps]
+    for j, later in enumerate(methods):
+        for i, earlier in enumerate(methods[:j]):
+            lost = _lost_work(earlier, later, f"steps[{i}] ({steps[i].method})", f"steps[{j}] ({steps[j].method})")
+            if lost:
+                raise QuantkitError(f"{lost[0]}; {lost[1]}: steps [{steps[j].method}, {steps[i].method}]")
+
+
+def _lost_work(earlier, later, first: str, then: str) -> tuple[str, str] | None:
+    """``(what would be lost, the fix)`` if ``later`` running after ``earlier`` loses work (see
+    :func:`check_order`), else ``None``."""
+    if earlier.swaps_linears:
+        return (f"{then} comes after the low-rank step {first}, whose factorized linears no later step can change",
+                "put the low-rank step last")
+    if not earlier.stores_results:
+        return None
+    if not later.stores_results:
+        return (f"{then} prunes after {first} stored its compressed weights, which the checkpoint keeps: "
+                "the zeros would be lost", "prune first")
+    stale = sorted(set(getattr(later.config, "ignore", ())) - set(getattr(earlier.config, "ignore", ())))
+    if later.folds_scales and stale:
+        return (f"{then} folds its scales into the linears it ignores ({excerpt(stale)}), which {first} stored, "
+                "so their stored weights would no longer match", f"ignore them in {first} too, or fold first")
+    return None
+
+
 def run_recipe(recipe: Recipe, model, tokenizer, progress=None):
     """Run every step on ``model`` in place; returns the merged :class:`CompressionResult`."""
     from quantkit import api
@@ -285,7 +333,7 @@ def run_recipe(recipe: Recipe, model, tokenizer, progress=None):
             calib_ids = calibration_samples(tokenizer, calib["dataset"], calib["nsamples"], calib["seqlen"], calib["seed"])
         res = api.compress(model, step.method, step.config, calib_ids=calib_ids, batch_size=calib["batch_size"],
                            progress=(lambda a, b, info, i=i: progress(i, a, b, info)) if progress else None)
-        merged.quantized.update(res.quantized)
+        merged.quantized.update(res.quantized)  # a linear's last stored result wins (see check_order)
         merged.log.extend(res.log)
         merged.extra.setdefault("steps", []).append({"method": step.method, **res.extra})
         merged.extra["config"] = res.extra.get("config", {})

@@ -153,6 +153,77 @@ def test_huge_or_impossible_values_are_one_line(tmp_path, text, message):
     assert message in str(e.value) and len(str(e.value)) < 300
 
 
+# ---- steps compose in order or are refused (audit root cause 6) ------------------------------
+
+def _steps(*steps):
+    return {"calibration": {"nsamples": 4, "seqlen": 64}, "steps": list(steps)}
+
+
+RTN4 = {"method": "rtn", "bits": 4, "group_size": -1}
+PRUNE = {"method": "magnitude", "sparsity": 0.5}
+
+
+@pytest.mark.parametrize("steps,message", [
+    ([RTN4, PRUNE], "steps[1] (magnitude) prunes after steps[0] (rtn) stored its compressed weights, which the checkpoint "
+                    "keeps: the zeros would be lost; prune first: steps [magnitude, rtn]"),
+    ([{"method": "sparsegpt", "bits": 4}, {"method": "wanda"}], "prune first: steps [wanda, sparsegpt]"),
+    ([{"method": "svd", "ratio": 0.5}, RTN4], "steps[1] (rtn) comes after the low-rank step steps[0] (svd), whose "
+                                              "factorized linears no later step can change; put the low-rank step last: steps [rtn, svd]"),
+    ([{"method": "gptq"}, {"method": "smoothquant", "ignore": ["down_proj"]}],
+     "steps[1] (smoothquant) folds its scales into the linears it ignores (['down_proj']), which steps[0] (gptq) stored"),
+], ids=["quantize-prune", "sparsegpt-wanda", "svd-rtn", "gptq-smoothquant-ignoring"])
+def test_steps_whose_work_the_checkpoint_would_lose_are_refused(steps, message):
+    with pytest.raises(QuantkitError) as e:
+        parse_recipe(_steps(*steps))
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("steps", [
+    [PRUNE, RTN4],
+    [{"method": "gptq"}, {"method": "rtn", "bits": 8}],  # B52: re-quantizes the rounded weights
+    [{"method": "gptq"}, {"method": "smoothquant"}],  # B54
+    [{"method": "gptq"}, {"method": "svd", "ratio": 0.5}],  # B55: factors of the rounded weights
+    [{"method": "smoothquant", "ignore": ["down_proj"]}, {"method": "gptq"}],
+    [{"method": "gptq", "ignore": ["down_proj"]}, {"method": "awq", "ignore": ["down_proj"]}],
+    [{"method": "rtn", "bits": 8}, {"method": "wanda", "pattern": "2:4", "packed": True}],
+])
+def test_steps_that_compose_are_accepted(steps):
+    assert len(parse_recipe(_steps(*steps)).steps) == 2
+
+
+def test_quantize_then_prune_is_refused_before_the_model_is_loaded(tmp_path):
+    recipe = tmp_path / "quant_prune.yaml"
+    recipe.write_text("steps:\n  - {method: rtn, bits: 4, group_size: -1}\n  - {method: magnitude, sparsity: 0.5}\n")
+    r = CliRunner().invoke(cli, ["run", str(recipe), str(tmp_path / "no_model_here"), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines() == ["Error: steps[1] (magnitude) prunes after steps[0] (rtn) stored its compressed "
+                                             "weights, which the checkpoint keeps: the zeros would be lost; prune first: "
+                                             "steps [magnitude, rtn]"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_prune_then_quantize_keeps_the_zeros_in_the_checkpoint(stories_dir, tmp_path):
+    import torch
+
+    from quantkit.checkpoint.formats import load_model
+    from quantkit.methods.magnitude import magnitude_prune
+    from quantkit.core.sparsity import SparsityTarget
+
+    recipe = tmp_path / "prune_quant.yaml"
+    recipe.write_text("steps:\n  - {method: magnitude, sparsity: 0.5}\n  - {method: rtn, bits: 4, group_size: -1}\n")
+    r = CliRunner().invoke(cli, ["run", str(recipe), str(stories_dir), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    float_model, _ = load_model(str(stories_dir), with_tokenizer=False)
+    saved, _ = load_model(str(tmp_path / "o"), with_tokenizer=False)
+    modules = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]["modules"]
+    assert len(modules) == 35 and {m["bits"] for m in modules.values()} == {4}
+    for name in modules:
+        w = saved.get_submodule(name).dequantized_weight()  # [out, in]
+        _, pruned, _ = magnitude_prune(float_model.get_submodule(name).weight.detach(), SparsityTarget(0.5))
+        assert torch.all(w[pruned] == 0), name  # every weight the pruning step zeroed is zero in the checkpoint
+        assert float((w == 0).float().mean()) >= 0.5  # RTN alone leaves ~15% zeros
+
+
 # ---- calibration settings (audit root cause 11) -------------------------------------------------
 
 def test_calibration_seqlen_beyond_the_context_is_refused_like_the_cli(stories, tiny_text):

@@ -122,6 +122,7 @@ class LowRankMethod(BlockMethod):
 
     kind = "lowrank"
     stats_kind: str | None = None  # "hessian", "act" or None (no calibration)
+    swaps_linears = True  # each factorized linear becomes a LowRankLinear at once (see process_block)
 
     def decompose(self, w: torch.Tensor, stats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:  # pragma: no cover
         """``(u [k, in], v [out, k], sigma [k] descending, note)`` with ``k = min(out, in)``."""

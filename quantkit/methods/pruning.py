@@ -78,12 +78,23 @@ class PruneConfig:
         """The weight format quantized jointly with pruning (SparseGPT only); ``None``: stay float."""
         return None
 
+    @property
+    def quantizes(self) -> bool:
+        """Whether the kept weights are quantized in the same pass (SparseGPT's ``bits``)."""
+        return False
+
 
 class PruneMethod(BlockMethod):
     """Base of the pruning methods: one statistics pass per block, then every linear pruned."""
 
     kind = "prune"
     stats_kind: str | None = None  # "hessian", "act" or None (no calibration)
+
+    @property
+    def stores_results(self) -> bool:
+        """Only packed N:M weights and jointly quantized ones are stored; plain pruning leaves its
+        zeros in the float weights."""
+        return self.config.packed or self.config.quantizes
 
     def prune_linear(self, w: torch.Tensor, stats, target: SparsityTarget, spec: QuantSpec | None):  # pragma: no cover
         """``(w_hat [out, in], mask [out, in] True = pruned, QuantizedWeight | None, loss, note)``."""
