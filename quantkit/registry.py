@@ -11,7 +11,7 @@ does that once, so read the registry through ``api.get_method`` / ``api.method_n
 
 from __future__ import annotations
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, excerpt
 
 _METHODS: dict[str, type] = {}
 
@@ -30,7 +30,7 @@ def register_method(name: str, config_cls: type):
 
 def get_method(name: str):
     if name not in _METHODS:
-        raise QuantkitError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}")
+        raise QuantkitError(f"unknown method {excerpt(name)}; available: {', '.join(sorted(_METHODS))}")
     return _METHODS[name]
 
 

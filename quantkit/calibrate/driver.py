@@ -43,9 +43,18 @@ class BlockMethod:
 
     kind = "quantize"
     needs_calibration = True
+    # How the method's work reaches the checkpoint, for recipes that chain methods (quantkit.recipe.check_order):
+    folds_scales = False  # divides norms / feeding linears by per-channel scales and multiplies every linear of the group, ignored ones too
+    swaps_linears = False  # swaps linears for runtime modules during the run: no dense weight is left for a later method to write
 
     def __init__(self, config):
         self.config = config
+
+    @property
+    def stores_results(self) -> bool:
+        """Whether the checkpoint stores the method's per-linear results (codes, factors...), which
+        replace the float weights when it is packed; ``False``: its work lives in the float weights only."""
+        return True
 
     def check(self, model: nn.Module, arch: ArchSpec) -> None:
         """Refuse up front what cannot be done (a group size that does not divide a layer...)."""

@@ -76,13 +76,6 @@ def check_output(output: str, overwrite: bool, inputs=()) -> None:
     rule(output, overwrite, inputs)
 
 
-def check_context(seqlen: int, *configs, whose: str = "model's") -> None:
-    """Refuse ``--seqlen`` beyond the (smallest) ``max_position_embeddings`` of ``configs``."""
-    caps = [c for c in (getattr(cfg, "max_position_embeddings", None) for cfg in configs) if c]
-    if caps and seqlen > min(caps):
-        raise QuantkitError(f"--seqlen {seqlen} exceeds the {whose} context of {min(caps)} tokens")
-
-
 # ---- option groups ---------------------------------------------------------------------------
 def load_options(f):
     """``--allow-pickle`` and ``--trust-remote-code``: how a model may be loaded."""

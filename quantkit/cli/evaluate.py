@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from quantkit.cli.common import check_context, check_positive, err_console, json_option, kv_cache_options, model_options, progress_task
+from quantkit.cli.common import check_positive, err_console, json_option, kv_cache_options, model_options, progress_task
 from quantkit.errors import QuantkitError
 
 BACKEND_CHOICE = click.Choice(["auto", "reference", "cpu", "triton"])
@@ -36,7 +36,7 @@ def eval_group():
 def perplexity(model, dataset, split, seqlen, max_windows, batch_size, backend, kv_bits, kv_keys, as_json, dtype,
                allow_pickle, trust_remote_code):
     """Perplexity of MODEL (GPTQ protocol: non-overlapping windows, mean NLL of every predicted token)."""
-    from quantkit.data import eval_windows, load_text, tokenize
+    from quantkit.data import check_context, eval_windows, load_text, tokenize
     from quantkit.checkpoint.formats import load_model
     from quantkit.runtime.backends import use_backend
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import click
 
-from quantkit.cli.common import check_context, check_output, check_positive, err_console, four_decimals
+from quantkit.cli.common import check_output, check_positive, err_console, four_decimals
 from quantkit.cli.options import given, method_options
 from quantkit.errors import QuantkitError
 
@@ -103,7 +103,7 @@ class MethodJob(Job):
         calibration text is tokenized before the model is loaded: tokenizing a long text briefly
         takes several times its ids, and doing it first keeps that off the model's peak memory."""
         from quantkit import api
-        from quantkit.data import calibration_samples
+        from quantkit.data import calibration_samples, check_context
         from quantkit.memory import return_large_frees_to_os
         from quantkit.models.load import load_tokenizer, model_bytes
         from quantkit.models.skeleton import StreamSource
@@ -242,7 +242,7 @@ class DistillJob(Job):
         import torch
 
         from quantkit import distill as kd
-        from quantkit.data import calibration_samples
+        from quantkit.data import calibration_samples, check_context
         from quantkit.checkpoint.formats import load_model
 
         p = self.p

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, excerpt
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,9 @@ class QuantSpec:
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise QuantkitError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+            raise QuantkitError(f"bits must be an integer from 2 to 8, got {excerpt(self.bits)}")
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size < 1):
-            raise QuantkitError(f"group size must be -1 (per-channel) or a positive integer, got {self.group_size!r}")
+            raise QuantkitError(f"group size must be -1 (per-channel) or a positive integer, got {excerpt(self.group_size)}")
 
     @property
     def maxq(self) -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, excerpt
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 MAX_M = 256  # in-group indices are stored in at most 8 bits
@@ -60,18 +60,18 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
     """``"2:4"`` -> ``(2, 4)``; refuses anything but ``0 < N < M <= 256``."""
     m = _PATTERN.match(str(pattern))
     if not m:
-        raise QuantkitError(f"pattern must look like N:M (e.g. 2:4), got {pattern!r}")
+        raise QuantkitError(f"pattern must look like N:M (e.g. 2:4), got {excerpt(pattern)}")
     n, mm = int(m.group(1)), int(m.group(2))
     if not 0 < n < mm:
-        raise QuantkitError(f"pattern N:M needs 0 < N < M (keep N of every M weights), got {pattern!r}")
+        raise QuantkitError(f"pattern N:M needs 0 < N < M (keep N of every M weights), got {excerpt(pattern)}")
     if mm > MAX_M:
-        raise QuantkitError(f"pattern M must be at most {MAX_M}, got {pattern!r}")
+        raise QuantkitError(f"pattern M must be at most {MAX_M}, got {excerpt(pattern)}")
     return n, mm
 
 
 def check_sparsity(sparsity: float) -> None:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
-        raise QuantkitError(f"sparsity must be a fraction in (0, 1), got {sparsity!r}")
+        raise QuantkitError(f"sparsity must be a fraction in (0, 1), got {excerpt(sparsity)}")
 
 
 def n_pruned(numel: int, sparsity: float) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, clip, excerpt
 from quantkit.memory import release_freed_memory
 from quantkit.models.paths import file_kind
 
@@ -69,31 +69,54 @@ def _records(path: Path) -> list[str]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
-            out = []
-            with open(path, encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise QuantkitError(f"{path}:{i} is not valid JSON") from None
-                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise QuantkitError(f"{path}:{i} has no string 'text' field")
-                    out.append(obj["text"])
-            return out
+            return _jsonl_records(path)
         if suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise QuantkitError("reading .parquet needs pyarrow (installed with `datasets`)") from None
-            table = pq.read_table(path)
-            if "text" not in table.column_names:
-                raise QuantkitError(f"{path} has no 'text' column (columns: {', '.join(table.column_names)})")
-            return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
+            return _parquet_records(path)
         return [path.read_text(encoding="utf-8")]
     except UnicodeDecodeError as e:
         raise QuantkitError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # permissions, I/O errors
+        raise QuantkitError(f"cannot read dataset file {path}: {clip(e.strerror or str(e), 160)}") from None
+
+
+def _jsonl_records(path: Path) -> list[str]:
+    """The ``text`` field of every non-blank line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise QuantkitError(f"{path}:{i} is not valid JSON ({e.msg} at column {e.colno})") from None
+            except (ValueError, RecursionError) as e:  # a 5000-digit number; nesting past the stack
+                why = "nested too deeply" if isinstance(e, RecursionError) else clip(str(e), 80)
+                raise QuantkitError(f"{path}:{i} is not valid JSON ({why})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise QuantkitError(f"{path}:{i} has no string 'text' field")
+            try:
+                obj["text"].encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
+                raise QuantkitError(f"{path}:{i} has a 'text' that is not valid Unicode ({e.reason} at character {e.start})") from None
+            out.append(obj["text"])
+    return out
+
+
+def _parquet_records(path: Path) -> list[str]:
+    """The string values of the ``text`` column."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise QuantkitError("reading .parquet needs pyarrow (installed with `datasets`)") from None
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as e:  # not parquet, truncated, corrupt
+        raise QuantkitError(f"cannot read dataset file {path}: {clip(str(e), 160)}") from None
+    if "text" not in table.column_names:
+        raise QuantkitError(f"{path} has no 'text' column (columns: {clip(', '.join(table.column_names), 120)})")
+    return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
 
 
 def load_text(source: str, split: str = "test") -> str:
@@ -159,15 +182,33 @@ MAX_CALIB_TOKENS = 1 << 24  # 16.8M tokens: 64x GPTQ's usual 128 x 2048
 def check_calibration_size(nsamples: int, seqlen: int) -> None:
     """Refuse, before any work, a calibration set that is empty or absurdly large."""
     if nsamples < 1 or seqlen < 2:
-        raise QuantkitError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
-    if nsamples * seqlen > MAX_CALIB_TOKENS:
-        raise QuantkitError(f"nsamples x seqlen = {nsamples * seqlen:,} calibration tokens is more than quantkit takes "
+        raise QuantkitError(f"need nsamples >= 1 and seqlen >= 2, got {excerpt(nsamples)} and {excerpt(seqlen)}")
+    total = nsamples * seqlen
+    if total > MAX_CALIB_TOKENS:
+        shown = f"{total:,}" if total.bit_length() <= 128 else excerpt(total)  # no repr past 4300 digits
+        raise QuantkitError(f"nsamples x seqlen = {shown} calibration tokens is more than quantkit takes "
                             f"({MAX_CALIB_TOKENS:,}); use fewer --nsamples or a shorter --seqlen")
+
+
+def check_seed(seed: int) -> None:
+    """Refuse a seed torch's generator cannot take (it takes any 64-bit integer, signed or not)."""
+    if not -(1 << 63) <= seed < (1 << 64):
+        raise QuantkitError(f"seed must be between {-(1 << 63)} and {(1 << 64) - 1}, got {excerpt(seed)}")
+
+
+def check_context(seqlen: int, *configs, whose: str = "model's", name: str = "--seqlen") -> None:
+    """Refuse windows of ``seqlen`` tokens beyond the (smallest) ``max_position_embeddings`` of
+    ``configs``: the one check of the CLI's ``--seqlen`` and of a recipe's ``calibration.seqlen``
+    (``name``: how the message names the setting)."""
+    caps = [c for c in (getattr(cfg, "max_position_embeddings", None) for cfg in configs) if c]
+    if caps and seqlen > min(caps):
+        raise QuantkitError(f"{name} {seqlen} exceeds the {whose} context of {min(caps)} tokens")
 
 
 def calibration_samples(tokenizer, source: str, nsamples: int, seqlen: int, seed: int = 0, split: str = "validation") -> torch.Tensor:
     """``[nsamples, seqlen]`` random windows of the source's text, seeded (same inputs -> same samples)."""
     check_calibration_size(nsamples, seqlen)
+    check_seed(seed)
     try:
         text = load_text(source, split)
     except QuantkitError as e:

@@ -348,6 +348,8 @@ def _note_skipped(ctx: BlockContext, skipped: dict[str, str]) -> None:
 class AWQ(BlockMethod):
     """AWQ scales and clipping, then round-to-nearest."""
 
+    folds_scales = True
+
     def check(self, model, arch):
         check_group_sizes(model, arch, self.config)
 

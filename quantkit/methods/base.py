@@ -15,7 +15,7 @@ from torch import nn
 from quantkit.models.arch import ArchSpec, arch_for, get_module, weight_out_in
 from quantkit.calibrate.driver import BlockContext
 from quantkit.core.types import CompressionResult, LayerRecord, QuantizedWeight
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, excerpt
 from quantkit.core.hessian import HessianAccumulator
 from quantkit.core.quant import QuantSpec, clipped_scale_note, dequantize, quantize_rtn
 from quantkit.core.stats import ActStats
@@ -53,7 +53,7 @@ def check_module_patterns(ignore, overrides) -> None:
             try:
                 re.compile(pattern)
             except (re.error, TypeError) as e:
-                raise QuantkitError(f"bad {kind} pattern {pattern!r}: {e}") from None
+                raise QuantkitError(f"bad {kind} pattern {excerpt(pattern)}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class WeightQuantConfig:
         for pattern, fields in self.overrides:
             unknown = set(fields) - {"bits", "group_size", "sym"}
             if unknown:
-                raise QuantkitError(f"unknown override key(s) {sorted(unknown)} for {pattern!r}")
+                raise QuantkitError(f"unknown override key(s) {excerpt(sorted(unknown))} for {excerpt(pattern)}")
             self.spec_for_fields(fields)
 
     def spec_for_fields(self, fields: dict) -> QuantSpec:

@@ -22,7 +22,7 @@ from torch import nn
 from quantkit.models.arch import get_module
 from quantkit.calibrate.driver import BlockContext, BlockMethod
 from quantkit.core.types import LowRankWeight, CompressionResult, LayerRecord
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, excerpt
 from quantkit.methods.base import each_linear
 
 
@@ -60,7 +60,7 @@ class LowRankConfig:
         if self.ratio is not None and not 0 < self.ratio < 1:
             raise QuantkitError(f"ratio must be in (0, 1) (the fraction of parameters kept), got {self.ratio}")
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
-            raise QuantkitError(f"rank must be a positive integer, got {self.rank!r}")
+            raise QuantkitError(f"rank must be a positive integer, got {excerpt(self.rank)}")
         if self.energy is not None and not 0 < self.energy < 1:
             raise QuantkitError(f"energy must be in (0, 1), got {self.energy}")
 
@@ -122,6 +122,7 @@ class LowRankMethod(BlockMethod):
 
     kind = "lowrank"
     stats_kind: str | None = None  # "hessian", "act" or None (no calibration)
+    swaps_linears = True  # each factorized linear becomes a LowRankLinear at once (see process_block)
 
     def decompose(self, w: torch.Tensor, stats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:  # pragma: no cover
         """``(u [k, in], v [out, k], sigma [k] descending, note)`` with ``k = min(out, in)``."""

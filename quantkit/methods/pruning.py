@@ -15,7 +15,7 @@ import torch
 from quantkit.models.arch import get_module, weight_out_in
 from quantkit.calibrate.driver import BlockContext, BlockMethod
 from quantkit.core.types import CompressionResult, LayerRecord
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, excerpt
 from quantkit.methods.base import check_module_patterns, each_linear
 from quantkit.core.quant import QuantSpec
 from quantkit.core.sparsity import SparsityTarget, check_sparsity, parse_pattern
@@ -54,7 +54,7 @@ class PruneConfig:
         check_module_patterns(self.ignore, self.overrides)
         for pattern, fields in self.overrides:
             if not isinstance(fields, dict) or len(fields) != 1 or set(fields) - {"sparsity", "pattern"}:
-                raise QuantkitError(f"override for {pattern!r} must be {{'sparsity': s}} or {{'pattern': 'N:M'}}, got {fields!r}")
+                raise QuantkitError(f"override for {excerpt(pattern)} must be {{'sparsity': s}} or {{'pattern': 'N:M'}}, got {excerpt(fields)}")
             if "pattern" in fields:
                 parse_pattern(fields["pattern"])
             elif fields["sparsity"] != 0:
@@ -78,12 +78,23 @@ class PruneConfig:
         """The weight format quantized jointly with pruning (SparseGPT only); ``None``: stay float."""
         return None
 
+    @property
+    def quantizes(self) -> bool:
+        """Whether the kept weights are quantized in the same pass (SparseGPT's ``bits``)."""
+        return False
+
 
 class PruneMethod(BlockMethod):
     """Base of the pruning methods: one statistics pass per block, then every linear pruned."""
 
     kind = "prune"
     stats_kind: str | None = None  # "hessian", "act" or None (no calibration)
+
+    @property
+    def stores_results(self) -> bool:
+        """Only packed N:M weights and jointly quantized ones are stored; plain pruning leaves its
+        zeros in the float weights."""
+        return self.config.packed or self.config.quantizes
 
     def prune_linear(self, w: torch.Tensor, stats, target: SparsityTarget, spec: QuantSpec | None):  # pragma: no cover
         """``(w_hat [out, in], mask [out, in] True = pruned, QuantizedWeight | None, loss, note)``."""

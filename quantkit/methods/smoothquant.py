@@ -113,6 +113,8 @@ class SmoothQuant(BlockMethod):
     """Smooth each block's groups, then quantize its linears to W8A8.  The in-memory model keeps
     float activations with the int8 weights dequantized; the packed checkpoint runs int8 x int8."""
 
+    folds_scales = True
+
     def check(self, model, arch):
         if arch.transposed:
             raise QuantkitError(f"smoothquant does not support {arch.name}'s transposed (Conv1D) linears yet")

@@ -45,6 +45,10 @@ class SparseGPTConfig(PruneConfig):
     def spec_for(self, module_name: str) -> QuantSpec | None:
         return None if self.bits is None else QuantSpec(self.bits, self.group_size, self.sym)
 
+    @property
+    def quantizes(self) -> bool:
+        return self.bits is not None
+
 
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, nm: tuple[int, int] | None = None,
                     blocksize: int = 128, percdamp: float = 0.01, spec: QuantSpec | None = None):

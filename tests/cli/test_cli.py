@@ -56,15 +56,20 @@ def test_eval_prints_llama_perplexity_style(stories_dir, tiny_text):
         (["quantize", "{stories}", "--method", "gptq", "--nsamples", "0"], "--nsamples must be"),
         (["quantize", "{stories}", "--method", "gptq", "--group-size", "-1", "--calib", "nosuchset", "--seqlen", "128"], "unknown dataset"),
         (["quantize", "{stories}", "--method", "gptq", "--group-size", "-1", "--seqlen", "100000"], "exceeds the model's context"),
+        (["quantize", "{stories}", "--method", "gptq", "--group-size", "-1", "--calib", "{garbage}", "--seqlen", "64"], "cannot read dataset file"),
+        (["run", "{recipe}", "{stories}"], "calibration.seqlen 1024 exceeds the model's context of 512 tokens"),
     ],
 )
 def test_bad_input_is_one_line_nonzero_and_leaves_nothing(args, message, stories_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "emptyfile.txt").write_text("")
     (tmp_path / "shortfile.txt").write_text("Once upon a time.")
+    (tmp_path / "garbage.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 100)  # C11
+    (tmp_path / "r.yaml").write_text("calibration: {nsamples: 2, seqlen: 1024}\nsteps: [{method: gptq, group_size: -1}]\n")  # B49
     out = tmp_path / "out"
     subst = {"{stories}": str(stories_dir), "{empty}": str(tmp_path / "empty"),
-             "{emptyfile}": str(tmp_path / "emptyfile.txt"), "{shortfile}": str(tmp_path / "shortfile.txt")}
+             "{emptyfile}": str(tmp_path / "emptyfile.txt"), "{shortfile}": str(tmp_path / "shortfile.txt"),
+             "{garbage}": str(tmp_path / "garbage.parquet"), "{recipe}": str(tmp_path / "r.yaml")}
     args = [subst.get(a, a) for a in args] + ["-o", str(out)]
     r = run(*args)
     assert r.exit_code != 0

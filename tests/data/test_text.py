@@ -94,3 +94,65 @@ def test_a_data_path_that_is_not_a_regular_file_says_what_it_is(tmp_path, make, 
     make(tmp_path / "data.txt")  # a FIFO would block a reader forever: refused before it is opened
     with pytest.raises(QuantkitError, match=f"dataset file .*data.txt is {kind}"):
         load_text(str(tmp_path / "data.txt"))
+
+
+# ---- unreadable files are one-line errors naming the file (audit root cause 14: C11) -----------
+
+@pytest.mark.parametrize("name,content,message", [
+    ("garbage.parquet", b"PAR1" + bytes(range(256)) * 100, r"cannot read dataset file .*garbage.parquet: .*Parquet"),
+    ("empty.parquet", b"", r"cannot read dataset file .*empty.parquet: "),
+    ("deep.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n", r"deep.jsonl:1 is not valid JSON \(nested too deeply\)"),
+    ("digits.jsonl", b'{"text": "a", "n": ' + b"1" * 5000 + b"}\n", r"digits.jsonl:1 is not valid JSON \(Exceeds the limit"),
+    ("surrogate.jsonl", b'{"text": "ok"}\n{"text": "a \\ud800 b"}\n', r"surrogate.jsonl:2 has a 'text' that is not valid Unicode"),
+    ("latin1.jsonl", '{"text": "caf\u00e9"}\n'.encode("latin-1"), r"latin1.jsonl is not UTF-8 text \(invalid continuation byte"),
+    ("latin1.txt", "caf\u00e9 au lait".encode("latin-1"), r"latin1.txt is not UTF-8 text"),
+])
+def test_unreadable_data_files(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(QuantkitError, match=message) as e:
+        load_text(str(tmp_path / name))
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
+def test_read_errors_name_the_file(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    (tmp_path / "t.txt").write_text("text")
+
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(QuantkitError, match=r"cannot read dataset file .*t.txt: Permission denied"):
+        load_text(str(tmp_path / "t.txt"))
+
+
+# ---- calibration settings checked once for the CLI and recipes ------------------------------------
+
+def test_seed_outside_64_bits_is_refused(tmp_path):
+    (tmp_path / "t.txt").write_text("abcdefghij" * 100)
+    with pytest.raises(QuantkitError, match=r"seed must be between -9223372036854775808 and 18446744073709551615, got 18446744073709551616$"):
+        calibration_samples(CharTok(), str(tmp_path / "t.txt"), 4, 32, seed=2**64)
+    assert calibration_samples(CharTok(), str(tmp_path / "t.txt"), 4, 32, seed=2**64 - 1).shape == (4, 32)
+
+
+def test_absurd_calibration_size_message_stays_short():
+    from quantkit.data import check_calibration_size
+
+    with pytest.raises(QuantkitError, match=r"nsamples x seqlen = <an integer of \d+ bits> calibration tokens") as e:
+        check_calibration_size(16 ** 4000, 2048)  # 4800 digits: Python would refuse to print it
+    assert len(str(e.value)) < 200
+
+
+def test_context_check_names_the_setting():
+    from types import SimpleNamespace
+
+    from quantkit.data import check_context
+
+    cfg = SimpleNamespace(max_position_embeddings=512)
+    check_context(512, cfg)
+    with pytest.raises(QuantkitError, match=r"^--seqlen 1024 exceeds the model's context of 512 tokens$"):
+        check_context(1024, cfg)
+    with pytest.raises(QuantkitError, match=r"^calibration.seqlen 1024 exceeds the model's context of 512 tokens$"):
+        check_context(1024, cfg, name="calibration.seqlen")
+    check_context(10**6, SimpleNamespace())  # no context length in the config: nothing to check
