@@ -5,7 +5,8 @@
 
 Routes: GET /health, /v1/models, /metrics (Prometheus text; ``?format=json`` for JSON);
 POST /v1/completions and /v1/chat/completions (``"stream": true`` for server-sent events ending
-with ``data: [DONE]``). Every error is an OpenAI error body with a 4xx/5xx status.
+with ``data: [DONE]``). Every error is an OpenAI error body with a 4xx/5xx status. Requests pass
+:mod:`quantkit.serve.security` first (API key, browser origins, ``Host``, JSON content type).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from quantkit.serve import protocol
+from quantkit.serve import protocol, security
 from quantkit.serve.engine import Engine, EngineStopped, Event, QueueFull
 from quantkit.serve.protocol import ApiError, GenRequest
+from quantkit.serve.security import Security
 
 log = logging.getLogger("quantkit.serve")
 
@@ -71,8 +73,9 @@ class _Served:
     state: State
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
-    """The FastAPI app serving `engine`'s model under the name `model_name`."""
+def create_app(engine: Engine, model_name: str, checks: Security | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`'s model under the name `model_name`, behind ``checks``
+    (API key, browser origins, ``Host``; default `Security()`: no key, no cross-origin browser request)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -83,6 +86,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     app = FastAPI(title="quantkit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.rejected = {}  # HTTP status -> count of refused requests
     served = _Served(engine, model_name, int(time.time()), app.state)
+    security.install(app, checks or Security(), rejected=app.state.rejected)
     _add_error_handlers(app)
     _add_info_routes(app, served)
     _add_generation_routes(app, served)
