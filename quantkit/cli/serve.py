@@ -77,7 +77,8 @@ def _require_server_deps() -> None:
 
 
 def server_options(f):
-    """Who may call the server (:mod:`quantkit.serve.security`)."""
+    """Who may call the server and how long connections may idle (:mod:`quantkit.serve.security`,
+    :mod:`quantkit.serve.timeouts`)."""
     options = [
         click.option("--api-key", envvar=API_KEY_ENV, default=None, show_envvar=True, metavar="KEY",
                      help="Require 'Authorization: Bearer KEY' on every route but /health and /metrics "
@@ -88,6 +89,12 @@ def server_options(f):
         click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="HOST",
                      help="Host header value to accept besides localhost/127.0.0.1/[::1] when bound to a loopback "
                           "address (repeatable; '*': any). Bound elsewhere, only these are checked."),
+        click.option("--timeout-keep-alive", type=click.IntRange(1, 3600), default=5, show_default=True,
+                     help="Seconds an idle keep-alive connection stays open after a response."),
+        click.option("--timeout-header", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True,
+                     help="Seconds a client has to send a whole request head before its connection is closed."),
+        click.option("--limit-concurrency", type=click.IntRange(1, 1_000_000), default=512, show_default=True,
+                     help="Open connections (or requests in progress) beyond which new requests get 503."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -111,7 +118,8 @@ def server_options(f):
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve_command(model_path, host, port, model_name, max_batch, max_queue, dtype, threads, kv_bits, kv_keys,
-                  api_key, cors_origins, allowed_hosts, log_level):
+                  api_key, cors_origins, allowed_hosts, timeout_keep_alive, timeout_header, limit_concurrency,
+                  log_level):
     """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, streaming).
 
     Bound to a loopback address (the default), it answers only requests whose Host header names this
@@ -125,6 +133,7 @@ def serve_command(model_path, host, port, model_name, max_batch, max_queue, dtyp
     from quantkit.serve.app import create_app
     from quantkit.serve.engine import Engine
     from quantkit.serve.security import Security
+    from quantkit.serve.timeouts import with_head_timeout
 
     checks = Security.for_bind(host, api_key, cors_origins, allowed_hosts)  # bad values refused before loading
     if threads is not None:
@@ -136,4 +145,6 @@ def serve_command(model_path, host, port, model_name, max_batch, max_queue, dtyp
     app = create_app(engine, name, checks)
     click.echo(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue}"
                f"{', API key required' if api_key else ''})", err=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
+                http=with_head_timeout(timeout_header), timeout_keep_alive=timeout_keep_alive,
+                limit_concurrency=limit_concurrency)

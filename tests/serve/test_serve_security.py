@@ -1,16 +1,18 @@
 """Server hardening (audit E34, E31): API key, CORS and cross-site requests, the Host header, JSON
-bodies only."""
+bodies only, and the request-head timeout against slowloris connections."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-import uvicorn  # noqa: E402
+uvicorn = pytest.importorskip("uvicorn")
 from click.testing import CliRunner  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
@@ -18,6 +20,7 @@ from quantkit.errors import QuantkitError  # noqa: E402
 from quantkit.serve.app import create_app  # noqa: E402
 from quantkit.serve.engine import Engine  # noqa: E402
 from quantkit.serve.security import Security  # noqa: E402
+from quantkit.serve.timeouts import HeadTimeoutProtocol, with_head_timeout  # noqa: E402
 
 FIXTURE = str(Path(__file__).resolve().parents[1] / "fixtures" / "stories260K")
 NAME = "stories260K"
@@ -167,15 +170,106 @@ def test_serve_cli_refuses_bad_security_options_before_loading(monkeypatch):
         assert len(r.output.strip().splitlines()) == 1
 
 
-def test_serve_cli_wires_key_from_env_and_host_check(monkeypatch):
-    """The key comes from $QUANTKIT_API_KEY when --api-key is not given."""
+def test_serve_cli_wires_key_from_env_host_check_and_timeouts(monkeypatch):
+    """The key comes from $QUANTKIT_API_KEY when --api-key is not given; uvicorn gets the head timeout
+    protocol, the keep-alive timeout and the connection limit."""
     from quantkit.cli import cli
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
-    r = CliRunner().invoke(cli, ["serve", FIXTURE], env={"QUANTKIT_API_KEY": KEY})
+    r = CliRunner().invoke(cli, ["serve", FIXTURE, "--timeout-header", "2.5"], env={"QUANTKIT_API_KEY": KEY})
     assert r.exit_code == 0, r.output
+    assert issubclass(seen["http"], HeadTimeoutProtocol) and seen["http"].head_timeout == 2.5
+    assert seen["timeout_keep_alive"] == 5 and seen["limit_concurrency"] == 512
     with TestClient(seen["app"], base_url="http://127.0.0.1:8000") as c:
         assert c.get("/v1/models").status_code == 401
         assert c.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
         assert c.get("/health", headers={"Host": "evil.example"}).status_code == 400
+
+
+# ---------------------------------------------------------------- uvicorn with the head timeout
+
+
+async def _ok_app(scope, receive, send):
+    assert scope["type"] in ("http", "lifespan")
+    if scope["type"] == "lifespan":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture
+def slow_server():
+    """uvicorn on 127.0.0.1 (a free port) with a 0.6 s head timeout and a 30 s keep-alive."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(_ok_app, http=with_head_timeout(0.6), timeout_keep_alive=30, log_level="warning",
+                            lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    yield sock.getsockname()
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def _closed_within(conn: socket.socket, seconds: float, trickle: bytes = b"") -> bool:
+    """Send ``trickle`` one byte every 0.1 s; whether the server closes the connection within ``seconds``."""
+    conn.settimeout(0.1)
+    deadline = time.monotonic() + seconds
+    data = iter(trickle)
+    while time.monotonic() < deadline:
+        try:
+            if conn.recv(4096) == b"":
+                return True
+        except socket.timeout:
+            pass
+        except ConnectionError:
+            return True
+        byte = next(data, None)
+        if byte is not None:
+            conn.sendall(bytes([byte]))
+    return False
+
+
+def _response(conn: socket.socket) -> bytes:
+    """One whole response of `_ok_app` (its body is ``ok``)."""
+    data = b""
+    while not data.endswith(b"\r\n\r\nok"):
+        chunk = conn.recv(4096)
+        assert chunk, data
+        data += chunk
+    return data
+
+
+def _get(addr) -> bytes:
+    with socket.create_connection(addr, timeout=5) as c:
+        c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return _response(c)
+
+
+def test_slowloris_connections_are_closed_after_the_head_timeout(slow_server):
+    """E31: a client trickling an unfinished head was never timed out."""
+    slow = socket.create_connection(slow_server)
+    idle = socket.create_connection(slow_server)
+    start = time.monotonic()
+    assert _get(slow_server).startswith(b"HTTP/1.1 200")  # others are served meanwhile
+    assert _closed_within(slow, 5, trickle=b"GET / HTTP/1.1\r\nHost: x\r\nX-a: " + b"a" * 100)
+    assert 0.5 < time.monotonic() - start < 3
+    assert _closed_within(idle, 1)  # a connection that never sends a byte, too
+    slow.close()
+    idle.close()
+
+
+def test_head_timeout_rearms_after_each_response_and_spares_normal_clients(slow_server):
+    with socket.create_connection(slow_server, timeout=5) as c:
+        for _ in range(3):  # keep-alive requests, each sent whole: never cut, even past the timeout
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _response(c).startswith(b"HTTP/1.1 200")
+            time.sleep(0.3)
+        assert _closed_within(c, 5, trickle=b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X" * 100)
