@@ -146,8 +146,8 @@ def refusal(security: Security, method: str, path: str, headers: Headers) -> Ref
                        headers=(("WWW-Authenticate", "Bearer"),))
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if method == "POST" and content_type and not _JSON_TYPE.match(content_type):
-        return Refusal(415, f"Content-Type must be application/json, got {_short(content_type)!r}",
-                       "unsupported_media_type")
+        return Refusal(415, f"Content-Type must be application/json, got {_short(content_type)!r}; "
+                            "send the header 'Content-Type: application/json'", "unsupported_media_type")
     return None
 
 
