@@ -15,6 +15,8 @@ import click
 from quantkit.cli.common import kv_cache_options
 from quantkit.errors import QuantkitError
 
+API_KEY_ENV = "QUANTKIT_API_KEY"  # serve's --api-key when the option is not given (as vLLM reads VLLM_API_KEY)
+
 
 def kv_cache_factory(kv_bits: str | None, kv_keys: str):
     """None (a float cache), or ``model -> QuantizedKVCache`` for ``--kv-bits``."""
@@ -75,6 +77,31 @@ def _require_server_deps() -> None:
         raise QuantkitError(f"quantkit serve needs {' and '.join(missing)}: pip install quantkit[serve]")
 
 
+def server_options(f):
+    """Who may call the server and how long connections may idle (:mod:`quantkit.serve.security`,
+    :mod:`quantkit.serve.timeouts`)."""
+    options = [
+        click.option("--api-key", envvar=API_KEY_ENV, default=None, show_envvar=True, metavar="KEY",
+                     help="Require 'Authorization: Bearer KEY' on every route but /health and /metrics "
+                          "(the variable keeps the key off the process list)."),
+        click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+                     help="Browser origin allowed to call the API, e.g. http://localhost:3000, or '*' (repeatable); "
+                          "requests from other origins are refused (403)."),
+        click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="HOST",
+                     help="Host header value to accept besides localhost/127.0.0.1/[::1] when bound to a loopback "
+                          "address (repeatable; '*': any). Bound elsewhere, only these are checked."),
+        click.option("--timeout-keep-alive", type=click.IntRange(1, 3600), default=5, show_default=True,
+                     help="Seconds an idle keep-alive connection stays open after a response."),
+        click.option("--timeout-header", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True,
+                     help="Seconds a client has to send a whole request head before its connection is closed."),
+        click.option("--limit-concurrency", type=click.IntRange(1, 1_000_000), default=512, show_default=True,
+                     help="Open connections (or requests in progress) beyond which new requests get 503."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @click.command("serve")
 @click.argument("model_path", metavar="MODEL")
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -88,10 +115,17 @@ def _require_server_deps() -> None:
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="torch intra-op threads (default: torch's choice).")
 @kv_cache_options
+@server_options
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-def serve_command(model_path, host, port, model_name, max_batch, max_queue, dtype, threads, kv_bits, kv_keys, log_level):
-    """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, streaming)."""
+def serve_command(model_path, host, port, model_name, max_batch, max_queue, dtype, threads, kv_bits, kv_keys,
+                  api_key, cors_origins, allowed_hosts, timeout_keep_alive, timeout_header, limit_concurrency,
+                  log_level):
+    """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, streaming).
+
+    Bound to a loopback address (the default), it answers only requests whose Host header names this
+    machine; browsers may call it only from the --cors-origin origins; with --api-key (or
+    $QUANTKIT_API_KEY) every route but /health and /metrics needs the key."""
     _require_server_deps()
     import torch
     import uvicorn
@@ -99,13 +133,19 @@ def serve_command(model_path, host, port, model_name, max_batch, max_queue, dtyp
     from quantkit.checkpoint.formats import load_model
     from quantkit.serve.app import create_app
     from quantkit.serve.engine import Engine
+    from quantkit.serve.security import Security
+    from quantkit.serve.timeouts import with_head_timeout
 
+    checks = Security.for_bind(host, api_key, cors_origins, allowed_hosts)  # bad values refused before loading
     if threads is not None:
         torch.set_num_threads(threads)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     model, tokenizer = load_model(model_path, dtype=dtype)
     name = model_name or os.path.basename(os.path.normpath(model_path))
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, cache=kv_cache_factory(kv_bits, kv_keys))
-    app = create_app(engine, name)
-    click.echo(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue})", err=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
+    app = create_app(engine, name, checks)
+    click.echo(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue}"
+               f"{', API key required' if api_key else ''})", err=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
+                http=with_head_timeout(timeout_header), timeout_keep_alive=timeout_keep_alive,
+                limit_concurrency=limit_concurrency)

@@ -5,7 +5,8 @@
 
 Routes: GET /health, /v1/models, /metrics (Prometheus text; ``?format=json`` for JSON);
 POST /v1/completions and /v1/chat/completions (``"stream": true`` for server-sent events ending
-with ``data: [DONE]``). Every error is an OpenAI error body with a 4xx/5xx status.
+with ``data: [DONE]``). Every error is an OpenAI error body with a 4xx/5xx status. Requests pass
+:mod:`quantkit.serve.security` first (API key, browser origins, ``Host``, JSON content type).
 
 The event loop only moves bytes: a request body is read as it arrives (413 past `MAX_BODY_BYTES`,
 chunked or not), then parsed, validated and tokenized in one worker thread (one, because a Rust
@@ -28,9 +29,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from quantkit.serve import protocol
+from quantkit.serve import protocol, security
 from quantkit.serve.engine import Engine, EngineStopped, Event, QueueFull
 from quantkit.serve.protocol import ApiError, GenRequest
+from quantkit.serve.security import Security
 
 log = logging.getLogger("quantkit.serve")
 
@@ -80,8 +82,9 @@ class _Served:
     parser: ThreadPoolExecutor
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
-    """The FastAPI app serving `engine`'s model under the name `model_name`."""
+def create_app(engine: Engine, model_name: str, checks: Security | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`'s model under the name `model_name`, behind ``checks``
+    (API key, browser origins, ``Host``; default `Security()`: no key, no cross-origin browser request)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -95,6 +98,7 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     served = _Served(engine, model_name, int(time.time()), app.state,
                      protocol.max_prompt_chars(engine.tokenizer, engine.n_ctx),
                      ThreadPoolExecutor(1, thread_name_prefix="quantkit-parse"))
+    security.install(app, checks or Security(), rejected=app.state.rejected)
     _add_error_handlers(app)
     _add_info_routes(app, served)
     _add_generation_routes(app, served)
