@@ -176,7 +176,8 @@ class Engine:
             # a request the engine can take at once does not count against the queue
             free_slots = self.max_batch - len(self._active) - self._admitting
             if len(self._waiting) - max(free_slots, 0) >= self.max_queue:
-                raise QueueFull(f"server busy: {len(self._active)} running and {len(self._waiting)} queued")
+                running = sum(not s.done for s in self._active) + self._admitting  # as stats() counts them
+                raise QueueFull(f"server busy: {running} running and {len(self._waiting)} queued")
             self._waiting.append(req)
             self._cond.notify_all()
         return req

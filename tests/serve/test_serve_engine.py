@@ -132,7 +132,7 @@ def test_queue_bound_and_cancel_free_slots(model_tok):
         a = engine.submit(ids, SamplingParams(max_new_tokens=400, ignore_eos=True), events.put)
         _wait(lambda: engine.stats()["running"] == 1)  # A is in its prefill, blocked at the gate
         b = engine.submit(ids, SamplingParams(max_new_tokens=5), lambda ev: None)  # waits
-        with pytest.raises(QueueFull):
+        with pytest.raises(QueueFull, match="1 running and 1 queued"):  # A, in its prefill, counts as running
             engine.submit(ids, SamplingParams(max_new_tokens=5), lambda ev: None)
         assert engine.stats()["queued"] == 1
         b.cancel()  # a cancelled waiter leaves room
