@@ -12,6 +12,11 @@ Two layouts (``KVQuantConfig.keys``):
   their group is full, as in KIVI's residual.  Prefilling in chunks of ``group`` tokens
   reproduces token-by-token decoding exactly (:class:`KVCachedLM` does so).
 
+A layer also moves its own rows for a continuously batched server (``batch_select``,
+``batch_pad_left``, ``batch_drop_left``, ``batch_concat``; :mod:`quantkit.serve.kvbatch`), rows
+left-padded to one length: a padded ``"token"`` layer holds zero codes and scales in the padding;
+a ``"channel"`` layer keeps one batch-1 layer per row (see :meth:`QuantizedKVLayer.batch_pad_left`).
+
 Codes use the shared grid of :mod:`quantkit.core.quant` (symmetric by default at 8 bits,
 asymmetric at 4) and 4-bit codes are packed two per byte with :mod:`quantkit.pack.bits`.
 
@@ -23,10 +28,12 @@ asymmetric at 4) and 4-bit codes are packed two per byte with :mod:`quantkit.pac
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
@@ -123,11 +130,17 @@ def dequantize_kv(qt: QTensor, group: int | None = None) -> torch.Tensor:
     return (q - zero) * qt.scale.float().repeat_interleave(group, dim=2)
 
 
-def _cat(a: QTensor | None, b: QTensor) -> QTensor:
+def _cat(a: QTensor | None, b: QTensor, dim: int = 2) -> QTensor:
+    """``a`` then ``b`` along the tokens (``dim=2``) or the batch (``dim=0``)."""
     if a is None:
         return b
-    return QTensor(torch.cat([a.codes, b.codes], dim=2), torch.cat([a.scale, b.scale], dim=2),
-                   None if a.zero is None else torch.cat([a.zero, b.zero], dim=2), a.bits, a.dim)
+    return QTensor(torch.cat([a.codes, b.codes], dim=dim), torch.cat([a.scale, b.scale], dim=dim),
+                   None if a.zero is None else torch.cat([a.zero, b.zero], dim=dim), a.bits, a.dim)
+
+
+def _pad_tokens_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t [b, h, tokens, ...]`` with ``n`` zero tokens in front (zero codes and scales read back as 0)."""
+    return torch.cat([t.new_zeros(*t.shape[:2], n, *t.shape[3:]), t], dim=2)
 
 
 # ---- the cache --------------------------------------------------------------------------------
@@ -143,6 +156,7 @@ class QuantizedKVLayer(DynamicLayer):
         self.cumulative_length = 0
         self._qkeys: QTensor | None = None
         self._qvalues: QTensor | None = None
+        self._rows: list[QuantizedKVLayer] | None = None  # a batched "channel" layer: one layer per row
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -158,6 +172,8 @@ class QuantizedKVLayer(DynamicLayer):
         return k, v
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rows is not None:
+            return self._update_rows(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
@@ -179,17 +195,19 @@ class QuantizedKVLayer(DynamicLayer):
         return keys, values
 
     def get_seq_length(self) -> int:
-        return self.cumulative_length
+        return self.cumulative_length  # columns, the left padding of a batch included
 
     def nbytes(self) -> int:
         """Bytes held: codes, scales, zero points and the float residual."""
+        if self._rows is not None:
+            return sum(row.nbytes() for row in self._rows)
         total = sum(q.nbytes() for q in (self._qkeys, self._qvalues) if q is not None)
         if self.is_initialized:
             total += self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
         return total
 
     def reset(self) -> None:
-        self._qkeys = self._qvalues = None
+        self._qkeys = self._qvalues = self._rows = None
         self.cumulative_length = 0
         super().reset()
 
@@ -201,17 +219,90 @@ class QuantizedKVLayer(DynamicLayer):
         self._qvalues = self._qvalues.map(fn) if self._qvalues is not None else None
         self.keys, self.values = fn(self.keys), fn(self.values)
 
+    def _batch_size(self) -> int:
+        return len(self._rows) if self._rows is not None else self.keys.shape[0] if self.is_initialized else 0
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self.batch_select(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices, ...])
+        self.batch_select(torch.arange(self._batch_size())[torch.as_tensor(indices).cpu()])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+        self.batch_select(torch.arange(self._batch_size()).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a quantized KV cache cannot be cropped (quantkit)")
+
+    # ---- row operations of a continuously batched cache (quantkit.serve.kvbatch) ----------------
+    def batch_select(self, rows: torch.Tensor) -> None:
+        """Keep the rows ``rows`` (indices, in that order, repeats allowed)."""
+        if self._rows is not None:
+            self._rows = [copy.copy(self._rows[i]) for i in rows.tolist()]  # updates replace tensors: copies are apart
+        else:
+            self._map(lambda t: t.index_select(0, rows.to(t.device)))
+
+    def batch_pad_left(self, n: int) -> None:
+        """Insert ``n`` columns of padding in front of every row (the attention mask hides them).
+
+        ``"token"``: zero codes and scales (they read back as 0).  ``"channel"``: a row's key groups
+        start at its first token and its float residual holds its last ``length % group`` tokens, so
+        rows of different lengths share neither group boundaries nor a residual, and padding a group
+        would change its scales: the layer splits into one batch-1 layer per row, each updated as it
+        would be alone, whose reads are left-padded to the batch's length."""
+        if n <= 0:
+            return
+        if self.config.keys == "channel":
+            self._split_rows()
+        elif self._qkeys is not None:
+            self._qkeys = self._qkeys.map(lambda t: _pad_tokens_left(t, n))
+            self._qvalues = self._qvalues.map(lambda t: _pad_tokens_left(t, n))
+        self.cumulative_length += n
+
+    def batch_drop_left(self, n: int) -> None:
+        """Remove the first ``n`` columns (padding in every row)."""
+        if n <= 0:
+            return
+        if self.config.keys == "channel":
+            longest = max((row.cumulative_length for row in self._split_rows()), default=0)
+            if self.cumulative_length - n < longest:
+                raise ValueError(f"dropping {n} columns would drop cached tokens of a row")
+        elif self._qkeys is not None:
+            self._qkeys = self._qkeys.map(lambda t: t[:, :, n:])
+            self._qvalues = self._qvalues.map(lambda t: t[:, :, n:])
+        self.cumulative_length -= n
+
+    def batch_concat(self, other: "QuantizedKVLayer") -> None:
+        """Append the rows of ``other`` (same config and length; it must not be used afterwards)."""
+        if not (self.is_initialized and other.is_initialized):
+            raise ValueError("an empty KV layer has no rows to join")
+        if other.config != self.config or other.cumulative_length != self.cumulative_length:
+            raise ValueError(f"cannot join KV layers of {other.config} x {other.cumulative_length} tokens "
+                             f"to {self.config} x {self.cumulative_length} tokens")
+        if self.config.keys == "channel":
+            self._rows = self._split_rows() + other._split_rows()
+            return
+        self._qkeys, self._qvalues = _cat(self._qkeys, other._qkeys, dim=0), _cat(self._qvalues, other._qvalues, dim=0)
+        self.keys, self.values = torch.cat([self.keys, other.keys]), torch.cat([self.values, other.values])
+
+    def _split_rows(self) -> list["QuantizedKVLayer"]:
+        """This layer as one batch-1 layer per row (once; a batched layer has no padding yet)."""
+        if self._rows is None:
+            rows = []
+            for b in range(self._batch_size()):
+                rows.append(copy.copy(self))
+                rows[-1]._map(lambda t, b=b: t[b:b + 1].clone())  # not a view: it would keep the whole batch alive
+            self._rows, self._qkeys, self._qvalues = rows, None, None
+            self.keys, self.values = self.keys.new_empty(0), self.values.new_empty(0)  # held by the rows now
+        return self._rows
+
+    def _update_rows(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batched ``"channel"`` layer: each row updates its own layer; reads are left-padded to the batch."""
+        self.cumulative_length += key_states.shape[-2]
+        t = self.cumulative_length
+        reads = [row.update(key_states[b:b + 1], value_states[b:b + 1]) for b, row in enumerate(self._rows)]
+        keys, values = (torch.cat([F.pad(x, (0, 0, t - x.shape[-2], 0)) for x in xs]) for xs in zip(*reads))
+        return keys, values
 
 
 class QuantizedKVCache(Cache):

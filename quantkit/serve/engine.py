@@ -13,7 +13,10 @@ and int8 weight kernels compute each row on its own, so when every matmul runs o
 model with a quantized ``lm_head``) a row's logits are bitwise those it gets alone. Float matmuls
 (an unquantized model, a float ``lm_head``) come from the BLAS, which picks its kernel by the number
 of rows: their logits differ from a lone row's by float rounding (at most ~2e-5 in float32 on
-stories260K, tested under 1e-4), which changes a greedy token only at a near-exact tie.
+stories260K, tested under 1e-4), which changes a greedy token only at a near-exact tie. A quantized
+KV cache (``cache=``, ``serve --kv-bits``) quantizes each row's tokens on their own (per token, or in
+a batch-1 cache per row for KIVI's ``channel`` keys, `quantkit.runtime.kvcache`), so it keeps a row's
+keys and values those it gets alone.
 ``max_batch=1`` decodes every request alone.
 
 Failures are contained: an exception in one request's own work (its prefill forward, sampling its

@@ -1,14 +1,23 @@
 """Row operations on a batched KV cache, for continuous batching.
 
-A running batch keeps one transformers `Cache` whose tensors are [batch, heads, seq, ...], rows
-left-padded to a common length (the padding is masked out by the attention mask). Sequences join by
-`concat_rows` after their own prefill and leave by `select_rows`; `drop_left` removes columns that
-became padding for every row.
+A running batch keeps one transformers `Cache` whose rows are left-padded to a common length (the
+padding is masked out by the attention mask), and whose ``get_seq_length()`` counts that padding.
+Sequences join by `concat_rows` after their own prefill and leave by `select_rows`; `drop_left`
+removes columns that became padding for every row.
 
-The state tensors of a cache layer are those named by its ``batch_tensors`` attribute, default
-``("keys", "values")`` (transformers' `DynamicLayer`). A quantized KV layer declares its own, e.g.
-``batch_tensors = ("qkeys", "kscales", "qvalues", "vscales")``, each shaped [batch, heads, seq, ...],
-and works here unchanged: zero padding is fine because padded columns are masked.
+Each function works layer by layer. A layer that stores more than float keys and values (a quantized
+KV layer: codes, scales, a float residual, a token count) moves its own rows by implementing all of
+
+* ``batch_select(rows)``: keep the rows of a LongTensor of indices, in that order;
+* ``batch_pad_left(n)``: insert n columns of padding in front of every row;
+* ``batch_drop_left(n)``: remove the first n columns (padding in every row);
+* ``batch_concat(other)``: append the rows of ``other``, a layer of the same kind and length,
+
+keeping its ``get_seq_length()`` equal to the padded length after each (see
+`quantkit.runtime.kvcache.QuantizedKVLayer`). Any other layer is a set of tensors shaped
+[batch, heads, seq, ...], those named by its ``batch_tensors`` attribute, default ``("keys",
+"values")`` (transformers' `DynamicLayer`, whose length is its tensors'): zero padding is fine
+because padded columns are masked.
 """
 
 from __future__ import annotations
@@ -24,10 +33,15 @@ def _state_names(layer) -> tuple[str, ...]:
     return tuple(getattr(layer, "batch_tensors", ("keys", "values")))
 
 
-def _map_state(cache, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    for layer in cache.layers:
-        for name in _state_names(layer):
-            setattr(layer, name, fn(getattr(layer, name)))
+def _map_state(layer, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    for name in _state_names(layer):
+        setattr(layer, name, fn(getattr(layer, name)))
+
+
+def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[SEQ_DIM] = n
+    return torch.cat([t.new_zeros(shape), t], dim=SEQ_DIM)
 
 
 def seq_length(cache) -> int:
@@ -36,26 +50,34 @@ def seq_length(cache) -> int:
 
 
 def select_rows(cache, rows: torch.Tensor) -> None:
-    """Keep the rows (a LongTensor of indices) of every state tensor, in that order."""
-    _map_state(cache, lambda t: t.index_select(0, rows))
+    """Keep the rows (a LongTensor of indices) of every layer, in that order."""
+    for layer in cache.layers:
+        if hasattr(layer, "batch_select"):
+            layer.batch_select(rows)
+        else:
+            _map_state(layer, lambda t: t.index_select(0, rows.to(t.device)))
 
 
 def drop_left(cache, n: int) -> None:
     """Remove the first n columns (padding in every row)."""
-    if n > 0:
-        _map_state(cache, lambda t: t.narrow(SEQ_DIM, n, t.shape[SEQ_DIM] - n))
+    if n <= 0:
+        return
+    for layer in cache.layers:
+        if hasattr(layer, "batch_drop_left"):
+            layer.batch_drop_left(n)
+        else:
+            _map_state(layer, lambda t: t.narrow(SEQ_DIM, n, t.shape[SEQ_DIM] - n))
 
 
 def pad_left(cache, n: int) -> None:
-    """Insert n zero columns at the start of every row."""
-    if n > 0:
-
-        def pad(t: torch.Tensor) -> torch.Tensor:
-            shape = list(t.shape)
-            shape[SEQ_DIM] = n
-            return torch.cat([t.new_zeros(shape), t], dim=SEQ_DIM)
-
-        _map_state(cache, pad)
+    """Insert n columns of padding (zeros) at the start of every row."""
+    if n <= 0:
+        return
+    for layer in cache.layers:
+        if hasattr(layer, "batch_pad_left"):
+            layer.batch_pad_left(n)
+        else:
+            _map_state(layer, lambda t: _pad(t, n))
 
 
 def concat_rows(cache, other) -> None:
@@ -64,5 +86,8 @@ def concat_rows(cache, other) -> None:
     pad_left(cache, t_other - t_self)
     pad_left(other, t_self - t_other)
     for layer, layer_o in zip(cache.layers, other.layers, strict=True):
-        for name in _state_names(layer):
-            setattr(layer, name, torch.cat([getattr(layer, name), getattr(layer_o, name)], dim=0))
+        if hasattr(layer, "batch_concat"):
+            layer.batch_concat(layer_o)
+        else:
+            for name in _state_names(layer):
+                setattr(layer, name, torch.cat([getattr(layer, name), getattr(layer_o, name)], dim=0))

@@ -102,6 +102,59 @@ def test_cache_implements_the_installed_transformers_cache_interface(cfg, dtype)
     assert cache.update(k, v, 0)[0].shape[2] == 12
 
 
+def _join(a: QuantizedKVLayer, b: QuantizedKVLayer) -> None:
+    """``b``'s rows after ``a``'s, the shorter left-padded (what quantkit.serve.kvbatch does)."""
+    t = max(a.get_seq_length(), b.get_seq_length())
+    a.batch_pad_left(t - a.get_seq_length())
+    b.batch_pad_left(t - b.get_seq_length())
+    a.batch_concat(b)
+
+
+def _step_matches_rows_alone(batch: QuantizedKVLayer, alone: list[QuantizedKVLayer], seed: int) -> None:
+    """One new token per row: the batch reads, for each row, what the row's own layer reads, behind
+    zeros where it is padded."""
+    new = [(_kv(seed + i, b=1, t=1), _kv(seed + 50 + i, b=1, t=1)) for i in range(len(alone))]
+    keys, values = batch.update(torch.cat([k for k, _ in new]), torch.cat([v for _, v in new]))
+    t = batch.get_seq_length()
+    assert keys.shape[2] == values.shape[2] == t
+    for i, (layer, (k, v)) in enumerate(zip(alone, new)):
+        k_own, v_own = layer.update(k, v)
+        n = k_own.shape[2]
+        assert torch.equal(keys[i:i + 1, :, t - n:], k_own) and torch.equal(values[i:i + 1, :, t - n:], v_own)
+        assert not keys[i, :, :t - n].any() and not values[i, :, :t - n].any()
+
+
+@pytest.mark.parametrize("cfg", [KVQuantConfig(8), KVQuantConfig(4), KVQuantConfig(4, keys="channel", group=4)])
+def test_row_operations_keep_each_row_as_it_is_alone(cfg):
+    """Issue #15: batching rows of a quantized KV cache failed (the batch ops knew only keys/values).
+    Rows of 5, 11 and 2 tokens (residuals of 1, 3 and 2 at group 4) join, decode, one leaves, the
+    padding that is left over is dropped: every read equals the row's own, the lengths count the padding."""
+    lengths = [5, 11, 2]
+    alone, batched = [], []
+    for i, n in enumerate(lengths):
+        for layers in (alone, batched):
+            layers.append(QuantizedKVLayer(cfg))
+            layers[-1].update(_kv(10 + i, b=1, t=n), _kv(20 + i, b=1, t=n))
+    batch = batched[0]
+    _join(batch, batched[1])
+    _step_matches_rows_alone(batch, alone[:2], seed=30)
+    _join(batch, batched[2])  # joins mid-decode, shorter: padded
+    assert batch.get_seq_length() == 12
+    for step in range(3):
+        _step_matches_rows_alone(batch, alone, seed=40 + step)
+    batch.batch_select(torch.tensor([2, 0]))  # the longest row leaves; the others swap places
+    alone = [alone[2], alone[0]]
+    batch.batch_drop_left(batch.get_seq_length() - max(layer.get_seq_length() for layer in alone))
+    assert batch.get_seq_length() == 9
+    for step in range(5):  # a key group fills in each row (group 4)
+        _step_matches_rows_alone(batch, alone, seed=60 + step)
+    with pytest.raises(ValueError, match="join"):
+        batch.batch_concat(alone[0])  # lengths differ: pad first
+    if cfg.keys == "channel":
+        with pytest.raises(ValueError, match="cached tokens"):
+            batch.batch_drop_left(1)  # no padding is left
+
+
 def test_cache_bytes_per_token():
     k, v = _kv(t=64, d=64), _kv(t=64, d=64)
     for bits, per_head in ((8, 64 + 2), (4, 32 + 2 + 1)):  # codes + fp16 scale (+ uint8 zero when asymmetric)
