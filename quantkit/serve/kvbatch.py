@@ -49,35 +49,31 @@ def seq_length(cache) -> int:
     return cache.get_seq_length()
 
 
+def _each_layer(cache, method: str, arg, default: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Each layer's own ``method(arg)`` where it has one, else ``default`` on its state tensors."""
+    for layer in cache.layers:
+        own = getattr(layer, method, None)
+        if own is not None:
+            own(arg)
+        else:
+            _map_state(layer, default)
+
+
 def select_rows(cache, rows: torch.Tensor) -> None:
     """Keep the rows (a LongTensor of indices) of every layer, in that order."""
-    for layer in cache.layers:
-        if hasattr(layer, "batch_select"):
-            layer.batch_select(rows)
-        else:
-            _map_state(layer, lambda t: t.index_select(0, rows.to(t.device)))
+    _each_layer(cache, "batch_select", rows, lambda t: t.index_select(0, rows.to(t.device)))
 
 
 def drop_left(cache, n: int) -> None:
     """Remove the first n columns (padding in every row)."""
-    if n <= 0:
-        return
-    for layer in cache.layers:
-        if hasattr(layer, "batch_drop_left"):
-            layer.batch_drop_left(n)
-        else:
-            _map_state(layer, lambda t: t.narrow(SEQ_DIM, n, t.shape[SEQ_DIM] - n))
+    if n > 0:
+        _each_layer(cache, "batch_drop_left", n, lambda t: t.narrow(SEQ_DIM, n, t.shape[SEQ_DIM] - n))
 
 
 def pad_left(cache, n: int) -> None:
     """Insert n columns of padding (zeros) at the start of every row."""
-    if n <= 0:
-        return
-    for layer in cache.layers:
-        if hasattr(layer, "batch_pad_left"):
-            layer.batch_pad_left(n)
-        else:
-            _map_state(layer, lambda t: _pad(t, n))
+    if n > 0:
+        _each_layer(cache, "batch_pad_left", n, lambda t: _pad(t, n))
 
 
 def concat_rows(cache, other) -> None:

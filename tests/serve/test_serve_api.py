@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 from click.testing import CliRunner  # noqa: E402
@@ -19,16 +18,6 @@ from quantkit.serve.engine import Engine  # noqa: E402
 
 FIXTURE = str(Path(__file__).resolve().parents[1] / "fixtures" / "stories260K")
 NAME = "stories260K"
-
-
-@pytest.fixture(scope="module")
-def model_tok():
-    from quantkit.checkpoint.formats import load_model
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_model(FIXTURE)
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,6 @@ from quantkit.serve.engine import Engine, Event, QueueFull
 FIXTURE = str(Path(__file__).resolve().parents[1] / "fixtures" / "stories260K")
 
 
-@pytest.fixture(scope="module")
-def model_tok():
-    from quantkit.checkpoint.formats import load_model
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_model(FIXTURE)
-    torch.set_num_threads(old)
-
-
 class GatedModel:
     """The model behind a gate: forward calls block while the gate is closed; can fail once on demand."""
 

@@ -9,10 +9,8 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -21,18 +19,7 @@ from quantkit.serve import protocol  # noqa: E402
 from quantkit.serve.app import MAX_BODY_BYTES, create_app  # noqa: E402
 from quantkit.serve.engine import Engine  # noqa: E402
 
-FIXTURE = str(Path(__file__).resolve().parents[1] / "fixtures" / "stories260K")
 NAME = "stories260K"
-
-
-@pytest.fixture(scope="module")
-def model_tok():
-    from quantkit.checkpoint.formats import load_model
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_model(FIXTURE)
-    torch.set_num_threads(old)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -26,16 +25,6 @@ FIXTURE = str(Path(__file__).resolve().parents[1] / "fixtures" / "stories260K")
 NAME = "stories260K"
 KEY = "sk-test-0123456789"
 COMPLETION = {"model": NAME, "prompt": "Once upon", "max_tokens": 2, "temperature": 0}
-
-
-@pytest.fixture(scope="module")
-def model_tok():
-    from quantkit.checkpoint.formats import load_model
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_model(FIXTURE)
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -225,11 +214,12 @@ def _closed_within(conn: socket.socket, seconds: float, trickle: bytes = b"") ->
     data = iter(trickle)
     while time.monotonic() < deadline:
         try:
-            if conn.recv(4096) == b"":
-                return True
-        except socket.timeout:
-            pass
+            closed = conn.recv(4096) == b""
+        except socket.timeout:  # nothing from the server yet: keep trickling
+            closed = False
         except ConnectionError:
+            closed = True
+        if closed:
             return True
         byte = next(data, None)
         if byte is not None:
