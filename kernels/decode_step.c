@@ -3,7 +3,8 @@
  * quantkit.runtime.lean's per-token forward written out in C for one sequence and one position,
  * so a step costs its weight traffic and little else (no Python or ATen op per norm, RoPE, softmax):
  *   h = rms(x) * w1;  q, k, v = h Wq (+bq), h Wk (+bk), h Wv (+bv);  rope(q), rope(k);  cache[pos] = k, v
- *   x += softmax(q k^T * scale) v  Wo;   h = rms(x) * w2;   x += (silu(h Wg) * (h Wu)) Wd
+ *   x += softmax(q k^T * scale) v  Wo;   h = rms(x) * w2;   x += T(silu(h Wg) * (h Wu)) Wd
+ * with T the rotation's online Hadamard transform where the layer has one (else the identity).
  * x (the residual stream), the cache and every intermediate are float32; the matmuls round their
  * input to bf16 as qk_int4_mm always does.  The pure-torch reference is LeanLM's own forward;
  * the plan that fills qk_layer is quantkit.runtime.native_decode.
@@ -66,6 +67,34 @@ static void silu_mul(float *g, const float *u, int64_t n) {
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+/* x [k p] <- x kron(A, H_p) (quantkit.core.hadamard.HadamardTransform): the orthonormal Walsh-Hadamard
+ * butterflies over each of the k rows of length p, then x [k, p] <- A^T x; t: float32 [k p] scratch */
+static void online_hadamard(float *x, int64_t n, const float *A, int64_t k, float *t) {
+    int64_t p = n / k;
+    float norm = 1.0f / sqrtf((float)p);
+    for (int64_t r = 0; r < k; r++) {
+        float *v = x + r * p;
+        for (int64_t h = 1; h < p; h *= 2)
+            for (int64_t i = 0; i < p; i += 2 * h)
+                for (int64_t j = i; j < i + h; j++) {
+                    float a = v[j], b = v[j + h];
+                    v[j] = a + b, v[j + h] = a - b;
+                }
+        for (int64_t i = 0; i < p; i++) v[i] *= norm;
+    }
+    if (k == 1) return;
+    for (int64_t c = 0; c < k; c++) {
+        float *o = t + c * p;
+        for (int64_t i = 0; i < p; i++) o[i] = 0.f;
+        for (int64_t a = 0; a < k; a++) {
+            float w = A[a * k + c];
+            const float *v = x + a * p;
+            for (int64_t i = 0; i < p; i++) o[i] += w * v[i];
+        }
+    }
+    memcpy(x, t, n * sizeof(float));
+}
+
 /* att [nh, hd] = softmax(q k^T * scale) v over the len = pos + 1 cached positions of L's cache,
  * grouped-query heads reading kv head h / (nh / nkv); sc: float32 [nh, len] scratch */
 static void attention(const qk_layer *L, const qk_decode_dims *D, const float *q, float *att, float *sc, int64_t len,
@@ -93,12 +122,13 @@ static void attention(const qk_layer *L, const qk_decode_dims *D, const float *q
 
 /* Every intermediate of one step, float32, carved from one allocation. */
 typedef struct {
-    float *h, *q, *k, *v, *att, *g, *u, *y, *sc, *t;  /* [d], [nh hd], [nkv hd] x 2, [nh hd], [inter] x 2, [d], [nh len], [hd] */
+    float *h, *q, *k, *v, *att, *g, *u, *y, *sc, *t;  /* [d], [nh hd], [nkv hd] x 2, [nh hd], [inter] x 2, [d], [nh len], [max(hd, inter)] */
 } step_buffers;
 
 static float *step_buffers_alloc(step_buffers *b, const qk_decode_dims *D, int64_t len) {
     int64_t nq = D->nh * D->hd, nk = D->nkv * D->hd;
-    float *buf = (float *)malloc(sizeof(float) * (D->d + nq + 2 * nk + nq + 2 * D->inter + D->d + D->nh * len + D->hd));
+    int64_t nt = D->hd > D->inter ? D->hd : D->inter;
+    float *buf = (float *)malloc(sizeof(float) * (D->d + nq + 2 * nk + nq + 2 * D->inter + D->d + D->nh * len + nt));
     if (!buf) return NULL;
     b->h = buf, b->q = b->h + D->d, b->k = b->q + nq, b->v = b->k + nk, b->att = b->v + nk, b->g = b->att + nq;
     b->u = b->g + D->inter, b->y = b->u + D->inter, b->sc = b->y + D->d, b->t = b->sc + D->nh * len;
@@ -126,6 +156,7 @@ static int decode_layer(const qk_layer *L, const qk_decode_dims *D, float *x, in
     if (qk_int4_mm(L->gate, b->h, 0, b->g, 1, NULL, threads) || qk_int4_mm(L->up, b->h, 0, b->u, 1, NULL, threads))
         return -1;
     silu_mul(b->g, b->u, D->inter);
+    if (L->had) online_hadamard(b->g, D->inter, L->had, L->had_k, b->t);
     if (qk_int4_mm(L->down, b->g, 0, b->y, 1, NULL, threads)) return -1;
     for (int64_t i = 0; i < d; i++) x[i] += b->y[i];
     return 0;

@@ -80,6 +80,8 @@ typedef struct {
     const float *norm1, *norm2;    /* RMSNorm weights, float32 [d] */
     float eps1, eps2;
     float *k_cache, *v_cache;      /* float32 [nkv, max_len, hd] */
+    const float *had;              /* NULL, or the online Hadamard before down: float32 [had_k, had_k] factor A */
+    int64_t had_k;                 /* down's input x -> x kron(A, H_p), p = inter / had_k a power of two */
 } qk_layer;
 
 /* The sizes every block of one model shares (nh a multiple of nkv). */

@@ -101,9 +101,12 @@ def save(model, tokenizer, out: str | Path, method_name: str, result: Compressio
     """Pack the quantized linears and write the checkpoint to ``out`` atomically (``inputs``: paths
     ``out`` must neither be nor hold, see :func:`quantkit.checkpoint.output.check_output`)."""
     config = result.extra.get("config", {})
+    rotation = result.extra.get("rotation")
+    online = bool(rotation and rotation.get("online"))  # the runtime must apply it: the config says so
     qcfg = None
-    if result.quantized:
-        qcfg = quantization_config(method_name, result.quantized, config, extra_config)
+    if result.quantized or online:
+        extra = {**(extra_config or {}), **({"rotation": rotation} if rotation else {})}
+        qcfg = quantization_config(method_name, result.quantized, config, extra or None)
         pack_model(model, result.quantized)
     with atomic_output_dir(out, overwrite, inputs) as tmp:
         save_checkpoint(model, tokenizer, tmp, qcfg, result)

@@ -290,12 +290,26 @@ def check_order(steps: tuple[Step, ...]) -> None:
     gptq then svd) compress the earlier step's rounded weights again; that is accepted."""
     from quantkit.api import get_method
 
+    _check_rotation(steps)
     methods = [get_method(s.method)(s.config) for s in steps]
     for j, later in enumerate(methods):
         for i, earlier in enumerate(methods[:j]):
             lost = _lost_work(earlier, later, f"steps[{i}] ({steps[i].method})", f"steps[{j}] ({steps[j].method})")
             if lost:
                 raise QuantkitError(f"{lost[0]}; {lost[1]}: steps [{steps[j].method}, {steps[i].method}]")
+
+
+def _check_rotation(steps: tuple[Step, ...]) -> None:
+    """One rotation at most (a ``rotate`` step or ``rotate: true``), in the first step: it rewrites
+    every weight, so what an earlier step did would be undone."""
+    rotating = [i for i, s in enumerate(steps) if getattr(s.config, "rotate", False)]
+    if len(rotating) > 1:
+        i, j = rotating[:2]
+        raise QuantkitError(f"steps[{i}] ({steps[i].method}) and steps[{j}] ({steps[j].method}) both rotate the model: rotate once")
+    if rotating and rotating[0] > 0:
+        j = rotating[0]
+        raise QuantkitError(f"steps[{j}] ({steps[j].method}) rotates the model after steps[0] ({steps[0].method}), "
+                            "whose work the rotation would undo: rotate in the first step")
 
 
 def _lost_work(earlier, later, first: str, then: str) -> tuple[str, str] | None:
@@ -337,4 +351,6 @@ def run_recipe(recipe: Recipe, model, tokenizer, progress=None):
         merged.log.extend(res.log)
         merged.extra.setdefault("steps", []).append({"method": step.method, **res.extra})
         merged.extra["config"] = res.extra.get("config", {})
+        if "rotation" in res.extra:
+            merged.extra["rotation"] = res.extra["rotation"]
     return merged

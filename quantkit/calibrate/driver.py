@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from quantkit.core.rotation import rotate_model
 from quantkit.core.quant import clipped_scale_note
 from quantkit.core.types import CompressionResult, LayerRecord, QuantizedWeight
 from quantkit.errors import QuantkitError
@@ -58,6 +59,12 @@ class BlockMethod:
 
     def check(self, model: nn.Module, arch: ArchSpec) -> None:
         """Refuse up front what cannot be done (a group size that does not divide a layer...)."""
+
+    def prepare(self, model: nn.Module, arch: ArchSpec, result: CompressionResult) -> None:
+        """Whole-model work before the first block: the residual-stream rotation a config asks for
+        (``rotate``; see :mod:`quantkit.core.rotation`), recorded in ``result.extra["rotation"]``."""
+        if getattr(self.config, "rotate", False):
+            result.extra["rotation"] = rotate_model(model, arch, self.config.rotate_seed, self.config.online_hadamard)
 
     def process_block(self, ctx: "BlockContext") -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -279,8 +286,9 @@ def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor
     hooks = BlockHooks() if hooks is None else hooks
     arch = arch_for(model)
     method.check(model, arch)
-    blocks = arch.blocks(model)
     result = CompressionResult()
+    method.prepare(model, arch, result)
+    blocks = arch.blocks(model)
     device = _input_device(model)
     first = hooks.first_block(len(blocks), result)
     inputs = None

@@ -31,7 +31,8 @@ from torch import nn
 from quantkit.checkpoint.formats import load_model
 from quantkit.checkpoint.gguf_tokenizer import write_tokenizer
 from quantkit.checkpoint.output import atomic_output_file, check_output
-from quantkit.checkpoint.packed import unique_state_dict
+from quantkit.checkpoint.packed import check_exportable, unique_state_dict
+from quantkit.models.paths import read_quantization_config
 from quantkit.errors import QuantkitError
 from quantkit.pack.ggml import BLOCK, BLOCK_TYPES, BlockType, DoesNotFit, encode_grid
 from quantkit.runtime.qlinear import QuantLinear
@@ -240,6 +241,7 @@ def _check_arguments(src: Path, out: Path, float_type: str, requant: str | None,
     if not src.is_dir():
         raise QuantkitError(f"{src} is not a checkpoint directory (GGUF export reads a local model directory)")
     check_output(out, overwrite, inputs=(src,), kind="file")
+    check_exportable(read_quantization_config(src), src, "llama.cpp")
 
 
 def _file_type(counts: Counter) -> int:

@@ -57,7 +57,7 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     from safetensors.torch import save_file
 
     from quantkit.checkpoint.output import atomic_output_dir, check_output
-    from quantkit.checkpoint.packed import load_packed, unique_state_dict
+    from quantkit.checkpoint.packed import check_exportable, load_packed, unique_state_dict
     from quantkit.models.load import load_model
     from quantkit.models.paths import QUANT_METHOD, read_quantization_config
     from quantkit.runtime.qlinear import QuantLinear
@@ -66,6 +66,7 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     qcfg = read_quantization_config(src)
     if not qcfg or qcfg.get("quant_method") != "quantkit":
         raise QuantkitError(f"{src} is not a quantkit packed checkpoint")
+    check_exportable(qcfg, src, "the GPTQ format (transformers, GPTQModel, vLLM)")
     model, tok = load_model(str(src), quantized={QUANT_METHOD: load_packed})
     formats = {(e["bits"], e["group_size"], e["sym"]) for e in qcfg["modules"].values()}
     other = [n for n, e in qcfg["modules"].items() if e.get("kind", "quant") != "quant"]

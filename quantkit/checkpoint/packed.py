@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from quantkit.checkpoint.values import check_loaded
+from quantkit.core.rotation import attach_online
 from quantkit.core.types import CompressionResult
 from quantkit.errors import QuantkitError
 from quantkit.models.safetensors import write_safetensors
@@ -132,7 +133,19 @@ def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     check_loaded(model, directory)
+    if qcfg.get("rotation") is not None:
+        attach_online(model, qcfg["rotation"])
     return model
+
+
+def check_exportable(qcfg: dict | None, src, engine: str) -> None:
+    """Refuse to export what ``engine`` cannot run: a rotated checkpoint whose runtime applies
+    online Hadamard transforms (``quantization_config.rotation.online``)."""
+    online = ((qcfg or {}).get("rotation") or {}).get("online") or {}
+    if online:
+        raise QuantkitError(f"{src} is rotated with an online Hadamard transform on the input of {len(online)} linears "
+                            f"(e.g. {next(iter(online))}), a step {engine} does not run; quantize with "
+                            f"--rotate --no-online-hadamard for a checkpoint {engine} can run")
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

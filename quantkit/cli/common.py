@@ -105,7 +105,9 @@ def output_options(f):
 def kv_cache_options(f):
     """``--kv-bits`` / ``--kv-keys``: an int8/int4 KV cache (quantkit.runtime.kvcache), shared by
     ``generate``, ``serve`` and ``eval perplexity``."""
-    f = click.option("--kv-keys", type=click.Choice(["token", "channel"]), default="token", show_default=True,
-                     help="KV-cache key scales: per token and head, or per channel over groups of 64 tokens (KIVI).")(f)
+    f = click.option("--kv-keys", type=click.Choice(["token", "channel", "rotated"]), default=None,
+                     help="KV-cache scales: per token and head, per channel over groups of 64 tokens for keys (KIVI), "
+                          "or per token after a Hadamard transform of each head (QuaRot) "
+                          "[default: rotated for a checkpoint quantized with --rotate, else token].")(f)
     return click.option("--kv-bits", type=click.Choice(["8", "4"]), default=None,
                         help="Keep the KV cache in int8/int4 (transformers' forward; see quantkit.runtime.kvcache).")(f)

@@ -56,7 +56,7 @@ def perplexity(model, dataset, split, seqlen, max_windows, batch_size, backend, 
     click.echo(f"Final estimate: PPL = {res['perplexity']:.4f} +/- {res['stderr']:.5f}  "
                f"({res['windows']} windows x {seqlen} tokens, {res['tokens']} scored, {res['seconds']:.1f} s)")
     if kv_bits:
-        click.echo(f"KV cache int{kv_bits} ({kv_keys} key scales): {res['kv_bytes_per_token']:.0f} bytes/token "
+        click.echo(f"KV cache int{kv_bits} ({res['kv_keys']} scales): {res['kv_bytes_per_token']:.0f} bytes/token "
                    f"vs {res['kv_bytes_per_token_fp16']:.0f} in fp16")
 
 
@@ -64,9 +64,9 @@ def _perplexity(m, windows, batch_size: int, kv_bits: str | None, kv_keys: str, 
     """``(result, running estimates "[i]ppl")`` of ``m`` on ``windows``, through an int8/int4 KV
     cache with ``kv_bits``."""
     from quantkit.eval.perplexity import perplexity as ppl_fn
-    from quantkit.runtime.kvcache import KVCachedLM, KVQuantConfig, kv_bytes_per_token
+    from quantkit.runtime.kvcache import KVCachedLM, kv_bytes_per_token, kv_config
 
-    kv = KVQuantConfig(bits=int(kv_bits), keys=kv_keys) if kv_bits else None
+    kv = kv_config(int(kv_bits), kv_keys, m) if kv_bits else None
     running = []
     with progress_task("perplexity", as_json, total=windows.shape[0]) as update:
         def report(i, n, ppl):
@@ -75,7 +75,7 @@ def _perplexity(m, windows, batch_size: int, kv_bits: str | None, kv_keys: str, 
 
         res = ppl_fn(KVCachedLM(m, kv) if kv else m, windows, batch_size, report)
     if kv:
-        res.update(kv_bits=kv.bits, kv_keys=kv.keys, kv_bytes_per_token=kv_bytes_per_token(m.config, kv),
+        res.update(kv_bits=kv.bits, kv_keys="rotated" if kv.rotate else kv.keys, kv_bytes_per_token=kv_bytes_per_token(m.config, kv),
                    kv_bytes_per_token_fp16=kv_bytes_per_token(m.config, None, 2))
     return res, running
 

@@ -86,6 +86,8 @@ class MethodJob(Job):
             check_calibration_size(self.calib.nsamples, self.calib.seqlen)
         check_output(self.output, self.overwrite, inputs=(self.model, self.calib.dataset, self.offload))
         self._choose_streaming()
+        if self.stream and getattr(self.config, "rotate", False):
+            raise QuantkitError("the rotation needs the whole model in memory: give --no-stream (and drop --resume)")
 
     def _choose_streaming(self) -> None:
         from quantkit.models.skeleton import should_stream

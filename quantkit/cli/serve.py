@@ -18,14 +18,13 @@ from quantkit.errors import QuantkitError
 API_KEY_ENV = "QUANTKIT_API_KEY"  # serve's --api-key when the option is not given (as vLLM reads VLLM_API_KEY)
 
 
-def kv_cache_factory(kv_bits: str | None, kv_keys: str):
+def kv_cache_factory(kv_bits: str | None, kv_keys: str | None):
     """None (a float cache), or ``model -> QuantizedKVCache`` for ``--kv-bits``."""
     if not kv_bits:
         return None
-    from quantkit.runtime.kvcache import KVQuantConfig, QuantizedKVCache
+    from quantkit.runtime.kvcache import QuantizedKVCache, kv_config
 
-    config = KVQuantConfig(bits=int(kv_bits), keys=kv_keys)
-    return lambda model: QuantizedKVCache.for_model(model, config)
+    return lambda model: QuantizedKVCache.for_model(model, kv_config(int(kv_bits), kv_keys, model))
 
 
 @click.command("generate")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantkit.core.rotation import online_transforms
 from quantkit.models.arch import LinearGroup, get_module, weight_out_in
 from quantkit.errors import QuantkitError
 
@@ -86,6 +87,8 @@ def fold_blocker(root: nn.Module, group: LinearGroup, transposed: bool = False) 
     query heads), keeps its weights unscaled."""
     if group.prev is None or group.prev_kind not in FOLDABLE_KINDS:
         return "no foldable module feeds it"
+    if any(online_transforms(get_module(root, n)) for n in group.linears):
+        return "its input is rotated online, by a Hadamard transform after the module feeding it"
     in_f = _in_features(get_module(root, group.linears[0]), transposed)
     prev = get_module(root, group.prev)
     if group.prev_kind == "linear":

@@ -26,13 +26,17 @@ class QuantizedWeight:
     zeros: torch.Tensor  # [out, n_groups] integer-valued
     spec: QuantSpec
     g_idx: torch.Tensor | None = None  # [in] column -> group, act-order only
+    act_bits: int | None = None  # activations quantized per token at run time (W4A8: 8), None: float
 
     kind = "quant"  # the runtime module kind that loads it (see quantkit.runtime.modules)
 
     def config_entry(self) -> dict:
         """This module's entry in ``quantization_config["modules"]``."""
-        return {"kind": self.kind, "bits": self.spec.bits, "group_size": self.spec.group_size, "sym": self.spec.sym,
-                "act_order": self.g_idx is not None}
+        entry = {"kind": self.kind, "bits": self.spec.bits, "group_size": self.spec.group_size, "sym": self.spec.sym,
+                 "act_order": self.g_idx is not None}
+        if self.act_bits:
+            entry["act_bits"] = self.act_bits
+        return entry
 
 
 @dataclass

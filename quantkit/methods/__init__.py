@@ -7,3 +7,4 @@ from quantkit.methods import wanda  # noqa: F401
 from quantkit.methods import awq  # noqa: F401
 from quantkit.methods import smoothquant  # noqa: F401
 from quantkit.methods import asvd, svd  # noqa: F401
+from quantkit.methods import rotate  # noqa: F401

@@ -364,7 +364,7 @@ class AWQ(BlockMethod):
 
     def process_block(self, ctx):
         skipped = self.search_and_apply(ctx)
-        quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for)
+        quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for, act_bits=self.config.act_bits)
         _note_skipped(ctx, skipped)
 
 

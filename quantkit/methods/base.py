@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from quantkit.models.arch import ArchSpec, arch_for, get_module, weight_out_in
+from quantkit.models.arch import ArchSpec, arch_for, get_module, untie_head, weight_out_in
 from quantkit.calibrate.driver import BlockContext
 from quantkit.core.types import CompressionResult, LayerRecord, QuantizedWeight
 from quantkit.errors import QuantkitError, excerpt
@@ -67,12 +67,26 @@ class WeightQuantConfig:
     sym: bool = field(default=True, metadata={"help": "Symmetric grid (no zero point); --asym: a zero point per group."})
     overrides: tuple = field(default=(), metadata={"help": "Per-module (regex, {bits, group_size, sym}), the last match winning."})
     ignore: tuple = field(default=(), metadata={"help": "Regexes of module names left in float (reported in the log)."})
+    rotate: bool = field(default=False, metadata={
+        "help": "Rotate the residual stream by a randomized Hadamard matrix first (QuaRot): fewer outliers, "
+                "better 2-4 bit grids; the function is unchanged (see `quantkit methods`: rotate)."})
+    rotate_seed: int = field(default=0, metadata={"help": "Seed of the rotation's random signs."})
+    online_hadamard: bool = field(default=True, metadata={
+        "help": "With the rotation, also rotate down_proj's input by a Hadamard transform the runtime applies "
+                "(--no-online-hadamard: a plain model other engines run, a little less accurate)."})
+    act_bits: int | None = field(default=None, metadata={
+        "help": "Also quantize each linear's input per token to 8 or 4 bits at run time (W4A8, W4A4: integer "
+                "matmuls); best with --rotate."})
     quantize_lm_head: bool = field(default=False, metadata={
         "help": "Quantize lm_head too (untied from the embeddings, which stay float); "
                 "GPTQ calibrates it on the final norm's output."})  # see quantize_head
 
     def __post_init__(self):
         QuantSpec(self.bits, self.group_size, self.sym)  # validates
+        if self.act_bits is not None and self.act_bits not in (4, 8):
+            raise QuantkitError(f"act_bits must be 8 or 4 (or unset), got {excerpt(self.act_bits)}")
+        if self.act_bits and self.bits == 8 and not self.sym:
+            raise QuantkitError("act_bits needs integer weights in int8: an asymmetric 8-bit grid does not fit; use --sym")
         check_module_patterns(self.ignore, self.overrides)
         for pattern, fields in self.overrides:
             unknown = set(fields) - {"bits", "group_size", "sym"}
@@ -134,8 +148,10 @@ def each_linear(ctx: BlockContext, stats_kind: str | None = None, true_sequentia
 
 
 def quantize_block_linears(ctx: BlockContext, quantizer: LinearQuantizer, stats_kind: str | None,
-                           spec_for: Callable[[str], QuantSpec], true_sequential: bool = False) -> None:
-    """Quantize every linear of the block with ``quantizer`` (see :func:`each_linear`)."""
+                           spec_for: Callable[[str], QuantSpec], true_sequential: bool = False,
+                           act_bits: int | None = None) -> None:
+    """Quantize every linear of the block with ``quantizer`` (see :func:`each_linear`); with
+    ``act_bits`` the results also ask the runtime to quantize the linears' inputs."""
     for name, stats in each_linear(ctx, stats_kind, true_sequential):
         t0 = time.perf_counter()
         spec = spec_for(ctx.full_name(name))
@@ -143,6 +159,8 @@ def quantize_block_linears(ctx: BlockContext, quantizer: LinearQuantizer, stats_
             ctx.record(name, None, LayerRecord(ctx.index, name, 0.0, note="ignored: left in float"))
             continue
         qw, w_hat, loss, damp, note = quantizer(ctx.weight(name), stats, spec)
+        if act_bits and isinstance(qw, QuantizedWeight):
+            qw.act_bits = act_bits
         ctx.set_weight(name, w_hat)
         ctx.record(name, qw, LayerRecord(ctx.index, name, time.perf_counter() - t0, loss, damp,
                                          spec.bits, spec.group_size, note=note))
@@ -151,22 +169,6 @@ def quantize_block_linears(ctx: BlockContext, quantizer: LinearQuantizer, stats_
 # ---- the output head (quantize_lm_head) --------------------------------------------------------
 class _HeadCaught(Exception):
     """Raised by the hook on the head's input: stops the forward before the logits are computed."""
-
-
-def untie_head(model: nn.Module, arch: ArchSpec) -> bool:
-    """Give the output head its own weight if it shares the input embedding's, and record that
-    in the config (a checkpoint then says ``tie_word_embeddings: false``).  The embedding stays
-    float; returns whether the head was tied."""
-    head = get_module(model, arch.lm_head)
-    shared = {p.data_ptr() for n, p in model.named_parameters(remove_duplicate=False)
-              if not n.startswith(arch.lm_head + ".")}
-    tied = head.weight.data_ptr() in shared
-    if tied:
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        if getattr(cfg, "tie_word_embeddings", False):
-            cfg.tie_word_embeddings = False
-    return tied
 
 
 def head_statistics(model: nn.Module, arch: ArchSpec, kind: str, calib_ids: torch.Tensor, batch_size: int):

@@ -144,7 +144,8 @@ class GPTQ(BlockMethod):
         return qw, w_hat, loss, damp, note
 
     def process_block(self, ctx):
-        quantize_block_linears(ctx, self._linear, "hessian", self.config.spec_for, self.config.true_sequential)
+        quantize_block_linears(ctx, self._linear, "hessian", self.config.spec_for, self.config.true_sequential,
+                               act_bits=self.config.act_bits)
 
     def head_quantizer(self):
         """With ``quantize_lm_head``: GPTQ on the Hessian of the final norm's output."""

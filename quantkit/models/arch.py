@@ -59,6 +59,17 @@ class DecodeSpec:
 
 
 @dataclass(frozen=True)
+class RotationSpec:
+    """What a rotation of the residual stream (:mod:`quantkit.core.rotation`) needs beyond the
+    groups: the linears that write the residual stream (their output rows are rotated; the
+    readers are the groups fed by a norm) and those whose input gets an online Hadamard transform
+    (``down_proj``: its input is not on the residual stream, so nothing offline can rotate it)."""
+
+    writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    online: tuple[str, ...] = ("mlp.down_proj",)
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     name: str
     model_types: tuple[str, ...]
@@ -74,6 +85,9 @@ class ArchSpec:
     # the linears whose outputs meet in q @ k^T (AWQ does not clip them: their own output error
     # does not measure what clipping costs the attention scores)
     qk: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+    # the residual-stream rotation (None: refused, ``no_rotation`` saying why)
+    rotation: RotationSpec | None = RotationSpec()
+    no_rotation: str = ""
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return get_module(model, self.blocks_path)
@@ -92,8 +106,17 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
 
 
 def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at ``path``.  A module it replaces hands over its input transforms (forward
+    pre-hooks marked ``carried``, such as a rotation's online Hadamard), so a linear swapped for
+    its packed runtime module still computes the same function."""
     parent, _, leaf = path.rpartition(".")
-    setattr(get_module(root, parent) if parent else root, leaf, new)
+    owner = get_module(root, parent) if parent else root
+    old = getattr(owner, leaf, None)
+    if isinstance(old, nn.Module) and old is not new:
+        for hook in list(old._forward_pre_hooks.values()):
+            if getattr(hook, "carried", False):
+                new.register_forward_pre_hook(hook)
+    setattr(owner, leaf, new)
 
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -110,6 +133,9 @@ _GEMMA2_GROUPS = (
     LinearGroup(("mlp.down_proj",), "mlp.up_proj", "linear"),
 )
 
+_LAYERNORM = "its LayerNorms subtract the mean, which a rotation does not commute with (only RMSNorm models rotate)"
+_POST_NORMS = "its blocks normalize the attention and MLP outputs before the residual add, which a rotation does not commute with"
+
 ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite"), "model.layers", _LLAMA_GROUPS,
              ("model.embed_tokens",), "model.norm",
@@ -118,7 +144,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
                      DecodeSpec(("qwen3",), qk_norm=("self_attn.q_norm", "self_attn.k_norm")))),
     ArchSpec("gemma", ("gemma",), "model.layers", _LLAMA_GROUPS, ("model.embed_tokens",), "model.norm", norm_offset=1.0),
     ArchSpec("gemma2", ("gemma2", "gemma3_text"), "model.layers", _GEMMA2_GROUPS, ("model.embed_tokens",), "model.norm",
-             norm_offset=1.0),
+             norm_offset=1.0, rotation=None, no_rotation=_POST_NORMS),
     ArchSpec(
         "phi3", ("phi3",), "model.layers",
         (
@@ -138,6 +164,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             LinearGroup(("fc2",), "fc1", "linear"),
         ),
         ("model.decoder.embed_tokens", "model.decoder.embed_positions"), "model.decoder.final_layer_norm",
+        rotation=None, no_rotation=_LAYERNORM,
     ),
     ArchSpec(
         "gpt2", ("gpt2",), "transformer.h",
@@ -148,6 +175,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             LinearGroup(("mlp.c_proj",), None, ""),  # fed through GELU: not foldable
         ),
         ("transformer.wte", "transformer.wpe"), "transformer.ln_f", transposed=True, qk=("attn.c_attn",),
+        rotation=None, no_rotation=_LAYERNORM,
     ),
     ArchSpec(
         "gpt_neox", ("gpt_neox",), "gpt_neox.layers",
@@ -158,7 +186,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             LinearGroup(("mlp.dense_4h_to_h",), None, ""),
         ),
         ("gpt_neox.embed_in",), "gpt_neox.final_layer_norm", lm_head="embed_out",
-        qk=("attention.query_key_value",),
+        qk=("attention.query_key_value",), rotation=None, no_rotation=_LAYERNORM,
     ),
 )
 
@@ -186,3 +214,19 @@ def arch_for(model: nn.Module) -> ArchSpec:
 def weight_out_in(mod: nn.Module, transposed: bool) -> torch.Tensor:
     """A view of a linear's weight as ``[out, in]`` (GPT-2's Conv1D stores ``[in, out]``)."""
     return mod.weight.data.t() if transposed else mod.weight.data
+
+
+def untie_head(model: nn.Module, arch: ArchSpec) -> bool:
+    """Give the output head its own weight if it shares the input embedding's, and record that
+    in the config (a checkpoint then says ``tie_word_embeddings: false``).  The embedding stays
+    float; returns whether the head was tied."""
+    head = get_module(model, arch.lm_head)
+    shared = {p.data_ptr() for n, p in model.named_parameters(remove_duplicate=False)
+              if not n.startswith(arch.lm_head + ".")}
+    tied = head.weight.data_ptr() in shared
+    if tied:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+    return tied

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from quantkit.core.hadamard import HadamardTransform
+from quantkit.core.rotation import ROTATED_ATTR
 from quantkit.errors import QuantkitError
 from quantkit.core.quant import QuantSpec, compute_qparams, quantize_codes
 from quantkit.pack.bits import pack_bits, unpack_bits
@@ -48,6 +50,9 @@ class KVQuantConfig:
     keys: str = "token"  # "token": per token and head; "channel": per channel over groups of `group` tokens (KIVI)
     group: int = 64  # "channel": tokens per key group, also the float residual's capacity
     sym: bool | None = None  # None: symmetric at 8 bits, asymmetric at 4 bits
+    # "token": rotate each head's keys and values by a Hadamard transform before quantizing them
+    # (QuaRot: outliers spread over head_dim round better) and back after reading them
+    rotate: bool = False
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -56,6 +61,8 @@ class KVQuantConfig:
             raise QuantkitError(f"KV-cache key layout must be 'token' or 'channel', got {self.keys!r}")
         if self.group < 1:
             raise QuantkitError(f"KV-cache group must be positive, got {self.group}")
+        if self.rotate and self.keys != "token":
+            raise QuantkitError("a rotated KV cache quantizes per token: it does not combine with keys='channel' (KIVI)")
 
     @property
     def spec(self) -> QuantSpec:
@@ -64,6 +71,15 @@ class KVQuantConfig:
 
 
 # ---- quantized tensors ----------------------------------------------------------------------
+def kv_config(bits: int, keys: str | None, model: nn.Module) -> KVQuantConfig:
+    """The commands' KV cache (``--kv-bits``, ``--kv-keys``): ``keys`` "token", "channel" or
+    "rotated" (per token after a Hadamard transform); None: "rotated" for a model rotated by
+    quantkit (:mod:`quantkit.core.rotation`), else "token"."""
+    if keys is None:
+        keys = "rotated" if getattr(model, ROTATED_ATTR, None) is not None else "token"
+    return KVQuantConfig(bits=bits, keys="token" if keys == "rotated" else keys, rotate=keys == "rotated")
+
+
 @dataclass
 class QTensor:
     """Codes packed along the last dim, ``[b, h, t, ceil(d * bits / 8)]`` uint8, with ``scale``
@@ -167,9 +183,17 @@ class QuantizedKVLayer(DynamicLayer):
 
     def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         group = self.config.group if self.config.keys == "channel" else None
-        k = dequantize_kv(self._qkeys, group).to(self.dtype) if self._qkeys is not None else self.keys[..., :0, :]
-        v = dequantize_kv(self._qvalues).to(self.dtype) if self._qvalues is not None else self.values[..., :0, :]
-        return k, v
+        k = dequantize_kv(self._qkeys, group) if self._qkeys is not None else self.keys[..., :0, :]
+        v = dequantize_kv(self._qvalues) if self._qvalues is not None else self.values[..., :0, :]
+        if self.config.rotate:
+            k, v = self._turn(k, inverse=True), self._turn(v, inverse=True)
+        return k.to(self.dtype), v.to(self.dtype)
+
+    def _turn(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """``x [..., head_dim]`` through the rotated layout's Hadamard transform (or back)."""
+        if not x.shape[-2]:
+            return x
+        return HadamardTransform(x.shape[-1])(x.float(), inverse=inverse)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rows is not None:
@@ -179,6 +203,8 @@ class QuantizedKVLayer(DynamicLayer):
         self.cumulative_length += key_states.shape[-2]
         spec = self.config.spec
         if self.config.keys == "token":  # quantize on write, read everything back from the cache
+            if self.config.rotate:
+                key_states, value_states = self._turn(key_states), self._turn(value_states)
             self._qkeys = _cat(self._qkeys, quantize_per_token(key_states, spec))
             self._qvalues = _cat(self._qvalues, quantize_per_token(value_states, spec))
             return self._dequantized()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantkit.core.rotation import OnlineHadamard
 from quantkit.kernels.native import decode as native_decode
 from quantkit.kernels.native.build import DecodeDimsStruct, available
 from quantkit.kernels.native.int4 import NativeInt4Weight
@@ -36,6 +37,7 @@ class DecodeLayer:
     eps2: float
     k_cache: torch.Tensor
     v_cache: torch.Tensor
+    had: torch.Tensor | None = None  # the rotation's online Hadamard before down: its float32 factor [k, k]
 
 
 class DecodePlan:
@@ -48,7 +50,7 @@ class DecodePlan:
         self.cos, self.sin = cos.float().contiguous(), sin.float().contiguous()
         self._structs = native_decode.layer_array([
             native_decode.layer_struct(lay.weights, lay.biases, lay.norm1, lay.norm2, lay.eps1, lay.eps2, lay.k_cache,
-                                       lay.v_cache) for lay in layers])
+                                       lay.v_cache, lay.had) for lay in layers])
 
     def step(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """``x`` float32 ``[hidden]`` (the embedding of the token at ``pos``, contiguous), updated in
@@ -68,10 +70,25 @@ def _native_weights(mods: tuple, dtype: torch.dtype, device: torch.device) -> tu
     ``dtype`` inputs on ``device`` if its first forward has not yet (that converts the weight)."""
     if not all(isinstance(m, QuantLinear) for m in mods) or any(m.bias is not None for m in mods[3:]):
         return None
+    if any(m.act_bits for m in mods):  # integer activations: the C step's are bf16
+        return None
     for m in mods:
         m.prepare(torch.zeros(1, 1, m.in_features, dtype=dtype, device=device))
     weights = tuple(m.kernel_weight for m in mods)
     return weights if all(isinstance(w, NativeInt4Weight) for w in weights) else None
+
+
+def _online_factor(mods: tuple) -> tuple[bool, torch.Tensor | None]:
+    """``(runnable, factor)``: the C step applies a rotation's online Hadamard transform on down's
+    input (``factor``: its float32 ``[k, k]`` part); any other input transform keeps it from running."""
+    if any(m._forward_pre_hooks for m in mods[:-1]):
+        return False, None
+    hooks = list(mods[-1]._forward_pre_hooks.values())
+    if not hooks:
+        return True, None
+    if len(hooks) > 1 or not isinstance(hooks[0], OnlineHadamard):
+        return False, None
+    return True, hooks[0].transform.factor.contiguous()
 
 
 def build_plan(lm) -> DecodePlan | None:
@@ -87,11 +104,12 @@ def build_plan(lm) -> DecodePlan | None:
     for lay, kc, vc in zip(lm.layers, lm.k_cache, lm.v_cache):
         mods = _block_modules(lay)
         weights = _native_weights(mods, lm.dtype, lm.device)
-        if weights is None:
+        runnable, had = _online_factor(mods)
+        if weights is None or not runnable:
             return None
         biases = tuple(None if m.bias is None else m.bias.detach().float().contiguous() for m in mods[:3])
         layers.append(DecodeLayer(weights, biases, lay.attn_norm.weight.detach().float().contiguous(),
-                                  lay.mlp_norm.weight.detach().float().contiguous(), lay.eps1, lay.eps2, kc[0], vc[0]))
+                                  lay.mlp_norm.weight.detach().float().contiguous(), lay.eps1, lay.eps2, kc[0], vc[0], had))
     dims = native_decode.decode_dims(lm.layers[0].q.in_features, lm.n_heads, lm.n_kv, lm.head_dim,
                                      layers[0].weights[4].out_features, lm.max_len, lm.scaling)
     return DecodePlan(layers, dims, lm.cos, lm.sin)

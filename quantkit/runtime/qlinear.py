@@ -22,6 +22,7 @@ from torch import nn
 
 from quantkit.core.quant import dequantize, group_index, symmetric_zero
 from quantkit.pack.bits import pack_bits, packed_row_bytes, unpack_bits
+from quantkit.runtime.actquant import act_quant_forward
 
 
 class QuantLinear(nn.Module):
@@ -35,10 +36,12 @@ class QuantLinear(nn.Module):
         bias: bool = False,
         act_order: bool = False,
         dtype: torch.dtype = torch.float32,
+        act_bits: int | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.sym, self.act_order = bits, sym, act_order
+        self.act_bits = act_bits  # 8 or 4: activations quantized per token, integer matmuls (quantkit.runtime.actquant)
         self.group_size = in_features if group_size == -1 else group_size
         n_groups = in_features // self.group_size
         self.register_buffer("qweight", torch.zeros(out_features, packed_row_bytes(in_features, bits), dtype=torch.uint8))
@@ -57,10 +60,10 @@ class QuantLinear(nn.Module):
 
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def from_codes(cls, q, scales, zeros, bits, group_size, sym, g_idx=None, bias=None, dtype=torch.float32):
+    def from_codes(cls, q, scales, zeros, bits, group_size, sym, g_idx=None, bias=None, dtype=torch.float32, act_bits=None):
         """Build from unpacked codes ``q [out, in]`` and float ``scales``/``zeros [out, n_groups]``."""
         out_f, in_f = q.shape
-        m = cls(in_f, out_f, bits, group_size, sym, bias is not None, g_idx is not None, dtype)
+        m = cls(in_f, out_f, bits, group_size, sym, bias is not None, g_idx is not None, dtype, act_bits)
         m.qweight.copy_(pack_bits(q, bits))
         m.scales.copy_(scales.to(torch.float16))
         if not sym:
@@ -75,7 +78,7 @@ class QuantLinear(nn.Module):
     def from_entry(cls, in_features: int, out_features: int, entry: dict, bias: bool, dtype: torch.dtype):
         """An empty module for a ``quantization_config["modules"]`` entry (weights loaded after)."""
         return cls(in_features, out_features, int(entry["bits"]), int(entry["group_size"]), bool(entry["sym"]),
-                   bias=bias, act_order=bool(entry.get("act_order")), dtype=dtype)
+                   bias=bias, act_order=bool(entry.get("act_order")), dtype=dtype, act_bits=entry.get("act_bits"))
 
     # ---- views --------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
@@ -117,6 +120,8 @@ class QuantLinear(nn.Module):
         return self._kernel_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits:
+            return act_quant_forward(self, x)
         if self._backend is None:
             self.prepare(x)
         return self._backend(self, x)
@@ -124,5 +129,5 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, "
-            f"sym={self.sym}, act_order={self.act_order}"
+            f"sym={self.sym}, act_order={self.act_order}" + (f", act_bits={self.act_bits}" if self.act_bits else "")
         )

@@ -21,7 +21,8 @@ from quantkit.runtime.sparse import SparseLinear
 
 BUILDERS = {
     QuantizedWeight: lambda r, bias, dtype: QuantLinear.from_codes(r.q, r.scales, r.zeros, r.spec.bits, r.spec.group_size,
-                                                                   r.spec.sym, g_idx=r.g_idx, bias=bias, dtype=dtype),
+                                                                   r.spec.sym, g_idx=r.g_idx, bias=bias, dtype=dtype,
+                                                                   act_bits=r.act_bits),
     W8A8Weight: lambda r, bias, dtype: Int8Linear.from_quantized(r.q, r.w_scale, r.act_scale, bias, dtype),
     NMSparseWeight: lambda r, bias, dtype: SparseLinear.from_compressed(r.values, r.indices, r.n, r.m, bias=bias, dtype=dtype),
     LowRankWeight: lambda r, bias, dtype: LowRankLinear.from_factors(r.u, r.v, bias=bias, dtype=dtype),
@@ -82,6 +83,8 @@ def _check_entry(name: str, entry, in_f: int, out_f: int) -> None:
     could otherwise ask for a 10^9-bit grid or a rank larger than the layer)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("kind", "quant"), str):
         raise QuantkitError(f"quantization_config.modules[{name!r}] must be a mapping with a string 'kind'")
+    if entry.get("act_bits") is not None and (type(entry["act_bits"]) is not int or entry["act_bits"] not in (4, 8)):
+        raise QuantkitError(f"quantization_config.modules[{name!r}].act_bits = {entry['act_bits']!r}: 4 or 8 (or absent)")
     for key in ("bits", "group_size", "rank", "n", "m"):
         v = entry.get(key)
         if v is None and key in ("bits", "group_size") and entry.get("kind", "quant") == "quant":

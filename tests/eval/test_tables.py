@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 FIX = Path(__file__).parent.parent / "fixtures"
 TINY = ["--model", str(FIX / "stories260K"), "--calib", str(FIX / "tinystories.txt"), "--dataset",
         str(FIX / "tinystories.txt"), "--nsamples", "4", "--calib-seqlen", "64", "--seqlen", "64", "--max-windows", "2"]
@@ -42,3 +44,25 @@ def test_llamacpp_comparison_skips_cleanly_without_the_peer(monkeypatch, capsys)
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as on a machine without llama-cpp-python
     assert bench_llamacpp.main(["--gguf", "absent.gguf"]) == {}
     assert "not installed" in capsys.readouterr().out
+
+
+def test_rotate_table_rows_reload_and_speed(tmp_path):
+    import json
+
+    from quantkit.eval import rotate_table
+
+    out = tmp_path / "t.json"
+    rotate_table.main(TINY + ["--bits", "4", "--group-size", "-1", "--speed", "--out", str(tmp_path / "t.md"),
+                              "--json", str(out)])
+    res = json.loads(out.read_text())
+    rows = {r["model"]: r["perplexity"] for r in res["rows"]}
+    assert set(rows) == {"fp32", "fp32, rotated", "RTN W4 g-1", "RTN W4 g-1 + rotation", "GPTQ W4 g-1 + rotation",
+                         "GPTQ W4A8 g-1 + rotation", "GPTQ W4A4 g-1 + rotation", "GPTQ W4A4 KV4 g-1 + rotation"}
+    counted = {r["model"]: r["int_matmuls"] for r in res["rows"] if "int_matmuls" in r}
+    assert len(counted) == 3 and all(n >= 35 for n in counted.values())  # every linear ran integer matmuls
+    assert rows["GPTQ W4A8 g-1 + rotation"] == pytest.approx(rows["GPTQ W4 g-1 + rotation"], rel=0.05)
+    assert rows["fp32, rotated"] == pytest.approx(rows["fp32"], rel=1e-4)  # the rotation alone changes nothing
+    assert rows["RTN W4 g-1 + rotation"] != rows["RTN W4 g-1"]
+    assert res["packed_check"]["packed"] == pytest.approx(res["packed_check"]["in_memory"], rel=1e-3)
+    assert res["speed"]["ratio"] > 0 and res["speed"]["rotated"]["forward"].startswith("lean")
+    assert "rotation" in (tmp_path / "t.md").read_text()

@@ -124,7 +124,8 @@ def _step_matches_rows_alone(batch: QuantizedKVLayer, alone: list[QuantizedKVLay
         assert not keys[i, :, :t - n].any() and not values[i, :, :t - n].any()
 
 
-@pytest.mark.parametrize("cfg", [KVQuantConfig(8), KVQuantConfig(4), KVQuantConfig(4, keys="channel", group=4)])
+@pytest.mark.parametrize("cfg", [KVQuantConfig(8), KVQuantConfig(4), KVQuantConfig(4, keys="channel", group=4),
+                                 KVQuantConfig(4, rotate=True)])
 def test_row_operations_keep_each_row_as_it_is_alone(cfg):
     """Issue #15: batching rows of a quantized KV cache failed (the batch ops knew only keys/values).
     Rows of 5, 11 and 2 tokens (residuals of 1, 3 and 2 at group 4) join, decode, one leaves, the
@@ -223,9 +224,38 @@ def test_cli_perplexity_kv_bits(stories_dir, tiny_text):
     assert res["kv_bits"] == 4 and res["kv_bytes_per_token"] < res["kv_bytes_per_token_fp16"] / 2
 
 
+def test_rotated_layout_spreads_an_outlier_channel_and_reads_back_in_the_original_basis():
+    k, v = _kv(1, d=64), _kv(2, d=64)
+    errors = {}
+    for rotate in (False, True):
+        layer = QuantizedKVLayer(KVQuantConfig(4, rotate=rotate))
+        k_hat, v_hat = layer.update(k, v)
+        errors[rotate] = ((k_hat - k).norm() / k.norm()).item()
+        assert k_hat.shape == k.shape and ((v_hat - v).norm() / v.norm()).item() < 0.2
+    assert errors[True] < 0.7 * errors[False]
+    layer = QuantizedKVLayer(KVQuantConfig(8, rotate=True))
+    k_hat, _ = layer.update(k, v)
+    assert ((k_hat - k).norm() / k.norm()).item() < 0.01
+
+
+def test_kv_config_rotates_for_rotated_models(stories):
+    from quantkit.core.rotation import rotate_model
+    from quantkit.models.arch import arch_for
+    from quantkit.runtime.kvcache import kv_config
+
+    model, _ = stories
+    assert kv_config(4, None, model) == KVQuantConfig(4)
+    assert kv_config(4, "rotated", model) == KVQuantConfig(4, rotate=True)
+    rotate_model(model, arch_for(model))
+    assert kv_config(4, None, model) == KVQuantConfig(4, rotate=True)
+    assert kv_config(4, "token", model) == KVQuantConfig(4)
+
+
 def test_config_checks_itself():
     from quantkit.errors import QuantkitError
 
+    with pytest.raises(QuantkitError, match="KIVI"):
+        KVQuantConfig(4, keys="channel", rotate=True)
     with pytest.raises(QuantkitError, match="8 or 4"):
         KVQuantConfig(bits=2)
     with pytest.raises(QuantkitError, match="token"):

@@ -13,12 +13,14 @@ NEEDS_KERNEL = pytest.mark.skipif(not build.available(), reason=f"native kernels
 
 
 @NEEDS_KERNEL
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_decode_step_matches_the_torch_forward(stories, dtype):
-    """The one-call-per-token native step (every linear int4 on quantkit's CPU kernel) against the
-    lean forward's torch ops on the same modules: the reference it is tested against."""
+@pytest.mark.parametrize("dtype,rotate", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True),
+                                          (torch.bfloat16, True)])
+def test_native_decode_step_matches_the_torch_forward(stories, dtype, rotate):
+    """The one-call-per-token native step (every linear int4 on quantkit's CPU kernel; with
+    ``rotate``, the online Hadamard transform before down_proj in C too) against the lean
+    forward's torch ops on the same modules: the reference it is tested against."""
     model, _ = stories
-    api.compress(model, "rtn", {"bits": 4, "group_size": -1}, pack=True)
+    api.compress(model, "rtn", {"bits": 4, "group_size": -1, "rotate": rotate}, pack=True)
     model = model.to(dtype)
     ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(4))
     native, torch_ops = LeanLM(model, 40), LeanLM(model, 40, native=False)
@@ -58,3 +60,11 @@ def test_plan_shares_each_modules_converted_weight_and_declines_a_batch(stories)
         plan.step(torch.zeros(plan.dims.d + 1), 0)
     lm.reset(batch=2)
     assert build_plan(lm) is None
+
+
+@NEEDS_KERNEL
+def test_native_step_declines_an_input_transform_it_does_not_know(stories):
+    model, _ = stories
+    api.compress(model, "rtn", {"bits": 4, "group_size": -1}, pack=True)
+    model.model.layers[2].mlp.up_proj.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    assert build_plan(LeanLM(model, 16)) is None

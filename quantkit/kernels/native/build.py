@@ -110,7 +110,7 @@ class LayerStruct(ctypes.Structure):
     _fields_ = [(n, ctypes.POINTER(Int4WeightStruct)) for n in ("q", "k", "v", "o", "gate", "up", "down")] + [
         ("bq", ctypes.c_void_p), ("bk", ctypes.c_void_p), ("bv", ctypes.c_void_p),
         ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("eps1", ctypes.c_float), ("eps2", ctypes.c_float),
-        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("had", ctypes.c_void_p), ("had_k", ctypes.c_int64)]
 
 
 class DecodeDimsStruct(ctypes.Structure):

@@ -23,10 +23,12 @@ WEIGHT_NAMES = ("q", "k", "v", "o", "gate", "up", "down")  # the order of a laye
 
 def layer_struct(weights: Sequence[NativeInt4Weight], biases: Sequence[torch.Tensor | None], norm1: torch.Tensor,
                  norm2: torch.Tensor, eps1: float, eps2: float, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor) -> LayerStruct:
+                 v_cache: torch.Tensor, had: torch.Tensor | None = None) -> LayerStruct:
     """``qk_layer`` for one block: seven weights (``WEIGHT_NAMES`` order), q/k/v biases (float32
     ``[out]`` or None), RMSNorm weights float32 ``[d]``, and its float32 cache ``[n_kv, max_len,
-    head_dim]``.  Holds raw pointers: the caller keeps every tensor alive."""
+    head_dim]``; ``had``: float32 ``[k, k]``, the factor ``A`` of an online Hadamard transform
+    ``x kron(A, H_p)`` on down's input (None: none).  Holds raw pointers: the caller keeps every
+    tensor alive."""
     st = LayerStruct()
     for name, w in zip(WEIGHT_NAMES, weights, strict=True):
         setattr(st, name, w.desc)
@@ -34,6 +36,7 @@ def layer_struct(weights: Sequence[NativeInt4Weight], biases: Sequence[torch.Ten
     st.norm1, st.norm2 = norm1.data_ptr(), norm2.data_ptr()
     st.eps1, st.eps2 = eps1, eps2
     st.k_cache, st.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+    st.had, st.had_k = ptr(had), 0 if had is None else had.shape[0]
     return st
 
 

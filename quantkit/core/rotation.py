@@ -1,0 +1,142 @@
+"""Rotating the residual stream (QuaRot, SpinQuant's Hadamard initialisation): a function-preserving
+transform after which weights and activations have no outlier channels, so that they round well
+to 2-4 bits.
+
+For an RMSNorm model, ``RMSNorm(x Q) = RMSNorm(x) Q`` for any orthonormal ``Q`` once the norms'
+scales are folded into the linears that read them.  So with ``Q`` a randomized Hadamard matrix
+(:func:`quantkit.core.hadamard.random_hadamard`):
+
+* every norm's scale goes into the input columns of the linears it feeds (its weight becomes 1),
+  the final norm's into the head;
+* the token embedding becomes ``E Q``; every linear reading the residual stream (``q/k/v``,
+  ``gate/up``, the head) ``W Q``; every linear writing it (``o_proj``, ``down_proj``) ``Q^T W``,
+  its bias ``b Q``;
+* ``down_proj``'s input (``silu(gate) * up``, not on the residual stream) gets an *online*
+  Hadamard transform ``H``: ``down_proj``'s weight becomes ``W H`` and a forward pre-hook
+  (:class:`OnlineHadamard`) applies ``x -> x H`` at run time; the runtime re-attaches it from the
+  checkpoint's ``quantization_config["rotation"]`` (:func:`attach_online`).
+
+What to rotate is read from the architecture table (:class:`quantkit.models.arch.RotationSpec`).
+The rotated float model computes the same function as the original, up to rounding.
+
+    >>> record = rotate_model(model, arch_for(model), seed=0)    # in place; the config's "rotation"
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantkit.core.hadamard import HadamardTransform, random_hadamard
+from quantkit.errors import QuantkitError
+from quantkit.models.arch import ArchSpec, get_module, untie_head
+
+ROTATED_ATTR = "_quantkit_rotation"  # set on a model once it is rotated: a second rotation is refused
+
+
+class OnlineHadamard:
+    """A forward pre-hook ``x -> x H`` on a linear's input (``H``: :class:`HadamardTransform` of
+    its input size); ``carried`` over when the linear is swapped for its packed module
+    (:func:`quantkit.models.arch.set_module`)."""
+
+    carried = True
+
+    def __init__(self, n: int):
+        self.transform = HadamardTransform(n)
+
+    def __call__(self, module: nn.Module, args: tuple):
+        return (self.transform(args[0]),) + tuple(args[1:])
+
+
+def online_transforms(module: nn.Module) -> list[OnlineHadamard]:
+    """The online Hadamard hooks on ``module``'s input (the runtime's fused paths, which bypass
+    the module's call, must not run a module that has one)."""
+    return [h for h in module._forward_pre_hooks.values() if isinstance(h, OnlineHadamard)]
+
+
+def check_rotatable(model: nn.Module, arch: ArchSpec) -> None:
+    """Refuse, before any work, a model the rotation cannot handle."""
+    if arch.rotation is None:
+        raise QuantkitError(f"cannot rotate a {arch.name} model: {arch.no_rotation}")
+    if getattr(model, ROTATED_ATTR, None) is not None:
+        raise QuantkitError("the model is rotated already: rotate once (a recipe's rotate step, or --rotate on one step)")
+    if any(p.is_meta for p in model.parameters()):
+        raise QuantkitError("a rotation needs the whole model in memory: drop --stream")
+
+
+def _mul_(param: torch.Tensor, fn) -> None:
+    """``param <- fn(param in float64)``, stored in its own dtype."""
+    param.data.copy_(fn(param.data.double()).to(param.dtype))
+
+
+def fold_norms(model: nn.Module, arch: ArchSpec) -> None:
+    """Every RMSNorm's scale into the input columns of the linears it feeds; the norm's weight
+    becomes the identity (``1``, or ``0`` for Gemma's ``1 + w``)."""
+    pairs = []
+    for block in arch.blocks(model):
+        pairs += [(get_module(block, g.prev), [get_module(block, n) for n in g.linears])
+                  for g in arch.groups if g.prev_kind == "norm"]
+    if arch.final_norm:
+        pairs.append((get_module(model, arch.final_norm), [get_module(model, arch.lm_head)]))
+    for norm, linears in pairs:
+        scale = norm.weight.data.double() + arch.norm_offset
+        for lin in linears:
+            _mul_(lin.weight, lambda w: w * scale.to(w.device))
+        norm.weight.data.fill_(1.0 - arch.norm_offset)
+
+
+def rotate_residual(model: nn.Module, arch: ArchSpec, q: torch.Tensor) -> None:
+    """The residual stream ``x -> x Q``: embedding rows and readers' input columns times ``Q``,
+    writers' output rows ``Q^T W`` (and biases ``b Q``)."""
+    readers = [n for g in arch.groups if g.prev_kind == "norm" for n in g.linears]
+    _mul_(get_module(model, arch.embeddings[0]).weight, lambda w: w @ q.to(w.device))
+    _mul_(get_module(model, arch.lm_head).weight, lambda w: w @ q.to(w.device))
+    for block in arch.blocks(model):
+        for name in readers:
+            _mul_(get_module(block, name).weight, lambda w: w @ q.to(w.device))
+        for name in arch.rotation.writers:
+            lin = get_module(block, name)
+            _mul_(lin.weight, lambda w: q.t().to(w.device) @ w)
+            if lin.bias is not None:
+                _mul_(lin.bias, lambda b: b @ q.to(b.device))
+
+
+def rotate_model(model: nn.Module, arch: ArchSpec, seed: int = 0, online: bool = True) -> dict:
+    """Rotate ``model`` in place (see the module's docstring); returns the record that goes into
+    ``quantization_config["rotation"]``: the hidden size, the seed and, with ``online``, each
+    linear given an online Hadamard transform with its size."""
+    check_rotatable(model, arch)
+    hidden = get_module(model, arch.embeddings[0]).weight.shape[1]
+    untie_head(model, arch)
+    with torch.no_grad():
+        fold_norms(model, arch)
+        rotate_residual(model, arch, random_hadamard(hidden, seed))
+        record = {"kind": "hadamard", "hidden_size": hidden, "seed": seed, "online": {}}
+        if online:
+            for i, block in enumerate(arch.blocks(model)):
+                for name in arch.rotation.online:
+                    lin = get_module(block, name)
+                    n = lin.weight.shape[1]
+                    _mul_(lin.weight, lambda w: w @ HadamardTransform(n).matrix().to(w.device))
+                    record["online"][f"{arch.blocks_path}.{i}.{name}"] = n
+    attach_online(model, record)
+    return record
+
+
+def attach_online(model: nn.Module, record) -> None:
+    """Put an :class:`OnlineHadamard` on the input of every linear ``record["online"]`` names
+    (a checkpoint's ``quantization_config["rotation"]``, checked against the model first)."""
+    online = record.get("online", {}) if isinstance(record, dict) else None
+    if not isinstance(online, dict):
+        raise QuantkitError("quantization_config.rotation must be a mapping with an 'online' mapping")
+    for name, n in online.items():
+        try:
+            mod = get_module(model, name)
+        except QuantkitError:
+            raise QuantkitError(f"quantization_config.rotation.online names {name!r}, which the model does not have") from None
+        in_f = getattr(mod, "in_features", None)
+        if type(n) is not int or n != in_f:
+            raise QuantkitError(f"quantization_config.rotation.online[{name!r}] = {n!r}, but that layer takes {in_f} features")
+        if not online_transforms(mod):
+            mod.register_forward_pre_hook(OnlineHadamard(n))
+    setattr(model, ROTATED_ATTR, record)

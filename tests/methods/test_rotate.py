@@ -1,0 +1,122 @@
+"""--rotate and the rotate step: checkpoints that reload with their online transforms, recipes,
+refusals, export, and the runtime's paths (lean forward, native decode step) on rotated models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import DynamicCache
+
+from quantkit import api
+from quantkit.cli import cli
+from quantkit.core.rotation import online_transforms
+from quantkit.errors import QuantkitError
+from quantkit.eval.perplexity import perplexity
+from quantkit.runtime.lean import LeanLM
+
+
+def _cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _ppl(path, text):
+    res = _cli("eval", "perplexity", path, "--dataset", text, "--seqlen", 128, "--json")
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output)["perplexity"]
+
+
+def test_rotate_step_alone_keeps_the_function_through_the_checkpoint(stories_dir, tiny_text, tmp_path):
+    res = _cli("quantize", stories_dir, "-o", tmp_path / "rot", "--method", "rotate", "--json")
+    assert res.exit_code == 0, res.output
+    qcfg = json.loads((tmp_path / "rot" / "config.json").read_text())["quantization_config"]
+    assert qcfg["method"] == "rotate" and len(qcfg["rotation"]["online"]) == 5 and qcfg["modules"] == {}
+    assert _ppl(tmp_path / "rot", tiny_text) == pytest.approx(_ppl(stories_dir, tiny_text), rel=1e-5)
+
+
+def test_rotated_quantized_checkpoint_reloads_with_its_transforms(stories, calib_ids, eval_windows, tmp_path):
+    model, tok = stories
+    res = api.compress(model, "gptq", {"bits": 4, "group_size": -1, "rotate": True}, calib_ids=calib_ids)
+    assert set(res.extra["rotation"]["online"]) == {f"model.layers.{i}.mlp.down_proj" for i in range(5)}
+    in_memory = perplexity(model, eval_windows)["perplexity"]
+    api.save(model, tok, tmp_path / "ck", "gptq", res)
+    loaded, _ = api.load_model(str(tmp_path / "ck"))
+    assert all(online_transforms(b.mlp.down_proj) for b in loaded.model.layers)
+    assert perplexity(loaded, eval_windows)["perplexity"] == pytest.approx(in_memory, rel=1e-4)
+    # without its transforms the same weights compute something else: the hooks matter
+    for b in loaded.model.layers:
+        b.mlp.down_proj._forward_pre_hooks.clear()
+    assert perplexity(loaded, eval_windows)["perplexity"] > 1.5 * in_memory
+
+
+def test_recipe_rotate_step_equals_the_rotate_option(stories_dir, tmp_path):
+    (tmp_path / "a.yaml").write_text("steps:\n  - method: rotate\n  - {method: rtn, bits: 4, group_size: -1}\n")
+    (tmp_path / "b.yaml").write_text("steps:\n  - {method: rtn, bits: 4, group_size: -1, rotate: true}\n")
+    for name in ("a", "b"):
+        res = _cli("run", tmp_path / f"{name}.yaml", stories_dir, "-o", tmp_path / name)
+        assert res.exit_code == 0, res.output
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("steps,msg", [
+    ("  - {method: rtn, bits: 8}\n  - method: rotate\n", "rotate in the first step"),
+    ("  - method: rotate\n  - {method: rtn, bits: 4, group_size: -1, rotate: true}\n", "rotate once"),
+])
+def test_recipes_rotating_late_or_twice_are_refused(stories_dir, tmp_path, steps, msg):
+    (tmp_path / "r.yaml").write_text("steps:\n" + steps)
+    res = _cli("run", tmp_path / "r.yaml", stories_dir, "-o", tmp_path / "out")
+    assert res.exit_code != 0 and msg in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_stream_with_rotate_is_refused_before_work(tiny_sharded, tmp_path):
+    res = _cli("quantize", tiny_sharded, "-o", tmp_path / "o", "--method", "rtn", "--rotate", "--stream")
+    assert res.exit_code != 0 and "--no-stream" in res.output and not (tmp_path / "o").exists()
+
+
+def test_unrotatable_architecture_is_refused_in_one_line(tmp_path):
+    from quantkit.testing import tiny_opt
+
+    model = tiny_opt()
+    with pytest.raises(QuantkitError, match="cannot rotate a opt model"):
+        api.compress(model, "rtn", {"bits": 4, "group_size": -1, "rotate": True})
+
+
+def test_export_refuses_online_transforms_and_takes_a_plain_rotation(tiny_sharded, tmp_path):
+    for name, flag in (("online", "--online-hadamard"), ("plain", "--no-online-hadamard")):
+        res = _cli("quantize", tiny_sharded, "--no-stream", "-o", tmp_path / name, "--method", "rtn", "--rotate", flag,
+                   "--bits", 4, "--group-size", -1)
+        assert res.exit_code == 0, res.output
+    res = _cli("export", tmp_path / "online", "--format", "gptq", "-o", tmp_path / "g1")
+    assert res.exit_code != 0 and "online Hadamard" in res.output and "--no-online-hadamard" in res.output
+    assert not (tmp_path / "g1").exists()
+    res = _cli("export", tmp_path / "plain", "--format", "gptq", "-o", tmp_path / "g2")
+    assert res.exit_code == 0, res.output
+    qcfg = json.loads((tmp_path / "plain" / "config.json").read_text())["quantization_config"]
+    assert qcfg["rotation"]["online"] == {}
+
+
+def test_awq_with_rotate_leaves_the_online_rotated_group_unscaled(stories, calib_ids, eval_windows):
+    model, _ = stories
+    fp = perplexity(model, eval_windows)["perplexity"]
+    res = api.compress(model, "awq", {"bits": 8, "group_size": -1, "rotate": True}, calib_ids=calib_ids)
+    notes = " ".join(r.note for r in res.log if r.module.endswith("mlp.down_proj"))
+    assert "rotated online" in notes
+    assert perplexity(model, eval_windows)["perplexity"] == pytest.approx(fp, rel=0.02)
+
+
+def test_lean_runtime_runs_rotated_checkpoints(stories, tmp_path):
+    model, tok = stories
+    res = api.compress(model, "rtn", {"bits": 4, "group_size": -1, "rotate": True})
+    api.save(model, tok, tmp_path / "ck", "rtn", res)
+    loaded, _ = api.load_model(str(tmp_path / "ck"))
+    ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = loaded(ids, past_key_values=DynamicCache(config=loaded.config), use_cache=True).logits[:, -1].float()
+        lm = LeanLM(loaded, max_len=16)
+        got = lm.forward(ids)
+        step = lm.forward(got.argmax(-1, keepdim=True))
+    assert torch.allclose(got, ref, atol=1e-3, rtol=1e-3)
+    assert torch.isfinite(step).all()
