@@ -28,8 +28,11 @@ class QuantSpec:
     bits: int = 4
     group_size: int = 128
     sym: bool = True
+    observer: str = "minmax"  # how each group's grid is chosen: see compute_qparams (not part of the stored format)
 
     def __post_init__(self):
+        if self.observer not in OBSERVERS:
+            raise QuantkitError(f"observer must be one of {', '.join(OBSERVERS)}, got {excerpt(self.observer)}")
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise QuantkitError(f"bits must be an integer from 2 to 8, got {excerpt(self.bits)}")
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size < 1):
@@ -54,6 +57,10 @@ class QuantSpec:
             )
 
 
+OBSERVERS = ("minmax", "mse")
+# the "mse" observer: the grid's range shrunk by 1, 0.99, ... MSE_SHRINK_MIN, keeping per group the
+# one with the least sum |w - Q(w)|^MSE_NORM (GPTQ's reference `--mse` search, there with 0.2 and 2.4)
+MSE_SHRINK_STEPS, MSE_SHRINK_MIN, MSE_NORM = 100, 0.5, 2.4
 FP16_MAX = 65504.0  # the largest float16: scales are stored in float16, so none can exceed it
 
 
@@ -64,11 +71,29 @@ def symmetric_zero(bits: int) -> int:
 
 
 def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min/max scale and integer zero for each row of ``w`` (``[rows, cols]`` -> ``[rows]``, ``[rows]``)."""
+    """Scale and integer zero for each row of ``w`` (``[rows, cols]`` -> ``[rows]``, ``[rows]``):
+    from the row's min and max (``observer="minmax"``), or (``"mse"``) from that range shrunk by the
+    factor, down to :data:`MSE_SHRINK_MIN`, whose grid rounds the row with the least error."""
     w = w.float()
-    maxq = spec.maxq
     xmin = w.amin(dim=1).clamp(max=0)
     xmax = w.amax(dim=1).clamp(min=0)
+    if spec.observer == "minmax":
+        return _grid(xmin, xmax, spec)
+    best = _grid(xmin, xmax, spec)
+    best_err = (fake_quantize(w, best[0].unsqueeze(1), best[1].unsqueeze(1), spec.maxq) - w).abs().pow(MSE_NORM).sum(1)
+    for i in range(1, int(round((1 - MSE_SHRINK_MIN) * MSE_SHRINK_STEPS)) + 1):
+        p = 1 - i / MSE_SHRINK_STEPS
+        scale, zero = _grid(p * xmin, p * xmax, spec)
+        err = (fake_quantize(w, scale.unsqueeze(1), zero.unsqueeze(1), spec.maxq) - w).abs().pow(MSE_NORM).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]))
+    return best
+
+
+def _grid(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid spanning ``[xmin, xmax]`` per row (``xmin <= 0 <= xmax``), scales on float16's grid."""
+    maxq = spec.maxq
     if spec.sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         scale = 2 * xmax / maxq

@@ -11,6 +11,8 @@ scales are folded into the linears that read them.  So with ``Q`` a randomized H
 * the token embedding becomes ``E Q``; every linear reading the residual stream (``q/k/v``,
   ``gate/up``, the head) ``W Q``; every linear writing it (``o_proj``, ``down_proj``) ``Q^T W``,
   its bias ``b Q``;
+* each head's values ``v H`` (``H`` a Hadamard matrix over ``head_dim``: ``v_proj``'s rows) and
+  ``o_proj``'s input columns per head ``W H``, exact offline;
 * ``down_proj``'s input (``silu(gate) * up``, not on the residual stream) gets an *online*
   Hadamard transform ``H``: ``down_proj``'s weight becomes ``W H`` and a forward pre-hook
   (:class:`OnlineHadamard`) applies ``x -> x H`` at run time; the runtime re-attaches it from the
@@ -101,6 +103,25 @@ def rotate_residual(model: nn.Module, arch: ArchSpec, q: torch.Tensor) -> None:
                 _mul_(lin.bias, lambda b: b @ q.to(b.device))
 
 
+def rotate_values(model: nn.Module, arch: ArchSpec) -> None:
+    """Each head's values ``v -> v H`` (``H``: Hadamard over ``head_dim``; ``v_proj``'s rows and
+    bias per head) and ``o_proj``'s input columns per head ``W H``: attention mixes values within a
+    head, so ``o_proj`` sees ``out H`` and the function is unchanged (grouped-query heads share
+    their kv head's ``H``, the same for all)."""
+    if arch.rotation.values is None:
+        return
+    v_name, o_name = arch.rotation.values
+    cfg = model.config.get_text_config()
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    h = HadamardTransform(hd).matrix()
+    for block in arch.blocks(model):
+        v, o = get_module(block, v_name), get_module(block, o_name)
+        _mul_(v.weight, lambda w: torch.einsum("ji,hjd->hid", h.to(w.device), w.reshape(-1, hd, w.shape[1])).reshape(w.shape))
+        if v.bias is not None:
+            _mul_(v.bias, lambda b: (b.reshape(-1, hd) @ h.to(b.device)).reshape(b.shape))
+        _mul_(o.weight, lambda w: (w.reshape(w.shape[0], -1, hd) @ h.to(w.device)).reshape(w.shape))
+
+
 def rotate_model(model: nn.Module, arch: ArchSpec, seed: int = 0, online: bool = True) -> dict:
     """Rotate ``model`` in place (see the module's docstring); returns the record that goes into
     ``quantization_config["rotation"]``: the hidden size, the seed and, with ``online``, each
@@ -111,6 +132,7 @@ def rotate_model(model: nn.Module, arch: ArchSpec, seed: int = 0, online: bool =
     with torch.no_grad():
         fold_norms(model, arch)
         rotate_residual(model, arch, random_hadamard(hidden, seed))
+        rotate_values(model, arch)
         record = {"kind": "hadamard", "hidden_size": hidden, "seed": seed, "online": {}}
         if online:
             for i, block in enumerate(arch.blocks(model)):

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--bits", default="4,3", help="Comma-separated weight bit widths.")
     ap.add_argument("--rotate-seed", type=int, default=0)
+    ap.add_argument("--observer", default="minmax", choices=("minmax", "mse"), help="Every row's grid observer.")
+    ap.add_argument("--asym", action="store_true", help="Asymmetric grids (default: symmetric).")
     ap.add_argument("--no-online-hadamard", action="store_true", help="Rotate the residual stream only.")
     ap.add_argument("--baseline", action="store_true", help="Also GPTQ without rotation (slow).")
     ap.add_argument("--no-activations", action="store_true", help="Skip the W4A8, W4A4 and W4A4 KV4 rows.")
@@ -53,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _options(args, bits: int, rotate: bool) -> dict:
     return {"bits": bits, "group_size": args.group_size, "rotate": rotate, "rotate_seed": args.rotate_seed,
-            "online_hadamard": not args.no_online_hadamard}
+            "online_hadamard": not args.no_online_hadamard, "observer": args.observer, "sym": not args.asym}
 
 
 def _row(args, base, method: str, bits: int | None, rotate: bool, calib, windows) -> tuple:
@@ -104,7 +106,7 @@ def _speed(args, base, tok, tmp: Path) -> dict:
     models = {}
     for rotate in (False, True):
         model = copy.deepcopy(base)
-        res = api.compress(model, "rtn", _options(args, 4, rotate))
+        res = api.compress(model, "rtn", {**_options(args, 4, rotate), "observer": "minmax"})  # the format is what counts
         name = "rotated" if rotate else "plain"
         api.save(model, tok, tmp / name, "rtn", res)
         models[name] = load_model(str(tmp / name))[0]
@@ -117,7 +119,8 @@ def _speed(args, base, tok, tmp: Path) -> dict:
 
 
 def _markdown(args, rows: list[dict], check: dict | None, speed: dict | None, minutes: float) -> str:
-    lines = [f"| {Path(args.model).name}, symmetric g{args.group_size} | WikiText-2 ppl ({args.max_windows} x "
+    grid = f"{'asymmetric' if args.asym else 'symmetric'} g{args.group_size}, {args.observer} grids"
+    lines = [f"| {Path(args.model).name}, {grid} | WikiText-2 ppl ({args.max_windows} x "
              f"{args.seqlen} tokens) | compress s |", "|---|---|---|"]
     lines += [f"| {r['model']} | {r['perplexity']:.2f} | {'' if r['seconds'] is None else r['seconds']} |" for r in rows]
     counted = [r for r in rows if r.get("int_matmuls")]

@@ -17,7 +17,7 @@ from quantkit.calibrate.driver import BlockContext
 from quantkit.core.types import CompressionResult, LayerRecord, QuantizedWeight
 from quantkit.errors import QuantkitError, excerpt
 from quantkit.core.hessian import HessianAccumulator
-from quantkit.core.quant import QuantSpec, clipped_scale_note, dequantize, quantize_rtn
+from quantkit.core.quant import OBSERVERS, QuantSpec, clipped_scale_note, dequantize, quantize_rtn
 from quantkit.core.stats import ActStats
 
 
@@ -74,6 +74,9 @@ class WeightQuantConfig:
     online_hadamard: bool = field(default=True, metadata={
         "help": "With the rotation, also rotate down_proj's input by a Hadamard transform the runtime applies "
                 "(--no-online-hadamard: a plain model other engines run, a little less accurate)."})
+    observer: str = field(default="minmax", metadata={
+        "choices": OBSERVERS, "help": "How each group's grid is chosen: from its min and max, or (mse) the range, "
+                                     "shrunk by up to half, that rounds the group with the least error."})
     act_bits: int | None = field(default=None, metadata={
         "help": "Also quantize each linear's input per token to 8 or 4 bits at run time (W4A8, W4A4: integer "
                 "matmuls); best with --rotate."})
@@ -82,7 +85,7 @@ class WeightQuantConfig:
                 "GPTQ calibrates it on the final norm's output."})  # see quantize_head
 
     def __post_init__(self):
-        QuantSpec(self.bits, self.group_size, self.sym)  # validates
+        QuantSpec(self.bits, self.group_size, self.sym, self.observer)  # validates
         if self.act_bits is not None and self.act_bits not in (4, 8):
             raise QuantkitError(f"act_bits must be 8 or 4 (or unset), got {excerpt(self.act_bits)}")
         if self.act_bits and self.bits == 8 and not self.sym:
@@ -95,7 +98,8 @@ class WeightQuantConfig:
             self.spec_for_fields(fields)
 
     def spec_for_fields(self, fields: dict) -> QuantSpec:
-        return QuantSpec(fields.get("bits", self.bits), fields.get("group_size", self.group_size), fields.get("sym", self.sym))
+        return QuantSpec(fields.get("bits", self.bits), fields.get("group_size", self.group_size), fields.get("sym", self.sym),
+                         self.observer)
 
     def ignored(self, module_name: str) -> bool:
         return any(re.search(p, module_name) for p in self.ignore)
@@ -104,7 +108,7 @@ class WeightQuantConfig:
         """The module's format, or ``None`` if an ``ignore`` pattern matches it."""
         if self.ignored(module_name):
             return None
-        spec = QuantSpec(self.bits, self.group_size, self.sym)
+        spec = QuantSpec(self.bits, self.group_size, self.sym, self.observer)
         for pattern, fields in self.overrides:
             if re.search(pattern, module_name):
                 spec = self.spec_for_fields({**spec.__dict__, **fields})

@@ -67,6 +67,9 @@ class RotationSpec:
 
     writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     online: tuple[str, ...] = ("mlp.down_proj",)
+    # (value projection, output projection): each head's values rotated by a Hadamard transform
+    # over head_dim, undone in o_proj's input columns (offline, exact); None: a fused qkv
+    values: tuple[str, str] | None = ("self_attn.v_proj", "self_attn.o_proj")
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             LinearGroup(("mlp.gate_up_proj",), "post_attention_layernorm", "norm", "mlp"),
             LinearGroup(("mlp.down_proj",), None, ""),  # fed by act(gate) * up of a fused linear
         ),
-        ("model.embed_tokens",), "model.norm", qk=("self_attn.qkv_proj",),
+        ("model.embed_tokens",), "model.norm", qk=("self_attn.qkv_proj",), rotation=RotationSpec(values=None),
     ),
     ArchSpec(
         "opt", ("opt",), "model.decoder.layers",

@@ -51,3 +51,27 @@ def test_a_scale_beyond_float16_is_clamped_and_noted():  # A45
     assert clipped_scale_note(s) == ("weights beyond float16's scale range: 1 group scale(s) clamped at 65504, "
                                      "their largest weights clipped (a recipe's ignore: keeps the module in float)")
     assert clipped_scale_note(quantize_rtn(w[[0, 2, 3]], QuantSpec(4, 32, True))[1]) == ""
+
+
+@pytest.mark.parametrize("bits,sym", [(3, True), (3, False), (4, True), (2, False)])
+def test_mse_observer_never_rounds_a_group_worse_and_usually_better(bits, sym):
+    from quantkit.core.quant import MSE_NORM, compute_qparams, fake_quantize
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(256, 64, generator=g) * torch.rand(256, 1, generator=g)
+    w[::7, 3] *= 6  # outliers: where a shrunk range pays
+    err = {}
+    for obs in ("minmax", "mse"):
+        spec = QuantSpec(bits, 64, sym, obs)
+        s, z = compute_qparams(w, spec)
+        err[obs] = (fake_quantize(w, s.unsqueeze(1), z.unsqueeze(1), spec.maxq) - w).abs().pow(MSE_NORM).sum(1)
+        assert torch.equal(s, s.half().float())  # still on the float16 grid
+    assert bool((err["mse"] <= err["minmax"] + 1e-6).all())
+    assert err["mse"].sum() < 0.9 * err["minmax"].sum()
+    q, s, z = quantize_rtn(w, QuantSpec(bits, 64, sym, "mse"))
+    assert q.max() <= 2 ** bits - 1
+
+
+def test_unknown_observer_is_refused():
+    with pytest.raises(QuantkitError, match="observer must be one of minmax, mse"):
+        QuantSpec(4, 64, True, "percentile")
