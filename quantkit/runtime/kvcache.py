@@ -50,9 +50,7 @@ class KVQuantConfig:
     keys: str = "token"  # "token": per token and head; "channel": per channel over groups of `group` tokens (KIVI)
     group: int = 64  # "channel": tokens per key group, also the float residual's capacity
     sym: bool | None = None  # None: symmetric at 8 bits, asymmetric at 4 bits
-    # "token": rotate each head's keys and values by a Hadamard transform before quantizing them
-    # (QuaRot: outliers spread over head_dim round better) and back after reading them
-    rotate: bool = False
+    rotate: bool = False  # "token": each head's k/v through a Hadamard transform before quantizing, back when read
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -189,11 +187,8 @@ class QuantizedKVLayer(DynamicLayer):
             k, v = self._turn(k, inverse=True), self._turn(v, inverse=True)
         return k.to(self.dtype), v.to(self.dtype)
 
-    def _turn(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """``x [..., head_dim]`` through the rotated layout's Hadamard transform (or back)."""
-        if not x.shape[-2]:
-            return x
-        return HadamardTransform(x.shape[-1])(x.float(), inverse=inverse)
+    def _turn(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:  # the rotated layout's transform (or back)
+        return HadamardTransform(x.shape[-1])(x.float(), inverse=inverse) if x.shape[-2] else x
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rows is not None:

@@ -120,3 +120,22 @@ def test_lean_runtime_runs_rotated_checkpoints(stories, tmp_path):
         step = lm.forward(got.argmax(-1, keepdim=True))
     assert torch.allclose(got, ref, atol=1e-3, rtol=1e-3)
     assert torch.isfinite(step).all()
+
+
+def test_cli_w4a8_checkpoint_records_act_bits_and_generates(stories_dir, tiny_text, tmp_path):
+    res = _cli("quantize", stories_dir, "-o", tmp_path / "w4a8", "--method", "gptq", "--rotate", "--bits", 4,
+               "--group-size", -1, "--act-bits", 8, "--calib", tiny_text, "--nsamples", 8, "--seqlen", 64, "--json")
+    assert res.exit_code == 0, res.output
+    modules = json.loads((tmp_path / "w4a8" / "config.json").read_text())["quantization_config"]["modules"]
+    assert {e["act_bits"] for e in modules.values()} == {8}
+    loaded, _ = api.load_model(str(tmp_path / "w4a8"))
+    assert all(m.act_bits == 8 for m in loaded.modules() if hasattr(m, "act_bits"))
+    gen = _cli("generate", tmp_path / "w4a8", "Once upon a time", "--max-new-tokens", 8, "--kv-bits", 4)
+    assert gen.exit_code == 0 and gen.output.strip(), gen.output
+    w4 = _ppl(tmp_path / "w4a8", tiny_text)
+    assert 1 < w4 < 1.5 * _ppl(stories_dir, tiny_text)
+
+
+def test_act_bits_refusals_are_one_line(stories_dir, tmp_path):
+    res = _cli("quantize", stories_dir, "-o", tmp_path / "x", "--method", "rtn", "--act-bits", 3)
+    assert res.exit_code != 0 and "act_bits must be 8 or 4" in res.output and "Traceback" not in res.output

@@ -19,7 +19,7 @@ from quantkit.serve import kvbatch
 from quantkit.serve.engine import Engine
 
 FIXTURE = str(Path(__file__).resolve().parents[1] / "fixtures" / "stories260K")
-CONFIGS = [KVQuantConfig(8), KVQuantConfig(4), KVQuantConfig(4, keys="channel", group=8)]
+CONFIGS = [KVQuantConfig(8), KVQuantConfig(4), KVQuantConfig(4, keys="channel", group=8), KVQuantConfig(4, rotate=True)]
 PROMPTS = ["Once upon", "There was a big tree", "Lily and Tom went to the park. They", "The dog", "Sam",
            "It was a rainy day. Mom said"]
 
@@ -100,7 +100,7 @@ def _texts_alone_and_batched(engine: Engine, ids: list[list[int]], params: list[
     return alone, batched
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["int8", "int4", "int4-channel"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["int8", "int4", "int4-channel", "int4-rotated"])
 def test_engine_batches_a_quantized_kv_cache_as_alone(int4_model, cfg, monkeypatch):
     """Six requests, three slots: rows of every length join mid-decode and leave at different steps;
     each greedy text equals the request's text served alone with the same KV cache."""
@@ -141,3 +141,27 @@ def test_app_serves_concurrent_requests_with_kv_bits(int4_model):
         with ThreadPoolExecutor(4) as pool:
             assert list(pool.map(complete, PROMPTS[:4])) == alone
         assert client.get("/metrics?format=json").json()["errors"] == 0
+
+
+def test_engine_serves_a_rotated_w4a8_model_batched_as_alone():
+    """A rotated checkpoint with int8 activations and its rotated int4 KV cache (the CLI's default
+    for it) behind continuous batching: each greedy text equals the request's text alone."""
+    from quantkit import api
+    from quantkit.checkpoint.formats import load_model
+    from quantkit.cli.serve import kv_cache_factory
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, tok = load_model(FIXTURE)
+        api.compress(model, "rtn", {"bits": 4, "group_size": -1, "rotate": True, "act_bits": 8}, pack=True)
+        ids = [encode_prompt(tok, p) for p in PROMPTS[:4]]
+        params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (14, 6, 20, 9)]
+        engine = Engine(model, tok, max_batch=2, max_queue=8, cache=kv_cache_factory("4", None)).start()
+        try:
+            alone, batched = _texts_alone_and_batched(engine, ids, params)
+            assert batched == alone and all(alone)
+        finally:
+            engine.stop()
+    finally:
+        torch.set_num_threads(old)
