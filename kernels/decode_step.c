@@ -70,7 +70,7 @@ static void silu_mul(float *g, const float *u, int64_t n) {
 /* x [k p] <- x kron(A, H_p) (quantkit.core.hadamard.HadamardTransform): the orthonormal Walsh-Hadamard
  * butterflies over each of the k rows of length p, then x [k, p] <- A^T x; t: float32 [k p] scratch */
 static void online_hadamard(float *x, int64_t n, const float *A, int64_t k, float *t) {
-    int64_t p = n / k;
+    int64_t p = n / k;  /* the plan checks n = k p (quantkit.runtime.native_decode) */
     float norm = 1.0f / sqrtf((float)p);
     for (int64_t r = 0; r < k; r++) {
         float *v = x + r * p;

@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 
 from quantkit.calibrate.driver import BlockHooks, run_blockwise
+from quantkit.core.rotation import ROTATED_ATTR
+from quantkit.models.arch import arch_for, get_module
 from quantkit.core.types import CompressionResult
 from quantkit.calibrate.workdir import MANIFEST_VERSION, WorkDir
 from quantkit.checkpoint.output import atomic_output_dir, check_output
@@ -61,6 +63,17 @@ def check_finite(model) -> None:
             raise QuantkitError(f"{name} holds {bad} NaN/Inf value(s); refusing to compress a broken checkpoint")
 
 
+def check_uncompressed(model) -> None:
+    """Refuse a model whose linears are already packed runtime modules (a quantized checkpoint):
+    the methods read float weights."""
+    arch = arch_for(model)
+    for name in arch.linear_names():
+        mod = get_module(arch.blocks(model)[0], name)
+        if not isinstance(getattr(mod, "weight", None), torch.Tensor):
+            raise QuantkitError(f"{arch.blocks_path}.0.{name} is already compressed ({type(mod).__name__}): "
+                                "compress the original model")
+
+
 def compress(model, method_name: str, options: dict | object, *, tokenizer=None, calib: str | None = None,
              nsamples: int = CalibSpec.nsamples, seqlen: int = CalibSpec.seqlen, seed: int = CalibSpec.seed,
              batch_size: int = CalibSpec.batch_size,
@@ -77,6 +90,7 @@ def compress(model, method_name: str, options: dict | object, *, tokenizer=None,
     method_cls = get_method(method_name)
     return_large_frees_to_os()  # see quantkit.memory: keeps peak RSS near model + one block's activations
     check_finite(model)
+    check_uncompressed(model)
     config = options if dataclasses.is_dataclass(options) else make_config(method_name, dict(options))
     method = method_cls(config)
     if getattr(config, "quantize_lm_head", False) and hooks is not None:  # the head's statistics need the whole model
@@ -101,7 +115,7 @@ def save(model, tokenizer, out: str | Path, method_name: str, result: Compressio
     """Pack the quantized linears and write the checkpoint to ``out`` atomically (``inputs``: paths
     ``out`` must neither be nor hold, see :func:`quantkit.checkpoint.output.check_output`)."""
     config = result.extra.get("config", {})
-    rotation = result.extra.get("rotation")
+    rotation = result.extra.get("rotation") or getattr(model, ROTATED_ATTR, None)  # rotated by this run or before it
     online = bool(rotation and rotation.get("online"))  # the runtime must apply it: the config says so
     qcfg = None
     if result.quantized or online:

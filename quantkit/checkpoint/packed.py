@@ -40,14 +40,14 @@ from quantkit.models.paths import QUANT_METHOD
 from quantkit.models.skeleton import model_from_config
 
 FORMAT = "quantkit-v1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a rotation's online transforms or integer activations (act_bits), which version 1 readers would ignore
 
 
 def quantization_config(method: str, quantized: dict, defaults: dict, extra: dict | None = None) -> dict:
     cfg = {
         "quant_method": QUANT_METHOD,
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,
         "method": method,
         "bits": defaults.get("bits"),
         "group_size": defaults.get("group_size"),
@@ -57,6 +57,8 @@ def quantization_config(method: str, quantized: dict, defaults: dict, extra: dic
     }
     if extra:
         cfg.update(extra)
+    if (cfg.get("rotation") or {}).get("online") or any(e.get("act_bits") for e in cfg["modules"].values()):
+        cfg["format_version"] = FORMAT_VERSION
     return cfg
 
 
@@ -141,7 +143,10 @@ def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
 def check_exportable(qcfg: dict | None, src, engine: str) -> None:
     """Refuse to export what ``engine`` cannot run: a rotated checkpoint whose runtime applies
     online Hadamard transforms (``quantization_config.rotation.online``)."""
-    online = ((qcfg or {}).get("rotation") or {}).get("online") or {}
+    rotation = (qcfg or {}).get("rotation")
+    if rotation is not None and (not isinstance(rotation, dict) or not isinstance(rotation.get("online", {}), dict)):
+        raise QuantkitError(f"{src}: quantization_config.rotation must be a mapping with an 'online' mapping")
+    online = (rotation or {}).get("online") or {}
     if online:
         raise QuantkitError(f"{src} is rotated with an online Hadamard transform on the input of {len(online)} linears "
                             f"(e.g. {next(iter(online))}), a step {engine} does not run; quantize with "

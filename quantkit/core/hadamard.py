@@ -149,14 +149,19 @@ class HadamardTransform:
         lead = x.shape[:-1]
         y = fwht(x.reshape(*lead, self.k, self.p))
         if self.k > 1:  # (x kron(A, H))[c, d] = sum_a A[a, c] (X H)[a, d]; with A^T for the inverse (H = H^T)
-            a = self._factor.to(y.device, y.dtype)
+            a = (self._factor if y.dtype != torch.float64 else factor_matrix(self.k)).to(y.device, y.dtype)
             y = torch.matmul(a if inverse else a.t(), y)
         return y.reshape(*lead, self.n)
 
 
-def random_hadamard(n: int, seed: int) -> torch.Tensor:
-    """``diag(s) @ kron(A_k, H_p)`` with random signs ``s`` drawn from ``seed``: the randomized
-    orthonormal rotation of the residual stream (float64 ``[n, n]``)."""
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    """``n`` random signs (float64 +-1) drawn from ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.int64).double() * 2 - 1
-    return signs.unsqueeze(1) * HadamardTransform(n).matrix()
+    return torch.randint(0, 2, (n,), generator=g, dtype=torch.int64).double() * 2 - 1
+
+
+def random_hadamard(n: int, seed: int) -> torch.Tensor:
+    """``diag(s) @ kron(A_k, H_p)`` with :func:`random_signs` ``s``: the randomized orthonormal
+    rotation of the residual stream, dense (float64 ``[n, n]``; the rotation applies it with the
+    fast transform as ``x Q = HadamardTransform(n)(x * s)``)."""
+    return random_signs(n, seed).unsqueeze(1) * HadamardTransform(n).matrix()

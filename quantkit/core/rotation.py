@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit.core.hadamard import HadamardTransform, random_hadamard
+from quantkit.core.hadamard import HadamardTransform, random_signs
 from quantkit.errors import QuantkitError
 from quantkit.models.arch import ArchSpec, get_module, untie_head
 
@@ -47,7 +47,8 @@ class OnlineHadamard:
         self.transform = HadamardTransform(n)
 
     def __call__(self, module: nn.Module, args: tuple):
-        return (self.transform(args[0]),) + tuple(args[1:])
+        x = args[0]  # float32 sums: the butterflies grow values up to p times before normalizing (fp16 would overflow)
+        return (self.transform(x.float()).to(x.dtype),) + tuple(args[1:])
 
 
 def online_transforms(module: nn.Module) -> list[OnlineHadamard]:
@@ -87,20 +88,23 @@ def fold_norms(model: nn.Module, arch: ArchSpec) -> None:
         norm.weight.data.fill_(1.0 - arch.norm_offset)
 
 
-def rotate_residual(model: nn.Module, arch: ArchSpec, q: torch.Tensor) -> None:
-    """The residual stream ``x -> x Q``: embedding rows and readers' input columns times ``Q``,
-    writers' output rows ``Q^T W`` (and biases ``b Q``)."""
+def rotate_residual(model: nn.Module, arch: ArchSpec, signs: torch.Tensor) -> None:
+    """The residual stream ``x -> x Q``, ``Q = diag(signs) M`` (``M``: :class:`HadamardTransform`,
+    applied fast: ``x Q = M(x * signs)``): embedding rows and readers' input columns times ``Q``,
+    writers' output rows ``Q^T W = (W^T Q)^T`` (and biases ``b Q``)."""
+    t = HadamardTransform(signs.numel())
+    rot = lambda w: t(w * signs.to(w.device))  # noqa: E731  (rows times Q)
     readers = [n for g in arch.groups if g.prev_kind == "norm" for n in g.linears]
-    _mul_(get_module(model, arch.embeddings[0]).weight, lambda w: w @ q.to(w.device))
-    _mul_(get_module(model, arch.lm_head).weight, lambda w: w @ q.to(w.device))
+    _mul_(get_module(model, arch.embeddings[0]).weight, rot)
+    _mul_(get_module(model, arch.lm_head).weight, rot)
     for block in arch.blocks(model):
         for name in readers:
-            _mul_(get_module(block, name).weight, lambda w: w @ q.to(w.device))
+            _mul_(get_module(block, name).weight, rot)
         for name in arch.rotation.writers:
             lin = get_module(block, name)
-            _mul_(lin.weight, lambda w: q.t().to(w.device) @ w)
+            _mul_(lin.weight, lambda w: rot(w.t()).t())
             if lin.bias is not None:
-                _mul_(lin.bias, lambda b: b @ q.to(b.device))
+                _mul_(lin.bias, rot)
 
 
 def rotate_values(model: nn.Module, arch: ArchSpec) -> None:
@@ -113,13 +117,14 @@ def rotate_values(model: nn.Module, arch: ArchSpec) -> None:
     v_name, o_name = arch.rotation.values
     cfg = model.config.get_text_config()
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    h = HadamardTransform(hd).matrix()
+    t = HadamardTransform(hd)
     for block in arch.blocks(model):
         v, o = get_module(block, v_name), get_module(block, o_name)
-        _mul_(v.weight, lambda w: torch.einsum("ji,hjd->hid", h.to(w.device), w.reshape(-1, hd, w.shape[1])).reshape(w.shape))
+        # v_proj's rows per head: H^T W_h = (W_h^T H)^T
+        _mul_(v.weight, lambda w: t(w.reshape(-1, hd, w.shape[1]).transpose(1, 2)).transpose(1, 2).reshape(w.shape))
         if v.bias is not None:
-            _mul_(v.bias, lambda b: (b.reshape(-1, hd) @ h.to(b.device)).reshape(b.shape))
-        _mul_(o.weight, lambda w: (w.reshape(w.shape[0], -1, hd) @ h.to(w.device)).reshape(w.shape))
+            _mul_(v.bias, lambda b: t(b.reshape(-1, hd)).reshape(b.shape))
+        _mul_(o.weight, lambda w: t(w.reshape(w.shape[0], -1, hd)).reshape(w.shape))
 
 
 def rotate_model(model: nn.Module, arch: ArchSpec, seed: int = 0, online: bool = True) -> dict:
@@ -131,7 +136,7 @@ def rotate_model(model: nn.Module, arch: ArchSpec, seed: int = 0, online: bool =
     untie_head(model, arch)
     with torch.no_grad():
         fold_norms(model, arch)
-        rotate_residual(model, arch, random_hadamard(hidden, seed))
+        rotate_residual(model, arch, random_signs(hidden, seed))
         rotate_values(model, arch)
         record = {"kind": "hadamard", "hidden_size": hidden, "seed": seed, "online": {}}
         if online:
@@ -139,7 +144,7 @@ def rotate_model(model: nn.Module, arch: ArchSpec, seed: int = 0, online: bool =
                 for name in arch.rotation.online:
                     lin = get_module(block, name)
                     n = lin.weight.shape[1]
-                    _mul_(lin.weight, lambda w: w @ HadamardTransform(n).matrix().to(w.device))
+                    _mul_(lin.weight, HadamardTransform(n))  # W H
                     record["online"][f"{arch.blocks_path}.{i}.{name}"] = n
     attach_online(model, record)
     return record

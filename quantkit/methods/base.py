@@ -37,6 +37,12 @@ def like(config_cls: type, name: str, **change):
     return field(**{"default": f.default, "metadata": f.metadata, **change})
 
 
+def check_act_bits(act_bits, bits: int, sym: bool) -> None:
+    """Integer activations need the weight's integers ``q - z`` in int8: refuse an asymmetric 8-bit grid."""
+    if act_bits and bits == 8 and not sym:
+        raise QuantkitError("act_bits needs integer weights in int8: an asymmetric 8-bit grid does not fit; use --sym")
+
+
 def check_obs_settings(damp: float, blocksize: int) -> None:
     """The settings GPTQ and SparseGPT share (their OBS-style column loop): damping in (0, 1) and
     a positive lazy-batch block size."""
@@ -88,8 +94,7 @@ class WeightQuantConfig:
         QuantSpec(self.bits, self.group_size, self.sym, self.observer)  # validates
         if self.act_bits is not None and self.act_bits not in (4, 8):
             raise QuantkitError(f"act_bits must be 8 or 4 (or unset), got {excerpt(self.act_bits)}")
-        if self.act_bits and self.bits == 8 and not self.sym:
-            raise QuantkitError("act_bits needs integer weights in int8: an asymmetric 8-bit grid does not fit; use --sym")
+        check_act_bits(self.act_bits, self.bits, self.sym)
         check_module_patterns(self.ignore, self.overrides)
         for pattern, fields in self.overrides:
             unknown = set(fields) - {"bits", "group_size", "sym"}
@@ -98,6 +103,7 @@ class WeightQuantConfig:
             self.spec_for_fields(fields)
 
     def spec_for_fields(self, fields: dict) -> QuantSpec:
+        check_act_bits(self.act_bits, fields.get("bits", self.bits), fields.get("sym", self.sym))
         return QuantSpec(fields.get("bits", self.bits), fields.get("group_size", self.group_size), fields.get("sym", self.sym),
                          self.observer)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from quantkit.errors import QuantkitError
 from quantkit.runtime.backends import int8_matmul
 from quantkit.runtime.int8 import quantize_activations
 
@@ -41,6 +42,9 @@ def integer_weight(module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Ten
         order = torch.argsort(groups, stable=True)
         w, groups = w[:, order], groups[order]
     starts = torch.searchsorted(groups, torch.arange(module.scales.shape[1] + 1, device=groups.device))
+    if w.numel() and w.abs().max() > 127:
+        raise QuantkitError(f"integer activations need the weight's integers in int8; this {module.bits}-bit grid has "
+                            f"{int(w.abs().max())}")
     module._int_weight = (w.to(torch.int8).contiguous(), order, starts.tolist())
     return module._int_weight
 

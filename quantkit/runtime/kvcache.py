@@ -50,7 +50,7 @@ class KVQuantConfig:
     keys: str = "token"  # "token": per token and head; "channel": per channel over groups of `group` tokens (KIVI)
     group: int = 64  # "channel": tokens per key group, also the float residual's capacity
     sym: bool | None = None  # None: symmetric at 8 bits, asymmetric at 4 bits
-    rotate: bool = False  # "token": each head's k/v through a Hadamard transform before quantizing, back when read
+    rotate: bool = False  # "token": each head's keys through a Hadamard transform before quantizing, back when read
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -184,7 +184,7 @@ class QuantizedKVLayer(DynamicLayer):
         k = dequantize_kv(self._qkeys, group) if self._qkeys is not None else self.keys[..., :0, :]
         v = dequantize_kv(self._qvalues) if self._qvalues is not None else self.values[..., :0, :]
         if self.config.rotate:
-            k, v = self._turn(k, inverse=True), self._turn(v, inverse=True)
+            k = self._turn(k, inverse=True)
         return k.to(self.dtype), v.to(self.dtype)
 
     def _turn(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:  # the rotated layout's transform (or back)
@@ -198,8 +198,8 @@ class QuantizedKVLayer(DynamicLayer):
         self.cumulative_length += key_states.shape[-2]
         spec = self.config.spec
         if self.config.keys == "token":  # quantize on write, read everything back from the cache
-            if self.config.rotate:
-                key_states, value_states = self._turn(key_states), self._turn(value_states)
+            if self.config.rotate:  # keys only: a rotated model's values are rotated per head offline (v_proj)
+                key_states = self._turn(key_states)
             self._qkeys = _cat(self._qkeys, quantize_per_token(key_states, spec))
             self._qvalues = _cat(self._qvalues, quantize_per_token(value_states, spec))
             return self._dequantized()

@@ -88,7 +88,10 @@ def _online_factor(mods: tuple) -> tuple[bool, torch.Tensor | None]:
         return True, None
     if len(hooks) > 1 or not isinstance(hooks[0], OnlineHadamard):
         return False, None
-    return True, hooks[0].transform.factor.contiguous()
+    t = hooks[0].transform
+    if t.n != mods[-1].in_features or t.n != mods[4].out_features:  # the C step transforms gate's `inter` outputs
+        return False, None
+    return True, t.factor.contiguous()
 
 
 def build_plan(lm) -> DecodePlan | None:
@@ -105,7 +108,7 @@ def build_plan(lm) -> DecodePlan | None:
         mods = _block_modules(lay)
         weights = _native_weights(mods, lm.dtype, lm.device)
         runnable, had = _online_factor(mods)
-        if weights is None or not runnable:
+        if weights is None or not runnable or lay.gate.out_features != lm.layers[0].gate.out_features:
             return None
         biases = tuple(None if m.bias is None else m.bias.detach().float().contiguous() for m in mods[:3])
         layers.append(DecodeLayer(weights, biases, lay.attn_norm.weight.detach().float().contiguous(),

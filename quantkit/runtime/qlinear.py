@@ -119,6 +119,10 @@ class QuantLinear(nn.Module):
         """
         return self._kernel_weight
 
+    def _apply(self, fn, recurse=True):
+        self._int_weight = None  # the integer weight (quantkit.runtime.actquant) follows the buffers
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits:
             return act_quant_forward(self, x)

@@ -85,6 +85,8 @@ def _check_entry(name: str, entry, in_f: int, out_f: int) -> None:
         raise QuantkitError(f"quantization_config.modules[{name!r}] must be a mapping with a string 'kind'")
     if entry.get("act_bits") is not None and (type(entry["act_bits"]) is not int or entry["act_bits"] not in (4, 8)):
         raise QuantkitError(f"quantization_config.modules[{name!r}].act_bits = {entry['act_bits']!r}: 4 or 8 (or absent)")
+    if entry.get("act_bits") and entry.get("bits") == 8 and entry.get("sym") is False:
+        raise QuantkitError(f"quantization_config.modules[{name!r}]: act_bits with an asymmetric 8-bit grid does not fit int8")
     for key in ("bits", "group_size", "rank", "n", "m"):
         v = entry.get(key)
         if v is None and key in ("bits", "group_size") and entry.get("kind", "quant") == "quant":

@@ -118,3 +118,12 @@ def test_attach_online_checks_the_record():
     attach_online(model, {"online": {"model.layers.0.mlp.down_proj": 48}})  # idempotent
     hooks = model.model.layers[0].mlp.down_proj._forward_pre_hooks.values()
     assert sum(isinstance(h, OnlineHadamard) for h in hooks) == 1
+
+
+def test_fast_rotation_equals_the_dense_randomized_hadamard():
+    from quantkit.core.hadamard import random_hadamard
+
+    model = tiny("llama-dct")  # hidden 24 = 12 x 2: a Paley factor
+    emb = model.model.embed_tokens.weight.detach().double().clone()
+    rotate_model(model, arch_for(model), seed=5)
+    assert torch.allclose(model.model.embed_tokens.weight.double(), emb @ random_hadamard(24, 5), atol=1e-6)

@@ -139,3 +139,45 @@ def test_cli_w4a8_checkpoint_records_act_bits_and_generates(stories_dir, tiny_te
 def test_act_bits_refusals_are_one_line(stories_dir, tmp_path):
     res = _cli("quantize", stories_dir, "-o", tmp_path / "x", "--method", "rtn", "--act-bits", 3)
     assert res.exit_code != 0 and "act_bits must be 8 or 4" in res.output and "Traceback" not in res.output
+
+
+def test_a_rotated_checkpoint_quantized_later_keeps_its_transforms(stories_dir, tiny_text, tmp_path):
+    assert _cli("quantize", stories_dir, "-o", tmp_path / "rot", "--method", "rotate").exit_code == 0
+    res = _cli("quantize", tmp_path / "rot", "-o", tmp_path / "q", "--method", "rtn", "--bits", 8, "--group-size", -1)
+    assert res.exit_code == 0, res.output
+    qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert len(qcfg["rotation"]["online"]) == 5 and qcfg["format_version"] == 2
+    assert _ppl(tmp_path / "q", tiny_text) == pytest.approx(_ppl(stories_dir, tiny_text), rel=0.01)
+    res = _cli("quantize", tmp_path / "rot", "-o", tmp_path / "q2", "--method", "rtn", "--rotate", "--group-size", -1)
+    assert res.exit_code != 0 and "rotated already" in res.output
+    res = _cli("quantize", tmp_path / "q", "-o", tmp_path / "q3", "--method", "rtn", "--group-size", -1)
+    assert res.exit_code != 0 and "already compressed (QuantLinear)" in res.output
+
+
+def test_hostile_rotation_records_are_one_line_errors(stories_dir, tmp_path):
+    assert _cli("quantize", stories_dir, "-o", tmp_path / "r", "--method", "rtn", "--rotate", "--group-size", -1).exit_code == 0
+    cfg_path = tmp_path / "r" / "config.json"
+    good = json.loads(cfg_path.read_text())
+    for bad in ("x", [1], {"online": 5}, {"online": {"model.layers.0.mlp.down_proj": "172"}}):
+        cfg = json.loads(json.dumps(good))
+        cfg["quantization_config"]["rotation"] = bad
+        cfg_path.write_text(json.dumps(cfg))
+        for args in (("export", tmp_path / "r", "--format", "gptq", "-o", tmp_path / "g"),
+                     ("eval", "perplexity", tmp_path / "r", "--dataset", tmp_path / "r" / "config.json")):
+            res = _cli(*args)
+            assert res.exit_code != 0 and "Traceback" not in res.output and "internal error" not in res.output, res.output
+
+
+def test_online_transform_runs_in_float32_for_half_inputs():
+    from quantkit.core.rotation import OnlineHadamard
+
+    x = torch.full((2, 256), 300.0, dtype=torch.float16)
+    y = OnlineHadamard(256)(None, (x,))[0]
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+
+
+def test_act_bits_with_an_asymmetric_8bit_override_is_refused():
+    from quantkit.methods.gptq import GPTQConfig
+
+    with pytest.raises(QuantkitError, match="asymmetric 8-bit"):
+        GPTQConfig(bits=4, act_bits=8, overrides=((r"down_proj", {"bits": 8, "sym": False}),))

@@ -68,3 +68,13 @@ def test_native_step_declines_an_input_transform_it_does_not_know(stories):
     api.compress(model, "rtn", {"bits": 4, "group_size": -1}, pack=True)
     model.model.layers[2].mlp.up_proj.register_forward_pre_hook(lambda m, args: (args[0] * 2,))
     assert build_plan(LeanLM(model, 16)) is None
+
+
+@NEEDS_KERNEL
+def test_native_step_declines_an_online_transform_of_another_size(stories):
+    from quantkit.core.rotation import OnlineHadamard
+
+    model, _ = stories
+    api.compress(model, "rtn", {"bits": 4, "group_size": -1}, pack=True)
+    model.model.layers[1].mlp.down_proj.register_forward_pre_hook(OnlineHadamard(64))  # not down's 172 inputs
+    assert build_plan(LeanLM(model, 16)) is None
