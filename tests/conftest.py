@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# Every Triton kernel runs in Triton's CPU interpreter in the tests.  TRITON_INTERPRET is read when
+# triton.language is first imported and when each @triton.jit function is defined, so it is set
+# here, before any test module is collected: a module that imports quantkit's runtime imports the
+# kernels (and Triton) at collection time.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest

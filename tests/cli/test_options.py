@@ -3,6 +3,7 @@ every registered method is an option of its command, no default is written in th
 states each method's own default, and an option the chosen method does not take is refused."""
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -47,14 +48,25 @@ def test_every_config_field_of_every_method_is_an_option_of_its_command(method):
             assert opt.is_flag and opt.opts == [on]
             assert opt.secondary_opts == ([off] if any(o is True for o in _defaults(kind, f.name).values()) else [])
             if opt.secondary_opts:
-                assert f"{on[2:] if f.default else off[2:]} ({method}" in opt.help or opt.help.endswith(
-                    f"[default: {on[2:] if f.default else off[2:]}]")
+                assert _states_default(opt.help, on[2:] if f.default else off[2:], method), opt.help
         else:
             choices = f.metadata.get("choices")
             assert opt.opts == ["--" + f.name.replace("_", "-")]
             assert (list(opt.type.choices) == list(choices)) if choices else opt.type is TYPES[tp]
             if f.default is not None:
-                assert f"{f.default} (" in opt.help or opt.help.endswith(f"[default: {f.default}]"), opt.help
+                assert _states_default(opt.help, f.default, method), opt.help
+
+
+def _states_default(help_: str, value, method: str) -> bool:
+    """The help ends ``[default: V]`` (every method's), or ``[default: V (m1, m2); W (m3)]`` with
+    ``method`` among those listed for ``value``."""
+    m = re.search(r"\[default: (.*)\]$", help_)
+    if not m:
+        return False
+    if m.group(1) == str(value):
+        return True
+    return any(part.startswith(f"{value} (") and method in part[len(str(value)) + 2:-1].split(", ")
+               for part in m.group(1).split("; "))
 
 
 def _defaults(kind, name) -> dict:

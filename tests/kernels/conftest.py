@@ -1,22 +1,9 @@
-"""Kernel tests run every Triton kernel in Triton's CPU interpreter.
-
-``TRITON_INTERPRET`` is read when a ``@triton.jit`` function is *defined*, so it is set here,
-before the test modules import the kernels; kernel modules imported earlier in the session
-are reloaded so their kernels are interpreted too.
+"""Kernel tests: every Triton kernel runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``,
+set by tests/conftest.py before anything imports Triton) and is compared with its torch reference.
 """
 
-import importlib
-import os
-import sys
-
-os.environ["TRITON_INTERPRET"] = "1"
-
-for _name in ("quantkit.kernels.tiles", "quantkit.kernels.w4a16", "quantkit.kernels.w8a16", "quantkit.kernels.w8a8"):
-    if _name in sys.modules:
-        importlib.reload(sys.modules[_name])
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # Relative Frobenius error allowed against the float32 reference, by output dtype: the kernels
 # accumulate in float32, so what remains is the rounding of the output (and of bf16 inputs).
