@@ -34,6 +34,10 @@ def test_gptq_table_rows_and_packed_check(tmp_path):
     gptq_table.main(TINY + ["--bits", "4", "--group-size", "-1", "--no-act-order", "--json", str(out)])
     natural = {r["model"]: r for r in json.loads(out.read_text())["rows"]}["GPTQ W4 g-1 (no act-order)"]
     assert natural["perplexity"] != rows["GPTQ W4 g-1"]["perplexity"]  # the flag reached the method
+    gptq_table.main(TINY + ["--bits", "4", "--group-size", "-1", "--observer", "mse", "--json", str(out)])
+    mse = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(mse) == {"fp32", "RTN W4 g-1, mse grid", "GPTQ W4 g-1, mse grid"}
+    assert mse["RTN W4 g-1, mse grid"]["perplexity"] != rows["RTN W4 g-1"]["perplexity"]  # the observer reached RTN
 
 
 def test_llamacpp_comparison_skips_cleanly_without_the_peer(monkeypatch, capsys):
