@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--baseline", action="store_true", help="Also GPTQ without rotation (slow).")
     ap.add_argument("--no-activations", action="store_true", help="Skip the W4A8, W4A4 and W4A4 KV4 rows.")
     ap.add_argument("--speed", action="store_true", help="Decode speed, rotated vs unrotated RTN W4 (needs a quiet machine).")
+    ap.add_argument("--speed-only", action="store_true", help="Only the decode-speed comparison (no perplexity rows).")
     ap.add_argument("--out", default="eval/RESULTS-rotate.md")
     ap.add_argument("--json", dest="json_out", default=None, help="Also write the results as JSON here.")
     return ap
@@ -99,6 +100,26 @@ def _activation_rows(args, model, res, windows) -> list[dict]:
     return rows
 
 
+def _quality_rows(args, base, tok, calib, windows, tmp: Path) -> tuple[list[dict], dict | None]:
+    """The perplexity rows (see the module docstring) and the reload check of the rotated GPTQ W4 checkpoint."""
+    rows = [{"model": "fp32", "perplexity": perplexity(base, windows)["perplexity"], "seconds": None}]
+    print(f"fp32: {rows[0]['perplexity']:.3f}", flush=True)
+    rows.append(_row(args, base, "rotate", None, True, calib, windows)[2])
+    check = None
+    for bits in [int(b) for b in args.bits.split(",")]:
+        for method, rotate in [("rtn", False), ("rtn", True)] + [("gptq", False)] * args.baseline + [("gptq", True)]:
+            model, res, row = _row(args, base, method, bits, rotate, calib, windows)
+            rows.append(row)
+            if method == "gptq" and rotate and bits == 4:
+                _, packed = _reloaded(copy.deepcopy(model), tok, method, res, windows, tmp / "gptq4")
+                check = {"in_memory": row["perplexity"], "packed": packed}
+                print(f"  reloaded: {packed:.4f}", flush=True)
+                if not args.no_activations:
+                    rows += _activation_rows(args, model, res, windows)
+            del model
+    return rows, check
+
+
 def _speed(args, base, tok, tmp: Path) -> dict:
     """Decode tokens/s of RTN W4 with and without rotation, packed and reloaded, side by side."""
     from quantkit.eval.speed import run_benches
@@ -109,7 +130,8 @@ def _speed(args, base, tok, tmp: Path) -> dict:
         res = api.compress(model, "rtn", {**_options(args, 4, rotate), "observer": "minmax"})  # the format is what counts
         name = "rotated" if rotate else "plain"
         api.save(model, tok, tmp / name, "rtn", res)
-        models[name] = load_model(str(tmp / name))[0]
+        # bf16 activations: PyTorch's low-bit CPU ops (and the native step) are fast with them, slow with fp32
+        models[name] = load_model(str(tmp / name), dtype="bfloat16")[0]
     out = run_benches(models, prompt_len=64, gen_len=64, repeat=5)
     res = {n: {"decode_tokens_per_s": r["decode_tokens_per_s"], "forward": r["forward"]} for n, r in out.items()}
     res["ratio"] = res["rotated"]["decode_tokens_per_s"] / res["plain"]["decode_tokens_per_s"]
@@ -121,7 +143,7 @@ def _speed(args, base, tok, tmp: Path) -> dict:
 def _markdown(args, rows: list[dict], check: dict | None, speed: dict | None, minutes: float) -> str:
     grid = f"{'asymmetric' if args.asym else 'symmetric'} g{args.group_size}, {args.observer} grids"
     lines = [f"| {Path(args.model).name}, {grid} | WikiText-2 ppl ({args.max_windows} x "
-             f"{args.seqlen} tokens) | compress s |", "|---|---|---|"]
+             f"{args.seqlen} tokens) | compress s |", "|---|---|---|"] if rows else []
     lines += [f"| {r['model']} | {r['perplexity']:.2f} | {'' if r['seconds'] is None else r['seconds']} |" for r in rows]
     counted = [r for r in rows if r.get("int_matmuls")]
     if counted:
@@ -147,23 +169,11 @@ def main(argv=None) -> dict:
     setup = load_protocol(args)
     base, tok, windows, calib = setup.model, setup.tokenizer, setup.windows, setup.calib
     t_start = time.perf_counter()
-    rows = [{"model": "fp32", "perplexity": perplexity(base, windows)["perplexity"], "seconds": None}]
-    print(f"fp32: {rows[0]['perplexity']:.3f}", flush=True)
-    rows.append(_row(args, base, "rotate", None, True, calib, windows)[2])
-    check = speed = None
+    rows, check, speed = [], None, None
     with tempfile.TemporaryDirectory() as d:
-        for bits in [int(b) for b in args.bits.split(",")]:
-            for method, rotate in [("rtn", False), ("rtn", True)] + [("gptq", False)] * args.baseline + [("gptq", True)]:
-                model, res, row = _row(args, base, method, bits, rotate, calib, windows)
-                rows.append(row)
-                if method == "gptq" and rotate and bits == 4:
-                    _, packed = _reloaded(copy.deepcopy(model), tok, method, res, windows, Path(d) / "gptq4")
-                    check = {"in_memory": row["perplexity"], "packed": packed}
-                    print(f"  reloaded: {packed:.4f}", flush=True)
-                    if not args.no_activations:
-                        rows += _activation_rows(args, model, res, windows)
-                del model
-        if args.speed:
+        if not args.speed_only:
+            rows, check = _quality_rows(args, base, tok, calib, windows, Path(d))
+        if args.speed or args.speed_only:
             speed = _speed(args, base, tok, Path(d))
     text = _markdown(args, rows, check, speed, (time.perf_counter() - t_start) / 60)
     print("\n" + text)

@@ -70,3 +70,7 @@ def test_rotate_table_rows_reload_and_speed(tmp_path):
     assert res["packed_check"]["packed"] == pytest.approx(res["packed_check"]["in_memory"], rel=1e-3)
     assert res["speed"]["ratio"] > 0 and res["speed"]["rotated"]["forward"].startswith("lean")
     assert "rotation" in (tmp_path / "t.md").read_text()
+    rotate_table.main(TINY + ["--speed-only", "--group-size", "-1", "--out", str(tmp_path / "s.md"), "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["rows"] == [] and res["speed"]["rotated"]["forward"] == res["speed"]["plain"]["forward"]  # same kernels
+    assert "Decode" in (tmp_path / "s.md").read_text() and "| fp32" not in (tmp_path / "s.md").read_text()
