@@ -124,22 +124,14 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return (y.reshape(shape) * (1.0 / math.sqrt(p))).to(x.dtype)
 
 
-# a float32 input of at most DENSE_ROWS rows (a decode step) multiplies by the dense order-p
-# Sylvester matrix, one matmul, instead of log2(p) butterfly passes of several small ops each
-# (~40 ops, 0.3-0.4 ms per call on a CPU for p = 128); p up to DENSE_MAX (a 4 MB float32 matrix)
-DENSE_ROWS, DENSE_MAX = 16, 1024
-
-
 class HadamardTransform:
     """``x -> x @ kron(A_k, H_p)`` over the last dimension (see :func:`split_size`): the
-    butterflies over ``p`` (or, for a few float32 rows, one product with the dense ``H_p``),
-    then one ``k x k`` product."""
+    butterflies over ``p``, then one ``k x k`` product."""
 
     def __init__(self, n: int):
         self.n = n
         self.k, self.p, self.exact = split_size(n)
         self._factor = factor_matrix(self.k).float()
-        self._dense: torch.Tensor | None = None  # float32 H_p, built on the first small call
 
     @property
     def factor(self) -> torch.Tensor:
@@ -155,13 +147,7 @@ class HadamardTransform:
         if x.shape[-1] != self.n:
             raise ValueError(f"the transform takes {self.n} features, not {x.shape[-1]}")
         lead = x.shape[:-1]
-        y = x.reshape(*lead, self.k, self.p)
-        if x.dtype == torch.float32 and 1 < self.p <= DENSE_MAX and x.numel() <= DENSE_ROWS * self.n:
-            if self._dense is None or self._dense.device != x.device:
-                self._dense = sylvester(self.p).float().to(x.device)
-            y = torch.matmul(y, self._dense)
-        else:
-            y = fwht(y)
+        y = fwht(x.reshape(*lead, self.k, self.p))
         if self.k > 1:  # (x kron(A, H))[c, d] = sum_a A[a, c] (X H)[a, d]; with A^T for the inverse (H = H^T)
             a = (self._factor if y.dtype != torch.float64 else factor_matrix(self.k)).to(y.device, y.dtype)
             y = torch.matmul(a if inverse else a.t(), y)
