@@ -11,6 +11,7 @@
  */
 #include <math.h>
 
+#include "hadamard.h"
 #include "qk.h"
 
 static void rms_norm(const float *x, const float *w, float eps, int64_t d, float *out) {
@@ -65,34 +66,6 @@ static void silu_mul(float *g, const float *u, int64_t n) {
         _mm512_storeu_ps(g + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
     }
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-}
-
-/* x [k p] <- x kron(A, H_p) (quantkit.core.hadamard.HadamardTransform): the orthonormal Walsh-Hadamard
- * butterflies over each of the k rows of length p, then x [k, p] <- A^T x; t: float32 [k p] scratch */
-static void online_hadamard(float *x, int64_t n, const float *A, int64_t k, float *t) {
-    int64_t p = n / k;  /* the plan checks n = k p (quantkit.runtime.native_decode) */
-    float norm = 1.0f / sqrtf((float)p);
-    for (int64_t r = 0; r < k; r++) {
-        float *v = x + r * p;
-        for (int64_t h = 1; h < p; h *= 2)
-            for (int64_t i = 0; i < p; i += 2 * h)
-                for (int64_t j = i; j < i + h; j++) {
-                    float a = v[j], b = v[j + h];
-                    v[j] = a + b, v[j + h] = a - b;
-                }
-        for (int64_t i = 0; i < p; i++) v[i] *= norm;
-    }
-    if (k == 1) return;
-    for (int64_t c = 0; c < k; c++) {
-        float *o = t + c * p;
-        for (int64_t i = 0; i < p; i++) o[i] = 0.f;
-        for (int64_t a = 0; a < k; a++) {
-            float w = A[a * k + c];
-            const float *v = x + a * p;
-            for (int64_t i = 0; i < p; i++) o[i] += w * v[i];
-        }
-    }
-    memcpy(x, t, n * sizeof(float));
 }
 
 /* att [nh, hd] = softmax(q k^T * scale) v over the len = pos + 1 cached positions of L's cache,
@@ -156,7 +129,7 @@ static int decode_layer(const qk_layer *L, const qk_decode_dims *D, float *x, in
     if (qk_int4_mm(L->gate, b->h, 0, b->g, 1, NULL, threads) || qk_int4_mm(L->up, b->h, 0, b->u, 1, NULL, threads))
         return -1;
     silu_mul(b->g, b->u, D->inter);
-    if (L->had) online_hadamard(b->g, D->inter, L->had, L->had_k, b->t);
+    if (L->had) qk_hadamard_row(b->g, D->inter, L->had, L->had_k, b->t);
     if (qk_int4_mm(L->down, b->g, 0, b->y, 1, NULL, threads)) return -1;
     for (int64_t i = 0; i < d; i++) x[i] += b->y[i];
     return 0;

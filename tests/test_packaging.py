@@ -67,7 +67,7 @@ def test_pyproject_lists_every_package_and_ships_the_kernel_sources():
     from quantkit.kernels.native import build
 
     assert build.SOURCE_DIR in (ROOT / "kernels", Path(build.__file__).parents[1] / "csrc")
-    assert all(p.is_file() and p.parent == build.SOURCE_DIR for p in (build.HEADER, *build.SOURCES))
+    assert all(p.is_file() and p.parent == build.SOURCE_DIR for p in (*build.HEADERS, *build.SOURCES))
 
 
 def test_bounded_dependencies_match_the_constraints_file():

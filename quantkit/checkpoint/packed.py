@@ -35,6 +35,7 @@ from quantkit.core.rotation import attach_online
 from quantkit.core.types import CompressionResult
 from quantkit.errors import QuantkitError
 from quantkit.models.safetensors import write_safetensors
+from quantkit.runtime.online import use_native_transforms
 from quantkit.runtime.swap import swap_in_runtime_modules
 from quantkit.models.paths import QUANT_METHOD
 from quantkit.models.skeleton import model_from_config
@@ -137,6 +138,7 @@ def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
     check_loaded(model, directory)
     if qcfg.get("rotation") is not None:
         attach_online(model, qcfg["rotation"])
+        use_native_transforms(model)
     return model
 
 

@@ -39,16 +39,23 @@ ROTATED_ATTR = "_quantkit_rotation"  # set on a model once it is rotated: a seco
 class OnlineHadamard:
     """A forward pre-hook ``x -> x H`` on a linear's input (``H``: :class:`HadamardTransform` of
     its input size); ``carried`` over when the linear is swapped for its packed module
-    (:func:`quantkit.models.arch.set_module`)."""
+    (:func:`quantkit.models.arch.set_module`).  ``kernel``, when the runtime sets one
+    (:func:`quantkit.runtime.online.use_native_transforms`), computes the same product on a CPU
+    float32 input in one call."""
 
     carried = True
 
     def __init__(self, n: int):
         self.transform = HadamardTransform(n)
+        self.kernel = None  # CPU x [..., n] -> x H (a new float32 tensor), or None: the torch products
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x H`` in ``x``'s dtype, with float32 sums (fp16 sums could overflow)."""
+        y = self.kernel(x) if self.kernel is not None and x.device.type == "cpu" else self.transform(x.float())
+        return y.to(x.dtype)
 
     def __call__(self, module: nn.Module, args: tuple):
-        x = args[0]  # float32 sums: the butterflies grow values up to p times before normalizing (fp16 would overflow)
-        return (self.transform(x.float()).to(x.dtype),) + tuple(args[1:])
+        return (self.apply(args[0]),) + tuple(args[1:])
 
 
 def online_transforms(module: nn.Module) -> list[OnlineHadamard]:

@@ -27,6 +27,7 @@ class QuantizedWeight:
     spec: QuantSpec
     g_idx: torch.Tensor | None = None  # [in] column -> group, act-order only
     act_bits: int | None = None  # activations quantized per token at run time (W4A8: 8), None: float
+    act_clip: float = 1.0  # with act_bits: each token's range is this fraction of its max |x| (QuaRot clips A4 at 0.9)
 
     kind = "quant"  # the runtime module kind that loads it (see quantkit.runtime.modules)
 
@@ -36,6 +37,8 @@ class QuantizedWeight:
                  "act_order": self.g_idx is not None}
         if self.act_bits:
             entry["act_bits"] = self.act_bits
+            if self.act_clip != 1.0:
+                entry["act_clip"] = self.act_clip
         return entry
 
 

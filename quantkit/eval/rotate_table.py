@@ -36,6 +36,17 @@ from quantkit.runtime.kvcache import KVCachedLM, kv_config
 from quantkit.runtime.swap import pack_model
 
 
+ACT_ROWS = {"8": (8, False), "4": (4, False), "4kv": (4, True)}  # --act-rows: (activation bits, int4 KV cache)
+
+
+def _act_rows(text: str) -> list[tuple[int, bool]]:
+    rows = [r.strip() for r in text.split(",")]
+    bad = [r for r in rows if r not in ACT_ROWS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown row(s) {bad}: choose from {', '.join(ACT_ROWS)}")
+    return [ACT_ROWS[r] for r in rows]
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_protocol_args(ap)
@@ -47,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-online-hadamard", action="store_true", help="Rotate the residual stream only.")
     ap.add_argument("--baseline", action="store_true", help="Also GPTQ without rotation (slow).")
     ap.add_argument("--no-activations", action="store_true", help="Skip the W4A8, W4A4 and W4A4 KV4 rows.")
+    ap.add_argument("--act-rows", type=_act_rows, default="8,4,4kv",
+                    help="Which activation rows, comma-separated: 8 (W4A8), 4 (W4A4), 4kv (W4A4 KV4).")
+    ap.add_argument("--act-clip", type=float, default=1.0,
+                    help="The 4-bit activation rows' clip ratio (each token's grid spans this fraction of its max).")
     ap.add_argument("--speed", action="store_true", help="Decode speed, rotated vs unrotated RTN W4 (needs a quiet machine).")
     ap.add_argument("--speed-only", action="store_true", help="Only the decode-speed comparison (no perplexity rows).")
     ap.add_argument("--out", default="eval/RESULTS-rotate.md")
@@ -87,13 +102,15 @@ def _activation_rows(args, model, res, windows) -> list[dict]:
     then with an int4 KV cache (rotated per head): what each part costs.  Reuses the weights (the
     activation bits change only the runtime modules) and counts the integer matmuls that ran."""
     rows = []
-    for act_bits, kv in ((8, False), (4, False), (4, True)):
+    for act_bits, kv in args.act_rows:
+        clip = args.act_clip if act_bits == 4 else 1.0
         m = copy.deepcopy(model)
-        pack_model(m, {n: dataclasses.replace(q, act_bits=act_bits) for n, q in res.quantized.items()})
+        pack_model(m, {n: dataclasses.replace(q, act_bits=act_bits, act_clip=clip) for n, q in res.quantized.items()})
         reset_counts()
         lm = KVCachedLM(m, kv_config(4, None, m)) if kv else m
         ppl = perplexity(lm, windows)["perplexity"]
-        name = f"GPTQ W4A{act_bits}{' KV4' if kv else ''} g{args.group_size} + rotation"
+        name = (f"GPTQ W4A{act_bits}{' KV4' if kv else ''} g{args.group_size} + rotation"
+                + (f", activations clipped at {clip:g}" if clip != 1.0 else ""))
         rows.append({"model": name, "perplexity": ppl, "seconds": None, "int_matmuls": COUNTS["int_matmuls"],
                      "int_macs": COUNTS["int_macs"]})
         print(f"{name}: {ppl:.3f} ({COUNTS['int_matmuls']} integer matmuls, {COUNTS['int_macs']:.2e} multiply-adds)", flush=True)

@@ -364,7 +364,8 @@ class AWQ(BlockMethod):
 
     def process_block(self, ctx):
         skipped = self.search_and_apply(ctx)
-        quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for, act_bits=self.config.act_bits)
+        quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for, act_bits=self.config.act_bits,
+                               act_clip=self.config.act_clip)
         _note_skipped(ctx, skipped)
 
 

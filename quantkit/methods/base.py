@@ -43,6 +43,12 @@ def check_act_bits(act_bits, bits: int, sym: bool) -> None:
         raise QuantkitError("act_bits needs integer weights in int8: an asymmetric 8-bit grid does not fit; use --sym")
 
 
+def check_act_clip(act_clip) -> None:
+    """A clip ratio is a number in (0, 1]."""
+    if isinstance(act_clip, bool) or not isinstance(act_clip, (int, float)) or not 0 < act_clip <= 1:
+        raise QuantkitError(f"act_clip must be in (0, 1], got {excerpt(act_clip)}")
+
+
 def check_obs_settings(damp: float, blocksize: int) -> None:
     """The settings GPTQ and SparseGPT share (their OBS-style column loop): damping in (0, 1) and
     a positive lazy-batch block size."""
@@ -86,6 +92,9 @@ class WeightQuantConfig:
     act_bits: int | None = field(default=None, metadata={
         "help": "Also quantize each linear's input per token to 8 or 4 bits at run time (W4A8, W4A4: integer "
                 "matmuls); best with --rotate."})
+    act_clip: float = field(default=1.0, metadata={
+        "help": "With --act-bits: each token's grid spans this fraction of its largest |x| (values beyond it "
+                "saturate); below 1 trades a few clipped outliers for finer steps (QuaRot: 0.9 at 4 bits)."})
     quantize_lm_head: bool = field(default=False, metadata={
         "help": "Quantize lm_head too (untied from the embeddings, which stay float); "
                 "GPTQ calibrates it on the final norm's output."})  # see quantize_head
@@ -95,6 +104,7 @@ class WeightQuantConfig:
         if self.act_bits is not None and self.act_bits not in (4, 8):
             raise QuantkitError(f"act_bits must be 8 or 4 (or unset), got {excerpt(self.act_bits)}")
         check_act_bits(self.act_bits, self.bits, self.sym)
+        check_act_clip(self.act_clip)
         check_module_patterns(self.ignore, self.overrides)
         for pattern, fields in self.overrides:
             unknown = set(fields) - {"bits", "group_size", "sym"}
@@ -159,9 +169,10 @@ def each_linear(ctx: BlockContext, stats_kind: str | None = None, true_sequentia
 
 def quantize_block_linears(ctx: BlockContext, quantizer: LinearQuantizer, stats_kind: str | None,
                            spec_for: Callable[[str], QuantSpec], true_sequential: bool = False,
-                           act_bits: int | None = None) -> None:
+                           act_bits: int | None = None, act_clip: float = 1.0) -> None:
     """Quantize every linear of the block with ``quantizer`` (see :func:`each_linear`); with
-    ``act_bits`` the results also ask the runtime to quantize the linears' inputs."""
+    ``act_bits`` the results also ask the runtime to quantize the linears' inputs (each token's
+    range clipped to ``act_clip`` of its max)."""
     for name, stats in each_linear(ctx, stats_kind, true_sequential):
         t0 = time.perf_counter()
         spec = spec_for(ctx.full_name(name))
@@ -170,7 +181,7 @@ def quantize_block_linears(ctx: BlockContext, quantizer: LinearQuantizer, stats_
             continue
         qw, w_hat, loss, damp, note = quantizer(ctx.weight(name), stats, spec)
         if act_bits and isinstance(qw, QuantizedWeight):
-            qw.act_bits = act_bits
+            qw.act_bits, qw.act_clip = act_bits, float(act_clip)
         ctx.set_weight(name, w_hat)
         ctx.record(name, qw, LayerRecord(ctx.index, name, time.perf_counter() - t0, loss, damp,
                                          spec.bits, spec.group_size, note=note))

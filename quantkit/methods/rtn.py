@@ -22,7 +22,8 @@ class RTN(BlockMethod):
         check_group_sizes(model, arch, self.config)
 
     def process_block(self, ctx):
-        quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for, act_bits=self.config.act_bits)
+        quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for, act_bits=self.config.act_bits,
+                               act_clip=self.config.act_clip)
 
     def head_quantizer(self):
         """With ``quantize_lm_head``: the head rounded like every other linear."""

@@ -56,7 +56,7 @@ def act_quant_forward(module, x: torch.Tensor) -> torch.Tensor:
     w_int, order, starts = integer_weight(module)
     if order is not None:
         x2 = x2[:, order]
-    x_int, x_scale = quantize_activations(x2, qmax=2 ** (module.act_bits - 1) - 1)
+    x_int, x_scale = quantize_activations(x2, qmax=2 ** (module.act_bits - 1) - 1, clip=module.act_clip)
     ones = torch.ones_like(x_scale)
     y = None
     for g in range(len(starts) - 1):

@@ -27,15 +27,16 @@ QMAX = 127
 
 
 def quantize_activations(x: torch.Tensor, static_scale: torch.Tensor | None = None,
-                         qmax: int = QMAX) -> tuple[torch.Tensor, torch.Tensor]:
+                         qmax: int = QMAX, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric integer activations in int8 storage: ``x [M, K]`` float -> ``(x_int [M, K],
     scale [M] float32)``, codes in ``[-qmax, qmax]`` (127 for int8, 7 for int4).
 
-    Dynamic (``static_scale`` None): one scale per token (row), ``max|x_m| / qmax``.  Static: the
-    calibrated per-tensor scale for every row (values beyond its range saturate at +-qmax)."""
+    Dynamic (``static_scale`` None): one scale per token (row), ``clip * max|x_m| / qmax`` (values
+    beyond ``clip * max`` saturate).  Static: the calibrated per-tensor scale for every row (values
+    beyond its range saturate at +-qmax)."""
     x = x.float()
     if static_scale is None:
-        scale = (x.abs().amax(dim=1) / qmax).clamp(min=1e-8)  # [M]
+        scale = (x.abs().amax(dim=1) * clip / qmax).clamp(min=1e-8)  # [M]
     else:
         scale = static_scale.float().reshape(1).expand(x.shape[0]).contiguous()
     q = torch.clamp(torch.round(x / scale.unsqueeze(1)), -qmax, qmax).to(torch.int8)

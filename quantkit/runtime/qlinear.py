@@ -37,11 +37,13 @@ class QuantLinear(nn.Module):
         act_order: bool = False,
         dtype: torch.dtype = torch.float32,
         act_bits: int | None = None,
+        act_clip: float = 1.0,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.sym, self.act_order = bits, sym, act_order
         self.act_bits = act_bits  # 8 or 4: activations quantized per token, integer matmuls (quantkit.runtime.actquant)
+        self.act_clip = float(act_clip)  # each token's grid spans act_clip * max|x|
         self.group_size = in_features if group_size == -1 else group_size
         n_groups = in_features // self.group_size
         self.register_buffer("qweight", torch.zeros(out_features, packed_row_bytes(in_features, bits), dtype=torch.uint8))
@@ -60,10 +62,11 @@ class QuantLinear(nn.Module):
 
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def from_codes(cls, q, scales, zeros, bits, group_size, sym, g_idx=None, bias=None, dtype=torch.float32, act_bits=None):
+    def from_codes(cls, q, scales, zeros, bits, group_size, sym, g_idx=None, bias=None, dtype=torch.float32, act_bits=None,
+                   act_clip=1.0):
         """Build from unpacked codes ``q [out, in]`` and float ``scales``/``zeros [out, n_groups]``."""
         out_f, in_f = q.shape
-        m = cls(in_f, out_f, bits, group_size, sym, bias is not None, g_idx is not None, dtype, act_bits)
+        m = cls(in_f, out_f, bits, group_size, sym, bias is not None, g_idx is not None, dtype, act_bits, act_clip)
         m.qweight.copy_(pack_bits(q, bits))
         m.scales.copy_(scales.to(torch.float16))
         if not sym:
@@ -78,7 +81,8 @@ class QuantLinear(nn.Module):
     def from_entry(cls, in_features: int, out_features: int, entry: dict, bias: bool, dtype: torch.dtype):
         """An empty module for a ``quantization_config["modules"]`` entry (weights loaded after)."""
         return cls(in_features, out_features, int(entry["bits"]), int(entry["group_size"]), bool(entry["sym"]),
-                   bias=bias, act_order=bool(entry.get("act_order")), dtype=dtype, act_bits=entry.get("act_bits"))
+                   bias=bias, act_order=bool(entry.get("act_order")), dtype=dtype, act_bits=entry.get("act_bits"),
+                   act_clip=entry.get("act_clip", 1.0))
 
     # ---- views --------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
@@ -134,4 +138,5 @@ class QuantLinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, "
             f"sym={self.sym}, act_order={self.act_order}" + (f", act_bits={self.act_bits}" if self.act_bits else "")
+            + (f", act_clip={self.act_clip}" if self.act_bits and self.act_clip != 1.0 else "")
         )

@@ -28,7 +28,7 @@ def test_fallback_factor_is_orthonormal():
     assert torch.allclose(d @ d.t(), torch.eye(43, dtype=torch.float64), atol=1e-12)
 
 
-@pytest.mark.parametrize("n", [1, 2, 64, 172, 576, 1536, 40])
+@pytest.mark.parametrize("n", [1, 2, 64, 172, 576, 1536, 40, 4096])
 def test_fast_transform_matches_the_dense_reference(n):
     t = HadamardTransform(n)
     m = t.matrix()
@@ -56,3 +56,15 @@ def test_random_hadamard_is_seeded_and_orthonormal():
     a, b, c = random_hadamard(96, 0), random_hadamard(96, 0), random_hadamard(96, 1)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.allclose(a @ a.t(), torch.eye(96, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [64, 1536, 4096])
+def test_a_row_gives_the_same_bits_alone_or_in_a_batch(n):
+    """The quantized KV cache's batching compares rows bit for bit with the same rows alone."""
+    t = HadamardTransform(n)
+    x = torch.randn(3, 4, 9, n, generator=torch.Generator().manual_seed(1)) * 10
+    batch = t(x)
+    assert torch.equal(t(x[1]), batch[1])
+    assert torch.equal(t(x[2, :, -1:]), batch[2, :, -1:])
+    assert torch.equal(t(x[0, 3, 4]), batch[0, 3, 4])
+    assert torch.equal(t(batch, inverse=True)[0, 0, 0], t(batch[0, 0, 0], inverse=True))

@@ -74,3 +74,17 @@ def test_rotate_table_rows_reload_and_speed(tmp_path):
     res = json.loads(out.read_text())
     assert res["rows"] == [] and res["speed"]["rotated"]["forward"] == res["speed"]["plain"]["forward"]  # same kernels
     assert "Decode" in (tmp_path / "s.md").read_text() and "| fp32" not in (tmp_path / "s.md").read_text()
+
+
+def test_rotate_table_clipped_activation_rows(tmp_path):
+    import json
+
+    from quantkit.eval import rotate_table
+
+    out = tmp_path / "t.json"
+    rotate_table.main(TINY + ["--bits", "4", "--group-size", "-1", "--act-rows", "4", "--act-clip", "0.9",
+                              "--out", str(tmp_path / "t.md"), "--json", str(out)])
+    rows = [r["model"] for r in json.loads(out.read_text())["rows"]]
+    assert rows[-1] == "GPTQ W4A4 g-1 + rotation, activations clipped at 0.9" and not any("A8" in r for r in rows)
+    with pytest.raises(SystemExit):
+        rotate_table.main(TINY + ["--act-rows", "4,3"])

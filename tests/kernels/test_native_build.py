@@ -26,13 +26,16 @@ def _sources_in(monkeypatch, folder):
     """Point the build at a copy of kernels/ in ``folder`` (so a test may edit it)."""
     shutil.copytree(build.SOURCE_DIR, folder)
     monkeypatch.setattr(build, "SOURCE_DIR", folder)
-    monkeypatch.setattr(build, "HEADER", folder / build.HEADER.name)
+    monkeypatch.setattr(build, "HEADERS", tuple(folder / p.name for p in build.HEADERS))
     monkeypatch.setattr(build, "SOURCES", tuple(folder / p.name for p in build.SOURCES))
+    monkeypatch.setattr(build, "PORTABLE_SOURCES", tuple(folder / p.name for p in build.PORTABLE_SOURCES))
 
 
 def test_every_source_in_the_folder_is_compiled_or_included():
-    assert sorted(p.name for p in (build.HEADER, *build.SOURCES)) == ON_DISK
-    assert all(f'#include "{build.HEADER.name}"' in p.read_text() for p in build.SOURCES)
+    assert sorted(p.name for p in (*build.HEADERS, *build.SOURCES)) == ON_DISK
+    assert all(any(f'#include "{h.name}"' in p.read_text() for h in build.HEADERS) for p in build.SOURCES)
+    assert set(build.PORTABLE_SOURCES) <= set(build.SOURCES)
+    assert all("immintrin" not in p.read_text() for p in build.PORTABLE_SOURCES)  # any CPU builds them
 
 
 @pytest.mark.parametrize("name", ON_DISK)

@@ -124,12 +124,13 @@ def test_lean_runtime_runs_rotated_checkpoints(stories, tmp_path):
 
 def test_cli_w4a8_checkpoint_records_act_bits_and_generates(stories_dir, tiny_text, tmp_path):
     res = _cli("quantize", stories_dir, "-o", tmp_path / "w4a8", "--method", "gptq", "--rotate", "--bits", 4,
-               "--group-size", -1, "--act-bits", 8, "--calib", tiny_text, "--nsamples", 8, "--seqlen", 64, "--json")
+               "--group-size", -1, "--act-bits", 8, "--act-clip", 0.9, "--calib", tiny_text, "--nsamples", 8,
+               "--seqlen", 64, "--json")
     assert res.exit_code == 0, res.output
     modules = json.loads((tmp_path / "w4a8" / "config.json").read_text())["quantization_config"]["modules"]
-    assert {e["act_bits"] for e in modules.values()} == {8}
+    assert {e["act_bits"] for e in modules.values()} == {8} and {e["act_clip"] for e in modules.values()} == {0.9}
     loaded, _ = api.load_model(str(tmp_path / "w4a8"))
-    assert all(m.act_bits == 8 for m in loaded.modules() if hasattr(m, "act_bits"))
+    assert all(m.act_bits == 8 and m.act_clip == 0.9 for m in loaded.modules() if hasattr(m, "act_bits"))
     gen = _cli("generate", tmp_path / "w4a8", "Once upon a time", "--max-new-tokens", 8, "--kv-bits", 4)
     assert gen.exit_code == 0 and gen.output.strip(), gen.output
     w4 = _ppl(tmp_path / "w4a8", tiny_text)

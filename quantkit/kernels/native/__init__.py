@@ -1,10 +1,11 @@
 """quantkit's native CPU kernels: C sources in the repository's ``kernels/`` (``qk.h``,
-``int4_gemm.c``, ``decode_step.c``, ``matvec.c``), built on first use into one cached shared object
-and called through ctypes.
+``int4_gemm.c``, ``decode_step.c``, ``matvec.c``, ``hadamard.c``), built on first use into one cached
+shared object (``hadamard.c`` also alone, for CPUs without AVX-512) and called through ctypes.
 
 * :mod:`~quantkit.kernels.native.build`: CPU check, compiler, cache, loading, the C signatures;
 * :mod:`~quantkit.kernels.native.int4`: the int4 layout, matmul and exact dequantization;
 * :mod:`~quantkit.kernels.native.matvec`: the bf16 matrix-vector product (a bf16 ``lm_head``);
+* :mod:`~quantkit.kernels.native.hadamard`: the online Hadamard transform of rotated models (portable C);
 * :mod:`~quantkit.kernels.native.decode`: the call of one whole decode step (its plan is the
   runtime's, :mod:`quantkit.runtime.native_decode`).
 
@@ -15,8 +16,9 @@ and called through ctypes.
 from __future__ import annotations
 
 from quantkit.kernels.native.build import NativeUnavailable, available, library
+from quantkit.kernels.native.hadamard import NativeHadamard, hadamard_available, hadamard_rows
 from quantkit.kernels.native.int4 import NativeInt4Weight, dequantize_rows, int4_matmul, int4_weight
 from quantkit.kernels.native.matvec import bf16_matvec
 
-__all__ = ["NativeUnavailable", "available", "library", "NativeInt4Weight", "dequantize_rows", "int4_matmul",
+__all__ = ["NativeUnavailable", "available", "library", "NativeHadamard", "hadamard_available", "hadamard_rows", "NativeInt4Weight", "dequantize_rows", "int4_matmul",
            "int4_weight", "bf16_matvec"]

@@ -1,11 +1,13 @@
 """Build, cache and load quantkit's native CPU kernels (the C sources in the repository's ``kernels/``).
 
-The sources (``qk.h``, ``int4_gemm.c``, ``decode_step.c``, ``matvec.c``) are compiled together into
-one shared object, cached in ``$QUANTKIT_CACHE_DIR`` (default ``~/.cache/quantkit``) under a hash
-of every source, the flags and the compiler's version: changing any of them builds anew.
+The sources (``qk.h``, ``int4_gemm.c``, ``decode_step.c``, ``matvec.c``, ``hadamard.c``) are compiled
+together into one shared object, cached in ``$QUANTKIT_CACHE_DIR`` (default ``~/.cache/quantkit``)
+under a hash of every source, the flags and the compiler's version: changing any of them builds anew.
 
 Requirements, checked once by :func:`library`: x86-64 Linux with AVX-512 (F, BW, VL) and
-AVX512-BF16, and a C compiler (``$CC``, else ``cc``).  OpenMP threads come from the ``libgomp``
+AVX512-BF16, and a C compiler (``$CC``, else ``cc``).  :func:`portable_library` builds the
+intrinsic-free ``hadamard.c`` alone, for any CPU with a C compiler (the online Hadamard transform
+of rotated models, :mod:`quantkit.kernels.native.hadamard`).  OpenMP threads come from the ``libgomp``
 PyTorch already loaded, ``torch.get_num_threads()`` of them.  ``QUANTKIT_NATIVE=0`` disables the
 kernels (PyTorch's ops are used instead).
 
@@ -35,10 +37,12 @@ def _source_dir() -> Path:
 
 
 SOURCE_DIR = _source_dir()
-HEADER = SOURCE_DIR / "qk.h"
-SOURCES = tuple(SOURCE_DIR / name for name in ("int4_gemm.c", "decode_step.c", "matvec.c"))  # one shared object
+HEADERS = (SOURCE_DIR / "qk.h", SOURCE_DIR / "hadamard.h")
+SOURCES = tuple(SOURCE_DIR / name for name in ("int4_gemm.c", "decode_step.c", "matvec.c", "hadamard.c"))  # one object
+PORTABLE_SOURCES = (SOURCE_DIR / "hadamard.c",)
 CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-strict-aliasing", "-mavx512f", "-mavx512bw", "-mavx512vl",
           "-mavx512bf16", "-mf16c", "-mfma", "-fopenmp")
+PORTABLE_CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-strict-aliasing", "-fopenmp")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma")
 
 
@@ -59,32 +63,34 @@ def _cpu_supported() -> str | None:
     return f"the CPU lacks {', '.join(missing)}" if missing else None
 
 
-def cache_key(flags: tuple[str, ...], compiler_version: list[str]) -> str:
-    """16 hex digits over every source file (name and bytes), the flags and the compiler."""
+def cache_key(flags: tuple[str, ...], compiler_version: list[str], sources: tuple[Path, ...] | None = None) -> str:
+    """16 hex digits over every source file (name and bytes; default :data:`SOURCES`), the flags and the compiler."""
     h = hashlib.sha256()
-    for path in (HEADER, *SOURCES):
+    for path in (*HEADERS, *(SOURCES if sources is None else sources)):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     h.update(repr((flags, compiler_version)).encode())
     return h.hexdigest()[:16]
 
 
-def _build(cache: Path) -> Path:
-    """Compile the sources into ``cache`` (once per sources, flags and compiler) and return the
-    shared object; without OpenMP if the compiler has none (the kernels then run on one thread)."""
+def _build(cache: Path, sources: tuple[Path, ...] | None = None, cflags: tuple[str, ...] = CFLAGS) -> Path:
+    """Compile ``sources`` (default :data:`SOURCES`) into ``cache`` (once per sources, flags and
+    compiler) and return the shared object; without OpenMP if the compiler has none (the kernels
+    then run on one thread)."""
+    sources = SOURCES if sources is None else sources
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise NativeUnavailable("no C compiler found (set $CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout.splitlines()[:1]
     error = ""
-    for flags in (CFLAGS, tuple(f for f in CFLAGS if f != "-fopenmp")):
-        target = cache / f"quantkit-native-{cache_key(flags, version)}.so"
+    for flags in (cflags, tuple(f for f in cflags if f != "-fopenmp")):
+        target = cache / f"quantkit-native-{cache_key(flags, version, sources)}.so"
         if target.is_file():
             return target
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:
-            cmd = [cc, *flags, "-I", str(SOURCE_DIR), *map(str, SOURCES), "-o", tmp, "-lm"]
+            cmd = [cc, *flags, "-I", str(SOURCE_DIR), *map(str, sources), "-o", tmp, "-lm"]
             r = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if r.returncode == 0:
                 os.replace(tmp, target)  # atomic: concurrent builders agree on the result
@@ -130,6 +136,14 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qk_bf16_matvec.argtypes = [p, p, p, i64, i64, i32]
     lib.qk_decode_layers.restype = ctypes.c_int
     lib.qk_decode_layers.argtypes = [p, i32, ctypes.POINTER(DecodeDimsStruct), p, i64, p, p, i32]
+    return _declare_portable(lib)
+
+
+def _declare_portable(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The C signatures of hadamard.h."""
+    lib.qk_hadamard_rows.restype = ctypes.c_int
+    lib.qk_hadamard_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                     ctypes.c_int]
     return lib
 
 
@@ -142,8 +156,23 @@ def library():
     if why:
         return NativeUnavailable(why)
     try:
-        cache = Path(os.environ.get("QUANTKIT_CACHE_DIR") or Path.home() / ".cache" / "quantkit")
-        return _declare(ctypes.CDLL(str(_build(cache))))
+        return _declare(ctypes.CDLL(str(_build(_cache_dir()))))
+    except (NativeUnavailable, OSError, subprocess.SubprocessError) as e:
+        return e if isinstance(e, NativeUnavailable) else NativeUnavailable(f"cannot build or load the kernel: {e}")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("QUANTKIT_CACHE_DIR") or Path.home() / ".cache" / "quantkit")
+
+
+@functools.lru_cache(maxsize=1)
+def portable_library():
+    """The loaded portable library (``hadamard.c``, no CPU requirement beyond a C compiler), or
+    a :class:`NativeUnavailable` saying why not (built once per process)."""
+    if os.environ.get("QUANTKIT_NATIVE", "1").strip() == "0":
+        return NativeUnavailable("disabled by QUANTKIT_NATIVE=0")
+    try:
+        return _declare_portable(ctypes.CDLL(str(_build(_cache_dir(), PORTABLE_SOURCES, PORTABLE_CFLAGS))))
     except (NativeUnavailable, OSError, subprocess.SubprocessError) as e:
         return e if isinstance(e, NativeUnavailable) else NativeUnavailable(f"cannot build or load the kernel: {e}")
 
