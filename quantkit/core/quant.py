@@ -57,9 +57,11 @@ class QuantSpec:
             )
 
 
-OBSERVERS = ("minmax", "mse")
+OBSERVERS = ("minmax", "mse", "imatrix-mse")
 # the "mse" observer: the grid's range shrunk by 1, 0.99, ... MSE_SHRINK_MIN, keeping per group the
-# one with the least sum |w - Q(w)|^MSE_NORM (GPTQ's reference `--mse` search, there with 0.2 and 2.4)
+# one with the least sum |w - Q(w)|^MSE_NORM (GPTQ's reference `--mse` search, there with 0.2 and 2.4);
+# "imatrix-mse" weighs each column's term by its input's importance (mean x^2: llama.cpp's imatrix,
+# llm-compressor's imatrix observer), which a method with calibration statistics passes
 MSE_SHRINK_STEPS, MSE_SHRINK_MIN, MSE_NORM = 100, 0.5, 2.4
 FP16_MAX = 65504.0  # the largest float16: scales are stored in float16, so none can exceed it
 
@@ -70,21 +72,29 @@ def symmetric_zero(bits: int) -> int:
     return 1 << (bits - 1)
 
 
-def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_qparams(w: torch.Tensor, spec: QuantSpec,
+                    importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero for each row of ``w`` (``[rows, cols]`` -> ``[rows]``, ``[rows]``):
     from the row's min and max (``observer="minmax"``), or (``"mse"``) from that range shrunk by the
-    factor, down to :data:`MSE_SHRINK_MIN`, whose grid rounds the row with the least error."""
+    factor, down to :data:`MSE_SHRINK_MIN`, whose grid rounds the row with the least error; with
+    ``"imatrix-mse"`` each column's error counts ``importance[col]`` times (``[cols]``, e.g. the
+    mean squared input of that column; None: every column alike, i.e. ``"mse"``)."""
     w = w.float()
+    weight = 1.0
+    if spec.observer == "imatrix-mse" and importance is not None:
+        weight = importance.float().reshape(1, -1).clamp(min=0)
+        weight = weight / weight.mean().clamp(min=1e-30)  # only the relative importance matters
     xmin = w.amin(dim=1).clamp(max=0)
     xmax = w.amax(dim=1).clamp(min=0)
     if spec.observer == "minmax":
         return _grid(xmin, xmax, spec)
     best = _grid(xmin, xmax, spec)
-    best_err = (fake_quantize(w, best[0].unsqueeze(1), best[1].unsqueeze(1), spec.maxq) - w).abs().pow(MSE_NORM).sum(1)
+    best_err = ((fake_quantize(w, best[0].unsqueeze(1), best[1].unsqueeze(1), spec.maxq) - w).abs().pow(MSE_NORM)
+                * weight).sum(1)
     for i in range(1, int(round((1 - MSE_SHRINK_MIN) * MSE_SHRINK_STEPS)) + 1):
         p = 1 - i / MSE_SHRINK_STEPS
         scale, zero = _grid(p * xmin, p * xmax, spec)
-        err = (fake_quantize(w, scale.unsqueeze(1), zero.unsqueeze(1), spec.maxq) - w).abs().pow(MSE_NORM).sum(1)
+        err = ((fake_quantize(w, scale.unsqueeze(1), zero.unsqueeze(1), spec.maxq) - w).abs().pow(MSE_NORM) * weight).sum(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]))

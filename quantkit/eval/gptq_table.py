@@ -44,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--asym", action="store_true", help="Asymmetric grids (default: symmetric, as the peers' W4A16 presets).")
     ap.add_argument("--no-act-order", action="store_true",
                     help="GPTQ in natural column order (default: act-order with static groups, as quantkit and llm-compressor)")
-    ap.add_argument("--observer", default="minmax", choices=("minmax", "mse"),
-                    help="How each group's grid is chosen (core.quant.compute_qparams), for both methods.")
+    ap.add_argument("--observer", default="minmax", choices=("minmax", "mse", "imatrix-mse"),
+                    help="How each group's grid is chosen (core.quant.compute_qparams), for both methods "
+                         "(imatrix-mse: GPTQ only; the RTN rows then use mse, having no statistics).")
     ap.add_argument("--json", dest="json_out", default=None, help="Also write the results as JSON here.")
     return ap
 
@@ -54,14 +55,15 @@ def _compress_row(args, base, method: str, bits: int, calib, windows):
     """A copy of ``base`` quantized by ``method`` at ``bits``: ``(model, result, row)``."""
     model = copy.deepcopy(base)
     t0 = time.perf_counter()
-    opts = {"bits": bits, "group_size": args.group_size, "sym": not args.asym, "observer": args.observer}
+    observer = "mse" if method == "rtn" and args.observer == "imatrix-mse" else args.observer
+    opts = {"bits": bits, "group_size": args.group_size, "sym": not args.asym, "observer": observer}
     if method == "gptq" and args.no_act_order:
         opts["act_order"] = False
     res = api.compress(model, method, opts, calib_ids=calib)
     secs = time.perf_counter() - t0
     ppl = perplexity(model, windows)["perplexity"]
     order = " (no act-order)" if method == "gptq" and args.no_act_order else ""
-    grid = ", mse grid" if args.observer == "mse" else ""
+    grid = f", {observer} grid" if observer != "minmax" else ""
     return model, res, {"model": f"{method.upper()} W{bits} g{args.group_size}{order}{grid}", "perplexity": ppl, "seconds": secs}
 
 

@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-activations", action="store_true", help="Skip the W4A8, W4A4 and W4A4 KV4 rows.")
     ap.add_argument("--act-rows", type=_act_rows, default="8,4,4kv",
                     help="Which activation rows, comma-separated: 8 (W4A8), 4 (W4A4), 4kv (W4A4 KV4).")
+    ap.add_argument("--act-parts", action="store_true",
+                    help="Also 4-bit activations on one kind of linear at a time (what each costs).")
     ap.add_argument("--act-clip", type=float, default=1.0,
                     help="The 4-bit activation rows' clip ratio (each token's grid spans this fraction of its max).")
     ap.add_argument("--speed", action="store_true", help="Decode speed, rotated vs unrotated RTN W4 (needs a quiet machine).")
@@ -97,23 +99,32 @@ def _reloaded(model, tok, method: str, res, windows, tmp: Path) -> tuple:
     return loaded, perplexity(loaded, windows)["perplexity"]
 
 
+def _act_row(args, model, res, windows, act_bits: int, kv: bool, only: str | None = None) -> dict:
+    """One activation row: the rotated GPTQ W4 weights packed again with ``act_bits`` activations
+    (on every linear, or only on those whose name ends with ``only``), with an int4 KV cache if ``kv``."""
+    clip = args.act_clip if act_bits == 4 else 1.0
+    m = copy.deepcopy(model)
+    pack_model(m, {n: dataclasses.replace(q, act_bits=act_bits if only is None or n.endswith(only) else None,
+                                          act_clip=clip) for n, q in res.quantized.items()})
+    reset_counts()
+    lm = KVCachedLM(m, kv_config(4, None, m)) if kv else m
+    ppl = perplexity(lm, windows)["perplexity"]
+    name = (f"GPTQ W4A{act_bits}{' KV4' if kv else ''} g{args.group_size} + rotation"
+            + (f", activations clipped at {clip:g}" if clip != 1.0 else "") + (f", A{act_bits} on {only} only" if only else ""))
+    print(f"{name}: {ppl:.3f} ({COUNTS['int_matmuls']} integer matmuls, {COUNTS['int_macs']:.2e} multiply-adds)", flush=True)
+    return {"model": name, "perplexity": ppl, "seconds": None, "int_matmuls": COUNTS["int_matmuls"],
+            "int_macs": COUNTS["int_macs"]}
+
+
 def _activation_rows(args, model, res, windows) -> list[dict]:
     """The rotated GPTQ W4 weights again with activations quantized per token (8, then 4 bits),
-    then with an int4 KV cache (rotated per head): what each part costs.  Reuses the weights (the
-    activation bits change only the runtime modules) and counts the integer matmuls that ran."""
-    rows = []
-    for act_bits, kv in args.act_rows:
-        clip = args.act_clip if act_bits == 4 else 1.0
-        m = copy.deepcopy(model)
-        pack_model(m, {n: dataclasses.replace(q, act_bits=act_bits, act_clip=clip) for n, q in res.quantized.items()})
-        reset_counts()
-        lm = KVCachedLM(m, kv_config(4, None, m)) if kv else m
-        ppl = perplexity(lm, windows)["perplexity"]
-        name = (f"GPTQ W4A{act_bits}{' KV4' if kv else ''} g{args.group_size} + rotation"
-                + (f", activations clipped at {clip:g}" if clip != 1.0 else ""))
-        rows.append({"model": name, "perplexity": ppl, "seconds": None, "int_matmuls": COUNTS["int_matmuls"],
-                     "int_macs": COUNTS["int_macs"]})
-        print(f"{name}: {ppl:.3f} ({COUNTS['int_matmuls']} integer matmuls, {COUNTS['int_macs']:.2e} multiply-adds)", flush=True)
+    then with an int4 KV cache (rotated per head): what each part costs (``--act-parts``: also 4-bit
+    activations on one kind of linear at a time).  Reuses the weights (the activation bits change
+    only the runtime modules) and counts the integer matmuls that ran."""
+    rows = [_act_row(args, model, res, windows, act_bits, kv) for act_bits, kv in args.act_rows]
+    if args.act_parts:
+        kinds = dict.fromkeys(n.rsplit(".", 1)[-1] for n in res.quantized)  # q_proj, k_proj, ... in model order
+        rows += [_act_row(args, model, res, windows, 4, False, only=k) for k in kinds]
     return rows
 
 

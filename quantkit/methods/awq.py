@@ -27,7 +27,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -371,6 +371,7 @@ class AWQ(BlockMethod):
 
 @dataclass(frozen=True)
 class AWQGPTQConfig(AWQConfig):
+    input_statistics: ClassVar[bool] = True  # its GPTQ half weighs imatrix-mse grids by diag(H)
     clip: bool = like(AWQConfig, "clip", default=False)  # GPTQ compensates rounding itself; clipping first rarely helps it
     act_order: bool = like(GPTQConfig, "act_order", default=False)
     static_groups: bool = like(GPTQConfig, "static_groups", default=False)

@@ -7,7 +7,7 @@ import contextlib
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -74,6 +74,8 @@ class WeightQuantConfig:
     a tuple of ``(regex, {"bits":..., "group_size":..., "sym":...})`` matched against full module
     names, the last match winning."""
 
+    input_statistics: ClassVar[bool] = False  # the method passes each column's mean squared input to the grids
+
     bits: int = field(default=4, metadata={"help": "Bits per weight, 2 to 8."})
     group_size: int = field(default=128, metadata={"help": "Input columns per scale; -1 = per channel."})
     sym: bool = field(default=True, metadata={"help": "Symmetric grid (no zero point); --asym: a zero point per group."})
@@ -88,7 +90,8 @@ class WeightQuantConfig:
                 "(--no-online-hadamard: a plain model other engines run, a little less accurate)."})
     observer: str = field(default="minmax", metadata={
         "choices": OBSERVERS, "help": "How each group's grid is chosen: from its min and max, or (mse) the range, "
-                                     "shrunk by up to half, that rounds the group with the least error."})
+                                     "shrunk by up to half, that rounds the group with the least error "
+                                     "(imatrix-mse: each column's error weighed by its mean squared input; gptq)."})
     act_bits: int | None = field(default=None, metadata={
         "help": "Also quantize each linear's input per token to 8 or 4 bits at run time (W4A8, W4A4: integer "
                 "matmuls); best with --rotate."})
@@ -101,6 +104,9 @@ class WeightQuantConfig:
 
     def __post_init__(self):
         QuantSpec(self.bits, self.group_size, self.sym, self.observer)  # validates
+        if self.observer == "imatrix-mse" and not self.input_statistics:
+            raise QuantkitError(f"observer imatrix-mse weighs columns by calibration statistics, which "
+                                f"{type(self).__name__.removesuffix('Config').lower()} does not collect: use gptq, or mse")
         if self.act_bits is not None and self.act_bits not in (4, 8):
             raise QuantkitError(f"act_bits must be 8 or 4 (or unset), got {excerpt(self.act_bits)}")
         check_act_bits(self.act_bits, self.bits, self.sym)

@@ -8,6 +8,7 @@ the block-wise driver with a Hessian per linear.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -26,6 +27,7 @@ class GPTQConfig(WeightQuantConfig):
     # Columns in order of decreasing Hessian diagonal (desc_act) with group grids fixed up front, so
     # groups stay contiguous and the checkpoint needs no g_idx: llm-compressor's default ("static"
     # activation ordering), free at run time; on SmolLM2 W4 g64 it takes WikiText-2 from 52.31 to 46.03.
+    input_statistics: ClassVar[bool] = True  # diag(H): the imatrix-mse observer's column weights
     act_order: bool = field(default=True, metadata={"help": "GPTQ: quantize columns by decreasing Hessian diagonal."})
     static_groups: bool = field(default=True, metadata={
         "help": "GPTQ with --act-order: fix group grids up front (contiguous groups, no g_idx); "
@@ -57,13 +59,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
     dead = dead_columns(H)
     H[dead, dead] = 1
     W[:, dead] = 0
+    imp = torch.diag(H).clone()  # each column's mean squared input: the imatrix-mse observer's weights
 
     scales = torch.zeros(out_f, n_groups)
     zeros = torch.zeros(out_f, n_groups)
     if static_groups or spec.group_size == -1:
         # grids from the original weights, group by group in column order
         for g in range(n_groups):
-            s, z = compute_qparams(W[:, g * gs:(g + 1) * gs], spec)
+            s, z = compute_qparams(W[:, g * gs:(g + 1) * gs], spec, imp[g * gs:(g + 1) * gs])
             scales[:, g], zeros[:, g] = s, z
 
     perm = None
@@ -71,6 +74,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
         H = H[perm][:, perm]
+        imp = imp[perm]
 
     Hinv, damp = robust_inverse_cholesky(H, percdamp)
     if Hinv is None:
@@ -97,7 +101,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
             if not static_groups and spec.group_size != -1 and col % gs == 0:
                 # a new group starts: its grid from the current (error-updated) weights, sec. 4
                 cols = W1[:, i:i + gs] if col + gs <= i2 else torch.cat([W1[:, i:], W[:, i2:col + gs]], dim=1)
-                s, z = compute_qparams(cols, spec)
+                s, z = compute_qparams(cols, spec, imp[col:col + gs])
                 scales[:, col // gs], zeros[:, col // gs] = s, z
             g = group_of(col)
             s, z = scales[:, g], zeros[:, g]

@@ -73,5 +73,24 @@ def test_mse_observer_never_rounds_a_group_worse_and_usually_better(bits, sym):
 
 
 def test_unknown_observer_is_refused():
-    with pytest.raises(QuantkitError, match="observer must be one of minmax, mse"):
+    with pytest.raises(QuantkitError, match="observer must be one of minmax, mse, imatrix-mse"):
         QuantSpec(4, 64, True, "percentile")
+
+
+def test_imatrix_mse_weighs_the_important_columns():
+    from quantkit.core.quant import MSE_NORM, compute_qparams, fake_quantize
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(256, 64, generator=g)
+    w[:, 0] *= 4  # a large column ...
+    imp = torch.ones(64)
+    imp[1:9] = 50.0  # ... and eight whose inputs are large: their rounding matters more
+    spec = QuantSpec(3, 64, False, "imatrix-mse")
+    assert all(torch.equal(a, b) for a, b in zip(compute_qparams(w, spec), compute_qparams(w, QuantSpec(3, 64, False, "mse"))))
+    err = {}
+    for name, importance in (("mse", None), ("imatrix", imp)):
+        s, z = compute_qparams(w, spec, importance)
+        err[name] = ((fake_quantize(w, s.unsqueeze(1), z.unsqueeze(1), spec.maxq) - w).abs().pow(MSE_NORM) * imp).sum(1)
+    assert bool((err["imatrix"] <= err["mse"] + 1e-5).all()) and err["imatrix"].sum() < 0.97 * err["mse"].sum()
+    s, z = compute_qparams(w, spec, imp * 1000)  # only the relative importance counts
+    assert torch.equal(s, compute_qparams(w, spec, imp)[0])

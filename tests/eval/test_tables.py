@@ -38,6 +38,10 @@ def test_gptq_table_rows_and_packed_check(tmp_path):
     mse = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(mse) == {"fp32", "RTN W4 g-1, mse grid", "GPTQ W4 g-1, mse grid"}
     assert mse["RTN W4 g-1, mse grid"]["perplexity"] != rows["RTN W4 g-1"]["perplexity"]  # the observer reached RTN
+    gptq_table.main(TINY + ["--bits", "4", "--group-size", "-1", "--observer", "imatrix-mse", "--json", str(out)])
+    imx = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(imx) == {"fp32", "RTN W4 g-1, mse grid", "GPTQ W4 g-1, imatrix-mse grid"}  # RTN has no statistics
+    assert imx["GPTQ W4 g-1, imatrix-mse grid"]["perplexity"] != mse["GPTQ W4 g-1, mse grid"]["perplexity"]
 
 
 def test_llamacpp_comparison_skips_cleanly_without_the_peer(monkeypatch, capsys):
@@ -82,9 +86,14 @@ def test_rotate_table_clipped_activation_rows(tmp_path):
     from quantkit.eval import rotate_table
 
     out = tmp_path / "t.json"
-    rotate_table.main(TINY + ["--bits", "4", "--group-size", "-1", "--act-rows", "4", "--act-clip", "0.9",
+    rotate_table.main(TINY + ["--bits", "4", "--group-size", "-1", "--act-rows", "4", "--act-clip", "0.9", "--act-parts",
                               "--out", str(tmp_path / "t.md"), "--json", str(out)])
-    rows = [r["model"] for r in json.loads(out.read_text())["rows"]]
-    assert rows[-1] == "GPTQ W4A4 g-1 + rotation, activations clipped at 0.9" and not any("A8" in r for r in rows)
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    a4 = rows["GPTQ W4A4 g-1 + rotation, activations clipped at 0.9"]
+    assert not any("A8" in r for r in rows)
+    parts = [r for name, r in rows.items() if name.endswith(" only")]
+    assert [r["model"].split(" on ")[1] for r in parts] == [f"{k} only" for k in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                                   "gate_proj", "up_proj", "down_proj")]
+    assert sum(r["int_matmuls"] for r in parts) == a4["int_matmuls"]  # each kind once: together, the whole row
     with pytest.raises(SystemExit):
         rotate_table.main(TINY + ["--act-rows", "4,3"])
