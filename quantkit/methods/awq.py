@@ -13,8 +13,7 @@ clip search on ``clip_tokens``, which keeps AWQ cheaper than GPTQ on the same ca
 ``search_tokens=0`` searches on everything.
 
 The search is separate from the apply: :func:`search_scale` and :func:`search_clip` are plain
-functions of tensors; their results (:class:`quantkit.core.transforms.ScaleResult`,
-:class:`quantkit.core.transforms.ClipResult`) are applied by :mod:`quantkit.core.transforms`.
+functions of tensors whose results (``ScaleResult``, ``ClipResult``) :mod:`quantkit.core.transforms` applies.
 
     >>> s, alpha, loss, history = search_scale(x_mean, [w], loss_fn, [QuantSpec(4, 64)])
     >>> max_val = search_clip(w * s, x[:512] / s, QuantSpec(4, 64))
@@ -364,8 +363,7 @@ class AWQ(BlockMethod):
 
     def process_block(self, ctx):
         skipped = self.search_and_apply(ctx)
-        quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for, act_bits=self.config.act_bits,
-                               act_clip=self.config.act_clip)
+        quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for, **self.config.activations())
         _note_skipped(ctx, skipped)
 
 

@@ -118,6 +118,10 @@ class WeightQuantConfig:
                 raise QuantkitError(f"unknown override key(s) {excerpt(sorted(unknown))} for {excerpt(pattern)}")
             self.spec_for_fields(fields)
 
+    def activations(self) -> dict:
+        """The run-time activation settings :func:`quantize_block_linears` records on each result."""
+        return {"act_bits": self.act_bits, "act_clip": self.act_clip}
+
     def spec_for_fields(self, fields: dict) -> QuantSpec:
         check_act_bits(self.act_bits, fields.get("bits", self.bits), fields.get("sym", self.sym))
         return QuantSpec(fields.get("bits", self.bits), fields.get("group_size", self.group_size), fields.get("sym", self.sym),

@@ -22,8 +22,7 @@ class RTN(BlockMethod):
         check_group_sizes(model, arch, self.config)
 
     def process_block(self, ctx):
-        quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for, act_bits=self.config.act_bits,
-                               act_clip=self.config.act_clip)
+        quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for, **self.config.activations())
 
     def head_quantizer(self):
         """With ``quantize_lm_head``: the head rounded like every other linear."""
