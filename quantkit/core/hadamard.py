@@ -1,9 +1,10 @@
 """Hadamard transforms for rotations (QuaRot, SpinQuant): orthonormal ``n x n`` matrices that
 spread every input feature over all outputs, and a fast transform that applies one in
-``O(n log n + n k)``.
+``O(n (k + 128 r))`` with a few small products (``r`` Sylvester factors of order <= 128; the
+runtime's C transform, ``kernels/hadamard.c``, does the butterflies in ``O(n (log n + k))``).
 
-A size ``n = k * 2^m`` gets ``kron(A_k, H_2^m)``: ``H_2^m`` Sylvester's Hadamard matrix (applied
-by the fast Walsh-Hadamard butterflies), ``A_k`` a Hadamard matrix of order ``k`` built by
+A size ``n = k * 2^m`` gets ``kron(A_k, H_2^m)``: ``H_2^m`` Sylvester's Hadamard matrix (a
+Kronecker product of smaller Sylvester matrices; :func:`fwht` gives its butterflies), ``A_k`` a Hadamard matrix of order ``k`` built by
 Paley's constructions (orders ``q + 1``, ``q`` a prime ``= 3 mod 4``, e.g. 12, 20, 24, 32, 44, 48;
 and ``2 (q + 1)``, ``q`` a prime ``= 1 mod 4``, e.g. 12, 28, 36, 60, 76), the smallest ``k`` that
 works, up to :data:`MAX_FACTOR`.  SmolLM2's 576 = 36 x 16 and 1536 = 12 x 128 are exact Hadamard sizes.  When no Hadamard
