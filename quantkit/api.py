@@ -95,12 +95,13 @@ def compress(model, method_name: str, options: dict | object, *, tokenizer=None,
     method = method_cls(config)
     if getattr(config, "quantize_lm_head", False) and hooks is not None:  # the head's statistics need the whole model
         raise QuantkitError("quantize_lm_head needs the model in memory (it cannot stream)")
-    if method.needs_calibration and calib_ids is None:
+    calibrated = method.calibrates(config)
+    if calibrated and calib_ids is None:
         if calib is None or tokenizer is None:
             raise QuantkitError(f"method {method_name!r} needs calibration data (--calib)")
         calib_ids = calibration_samples(tokenizer, calib, nsamples, seqlen, seed)
     model.config.use_cache = False
-    result = run_blockwise(model, method, calib_ids if method.needs_calibration else None, batch_size, progress, hooks,
+    result = run_blockwise(model, method, calib_ids if calibrated else None, batch_size, progress, hooks,
                            to_module=to_module, finish_block=pack_finished if pack else None)
     if getattr(config, "quantize_lm_head", False):
         from quantkit.methods.base import quantize_head
@@ -144,8 +145,10 @@ def compress_streaming(model_path: str | Path, out: str | Path, method_name: str
     config = options if dataclasses.is_dataclass(options) else make_config(method_name, dict(options))
     if getattr(config, "quantize_lm_head", False):
         raise QuantkitError("--stream does not quantize lm_head yet (it needs the whole model in front of it); drop --quantize-lm-head or --stream")
+    if getattr(config, "target_bpw", None) is not None:
+        raise QuantkitError("--target-bpw measures every linear on the whole model first: give --no-stream")
     calib_ids = None
-    if get_method(method_name).needs_calibration:
+    if get_method(method_name).calibrates(config):
         if calib is None:
             raise QuantkitError(f"method {method_name!r} needs calibration data (--calib)")
         calib_ids = calibration_samples(tok, calib, nsamples, seqlen, seed)

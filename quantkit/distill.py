@@ -47,7 +47,7 @@ from quantkit.models.arch import get_module, set_module
 from quantkit.checkpoint.output import atomic_output_dir
 from quantkit.checkpoint.packed import save_checkpoint
 from quantkit.errors import QuantkitError
-from quantkit.core.quant import fake_quantize, quantize_codes
+from quantkit.core.quant import ACT_DEFAULTS, fake_quantize, quantize_codes
 from quantkit.runtime.qlinear import QuantLinear
 from quantkit.runtime.sparse import SparseLinear
 
@@ -84,7 +84,7 @@ class STEQuantLinear(nn.Module):
         super().__init__()
         g = q.group_map().long()
         self.bits, self.group_size, self.sym, self.maxq = q.bits, q.group_size, q.sym, 2**q.bits - 1
-        self.act_bits = q.act_bits  # kept for the runtime module (training runs float activations)
+        self.activations = {k: getattr(q, k) for k in ACT_DEFAULTS}  # kept for the runtime module (training runs float activations)
         self.register_buffer("scales", q.scales.clone())  # [out, n_groups] float16, as stored
         self.register_buffer("zeros", q.zero_points().float())  # [out, n_groups]
         self.register_buffer("g_idx", q.g_idx.clone() if q.g_idx is not None else None)
@@ -106,7 +106,7 @@ class STEQuantLinear(nn.Module):
         codes = quantize_codes(self.weight.detach(), self._scale, self._zero, self.maxq).to(torch.uint8)
         bias = self.bias.detach() if self.bias is not None else None
         return QuantLinear.from_codes(codes, self.scales.float(), self.zeros, self.bits, self.group_size, self.sym,
-                                      g_idx=self.g_idx, bias=bias, dtype=self.dtype, act_bits=self.act_bits)
+                                      g_idx=self.g_idx, bias=bias, dtype=self.dtype, **self.activations)
 
 
 class NMMaskedLinear(nn.Linear):

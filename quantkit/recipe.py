@@ -337,13 +337,13 @@ def run_recipe(recipe: Recipe, model, tokenizer, progress=None):
     from quantkit.data import calibration_samples, check_context
 
     calib = recipe.calibration
-    if any(api.get_method(step.method).needs_calibration for step in recipe.steps):
+    if any(api.get_method(step.method).calibrates(step.config) for step in recipe.steps):
         check_context(calib["seqlen"], model.config, name="calibration.seqlen")
     calib_ids = None
     merged = CompressionResult()
     for i, step in enumerate(recipe.steps):
         method = api.get_method(step.method)
-        if method.needs_calibration and calib_ids is None:
+        if method.calibrates(step.config) and calib_ids is None:
             calib_ids = calibration_samples(tokenizer, calib["dataset"], calib["nsamples"], calib["seqlen"], calib["seed"])
         res = api.compress(model, step.method, step.config, calib_ids=calib_ids, batch_size=calib["batch_size"],
                            progress=(lambda a, b, info, i=i: progress(i, a, b, info)) if progress else None)
@@ -351,6 +351,7 @@ def run_recipe(recipe: Recipe, model, tokenizer, progress=None):
         merged.log.extend(res.log)
         merged.extra.setdefault("steps", []).append({"method": step.method, **res.extra})
         merged.extra["config"] = res.extra.get("config", {})
-        if "rotation" in res.extra:
-            merged.extra["rotation"] = res.extra["rotation"]
+        for key in ("rotation", "allocation"):  # whole-model records: the checkpoint's (allocation.json for a budget)
+            if key in res.extra:
+                merged.extra[key] = res.extra[key]
     return merged

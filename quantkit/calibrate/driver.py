@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from quantkit.calibrate.sensitivity import plan_bits
 from quantkit.core.rotation import rotate_model
 from quantkit.core.quant import clipped_scale_note
 from quantkit.core.types import CompressionResult, LayerRecord, QuantizedWeight
@@ -60,11 +61,31 @@ class BlockMethod:
     def check(self, model: nn.Module, arch: ArchSpec) -> None:
         """Refuse up front what cannot be done (a group size that does not divide a layer...)."""
 
-    def prepare(self, model: nn.Module, arch: ArchSpec, result: CompressionResult) -> None:
+    @classmethod
+    def calibrates(cls, config) -> bool:
+        """Whether a run with ``config`` needs calibration data: the method's own need, a bit
+        budget's (``target_bpw``: each linear's sensitivity is measured on it) or an activation
+        clip search's (``act_clip_search``: it runs each block on it)."""
+        return cls.needs_calibration or getattr(config, "target_bpw", None) is not None or cls.searches_clips(config)
+
+    @staticmethod
+    def searches_clips(config) -> bool:
+        """Whether ``config`` asks for each linear's activation clip ratio to be searched (on its block's inputs)."""
+        return bool(getattr(config, "act_bits", None) and getattr(config, "act_clip_search", False))
+
+    def prepare(self, model: nn.Module, arch: ArchSpec, result: CompressionResult,
+                calib_ids: torch.Tensor | None = None, progress: Callable[[int, int, str], None] | None = None) -> None:
         """Whole-model work before the first block: the residual-stream rotation a config asks for
-        (``rotate``; see :mod:`quantkit.core.rotation`), recorded in ``result.extra["rotation"]``."""
+        (``rotate``; see :mod:`quantkit.core.rotation`), recorded in ``result.extra["rotation"]``;
+        then, with a bit budget (``target_bpw``), each linear's format
+        (:func:`quantkit.calibrate.sensitivity.plan_bits`; the allocation in ``result.extra["allocation"]``)."""
         if getattr(self.config, "rotate", False):
             result.extra["rotation"] = rotate_model(model, arch, self.config.rotate_seed, self.config.online_hadamard)
+        if getattr(self.config, "target_bpw", None) is not None:
+            names = [f"{arch.blocks_path}.{i}.{n}" for i in range(len(arch.blocks(model))) for n in arch.linear_names()]
+            names += [arch.lm_head] if getattr(self.config, "quantize_lm_head", False) else []
+            self.config, result.extra["allocation"] = plan_bits(model, arch, self.config, calib_ids, names,
+                                                                self.config.stores_g_idx(), progress)
 
     def process_block(self, ctx: "BlockContext") -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -198,14 +219,15 @@ class BlockContext:
 
     def collect(self, kind: str, groups: Iterable[LinearGroup]) -> dict[str, object]:
         """Run the block once with input hooks on ``groups``' linears and return one accumulator
-        per linear name (``kind``: "hessian" -> HessianAccumulator, "act" -> ActStats).  Linears
-        of one group share their accumulator: their input is the same tensor."""
+        per linear name (``kind``: "hessian" -> HessianAccumulator, "act" -> ActStats, or a
+        callable ``(group, in_features) -> accumulator`` with ``add(x)``).  Linears of one group
+        share their accumulator: their input is the same tensor."""
         stats: dict[str, object] = {}
         handles = []
         for g in groups:
             first = self.module(g.linears[0])
             in_f = weight_out_in(first, self.arch.transposed).shape[1]
-            acc = HessianAccumulator(in_f) if kind == "hessian" else ActStats(in_f)
+            acc = kind(g, in_f) if callable(kind) else HessianAccumulator(in_f) if kind == "hessian" else ActStats(in_f)
             for name in g.linears:
                 stats[name] = acc
             handles.append(first.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
@@ -287,12 +309,12 @@ def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor
     arch = arch_for(model)
     method.check(model, arch)
     result = CompressionResult()
-    method.prepare(model, arch, result)
+    method.prepare(model, arch, result, calib_ids, progress)
     blocks = arch.blocks(model)
     device = _input_device(model)
     first = hooks.first_block(len(blocks), result)
     inputs = None
-    if method.needs_calibration and first < len(blocks):
+    if (method.needs_calibration or method.searches_clips(method.config)) and first < len(blocks):
         if calib_ids is None:
             raise ValueError(f"method {method.name!r} needs calibration data")
         inputs = catch_block_inputs(model, arch, calib_ids, batch_size, torch.device("cpu"), hooks.activations(first))

@@ -41,7 +41,10 @@ from quantkit.models.paths import QUANT_METHOD
 from quantkit.models.skeleton import model_from_config
 
 FORMAT = "quantkit-v1"
-FORMAT_VERSION = 2  # 2: a rotation's online transforms or integer activations (act_bits), which version 1 readers would ignore
+ALLOCATION_FILE = "allocation.json"  # beside a --target-bpw checkpoint: each linear's format, bits and estimated cost
+FORMAT_VERSION = 3  # the newest this quantkit writes and reads; a checkpoint says the oldest that reads it right:
+# 2: a rotation's online transforms or integer activations (act_bits), which version 1 readers would ignore;
+# 3: activation grids beyond act_bits (act_clip, act_group_size, act_sym), which version 2 readers would ignore
 
 
 def quantization_config(method: str, quantized: dict, defaults: dict, extra: dict | None = None) -> dict:
@@ -50,16 +53,18 @@ def quantization_config(method: str, quantized: dict, defaults: dict, extra: dic
         "format": FORMAT,
         "format_version": 1,
         "method": method,
-        "bits": defaults.get("bits"),
-        "group_size": defaults.get("group_size"),
+        "bits": None if defaults.get("target_bpw") is not None else defaults.get("bits"),  # a budget: each module's own
+        "group_size": None if defaults.get("target_bpw") is not None else defaults.get("group_size"),
         "sym": defaults.get("sym"),
         "desc_act": bool(defaults.get("act_order", False)),
         "modules": {name: qw.config_entry() for name, qw in quantized.items()},
     }
     if extra:
         cfg.update(extra)
-    if (cfg.get("rotation") or {}).get("online") or any(e.get("act_bits") for e in cfg["modules"].values()):
-        cfg["format_version"] = FORMAT_VERSION
+    if any(k in e for e in cfg["modules"].values() for k in ("act_clip", "act_group_size", "act_sym")):
+        cfg["format_version"] = 3
+    elif (cfg.get("rotation") or {}).get("online") or any(e.get("act_bits") for e in cfg["modules"].values()):
+        cfg["format_version"] = 2
     return cfg
 
 
@@ -101,6 +106,8 @@ def save_metadata(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | No
         tokenizer.save_pretrained(out_dir)
     if result is not None:
         write_log(out_dir / "quant_log.csv", result)
+        if "allocation" in result.extra:  # --target-bpw: the format each linear got, and why
+            (out_dir / ALLOCATION_FILE).write_text(json.dumps(result.extra["allocation"], indent=2) + "\n")
 
 
 def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:

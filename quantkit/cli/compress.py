@@ -41,8 +41,17 @@ def execute(job) -> None:
 
 # ---- the three kinds -------------------------------------------------------------------------
 def _quantize_fields(job: MethodJob, res) -> dict:
-    return {"bits": getattr(job.config, "bits", None), "group_size": getattr(job.config, "group_size", None),
-            "modules": len(res.quantized), "stream": job.stream}
+    """``bits``/``group_size``: the config's (None under a bit budget: each linear has its own);
+    ``bits_per_weight``: measured on the packed linears written (None when streamed)."""
+    from quantkit.runtime.qlinear import bits_per_weight
+
+    budget = getattr(job.config, "target_bpw", None)
+    fields = {"bits": None if budget else getattr(job.config, "bits", None),
+              "group_size": None if budget else getattr(job.config, "group_size", None),
+              "bits_per_weight": None if job.stream else bits_per_weight(job.m)}
+    if budget is not None:
+        fields["target_bpw"] = budget
+    return {**fields, "modules": len(res.quantized), "stream": job.stream}
 
 
 def _prune_fields(job: MethodJob, res) -> dict:
@@ -88,7 +97,7 @@ def _lowrank_check(method: str, options: dict) -> None:
 
 
 QUANTIZE = Kind("quantize", default="gptq", noun=None, fields=_quantize_fields, pack=True, last=("modules", "stream"),
-                keys=("output", "method", "bits", "group_size", "modules", "bytes_before", "bytes_after", "seconds",
+                keys=("output", "method", "bits", "group_size", "bits_per_weight", "modules", "bytes_before", "bytes_after", "seconds",
                       "peak_rss_bytes"))
 PRUNE = Kind("prune", default="sparsegpt", noun="pruning", fields=_prune_fields, check=_prune_check,
              fmt=four_decimals("sparsity"))

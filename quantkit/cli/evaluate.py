@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -146,7 +147,17 @@ def _compare_rows(models: dict, paths: list[str], res: dict, ref: str, speed: bo
     return rows
 
 
+def _series(path: str) -> str:
+    """A compare row's series in the plot: a checkpoint written under a bit budget, or a uniform format."""
+    from quantkit.checkpoint.packed import ALLOCATION_FILE
+
+    return "--target-bpw" if (Path(path) / ALLOCATION_FILE).is_file() else "uniform formats"
+
+
 def _pareto_plot(rows: list[dict], path: str) -> None:
+    """Size against perplexity, each series' Pareto front drawn (budget allocations vs uniform formats)."""
+    from quantkit.eval.compare import pareto_front
+
     try:
         import matplotlib
 
@@ -155,12 +166,18 @@ def _pareto_plot(rows: list[dict], path: str) -> None:
     except ImportError:
         raise QuantkitError("--plot needs matplotlib: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.scatter(r["disk_bytes"] / 1e6, r["perplexity"])
-        ax.annotate(r["name"], (r["disk_bytes"] / 1e6, r["perplexity"]), fontsize=8)
+    points = [{**r, "mb": r["disk_bytes"] / 1e6} for r in rows]
+    for series in sorted({_series(r["path"]) for r in points}):
+        members = [r for r in points if _series(r["path"]) == series]
+        front = pareto_front(members, "mb", "perplexity")
+        ax.scatter([r["mb"] for r in members], [r["perplexity"] for r in members], label=series)
+        ax.plot([r["mb"] for r in front], [r["perplexity"] for r in front], alpha=0.6)
+    for r in points:
+        ax.annotate(r["name"], (r["mb"], r["perplexity"]), fontsize=8)
     ax.set_xlabel("size on disk (MB)")
     ax.set_ylabel("perplexity")
     ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -82,12 +82,14 @@ class MethodJob(Job):
         check_positive("--nsamples", self.calib.nsamples, 1_000_000)
         check_positive("--seqlen", self.calib.seqlen, 1_048_576)
         check_positive("--batch-size", self.calib.batch_size)
-        if self.method_cls.needs_calibration:
+        if self.method_cls.calibrates(self.config):
             check_calibration_size(self.calib.nsamples, self.calib.seqlen)
         check_output(self.output, self.overwrite, inputs=(self.model, self.calib.dataset, self.offload))
         self._choose_streaming()
         if self.stream and getattr(self.config, "rotate", False):
             raise QuantkitError("the rotation needs the whole model in memory: give --no-stream (and drop --resume)")
+        if self.stream and getattr(self.config, "target_bpw", None) is not None:
+            raise QuantkitError("--target-bpw measures every linear on the whole model first: give --no-stream (and drop --resume)")
 
     def _choose_streaming(self) -> None:
         from quantkit.models.skeleton import should_stream
@@ -110,7 +112,7 @@ class MethodJob(Job):
         from quantkit.models.load import load_tokenizer, model_bytes
         from quantkit.models.skeleton import StreamSource
 
-        calibrated = self.method_cls.needs_calibration
+        calibrated = self.method_cls.calibrates(self.config)
         if self.stream:
             self.source = StreamSource.open(self.model, self.dtype, self.trust_remote_code)
             self.bytes_before = self.source.nbytes()
@@ -206,9 +208,12 @@ class RecipeJob(Job):
     def payload(self, res) -> dict:
         from quantkit.models.load import dir_bytes
 
+        from quantkit.runtime.qlinear import bits_per_weight
+
         return {"output": os.path.abspath(self.output), "recipe": os.path.abspath(self.recipe),
                 "steps": [s.method for s in self.rec.steps], "bytes_before": self.bytes_before,
-                "bytes_after": dir_bytes(self.output), "modules": len(res.quantized)}
+                "bytes_after": dir_bytes(self.output), "bits_per_weight": bits_per_weight(self.m),
+                "modules": len(res.quantized)}
 
     last = ("modules",)
 

@@ -29,7 +29,7 @@ from typing import Callable
 import click
 
 # a field whose flags are not --field-name (and --no-field-name)
-FLAGS = {"sym": ("--sym", "--asym")}
+FLAGS = {"sym": ("--sym", "--asym"), "act_sym": ("--act-sym", "--act-asym")}
 # config fields no command line takes: per-module settings, which a recipe gives (`quantkit run`)
 RECIPE_ONLY = frozenset({"overrides", "ignore"})
 # a CalibSpec field whose flag is not --field-name

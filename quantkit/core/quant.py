@@ -66,6 +66,62 @@ MSE_SHRINK_STEPS, MSE_SHRINK_MIN, MSE_NORM = 100, 0.5, 2.4
 FP16_MAX = 65504.0  # the largest float16: scales are stored in float16, so none can exceed it
 
 
+# A linear's run-time activation settings (W4A8, W4A4), named alike in configs, results, runtime
+# modules and checkpoint entries; an entry lists the ones that differ from these defaults.
+ACT_DEFAULTS = {"act_bits": None, "act_clip": 1.0, "act_group_size": -1, "act_sym": True}
+
+
+def activation_problem(act_bits=None, act_clip=1.0, act_group_size=-1, act_sym=True, in_features: int | None = None) -> str:
+    """What is wrong with activation settings (see :data:`ACT_DEFAULTS`), or ``""``: ``act_bits``
+    8 or 4 (or None), ``act_clip`` in (0, 1], ``act_group_size`` -1 (one scale per token) or a
+    positive number of columns (dividing ``in_features`` when given), ``act_sym`` a bool."""
+    if act_bits is not None and (type(act_bits) is not int or act_bits not in (4, 8)):
+        return f"act_bits must be 8 or 4 (or unset), got {excerpt(act_bits)}"
+    if isinstance(act_clip, bool) or not isinstance(act_clip, (int, float)) or not 0 < act_clip <= 1:
+        return f"act_clip must be in (0, 1], got {excerpt(act_clip)}"
+    if type(act_group_size) is not int or (act_group_size != -1 and act_group_size < 1):
+        return f"act_group_size must be -1 (one scale per token) or a positive number of columns, got {excerpt(act_group_size)}"
+    if in_features is not None and act_group_size != -1 and in_features % act_group_size:
+        return f"act_group_size {act_group_size} does not divide the layer's {in_features} input features"
+    if type(act_sym) is not bool:
+        return f"act_sym must be true or false, got {excerpt(act_sym)}"
+    return ""
+
+
+def quantize_tokens(x: torch.Tensor, bits: int, clip: float = 1.0, group_size: int = -1,
+                    sym: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``x [M, K]`` -> ``(x_int [M, K] int8, scale [M, G], offset [M, G] or None)`` with
+    ``x ~= scale * (x_int + offset)`` over each token's groups of ``group_size`` columns (G = 1:
+    the whole row).  Symmetric: codes in ``[-qmax, qmax]`` (``qmax = 2^(bits-1) - 1``), scale
+    ``clip * max|x| / qmax`` (values beyond it saturate), no
+    offset.  Asymmetric: ``2^bits`` levels over ``clip * [min(x, 0), max(x, 0)]``, codes stored shifted by
+    ``-2^(bits-1)`` into int8, the zero point folded into the integer ``offset``."""
+    m, k = x.shape
+    g = k if group_size == -1 else group_size
+    xg = x.float().reshape(m * (k // g), g)  # [M, K] -> [M * G, group]
+    if sym:
+        qmax = 2 ** (bits - 1) - 1
+        scale = (xg.abs().amax(dim=1) * clip / qmax).clamp(min=1e-8)  # [M * G]
+        q = torch.clamp(torch.round(xg / scale.unsqueeze(1)), -qmax, qmax).to(torch.int8)
+        return q.reshape(m, k), scale.reshape(m, -1), None
+    levels, half = 2 ** bits - 1, 2 ** (bits - 1)
+    lo, hi = xg.amin(1).clamp(max=0) * clip, xg.amax(1).clamp(min=0) * clip  # the grid holds 0, as the weights' do
+    scale = ((hi - lo) / levels).clamp(min=1e-8)
+    zero = torch.round(-lo / scale)  # [M * G]: the code of 0
+    q = torch.clamp(torch.round(xg / scale.unsqueeze(1)) + zero.unsqueeze(1), 0, levels) - half
+    return q.to(torch.int8).reshape(m, k), scale.reshape(m, -1), (half - zero).reshape(m, -1)
+
+
+def fake_quantize_tokens(x: torch.Tensor, bits: int, clip: float = 1.0, group_size: int = -1, sym: bool = True) -> torch.Tensor:
+    """``x [M, K]`` through :func:`quantize_tokens` and back (float32): what the integer path computes with."""
+    q, scale, offset = quantize_tokens(x, bits, clip, group_size, sym)
+    m, k = q.shape
+    xq = q.float().reshape(m, scale.shape[1], -1)
+    if offset is not None:
+        xq = xq + offset.unsqueeze(-1)
+    return (xq * scale.unsqueeze(-1)).reshape(m, k)
+
+
 def symmetric_zero(bits: int) -> int:
     """The zero point of a symmetric ``bits``-bit grid, ``2**(bits-1)`` (GPTQ's convention): stored
     nowhere, so every reader of a symmetric grid (runtime, kernels, references) takes it from here."""

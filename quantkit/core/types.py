@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quantkit.core.quant import QuantSpec
+from quantkit.core.quant import ACT_DEFAULTS, QuantSpec
 from quantkit.core.sparsity import nm_compress
 
 
@@ -28,6 +28,8 @@ class QuantizedWeight:
     g_idx: torch.Tensor | None = None  # [in] column -> group, act-order only
     act_bits: int | None = None  # activations quantized per token at run time (W4A8: 8), None: float
     act_clip: float = 1.0  # with act_bits: each token's range is this fraction of its max |x| (QuaRot clips A4 at 0.9)
+    act_group_size: int = -1  # with act_bits: input columns per activation scale, -1: one per token
+    act_sym: bool = True  # with act_bits: symmetric activation grids (False: a zero point per token and group)
 
     kind = "quant"  # the runtime module kind that loads it (see quantkit.runtime.modules)
 
@@ -36,10 +38,12 @@ class QuantizedWeight:
         entry = {"kind": self.kind, "bits": self.spec.bits, "group_size": self.spec.group_size, "sym": self.spec.sym,
                  "act_order": self.g_idx is not None}
         if self.act_bits:
-            entry["act_bits"] = self.act_bits
-            if self.act_clip != 1.0:
-                entry["act_clip"] = self.act_clip
+            entry.update({k: getattr(self, k) for k, d in ACT_DEFAULTS.items() if k == "act_bits" or getattr(self, k) != d})
         return entry
+
+    def activations(self) -> dict:
+        """The run-time activation settings, keyed as :data:`quantkit.core.quant.ACT_DEFAULTS`."""
+        return {k: getattr(self, k) for k in ACT_DEFAULTS}
 
 
 @dataclass

@@ -37,6 +37,15 @@ def linear_storage(model: nn.Module) -> tuple[int, int]:
     return nbytes, nweights
 
 
+def pareto_front(rows: list[dict], x: str, y: str) -> list[dict]:
+    """The rows no other row beats on both ``x`` and ``y`` (smaller is better for both), by ``x``."""
+    front = []
+    for r in sorted(rows, key=lambda r: (r[x], r[y])):
+        if not front or r[y] < front[-1][y]:
+            front.append(r)
+    return front
+
+
 @torch.no_grad()
 def compare_models(models: dict[str, nn.Module], windows: torch.Tensor, reference: str) -> dict[str, dict]:
     """Perplexity and KL divergence (vs ``models[reference]``) of each model over ``windows``."""

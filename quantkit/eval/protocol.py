@@ -10,7 +10,9 @@ the ``--dataset`` test split.  Written once here so the tables stay comparable.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -47,3 +49,13 @@ def load_protocol(args: argparse.Namespace) -> Protocol:
     windows = eval_windows(tokenize(tok, load_text(args.dataset, "test")), args.seqlen, args.max_windows)
     calib = calibration_samples(tok, args.calib, args.nsamples, args.calib_seqlen, seed=0)
     return Protocol(model, tok, windows, calib)
+
+
+def write_results(args: argparse.Namespace, title: str, text: str, results: dict) -> None:
+    """Print a table script's markdown ``text``, write it under ``# title`` to ``args.out`` and,
+    with ``args.json_out``, ``results`` as JSON."""
+    print("\n" + text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(f"# {title}\n\n" + text)
+    if getattr(args, "json_out", None):
+        Path(args.json_out).write_text(json.dumps(results, indent=2))

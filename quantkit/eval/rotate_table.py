@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import platform
 import tempfile
 import time
@@ -30,7 +29,7 @@ import torch
 from quantkit import api
 from quantkit.checkpoint.formats import load_model
 from quantkit.eval.perplexity import perplexity
-from quantkit.eval.protocol import add_protocol_args, load_protocol
+from quantkit.eval.protocol import add_protocol_args, load_protocol, write_results
 from quantkit.runtime.actquant import COUNTS, reset_counts
 from quantkit.runtime.kvcache import KVCachedLM, kv_config
 from quantkit.runtime.swap import pack_model
@@ -64,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="Also 4-bit activations on one kind of linear at a time (what each costs).")
     ap.add_argument("--act-clip", type=float, default=1.0,
                     help="The 4-bit activation rows' clip ratio (each token's grid spans this fraction of its max).")
+    ap.add_argument("--act-group-size", type=int, default=-1,
+                    help="The 4-bit activation rows' columns per scale (-1: one scale per token).")
+    ap.add_argument("--act-asym", action="store_true", help="The 4-bit activation rows' grids with a zero point.")
     ap.add_argument("--speed", action="store_true", help="Decode speed, rotated vs unrotated RTN W4 (needs a quiet machine).")
     ap.add_argument("--speed-only", action="store_true", help="Only the decode-speed comparison (no perplexity rows).")
     ap.add_argument("--out", default="eval/RESULTS-rotate.md")
@@ -102,15 +104,20 @@ def _reloaded(model, tok, method: str, res, windows, tmp: Path) -> tuple:
 def _act_row(args, model, res, windows, act_bits: int, kv: bool, only: str | None = None) -> dict:
     """One activation row: the rotated GPTQ W4 weights packed again with ``act_bits`` activations
     (on every linear, or only on those whose name ends with ``only``), with an int4 KV cache if ``kv``."""
-    clip = args.act_clip if act_bits == 4 else 1.0
+    a4 = act_bits == 4
+    grid = {"act_clip": args.act_clip if a4 else 1.0, "act_group_size": args.act_group_size if a4 else -1,
+            "act_sym": not (a4 and args.act_asym)}
+    clip = grid["act_clip"]
     m = copy.deepcopy(model)
-    pack_model(m, {n: dataclasses.replace(q, act_bits=act_bits if only is None or n.endswith(only) else None,
-                                          act_clip=clip) for n, q in res.quantized.items()})
+    pack_model(m, {n: dataclasses.replace(q, act_bits=act_bits if only is None or n.endswith(only) else None, **grid)
+                   for n, q in res.quantized.items()})
     reset_counts()
     lm = KVCachedLM(m, kv_config(4, None, m)) if kv else m
     ppl = perplexity(lm, windows)["perplexity"]
     name = (f"GPTQ W4A{act_bits}{' KV4' if kv else ''} g{args.group_size} + rotation"
-            + (f", activations clipped at {clip:g}" if clip != 1.0 else "") + (f", A{act_bits} on {only} only" if only else ""))
+            + (f", activations clipped at {clip:g}" if clip != 1.0 else "")
+            + (f", a scale per {grid['act_group_size']} columns" if grid["act_group_size"] != -1 else "")
+            + (", asymmetric" if not grid["act_sym"] else "") + (f", A{act_bits} on {only} only" if only else ""))
     print(f"{name}: {ppl:.3f} ({COUNTS['int_matmuls']} integer matmuls, {COUNTS['int_macs']:.2e} multiply-adds)", flush=True)
     return {"model": name, "perplexity": ppl, "seconds": None, "int_matmuls": COUNTS["int_matmuls"],
             "int_macs": COUNTS["int_macs"]}
@@ -204,12 +211,8 @@ def main(argv=None) -> dict:
         if args.speed or args.speed_only:
             speed = _speed(args, base, tok, Path(d))
     text = _markdown(args, rows, check, speed, (time.perf_counter() - t_start) / 60)
-    print("\n" + text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("# Rotation before weight quantization (issue 17)\n\n" + text)
     out = {"rows": rows, "packed_check": check, "speed": speed, "args": vars(args)}
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(out, indent=2))
+    write_results(args, "Rotation before weight quantization (issue 17)", text, out)
     return out
 
 

@@ -2,10 +2,10 @@
 
 Salient input channels (large mean ``|x|``) are protected by scaling them up in the weight and
 down in whatever produces the input, which leaves the float function unchanged (sec. 3.2):
-``s = mean|x|^alpha`` (normalised), alpha grid-searched on the group's output error with the
-group quantized.  Then each weight group's clipping range is searched on the layer output
-(llm-awq's auto-clip).  The scaled, clipped weights go to any weight quantizer: round-to-nearest
-(``awq``) or GPTQ (``awq+gptq``).
+``s = mean|x|^alpha / mean|w|^(1 - alpha)`` (normalised; ``duo_scaling`` off: ``mean|x|^alpha``),
+alpha grid-searched on the group's output error with the group quantized; then each weight group's
+clipping range on the layer output (llm-awq's auto-clip).  The scaled, clipped weights go to any
+weight quantizer: round-to-nearest (``awq``) or GPTQ (``awq+gptq``).
 
 Activation statistics come from every calibration token; the alpha search runs the group on a
 sample of ``search_tokens`` tokens (default 512, the sample llm-awq's auto-clip uses) and the
@@ -44,7 +44,8 @@ from quantkit.core.transforms import ClipResult, ScaleResult, apply_clip, fold_b
 @dataclass(frozen=True)
 class AWQConfig(WeightQuantConfig):
     n_grid: int = field(default=20, metadata={"help": "AWQ: alpha grid points in [0, 1]."})
-    duo_scaling: bool = field(default=False, metadata={"help": "AWQ: s = mean|x|^a / mean|w|^(1-a) (AutoAWQ), not mean|x|^a."})
+    duo_scaling: bool = field(default=True, metadata={  # AutoAWQ's and llm-compressor's default too (README: AWQ)
+        "help": "AWQ: s = mean|x|^a / mean|w|^(1-a) (AutoAWQ's duo scaling); --no-duo-scaling: s = mean|x|^a."})
     search_tokens: int = field(default=512, metadata={"help": "AWQ: tokens the alpha search runs on; 0 = all."})  # see _Captured
     clip: bool = field(default=True, metadata={"help": "AWQ: search a clipping range per weight group."})  # auto-clip
     clip_grid: int = field(default=20, metadata={"help": "AWQ clip search: shrink steps, each 1/clip-grid of the range."})
@@ -103,8 +104,8 @@ def search_scale(x_mean: torch.Tensor, weights: list[torch.Tensor], loss_fn: Cal
     weights; ``loss_fn(w_hats)`` returns the group's output error when its linears compute with
     ``w_hats`` (= ``Q(W s) / s``, i.e. the scaled weights quantized, seen from the unscaled input).
     A ``None`` spec marks a linear left in float (``w_hat = w``).
-    Returns ``(s [in], alpha, loss, history)``; ``alpha = 0`` (``s = 1``) is plain RTN, so the
-    chosen loss is never above RTN's on the search data.
+    Returns ``(s [in], alpha, loss, history)``; without ``duo_scaling`` ``alpha = 0`` (``s = 1``)
+    is plain RTN, so the chosen loss is never above RTN's on the search data (AWQConfig turns it on).
     """
     group_size = next((spec.group_size for spec in specs if spec is not None), -1)
     w_mean = weight_mean(weights, group_size) if duo_scaling else None
@@ -363,7 +364,7 @@ class AWQ(BlockMethod):
 
     def process_block(self, ctx):
         skipped = self.search_and_apply(ctx)
-        quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for, **self.config.activations())
+        quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for, activations=self.config.activations())
         _note_skipped(ctx, skipped)
 
 
@@ -390,11 +391,7 @@ class AWQGPTQConfig(AWQConfig):
 class AWQGPTQ(AWQ):
     """AWQ scales (and optional clipping), then GPTQ on the scaled weights."""
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.gptq = GPTQ(config.gptq_config())
-
     def process_block(self, ctx):
         skipped = self.search_and_apply(ctx)
-        self.gptq.process_block(ctx)
+        GPTQ(self.config.gptq_config()).process_block(ctx)  # the current config: a bit budget set its formats in prepare
         _note_skipped(ctx, skipped)

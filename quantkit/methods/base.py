@@ -4,6 +4,7 @@ checks, and the per-linear loop over a block (one-shot or true-sequential)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import time
 from dataclasses import dataclass, field
@@ -16,8 +17,10 @@ from quantkit.models.arch import ArchSpec, arch_for, get_module, untie_head, wei
 from quantkit.calibrate.driver import BlockContext
 from quantkit.core.types import CompressionResult, LayerRecord, QuantizedWeight
 from quantkit.errors import QuantkitError, excerpt
+from quantkit.core.budget import TARGET_BPW_RANGE
 from quantkit.core.hessian import HessianAccumulator
-from quantkit.core.quant import OBSERVERS, QuantSpec, clipped_scale_note, dequantize, quantize_rtn
+from quantkit.core.quant import (ACT_DEFAULTS, OBSERVERS, QuantSpec, activation_problem, clipped_scale_note, dequantize,
+                                 fake_quantize_tokens, quantize_rtn)
 from quantkit.core.stats import ActStats
 
 
@@ -43,10 +46,12 @@ def check_act_bits(act_bits, bits: int, sym: bool) -> None:
         raise QuantkitError("act_bits needs integer weights in int8: an asymmetric 8-bit grid does not fit; use --sym")
 
 
-def check_act_clip(act_clip) -> None:
-    """A clip ratio is a number in (0, 1]."""
-    if isinstance(act_clip, bool) or not isinstance(act_clip, (int, float)) or not 0 < act_clip <= 1:
-        raise QuantkitError(f"act_clip must be in (0, 1], got {excerpt(act_clip)}")
+def check_target_bpw(target_bpw) -> None:
+    """A bit budget is a number of bits per weight within :data:`quantkit.core.budget.TARGET_BPW_RANGE` (or unset)."""
+    lo, hi = TARGET_BPW_RANGE
+    if target_bpw is not None and (isinstance(target_bpw, bool) or not isinstance(target_bpw, (int, float))
+                                   or not lo <= target_bpw <= hi):
+        raise QuantkitError(f"target_bpw must be a number of bits per weight from {lo:g} to {hi:g}, got {excerpt(target_bpw)}")
 
 
 def check_obs_settings(damp: float, blocksize: int) -> None:
@@ -98,6 +103,20 @@ class WeightQuantConfig:
     act_clip: float = field(default=1.0, metadata={
         "help": "With --act-bits: each token's grid spans this fraction of its largest |x| (values beyond it "
                 "saturate); below 1 trades a few clipped outliers for finer steps (QuaRot: 0.9 at 4 bits)."})
+    act_clip_search: bool = field(default=False, metadata={
+        "help": "With --act-bits: choose each linear's clip ratio (0.5 to 1) on the calibration data, the one whose "
+                "quantized input changes the linear's output least (--act-clip is then ignored)."})
+    act_group_size: int = field(default=-1, metadata={
+        "help": "With --act-bits: input columns per activation scale (-1: one scale per token; e.g. 64: one per "
+                "token and 64 columns, as MX/NVFP4-style formats; must divide every quantized layer)."})
+    act_sym: bool = field(default=True, metadata={
+        "help": "With --act-bits: symmetric activation grids; --act-asym: a zero point per token (and group), "
+                "which the integer matmul folds in with the weight's column sums."})
+    target_bpw: float | None = field(default=None, metadata={
+        "help": "Choose each linear's bits (2-8) and group size so the quantized linears take at most this many "
+                "bits per weight, scales and zeros included, spending them where the model's loss is most "
+                "sensitive (measured on the calibration data; --bits/--group-size are then ignored, "
+                "overrides kept); the allocation is written beside the checkpoint."})
     quantize_lm_head: bool = field(default=False, metadata={
         "help": "Quantize lm_head too (untied from the embeddings, which stay float); "
                 "GPTQ calibrates it on the final norm's output."})  # see quantize_head
@@ -107,10 +126,14 @@ class WeightQuantConfig:
         if self.observer == "imatrix-mse" and not self.input_statistics:
             raise QuantkitError(f"observer imatrix-mse weighs columns by calibration statistics, which "
                                 f"{type(self).__name__.removesuffix('Config').lower()} does not collect: use gptq, or mse")
-        if self.act_bits is not None and self.act_bits not in (4, 8):
-            raise QuantkitError(f"act_bits must be 8 or 4 (or unset), got {excerpt(self.act_bits)}")
+        problem = activation_problem(**{k: getattr(self, k) for k in ACT_DEFAULTS})
+        if problem:
+            raise QuantkitError(problem)
         check_act_bits(self.act_bits, self.bits, self.sym)
-        check_act_clip(self.act_clip)
+        if self.act_bits and self.act_group_size != -1 and self.stores_g_idx():
+            raise QuantkitError("act_group_size needs contiguous weight groups: act-order without static groups "
+                                "interleaves them (drop --no-static-groups, or --act-group-size)")
+        check_target_bpw(self.target_bpw)
         check_module_patterns(self.ignore, self.overrides)
         for pattern, fields in self.overrides:
             unknown = set(fields) - {"bits", "group_size", "sym"}
@@ -118,9 +141,16 @@ class WeightQuantConfig:
                 raise QuantkitError(f"unknown override key(s) {excerpt(sorted(unknown))} for {excerpt(pattern)}")
             self.spec_for_fields(fields)
 
+    def stores_g_idx(self) -> bool:
+        """Whether each quantized linear stores a column -> group map (its bytes count in a bit budget):
+        GPTQ's act-order without static groups (the fields of the configs that run GPTQ)."""
+        return bool(getattr(self, "act_order", False) and not getattr(self, "static_groups", True))
+
     def activations(self) -> dict:
-        """The run-time activation settings :func:`quantize_block_linears` records on each result."""
-        return {"act_bits": self.act_bits, "act_clip": self.act_clip}
+        """The run-time activation settings :func:`quantize_block_linears` records on each result
+        (``act_clip`` None: searched per linear)."""
+        act = {k: getattr(self, k) for k in ACT_DEFAULTS}
+        return {**act, "act_clip": None} if self.act_bits and self.act_clip_search else act
 
     def spec_for_fields(self, fields: dict) -> QuantSpec:
         check_act_bits(self.act_bits, fields.get("bits", self.bits), fields.get("sym", self.sym))
@@ -135,23 +165,38 @@ class WeightQuantConfig:
         if self.ignored(module_name):
             return None
         spec = QuantSpec(self.bits, self.group_size, self.sym, self.observer)
-        for pattern, fields in self.overrides:
-            if re.search(pattern, module_name):
+        for pattern, fields in self._overrides:
+            if pattern.search(module_name):
                 spec = self.spec_for_fields({**spec.__dict__, **fields})
         return spec
+
+    def sets_format(self, module_name: str) -> bool:
+        """Whether an override gives the module its bits or group size (a bit budget leaves it so)."""
+        return any(pattern.search(module_name) and {"bits", "group_size"} & set(fields) for pattern, fields in self._overrides)
+
+    @functools.cached_property
+    def _overrides(self) -> list:
+        """``overrides`` compiled once (a bit budget adds one per linear: more than ``re``'s cache holds)."""
+        return [(re.compile(pattern), fields) for pattern, fields in self.overrides]
 
 
 def check_group_sizes(model, arch: ArchSpec, config: WeightQuantConfig) -> None:
     """Refuse, before any work, a group size that does not divide some layer's input features."""
     blocks = arch.blocks(model)
+    budget = getattr(config, "target_bpw", None) is not None  # formats chosen later: only the user's overrides are fixed
     for i, block in enumerate(blocks):
         for name in arch.linear_names():
             in_f = weight_out_in(get_module(block, name), arch.transposed).shape[1]
             full = f"{arch.blocks_path}.{i}.{name}"
+            problem = activation_problem(**{k: getattr(config, k) for k in ACT_DEFAULTS}, in_features=in_f) if config.act_bits else ""
+            if problem and not config.ignored(full):
+                raise QuantkitError(f"{full}: {problem}")
+            if budget and not config.sets_format(full):
+                continue
             spec = config.spec_for(full)
             if spec is not None:
                 spec.check_layer(full, in_f)
-    if config.quantize_lm_head:
+    if config.quantize_lm_head and (not budget or config.sets_format(arch.lm_head)):
         spec = config.spec_for(arch.lm_head)
         if spec is not None:
             spec.check_layer(arch.lm_head, get_module(model, arch.lm_head).weight.shape[1])
@@ -179,10 +224,12 @@ def each_linear(ctx: BlockContext, stats_kind: str | None = None, true_sequentia
 
 def quantize_block_linears(ctx: BlockContext, quantizer: LinearQuantizer, stats_kind: str | None,
                            spec_for: Callable[[str], QuantSpec], true_sequential: bool = False,
-                           act_bits: int | None = None, act_clip: float = 1.0) -> None:
+                           activations: dict | None = None) -> None:
     """Quantize every linear of the block with ``quantizer`` (see :func:`each_linear`); with
-    ``act_bits`` the results also ask the runtime to quantize the linears' inputs (each token's
-    range clipped to ``act_clip`` of its max)."""
+    ``activations`` (a config's :meth:`WeightQuantConfig.activations`) naming ``act_bits`` the
+    results also ask the runtime to quantize the linears' inputs so."""
+    act = activations if activations and activations.get("act_bits") else None
+    names = []
     for name, stats in each_linear(ctx, stats_kind, true_sequential):
         t0 = time.perf_counter()
         spec = spec_for(ctx.full_name(name))
@@ -190,11 +237,52 @@ def quantize_block_linears(ctx: BlockContext, quantizer: LinearQuantizer, stats_
             ctx.record(name, None, LayerRecord(ctx.index, name, 0.0, note="ignored: left in float"))
             continue
         qw, w_hat, loss, damp, note = quantizer(ctx.weight(name), stats, spec)
-        if act_bits and isinstance(qw, QuantizedWeight):
-            qw.act_bits, qw.act_clip = act_bits, float(act_clip)
+        if act and isinstance(qw, QuantizedWeight):
+            for k, v in act.items():
+                setattr(qw, k, float(v) if k == "act_clip" and v is not None else v)
+            names.append(name)
         ctx.set_weight(name, w_hat)
         ctx.record(name, qw, LayerRecord(ctx.index, name, time.perf_counter() - t0, loss, damp,
                                          spec.bits, spec.group_size, note=note))
+    if act and act["act_clip"] is None and names:
+        clips = search_act_clips(ctx, names, act)
+        for name in names:
+            ctx.result.quantized[ctx.full_name(name)].act_clip = clips[name]
+
+
+ACT_CLIPS = tuple(round(1 - 0.05 * i, 2) for i in range(11))  # the clip ratios act_clip_search tries: 1, 0.95, ... 0.5
+
+
+class _ClipErrors:
+    """For a group of linears sharing an input: each linear's output error ``||(Q_c(x) - x) W^T||^2``
+    for every clip ratio ``c`` of :data:`ACT_CLIPS` (``Q_c``: the run-time activation grid clipped
+    at ``c``), over the first ``tokens`` tokens the block sees."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], act: dict, tokens: int):
+        self.weights, self.act, self.left = weights, act, tokens
+        self.errors = {n: torch.zeros(len(ACT_CLIPS), dtype=torch.float64) for n in weights}
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1, x.shape[-1])[:self.left]  # [tokens, in]
+        self.left -= x.shape[0]
+        if not x.shape[0]:
+            return
+        a = self.act
+        for i, c in enumerate(ACT_CLIPS):
+            e = fake_quantize_tokens(x, a["act_bits"], c, a["act_group_size"], a["act_sym"]) - x  # [tokens, in]
+            for n, w in self.weights.items():
+                self.errors[n][i] += float((e @ w.t()).pow(2).sum())
+
+
+def search_act_clips(ctx: BlockContext, names: list[str], act: dict, tokens: int = 2048) -> dict[str, float]:
+    """Each of ``names``' activation clip ratio (``act_clip_search``): the one of :data:`ACT_CLIPS`
+    whose quantized input changes the linear's output least, its weight quantized, on the block's
+    calibration inputs (one more run of the block)."""
+    wanted = set(names)
+    groups = [g for g in ctx.groups if wanted & set(g.linears)]
+    stats = ctx.collect(lambda g, in_f: _ClipErrors({n: ctx.weight(n) for n in g.linears if n in wanted}, act, tokens),
+                        groups)
+    return {n: ACT_CLIPS[int(torch.argmin(stats[n].errors[n]))] for n in names}
 
 
 # ---- the output head (quantize_lm_head) --------------------------------------------------------

@@ -149,7 +149,7 @@ class GPTQ(BlockMethod):
 
     def process_block(self, ctx):
         quantize_block_linears(ctx, self._linear, "hessian", self.config.spec_for, self.config.true_sequential,
-                               **self.config.activations())
+                               activations=self.config.activations())
 
     def head_quantizer(self):
         """With ``quantize_lm_head``: GPTQ on the Hessian of the final norm's output."""

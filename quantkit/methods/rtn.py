@@ -22,7 +22,7 @@ class RTN(BlockMethod):
         check_group_sizes(model, arch, self.config)
 
     def process_block(self, ctx):
-        quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for, **self.config.activations())
+        quantize_block_linears(ctx, rtn_linear, None, self.config.spec_for, activations=self.config.activations())
 
     def head_quantizer(self):
         """With ``quantize_lm_head``: the head rounded like every other linear."""

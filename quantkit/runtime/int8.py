@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantkit.core.quant import quantize_tokens
+
 
 QMAX = 127
 
@@ -34,11 +36,11 @@ def quantize_activations(x: torch.Tensor, static_scale: torch.Tensor | None = No
     Dynamic (``static_scale`` None): one scale per token (row), ``clip * max|x_m| / qmax`` (values
     beyond ``clip * max`` saturate).  Static: the calibrated per-tensor scale for every row (values
     beyond its range saturate at +-qmax)."""
-    x = x.float()
     if static_scale is None:
-        scale = (x.abs().amax(dim=1) * clip / qmax).clamp(min=1e-8)  # [M]
-    else:
-        scale = static_scale.float().reshape(1).expand(x.shape[0]).contiguous()
+        q, scale, _ = quantize_tokens(x, (qmax + 1).bit_length(), clip)  # qmax = 2^(bits-1) - 1
+        return q, scale.reshape(-1)
+    x = x.float()
+    scale = static_scale.float().reshape(1).expand(x.shape[0]).contiguous()
     q = torch.clamp(torch.round(x / scale.unsqueeze(1)), -qmax, qmax).to(torch.int8)
     return q, scale
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit.core.quant import dequantize, group_index, symmetric_zero
+from quantkit.core.quant import ACT_DEFAULTS, dequantize, group_index, symmetric_zero
 from quantkit.pack.bits import pack_bits, packed_row_bytes, unpack_bits
 from quantkit.runtime.actquant import act_quant_forward
 
@@ -38,12 +38,16 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         act_bits: int | None = None,
         act_clip: float = 1.0,
+        act_group_size: int = -1,
+        act_sym: bool = True,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.sym, self.act_order = bits, sym, act_order
         self.act_bits = act_bits  # 8 or 4: activations quantized per token, integer matmuls (quantkit.runtime.actquant)
         self.act_clip = float(act_clip)  # each token's grid spans act_clip * max|x|
+        self.act_group_size = act_group_size  # input columns per activation scale (-1: one per token)
+        self.act_sym = act_sym  # symmetric activation grids, else a zero point per token (and group)
         self.group_size = in_features if group_size == -1 else group_size
         n_groups = in_features // self.group_size
         self.register_buffer("qweight", torch.zeros(out_features, packed_row_bytes(in_features, bits), dtype=torch.uint8))
@@ -62,11 +66,11 @@ class QuantLinear(nn.Module):
 
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def from_codes(cls, q, scales, zeros, bits, group_size, sym, g_idx=None, bias=None, dtype=torch.float32, act_bits=None,
-                   act_clip=1.0):
-        """Build from unpacked codes ``q [out, in]`` and float ``scales``/``zeros [out, n_groups]``."""
+    def from_codes(cls, q, scales, zeros, bits, group_size, sym, g_idx=None, bias=None, dtype=torch.float32, **activations):
+        """Build from unpacked codes ``q [out, in]`` and float ``scales``/``zeros [out, n_groups]``;
+        ``activations``: run-time activation settings (``act_bits=4``..., see ``ACT_DEFAULTS``)."""
         out_f, in_f = q.shape
-        m = cls(in_f, out_f, bits, group_size, sym, bias is not None, g_idx is not None, dtype, act_bits, act_clip)
+        m = cls(in_f, out_f, bits, group_size, sym, bias is not None, g_idx is not None, dtype, **activations)
         m.qweight.copy_(pack_bits(q, bits))
         m.scales.copy_(scales.to(torch.float16))
         if not sym:
@@ -81,8 +85,8 @@ class QuantLinear(nn.Module):
     def from_entry(cls, in_features: int, out_features: int, entry: dict, bias: bool, dtype: torch.dtype):
         """An empty module for a ``quantization_config["modules"]`` entry (weights loaded after)."""
         return cls(in_features, out_features, int(entry["bits"]), int(entry["group_size"]), bool(entry["sym"]),
-                   bias=bias, act_order=bool(entry.get("act_order")), dtype=dtype, act_bits=entry.get("act_bits"),
-                   act_clip=entry.get("act_clip", 1.0))
+                   bias=bias, act_order=bool(entry.get("act_order")), dtype=dtype,
+                   **{k: entry.get(k, d) for k, d in ACT_DEFAULTS.items()})
 
     # ---- views --------------------------------------------------------------------
     def codes(self) -> torch.Tensor:
@@ -139,4 +143,15 @@ class QuantLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, "
             f"sym={self.sym}, act_order={self.act_order}" + (f", act_bits={self.act_bits}" if self.act_bits else "")
             + (f", act_clip={self.act_clip}" if self.act_bits and self.act_clip != 1.0 else "")
+            + (f", act_group_size={self.act_group_size}" if self.act_bits and self.act_group_size != -1 else "")
+            + (", act_sym=False" if self.act_bits and not self.act_sym else "")
         )
+
+
+def bits_per_weight(model: nn.Module) -> float | None:
+    """``8 x bytes / weights`` over the model's :class:`QuantLinear` modules (codes, scales, zeros
+    and g_idx as stored: the measure ``--target-bpw`` budgets); None when it has none."""
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not mods:
+        return None
+    return 8 * sum(m.weight_bytes() for m in mods) / sum(m.in_features * m.out_features for m in mods)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from quantkit.core.types import CompressionResult, LowRankWeight, NMSparseWeight, PackedEntry, QuantizedWeight, W8A8Weight
+from quantkit.core.quant import ACT_DEFAULTS, activation_problem
 from quantkit.errors import QuantkitError
 from quantkit.models.arch import arch_for, get_module, set_module
 from quantkit.runtime.int8 import Int8Linear
@@ -22,7 +23,7 @@ from quantkit.runtime.sparse import SparseLinear
 BUILDERS = {
     QuantizedWeight: lambda r, bias, dtype: QuantLinear.from_codes(r.q, r.scales, r.zeros, r.spec.bits, r.spec.group_size,
                                                                    r.spec.sym, g_idx=r.g_idx, bias=bias, dtype=dtype,
-                                                                   act_bits=r.act_bits, act_clip=r.act_clip),
+                                                                   **r.activations()),
     W8A8Weight: lambda r, bias, dtype: Int8Linear.from_quantized(r.q, r.w_scale, r.act_scale, bias, dtype),
     NMSparseWeight: lambda r, bias, dtype: SparseLinear.from_compressed(r.values, r.indices, r.n, r.m, bias=bias, dtype=dtype),
     LowRankWeight: lambda r, bias, dtype: LowRankLinear.from_factors(r.u, r.v, bias=bias, dtype=dtype),
@@ -83,11 +84,12 @@ def _check_entry(name: str, entry, in_f: int, out_f: int) -> None:
     could otherwise ask for a 10^9-bit grid or a rank larger than the layer)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("kind", "quant"), str):
         raise QuantkitError(f"quantization_config.modules[{name!r}] must be a mapping with a string 'kind'")
-    if entry.get("act_bits") is not None and (type(entry["act_bits"]) is not int or entry["act_bits"] not in (4, 8)):
-        raise QuantkitError(f"quantization_config.modules[{name!r}].act_bits = {entry['act_bits']!r}: 4 or 8 (or absent)")
-    clip = entry.get("act_clip", 1.0)
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip <= 1:
-        raise QuantkitError(f"quantization_config.modules[{name!r}].act_clip = {clip!r}: a number in (0, 1] (or absent)")
+    problem = activation_problem(**{k: entry.get(k, d) for k, d in ACT_DEFAULTS.items()}, in_features=in_f)
+    if problem:
+        raise QuantkitError(f"quantization_config.modules[{name!r}]: {problem}")
+    if entry.get("act_bits") and entry.get("act_order") and entry.get("act_group_size", -1) != -1:
+        raise QuantkitError(f"quantization_config.modules[{name!r}]: act_group_size needs contiguous weight groups, "
+                            "not an act-order g_idx")
     if entry.get("act_bits") and entry.get("bits") == 8 and entry.get("sym") is False:
         raise QuantkitError(f"quantization_config.modules[{name!r}]: act_bits with an asymmetric 8-bit grid does not fit int8")
     for key in ("bits", "group_size", "rank", "n", "m"):

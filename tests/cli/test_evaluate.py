@@ -3,9 +3,11 @@
 import json
 import os
 
+import pytest
 from click.testing import CliRunner
 
 from quantkit.cli import cli
+from quantkit.errors import QuantkitError
 
 
 def test_backend_is_forced_during_the_evaluation_only(stories_dir, tiny_text, tmp_path, monkeypatch):
@@ -56,3 +58,20 @@ def test_compare_with_a_model_computing_nan_is_an_error(stories_dir, tiny_text, 
                                  "--max-windows", "2", "--no-speed", "--json"])
     assert r.exit_code == 1 and "Traceback" not in r.output and r.stdout == ""
     assert r.output.strip().splitlines()[-1] == "Error: nan: perplexity is not finite (NaN): the model computes NaN/Inf logits on this data"
+
+
+def test_compare_plot_series_tell_budget_checkpoints_from_uniform_ones(tmp_path, monkeypatch):
+    """A checkpoint with an allocation.json (--target-bpw) is drawn as its own Pareto series; without
+    matplotlib --plot is a one-line error."""
+    import sys
+
+    from quantkit.cli.evaluate import _pareto_plot, _series
+
+    (tmp_path / "budget").mkdir()
+    (tmp_path / "budget" / "allocation.json").write_text("{}")
+    (tmp_path / "uniform").mkdir()
+    assert _series(str(tmp_path / "budget")) == "--target-bpw"
+    assert _series(str(tmp_path / "uniform")) == "uniform formats"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(QuantkitError, match="needs matplotlib"):
+        _pareto_plot([{"name": "a", "path": str(tmp_path / "budget"), "disk_bytes": 1, "perplexity": 2.0}], str(tmp_path / "p.png"))

@@ -97,3 +97,43 @@ def test_rotate_table_clipped_activation_rows(tmp_path):
     assert sum(r["int_matmuls"] for r in parts) == a4["int_matmuls"]  # each kind once: together, the whole row
     with pytest.raises(SystemExit):
         rotate_table.main(TINY + ["--act-rows", "4,3"])
+
+
+def test_budget_table_rows_measure_bits_and_plot(tmp_path):
+    import json
+
+    from quantkit.eval import budget_table
+
+    out = tmp_path / "b.json"
+    budget_table.main(TINY + ["--method", "rtn", "--uniform", "4", "--group-size", "-1", "--budgets", "3.5,2.6",
+                              "--out", str(tmp_path / "b.md"), "--json", str(out)])
+    res = json.loads(out.read_text())
+    (u4,), (b35, b26) = res["uniform"], res["budget"]
+    assert u4["model"] == "RTN, W4 g-1" and 4.0 < u4["bits_per_weight"] < 4.5
+    assert b35["bits_per_weight"] <= 3.5 and b26["bits_per_weight"] <= 2.6
+    assert sum(b35["formats"].values()) == 35 and b35["allocation"]["target_bpw"] == 3.5
+    assert "--target-bpw 3.5" in (tmp_path / "b.md").read_text()
+    from quantkit.eval.compare import pareto_front
+
+    front = pareto_front([u4, b35, b26, {**b35, "bits_per_weight": 5.0, "perplexity": 1e9}], "bits_per_weight", "perplexity")
+    assert [r["bits_per_weight"] for r in front] == sorted(r["bits_per_weight"] for r in front)
+    assert all(r["perplexity"] < 1e9 for r in front)
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "b.png"
+    budget_table._plot([u4], [b35, b26], res["fp32"], str(png))
+    assert png.stat().st_size > 0
+
+
+def test_rotate_table_grouped_asymmetric_activation_rows(tmp_path):
+    import json
+
+    from quantkit.eval import rotate_table
+
+    out = tmp_path / "t.json"
+    rotate_table.main(TINY + ["--bits", "4", "--group-size", "-1", "--act-rows", "8,4", "--act-group-size", "4",
+                              "--act-asym", "--out", str(tmp_path / "t.md"), "--json", str(out)])
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    a8, a4 = rows["GPTQ W4A8 g-1 + rotation"], rows["GPTQ W4A4 g-1 + rotation, a scale per 4 columns, asymmetric"]
+    # stories260K's blocks: six linears of 64 inputs and down_proj's 172: 16 or 43 activation groups each, one
+    # integer matmul per group (A8: one per linear)
+    assert a4["int_matmuls"] == a8["int_matmuls"] // 7 * (6 * 16 + 43)
