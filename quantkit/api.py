@@ -79,8 +79,12 @@ def compress(model, method_name: str, options: dict | object, *, tokenizer=None,
              batch_size: int = CalibSpec.batch_size,
              calib_ids: torch.Tensor | None = None,
              progress: Callable[[int, int, str], None] | None = None,
-             hooks: BlockHooks | None = None, pack: bool = False) -> CompressionResult:
+             hooks: BlockHooks | None = None, pack: bool = False,
+             device: torch.device | str | None = None) -> CompressionResult:
     """Compress ``model`` in place with a registered method; returns what was done per module.
+    ``device`` (``"cuda"``, ``"cpu"``, ``"auto"``; default: where the model is): where each block
+    calibrates and compresses; the model stays where it is and one block at a time visits the
+    GPU (see :func:`quantkit.calibrate.driver.run_blockwise`).
     ``hooks``: see :class:`quantkit.calibrate.driver.BlockHooks` (streaming from disk, offloaded activations).
     ``pack=True``: each block's compressed linears become packed runtime modules as soon as the
     block is done (lower peak memory when the next step is :func:`save`).
@@ -102,7 +106,7 @@ def compress(model, method_name: str, options: dict | object, *, tokenizer=None,
         calib_ids = calibration_samples(tokenizer, calib, nsamples, seqlen, seed)
     model.config.use_cache = False
     result = run_blockwise(model, method, calib_ids if calibrated else None, batch_size, progress, hooks,
-                           to_module=to_module, finish_block=pack_finished if pack else None)
+                           to_module=to_module, finish_block=pack_finished if pack else None, device=device)
     if getattr(config, "quantize_lm_head", False):
         from quantkit.methods.base import quantize_head
 
@@ -133,7 +137,8 @@ def compress_streaming(model_path: str | Path, out: str | Path, method_name: str
                        batch_size: int = CalibSpec.batch_size, dtype=None,
                        resume: bool = False, overwrite: bool = False, offload_dir: str | Path | None = None,
                        trust_remote_code: bool = False, source: StreamSource | None = None,
-                       progress: Callable[[int, int, str], None] | None = None) -> CompressionResult:
+                       progress: Callable[[int, int, str], None] | None = None,
+                       device: torch.device | str | None = None) -> CompressionResult:
     """Compress a safetensors checkpoint block by block from disk and write the packed checkpoint to
     ``out`` (atomically): the same bytes :func:`compress` + :func:`save` write, without holding the
     model in memory.  ``resume``: continue the run that was killed writing ``out``;
@@ -155,7 +160,7 @@ def compress_streaming(model_path: str | Path, out: str | Path, method_name: str
     work = WorkDir(out)
     manifest = _open_work(work, out, stream_settings(src, method_name, config, calib_ids, batch_size), resume, overwrite, offload_dir)
     hooks = StreamHooks(src, work, manifest, Path(manifest["acts_dir"]))  # a resumed run keeps its activations
-    return _run_streamed(hooks, work, out, overwrite, tok, method_name, config, calib_ids, batch_size, progress)
+    return _run_streamed(hooks, work, out, overwrite, tok, method_name, config, calib_ids, batch_size, progress, device)
 
 
 def _os_what(e: OSError, where: Path) -> str:
@@ -195,13 +200,13 @@ def _open_work(work: WorkDir, out: Path, settings: dict, resume: bool, overwrite
 
 
 def _run_streamed(hooks: StreamHooks, work: WorkDir, out: Path, overwrite: bool, tok, method_name: str, config,
-                  calib_ids, batch_size: int, progress) -> CompressionResult:
+                  calib_ids, batch_size: int, progress, device=None) -> CompressionResult:
     """Run the driver with the streaming hooks and assemble the checkpoint; a run stopped by
     something outside its inputs (disk full, out of memory, Ctrl-C) keeps its finished blocks."""
     keep = False
     try:
         result = compress(hooks.source.model, method_name, config, calib_ids=calib_ids, batch_size=batch_size,
-                          progress=progress, hooks=hooks)
+                          progress=progress, hooks=hooks, device=device)
         qcfg = quantization_config(method_name, result.quantized, result.extra.get("config", {})) if result.quantized else None
         with atomic_output_dir(out, overwrite, inputs=(hooks.source.directory,)) as tmp:
             write_safetensors(tmp / "model.safetensors", hooks.entries(), {"format": "pt"})

@@ -330,8 +330,9 @@ def _lost_work(earlier, later, first: str, then: str) -> tuple[str, str] | None:
     return None
 
 
-def run_recipe(recipe: Recipe, model, tokenizer, progress=None):
-    """Run every step on ``model`` in place; returns the merged :class:`CompressionResult`."""
+def run_recipe(recipe: Recipe, model, tokenizer, progress=None, device=None):
+    """Run every step on ``model`` in place; returns the merged :class:`CompressionResult`
+    (``device``: where each block computes, see :func:`quantkit.api.compress`)."""
     from quantkit import api
     from quantkit.core.types import CompressionResult
     from quantkit.data import calibration_samples, check_context
@@ -346,7 +347,7 @@ def run_recipe(recipe: Recipe, model, tokenizer, progress=None):
         if method.calibrates(step.config) and calib_ids is None:
             calib_ids = calibration_samples(tokenizer, calib["dataset"], calib["nsamples"], calib["seqlen"], calib["seed"])
         res = api.compress(model, step.method, step.config, calib_ids=calib_ids, batch_size=calib["batch_size"],
-                           progress=(lambda a, b, info, i=i: progress(i, a, b, info)) if progress else None)
+                           device=device, progress=(lambda a, b, info, i=i: progress(i, a, b, info)) if progress else None)
         merged.quantized.update(res.quantized)  # a linear's last stored result wins (see check_order)
         merged.log.extend(res.log)
         merged.extra.setdefault("steps", []).append({"method": step.method, **res.extra})

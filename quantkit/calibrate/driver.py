@@ -19,6 +19,7 @@ just before it runs, then write its packed tensors and free it, and to resume a 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import time
 from typing import Callable, Iterable
@@ -30,6 +31,7 @@ from quantkit.calibrate.sensitivity import plan_bits
 from quantkit.core.rotation import rotate_model
 from quantkit.core.quant import clipped_scale_note
 from quantkit.core.types import CompressionResult, LayerRecord, QuantizedWeight
+from quantkit.devices import resolve_device
 from quantkit.errors import QuantkitError
 from quantkit.models.arch import ArchSpec, LinearGroup, arch_for, get_module, set_module, weight_out_in
 from quantkit.core.hessian import HessianAccumulator
@@ -160,6 +162,7 @@ class BlockContext:
         self.result = result
         self.device = batch_device
         self.to_module = to_module
+        self._moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original, its copy on self.device)
 
     # -- modules ------------------------------------------------------------------
     @property
@@ -196,7 +199,7 @@ class BlockContext:
         full = self.full_name(name)
         rec.module = full
         if qw is not None:
-            self.result.quantized[full] = qw
+            self.result.quantized[full] = offloaded(qw)
         if isinstance(qw, QuantizedWeight):
             rec.note = "; ".join(n for n in (rec.note, clipped_scale_note(qw.scales)) if n)
         self.result.log.append(rec)
@@ -206,12 +209,24 @@ class BlockContext:
         """The block's output for one batch (returned on the device ``hidden`` came from); a
         non-finite output stops the run (every statistic after it would be NaN: GPTQ would fall
         back to RTN on each linear without saying why)."""
-        out = self.block(hidden.to(self.device), **kwargs)
+        out = self.block(hidden.to(self.device), **{k: self._on_device(v) for k, v in kwargs.items()})
         out = out[0] if isinstance(out, (tuple, list)) else out
         if not torch.isfinite(out).all():
             raise QuantkitError(f"block {self.prefix} computes NaN/Inf activations on the calibration data "
                                 "(a broken config value or weight: a norm epsilon, rope_theta...)")
         return out.to(hidden.device)
+
+    def _on_device(self, value):
+        """A keyword argument (positions, rotary tables, a mask) on the block's device, each
+        tensor copied once per block however many batches share it."""
+        if isinstance(value, tuple):
+            return tuple(self._on_device(v) for v in value)
+        if not isinstance(value, torch.Tensor) or value.device == self.device:
+            return value
+        hit = self._moved.get(id(value))
+        if hit is None or hit[0] is not value:
+            hit = self._moved[id(value)] = (value, value.to(self.device))
+        return hit[1]
 
     def forward(self) -> list[torch.Tensor]:
         """Run the block over every cached batch; returns outputs (on the offload device)."""
@@ -227,7 +242,8 @@ class BlockContext:
         for g in groups:
             first = self.module(g.linears[0])
             in_f = weight_out_in(first, self.arch.transposed).shape[1]
-            acc = kind(g, in_f) if callable(kind) else HessianAccumulator(in_f) if kind == "hessian" else ActStats(in_f)
+            acc = (kind(g, in_f) if callable(kind) else HessianAccumulator(in_f, self.device) if kind == "hessian"
+                   else ActStats(in_f, self.device))
             for name in g.linears:
                 stats[name] = acc
             handles.append(first.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
@@ -295,23 +311,45 @@ def _input_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def offloaded(result):
+    """A per-linear result (a dataclass of tensors) with its tensors in CPU memory: results wait
+    there for the checkpoint while the next block computes on the GPU."""
+    if not dataclasses.is_dataclass(result):
+        return result
+    moved = {f.name: v.cpu() for f in dataclasses.fields(result)
+             if isinstance(v := getattr(result, f.name), torch.Tensor) and v.device.type != "cpu"}
+    return dataclasses.replace(result, **moved) if moved else result
+
+
+def compute_device(device: torch.device | str | None, model: nn.Module) -> torch.device:
+    """The device blocks compute on: ``device`` (see :func:`quantkit.devices.resolve_device`;
+    ``"auto"``: a GPU when there is one), or, for ``None``, the model's own."""
+    return _input_device(model) if device is None else resolve_device(device)
+
+
 def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor | None = None,
                   batch_size: int = 8, progress: Callable[[int, int, str], None] | None = None,
                   hooks: BlockHooks | None = None, to_module: ToModule | None = None,
-                  finish_block: Callable[[nn.Module, CompressionResult, str], object] | None = None) -> CompressionResult:
+                  finish_block: Callable[[nn.Module, CompressionResult, str], object] | None = None,
+                  device: torch.device | str | None = None) -> CompressionResult:
     """Compress ``model`` in place, block by block.  ``calib_ids``: ``[nsamples, seqlen]`` token ids.
     ``hooks`` (default: all in memory) load, write and free blocks when streaming.  ``to_module``
     builds the module holding a result, for methods that swap one in during the run
     (:meth:`BlockContext.replace`); ``finish_block(model, result, prefix)`` runs after each block
     (the API passes :func:`quantkit.runtime.swap.pack_finished` there: the finished block's linears
-    become packed modules at once).  The driver itself knows no runtime module."""
+    become packed modules at once).  The driver itself knows no runtime module.
+
+    ``device`` (default: where the model is) is where each block computes: with the model in CPU
+    memory and ``device="cuda"``, one block at a time is moved to the GPU, calibrated, compressed
+    and moved back (sequential onloading); activations wait in CPU memory between blocks and
+    results are kept there."""
     hooks = BlockHooks() if hooks is None else hooks
     arch = arch_for(model)
     method.check(model, arch)
     result = CompressionResult()
     method.prepare(model, arch, result, calib_ids, progress)
     blocks = arch.blocks(model)
-    device = _input_device(model)
+    home, device = _input_device(model), compute_device(device, model)
     first = hooks.first_block(len(blocks), result)
     inputs = None
     if (method.needs_calibration or method.searches_clips(method.config)) and first < len(blocks):
@@ -322,11 +360,15 @@ def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor
         t0 = time.perf_counter()
         block = blocks[i]
         hooks.load_block(i, block)
+        if device != home:
+            block.to(device)
         ctx = BlockContext(i, f"{arch.blocks_path}.{i}", block, arch, inputs, result, device, to_module)
         with torch.no_grad():
             method.process_block(ctx)
             if inputs is not None and i + 1 < len(blocks):
                 inputs.advance(ctx.run)
+        if device != home:
+            block.to(home)
         hooks.block_done(i, block, result, inputs)
         if finish_block is not None:
             finish_block(model, result, f"{arch.blocks_path}.{i}.")

@@ -90,6 +90,13 @@ def model_options(f):
     return load_options(f)
 
 
+def device_option(f):
+    """``--device auto|cpu|cuda`` (see :func:`quantkit.devices.resolve_device`)."""
+    return click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                        help="Where the work runs: cuda (a GPU: the Triton kernels; compressing, one block at a time "
+                             "on it while the model waits in CPU memory), cpu, or auto: cuda when PyTorch sees a GPU.")(f)
+
+
 def json_option(f):
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(f)
 

@@ -16,8 +16,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from quantkit.cli.common import (err_console, four_decimals, json_option, load_options, model_options, output_options,
-                                 progress_task, report)
+from quantkit.cli.common import (device_option, err_console, four_decimals, json_option, load_options, model_options,
+                                 output_options, progress_task, report)
 from quantkit.cli.jobs import DistillJob, Kind, MethodJob, RecipeJob
 from quantkit.cli.options import GeneratedOptions, calib_options, config_options, method_options
 from quantkit.errors import QuantkitError
@@ -131,6 +131,7 @@ def _method_command(kind: Kind):
               help="Keep calibration activations in files under DIR (with --stream they are always in files, by default beside OUTPUT).")
 @output_options
 @model_options
+@device_option
 @click.pass_context
 def quantize(ctx, **params):
     """Quantize MODEL (a directory, .gguf file or hub id) and write a packed checkpoint.
@@ -143,6 +144,7 @@ def quantize(ctx, **params):
 @click.option("--method", default=PRUNE.default, show_default=True, help="sparsegpt, wanda or magnitude (see `quantkit methods`).")
 @output_options
 @model_options
+@device_option
 @click.pass_context
 def prune(ctx, **params):
     """Prune MODEL's linears (unstructured or N:M) and write a checkpoint: dense with zeros
@@ -156,6 +158,7 @@ def prune(ctx, **params):
               help="asvd (activation-aware: SVD-LLM whitening, or ASVD scaling with --scaling act) or svd (plain).")
 @output_options
 @model_options
+@device_option
 @click.pass_context
 def lowrank(ctx, **params):
     """Factorize MODEL's linears into two low-rank linears (W ~= V U) and write a checkpoint whose
@@ -169,6 +172,7 @@ def lowrank(ctx, **params):
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe value, e.g. steps.0.bits=3.")
 @output_options
 @model_options
+@device_option
 def run_cmd(**params):
     """Run the steps of a YAML RECIPE on MODEL and write the result (the recipe is validated first)."""
     execute(RecipeJob(params))

@@ -12,7 +12,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from quantkit.cli.common import check_positive, err_console, json_option, kv_cache_options, model_options, progress_task
+from quantkit.cli.common import (check_positive, device_option, err_console, json_option, kv_cache_options, model_options,
+                                 progress_task)
 from quantkit.errors import QuantkitError
 
 BACKEND_CHOICE = click.Choice(["auto", "reference", "cpu", "triton"])
@@ -34,18 +35,21 @@ def eval_group():
 @kv_cache_options
 @json_option
 @model_options
+@device_option
 def perplexity(model, dataset, split, seqlen, max_windows, batch_size, backend, kv_bits, kv_keys, as_json, dtype,
-               allow_pickle, trust_remote_code):
+               allow_pickle, trust_remote_code, device):
     """Perplexity of MODEL (GPTQ protocol: non-overlapping windows, mean NLL of every predicted token)."""
     from quantkit.data import check_context, eval_windows, load_text, tokenize
     from quantkit.checkpoint.formats import load_model
+    from quantkit.devices import resolve_device
     from quantkit.runtime.backends import use_backend
 
     check_positive("--seqlen", seqlen, 1_048_576)
     check_positive("--max-windows", max_windows)
     check_positive("--batch-size", batch_size)
     with use_backend(backend) if backend else contextlib.nullcontext():
-        m, tok = load_model(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        m, tok = load_model(model, dtype=dtype, device=resolve_device(device), allow_pickle=allow_pickle,
+                            trust_remote_code=trust_remote_code)
         check_context(seqlen, m.config)
         windows = eval_windows(tokenize(tok, load_text(dataset, split)), seqlen, max_windows)
         res, running = _perplexity(m, windows, batch_size, kv_bits, kv_keys, as_json)
@@ -198,7 +202,7 @@ def _pareto_plot(rows: list[dict], path: str) -> None:
                    "others always use transformers').")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU threads (default: torch's, one per core); 1 is steadier on a busy machine.")
-@click.option("--device", default="cpu", show_default=True)
+@device_option
 @json_option
 def bench(model_path, dtype, prompt_len, gen_len, batch, repeat, backend, compile_, lean, threads, device, as_json):
     """Prefill/decode tokens per second, time to first token, memory and decode roofline of MODEL
@@ -207,8 +211,10 @@ def bench(model_path, dtype, prompt_len, gen_len, batch, repeat, backend, compil
 
     from quantkit.eval.speed import bench_table, run_bench
     from quantkit.checkpoint.formats import load_model
+    from quantkit.devices import resolve_device
     from quantkit.runtime.backends import use_backend
 
+    device = resolve_device(device)
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

@@ -67,13 +67,16 @@ class MethodJob(Job):
         self.calib = CalibSpec(**{f.name: p[f.name] for f in dataclasses.fields(CalibSpec)})
         self.options = given(ctx, [o.name for o in method_options(kind.name, kind.default)])
         self.stream, self.resume, self.offload = p.get("stream", False), p.get("resume", False), p.get("offload")
+        self.device = p.get("device", "auto")
 
     def check(self) -> None:
         from quantkit import api
         from quantkit.data import check_calibration_size
         from quantkit.api import method_names
+        from quantkit.devices import resolve_device
 
         self.method_cls = api.get_method(self.method)
+        self.device = resolve_device(self.device)
         if self.kind.noun and getattr(self.method_cls, "kind", "quantize") != self.kind.name:
             raise QuantkitError(f"{self.method!r} is not a {self.kind.noun} method; {self.kind.noun} methods: "
                                 f"{', '.join(method_names(self.kind.name))}")
@@ -141,11 +144,12 @@ class MethodJob(Job):
             return api.compress_streaming(
                 self.model, self.output, self.method, self.config, calib=c.dataset, nsamples=c.nsamples, seqlen=c.seqlen,
                 seed=c.seed, batch_size=c.batch_size, resume=self.resume, overwrite=self.overwrite,
-                offload_dir=self.offload, trust_remote_code=self.trust_remote_code, source=self.source, progress=update)
+                offload_dir=self.offload, trust_remote_code=self.trust_remote_code, source=self.source, progress=update,
+                device=self.device)
         hooks = OffloadHooks(self.offload) if self.offload else None
         try:
             return api.compress(self.m, self.method, self.config, calib_ids=self.calib_ids, batch_size=c.batch_size,
-                                hooks=hooks, pack=self.kind.pack, progress=update)
+                                hooks=hooks, pack=self.kind.pack, progress=update, device=self.device)
         finally:
             if hooks is not None:
                 hooks.cleanup()
@@ -177,10 +181,13 @@ class RecipeJob(Job):
         self.overwrite, self.as_json = p["overwrite"], p["as_json"]
         self.load_kw = {k: p[k] for k in ("dtype", "allow_pickle", "trust_remote_code")}
         self.title = f"quantkit run {os.path.basename(self.recipe)}"
+        self.device = p["device"]
 
     def check(self) -> None:
+        from quantkit.devices import resolve_device
         from quantkit.recipe import load_recipe
 
+        self.device = resolve_device(self.device)
         self.rec = load_recipe(self.recipe, self.sets)
         check_output(self.output, self.overwrite, inputs=(self.model, self.recipe, self.rec.calibration.get("dataset")))
 
@@ -196,7 +203,7 @@ class RecipeJob(Job):
 
         steps = self.rec.steps
         return run_recipe(self.rec, self.m, self.tok, progress=lambda i, a, b, info: update(
-            a, b, info, f"step {i + 1}/{len(steps)} {steps[i].method}"))
+            a, b, info, f"step {i + 1}/{len(steps)} {steps[i].method}"), device=self.device)
 
     def save(self, res) -> None:
         from quantkit import api

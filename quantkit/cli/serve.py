@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from quantkit.cli.common import kv_cache_options
+from quantkit.cli.common import device_option, kv_cache_options
 from quantkit.errors import QuantkitError
 
 API_KEY_ENV = "QUANTKIT_API_KEY"  # serve's --api-key when the option is not given (as vLLM reads VLLM_API_KEY)
@@ -44,15 +44,17 @@ def kv_cache_factory(kv_bits: str | None, kv_keys: str | None):
               help="quantkit's lean forward for Llama/Mistral/Qwen2/Qwen3 (one native call per token for int4 "
                    "checkpoints on a CPU); --no-lean: transformers' forward.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@device_option
 def generate_command(model_path, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, dtype, kv_bits,
-                     kv_keys, lean, as_json):
+                     kv_keys, lean, as_json, device):
     """Generate text from MODEL for PROMPT (a quick look at a model)."""
     from quantkit.runtime.generate import SamplingParams, encode_chat, encode_prompt, generate, stream_generate
     from quantkit.checkpoint.formats import load_model
+    from quantkit.devices import resolve_device
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             stop=stop, seed=seed)
-    model, tokenizer = load_model(model_path, dtype=dtype)
+    model, tokenizer = load_model(model_path, dtype=dtype, device=resolve_device(device))
     cache = kv_cache_factory(kv_bits, kv_keys)
     if chat:
         prompt_ids = encode_chat(tokenizer, [{"role": "user", "content": prompt}])
@@ -117,9 +119,10 @@ def server_options(f):
 @server_options
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
+@device_option
 def serve_command(model_path, host, port, model_name, max_batch, max_queue, dtype, threads, kv_bits, kv_keys,
                   api_key, cors_origins, allowed_hosts, timeout_keep_alive, timeout_header, limit_concurrency,
-                  log_level):
+                  log_level, device):
     """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, streaming).
 
     Bound to a loopback address (the default), it answers only requests whose Host header names this
@@ -130,16 +133,18 @@ def serve_command(model_path, host, port, model_name, max_batch, max_queue, dtyp
     import uvicorn
 
     from quantkit.checkpoint.formats import load_model
+    from quantkit.devices import resolve_device
     from quantkit.serve.app import create_app
     from quantkit.serve.engine import Engine
     from quantkit.serve.security import Security
     from quantkit.serve.timeouts import with_head_timeout
 
     checks = Security.for_bind(host, api_key, cors_origins, allowed_hosts)  # bad values refused before loading
+    device = resolve_device(device)
     if threads is not None:
         torch.set_num_threads(threads)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    model, tokenizer = load_model(model_path, dtype=dtype)
+    model, tokenizer = load_model(model_path, dtype=dtype, device=device)
     name = model_name or os.path.basename(os.path.normpath(model_path))
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, cache=kv_cache_factory(kv_bits, kv_keys))
     app = create_app(engine, name, checks)

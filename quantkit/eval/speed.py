@@ -31,18 +31,21 @@ BANDWIDTH_BYTES = 512 * 2**20
 
 
 # ---- machine and model facts ----------------------------------------------------------------
-def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeat: int = 5) -> float:
-    """Read bandwidth in bytes/s on the current ``torch.get_num_threads()`` threads (the ones
-    decode runs on): the best of ``repeat`` float32 sums over an ``nbytes`` tensor, far larger
-    than the caches."""
+def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeat: int = 5, device="cpu") -> float:
+    """Read bandwidth in bytes/s where decode runs (on a CPU, the current ``torch.get_num_threads()``
+    threads): the best of ``repeat`` float32 sums over an ``nbytes`` tensor, far larger than the caches."""
     import torch
 
-    t = torch.ones(nbytes // 4)
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    t = torch.ones(nbytes // 4, device=device)
     t.sum()  # touch the pages
     best = float("inf")
     for _ in range(repeat):
+        sync()
         t0 = time.perf_counter()
         t.sum()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return nbytes / best
 
@@ -102,20 +105,23 @@ def time_generation(model, prompt_ids, gen_len: int, step=None, lean=None) -> tu
     import torch
     from transformers import StaticCache
 
+    from quantkit.runtime.cudagraph import decode_stepper
+
     step = step or model
     batch, plen = prompt_ids.shape
     device = prompt_ids.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if lean is not None:
         lean.reset(batch)
+        forward = decode_stepper(lean)  # on a GPU: a CUDA graph per step, captured in the warm-up round
         with torch.inference_mode():
             sync()
             t0 = time.perf_counter()
-            tok = lean.forward(prompt_ids).argmax(-1, keepdim=True)
+            tok = forward(prompt_ids).argmax(-1, keepdim=True)
             sync()
             t1 = time.perf_counter()
             for _ in range(gen_len):
-                tok = lean.forward(tok).argmax(-1, keepdim=True)
+                tok = forward(tok).argmax(-1, keepdim=True)
             sync()
             t2 = time.perf_counter()
         return t1 - t0, t2 - t1
@@ -164,7 +170,7 @@ def run_benches(models: dict, *, prompt_len: int = 128, gen_len: int = 64, batch
             if i >= warmup:
                 times[name].append(t)
         if bandwidth is None:
-            bws.append(measure_bandwidth())
+            bws.append(measure_bandwidth(device=next(iter(models.values())).get_input_embeddings().weight.device))
     bw = bandwidth if bandwidth is not None else max(bws)
     return {n: dict(_result(models[n], times[n], prompt_len, gen_len, batch, bw, compile),
                     forward=_forward_name(leans[n])) for n in models}
@@ -174,7 +180,7 @@ def _forward_name(lean) -> str:
     """How decode ran: ``transformers``, ``lean`` (its torch ops) or ``lean-native`` (one C call per token)."""
     if lean is None:
         return "transformers"
-    return "lean-native" if lean.native_step else "lean"
+    return "lean-native" if lean.native_step else "lean-cudagraph" if lean.graphed is not None else "lean"
 
 
 def run_bench(model, **kwargs) -> dict:

@@ -233,7 +233,7 @@ class _Captured:
         def sample(name):
             def hook(mod, args):
                 x = args[0].detach()
-                self.clip_x[name].append(x.reshape(-1, x.shape[-1])[::clip_stride].float().cpu())
+                self.clip_x[name].append(x.reshape(-1, x.shape[-1])[::clip_stride].float())
             return hook
 
         for n in names:

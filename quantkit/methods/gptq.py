@@ -61,8 +61,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
     W[:, dead] = 0
     imp = torch.diag(H).clone()  # each column's mean squared input: the imatrix-mse observer's weights
 
-    scales = torch.zeros(out_f, n_groups)
-    zeros = torch.zeros(out_f, n_groups)
+    scales = torch.zeros(out_f, n_groups, device=W.device)
+    zeros = torch.zeros(out_f, n_groups, device=W.device)
     if static_groups or spec.group_size == -1:
         # grids from the original weights, group by group in column order
         for g in range(n_groups):
@@ -80,9 +80,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
     if Hinv is None:
         return None
 
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)  # in processing (maybe permuted) order
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)  # in processing (maybe permuted) order
     Q = torch.zeros_like(W)
-    losses = torch.zeros(out_f)
+    losses = torch.zeros(out_f, device=W.device)
 
     def group_of(col: int) -> int:  # col: position in processing order
         orig = int(perm[col]) if perm is not None else col

@@ -87,15 +87,15 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = N
         return None
 
     gs = spec.groups_for(in_f) if spec is not None else in_f
-    scales = torch.zeros(out_f, in_f // gs)
-    zeros = torch.zeros(out_f, in_f // gs)
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8) if spec is not None else None
+    scales = torch.zeros(out_f, in_f // gs, device=W.device)
+    zeros = torch.zeros(out_f, in_f // gs, device=W.device)
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device) if spec is not None else None
     if spec is not None and spec.group_size == -1:
         scales[:, 0], zeros[:, 0] = compute_qparams(W, spec)  # one grid per row, from the original weights
 
-    mask = torch.zeros(out_f, in_f, dtype=torch.bool)
+    mask = torch.zeros(out_f, in_f, dtype=torch.bool, device=W.device)
     Q = torch.zeros_like(W)
-    losses = torch.zeros(out_f)
+    losses = torch.zeros(out_f, device=W.device)
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)
         W1 = W[:, i1:i2].clone()  # [out, b]

@@ -110,6 +110,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     garbage) when the logits hold a NaN or +inf, or are all -inf: a model failure, not a request's."""
     if params.greedy:
         return int(torch.argmax(logits))
+    logits = logits.cpu()  # the generator is a CPU one (make_generator): a GPU's logits are sampled here
     if not torch.isfinite(logits.max()):  # max() is NaN when any entry is
         raise QuantkitError("cannot sample: the model's logits are NaN or infinite")
     probs = filter_logits(logits, params.temperature, params.top_k, params.top_p).softmax(-1)  # float64
@@ -244,6 +245,14 @@ class TextStream:
 # ------------------------------------------------------------------------------------------ decode loop
 
 
+def model_device(model) -> torch.device:
+    """Where ``model`` computes (its input embeddings' device; the CPU for a model without them):
+    token ids are made there."""
+    get = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get(), "weight", None) if callable(get) else None
+    return weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
+
+
 def make_cache(model, cache: object | CacheFactory | None = None):
     """A KV cache for one generation: ``cache`` if it is a transformers `Cache`, else ``cache(model)``
     (a factory, e.g. ``lambda m: QuantizedKV(config=m.config)``), or by default a float `DynamicCache`."""
@@ -266,11 +275,13 @@ def _stepper(model, prompt_len: int, params, cache, lean: bool, n_ctx: int) -> C
     """``ids [1, T] -> logits [V]`` continuing one sequence: quantkit's lean forward when the model
     has one and no cache was asked for (:mod:`quantkit.runtime.lean`), else transformers' with ``cache``."""
     if lean and cache is None:
+        from quantkit.runtime.cudagraph import decode_stepper
         from quantkit.runtime.lean import lean_or_none
 
         fast, _ = lean_or_none(model, min(n_ctx, prompt_len + params.max_new_tokens + 1))
         if fast is not None:
-            return lambda ids: fast.forward(ids)[0]
+            step = decode_stepper(fast)  # on a GPU: single-token steps replay a CUDA graph
+            return lambda ids: step(ids)[0]
     kv = make_cache(model, cache)
     return lambda ids: _next_logits(model, ids, kv)
 
@@ -287,8 +298,9 @@ def _token_steps(model, tokenizer, prompt_ids, params, cache, lean: bool = True)
     gen = None if params.greedy else make_generator(params.seed)
     advance = _stepper(model, len(prompt_ids), params, cache, lean, n_ctx)
     n_tokens = len(prompt_ids)
+    device = model_device(model)
     with torch.inference_mode():
-        logits = advance(torch.tensor([list(prompt_ids)]))
+        logits = advance(torch.tensor([list(prompt_ids)], device=device))
         for step in range(params.max_new_tokens):
             tok = sample_next(logits, params, gen)
             if tok in eos:
@@ -303,7 +315,7 @@ def _token_steps(model, tokenizer, prompt_ids, params, cache, lean: bool = True)
                 yield tok, delta + stream.flush(), "length"
                 return
             yield tok, delta, None
-            logits = advance(torch.tensor([[tok]]))
+            logits = advance(torch.tensor([[tok]], device=device))
 
 
 def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(),

@@ -110,6 +110,7 @@ class LeanLM:
         self.cos = cos[0].contiguous()  # [max_len, head_dim]
         self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()  # rotate_half's sign folded in
         self.max_len = max_len
+        self._positions = torch.arange(max_len, device=self.device)  # static_step's mask
         self.native = native and self.device.type == "cpu"
         self._head_matvec = self.native and _bf16_head(self.head)
         self._plan = None  # the native decode step (built at the first single-token step), False if it cannot run
@@ -124,6 +125,7 @@ class LeanLM:
             self.k_cache = [torch.zeros(shape, dtype=self.attn_dtype, device=self.device) for _ in self.layers]
             self.v_cache = [torch.zeros(shape, dtype=self.attn_dtype, device=self.device) for _ in self.layers]
             self._plan = None
+            self.graphed = None  # a captured CUDA-graph step (quantkit.runtime.cudagraph) reads these caches
         self.pos = 0
 
     # ---- the forward ------------------------------------------------------------------
@@ -167,6 +169,35 @@ class LeanLM:
             x = x + lay.down(F.silu(lay.gate(h)) * lay.up(h))
         self.pos = end
         return self._logits(_rms(x[:, -1], self.norm.weight, self.eps))
+
+    @torch.inference_mode()
+    def static_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token per sequence (``ids [batch, 1]``) at position ``pos`` (a 0-d long tensor on the
+        model's device) -> ``[batch, vocab]`` float32 logits, with every shape and address fixed
+        from step to step: the cache row is written with ``index_copy_`` and attention reads the
+        whole cache under a mask of the filled positions.  That is what a CUDA graph can capture
+        (:class:`quantkit.runtime.cudagraph.GraphedDecode`); it does not move :attr:`pos`."""
+        b = ids.shape[0]
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
+        at = pos.reshape(1)
+        cos, sin = self.cos.index_select(0, at)[:, None, :], self.sin.index_select(0, at)[:, None, :]  # [1, 1, hd]
+        mask = (self._positions <= pos)[None, None, None, :]  # [1, 1, 1, max_len]: the filled prefix
+        x = self.embed(ids)
+        for lay, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
+            h = _rms(x, lay.attn_norm.weight, lay.eps1)
+            q = lay.q(h).view(b, 1, nh, hd)
+            k = lay.k(h).view(b, 1, nkv, hd)
+            v = lay.v(h).view(b, 1, nkv, hd)
+            if lay.q_norm is not None:
+                q, k = _rms(q, lay.q_norm.weight, lay.eps_qk[0]), _rms(k, lay.k_norm.weight, lay.eps_qk[1])
+            q = self._rope(q, cos, sin).transpose(1, 2).to(self.attn_dtype)
+            kc.index_copy_(2, at, self._rope(k, cos, sin).transpose(1, 2).to(kc.dtype))
+            vc.index_copy_(2, at, v.transpose(1, 2).to(vc.dtype))
+            a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scaling, enable_gqa=nkv != nh)
+            x = x + lay.o(a.transpose(1, 2).reshape(b, 1, nh * hd).to(x.dtype))
+            h = _rms(x, lay.mlp_norm.weight, lay.eps2)
+            x = x + lay.down(F.silu(lay.gate(h)) * lay.up(h))
+        return self.head(_rms(x[:, -1], self.norm.weight, self.eps)).float()
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """``[b, hidden] -> [b, vocab]`` float32: a bf16 head for one sequence on quantkit's native

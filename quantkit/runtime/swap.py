@@ -47,7 +47,7 @@ def pack_model(model: nn.Module, quantized: dict) -> None:
         lin = get_module(model, name)
         bias = lin.bias.detach() if getattr(lin, "bias", None) is not None else None
         dtype = lin.weight.dtype if lin.weight.dtype.is_floating_point else torch.float32
-        set_module(model, name, to_module(qw, bias, dtype))
+        set_module(model, name, to_module(qw, bias, dtype).to(lin.weight.device))  # results wait on the CPU
 
 
 def pack_finished(model: nn.Module, result: CompressionResult, prefix: str) -> dict:

@@ -49,6 +49,7 @@ from quantkit.runtime.generate import (
     eos_token_ids,
     make_cache,
     make_generator,
+    model_device,
     sample_next,
 )
 from quantkit.runtime.rowwise import use_row_attention
@@ -118,6 +119,7 @@ class Engine:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model = model
+        self.device = model_device(model)  # token ids, positions and masks are made there
         self.tokenizer = tokenizer  # for callers (encoding requests on their own threads)
         # the engine thread detokenizes with its own copy: a Rust tokenizer shared across threads can
         # fail with "Already borrowed" when one thread changes its padding/truncation state
@@ -261,7 +263,7 @@ class Engine:
         try:
             s = _Seq(req, self._detok, self._eos)
             kv = make_cache(self.model, self._cache_factory)
-            ids = torch.tensor([req.prompt_ids])  # [1, L]
+            ids = torch.tensor([req.prompt_ids], device=self.device)  # [1, L]
             logits = self.model(ids, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[0, -1].float()
         except Exception as e:
             with self._cond:
@@ -283,10 +285,10 @@ class Engine:
         """One token for every active sequence."""
         active = self._active
         T = kvbatch.seq_length(self._kv)
-        cached = torch.tensor([s.cached for s in active])  # [B]
+        cached = torch.tensor([s.cached for s in active], device=self.device)  # [B]
         pad = T - cached  # [B] left padding of each row
-        mask = (torch.arange(T + 1)[None, :] >= pad[:, None]).long()  # [B, T+1]
-        input_ids = torch.tensor([[s.last] for s in active])  # [B, 1]
+        mask = (torch.arange(T + 1, device=self.device)[None, :] >= pad[:, None]).long()  # [B, T+1]
+        input_ids = torch.tensor([[s.last] for s in active], device=self.device)  # [B, 1]
         out = self.model(input_ids, attention_mask=mask, position_ids=cached[:, None], past_key_values=self._kv,
                          use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1].float()  # [B, V]

@@ -115,7 +115,7 @@ def test_bandwidth_is_measured_on_the_decode_threads(monkeypatch):
     assert qb.measure_bandwidth(nbytes=2**20, repeat=2) > 0
     monkeypatch.undo()
     calls = iter([3e9, 5e9, 4e9])
-    monkeypatch.setattr(qb, "measure_bandwidth", lambda: next(calls))
+    monkeypatch.setattr(qb, "measure_bandwidth", lambda device="cpu": next(calls))
     r = run_bench(tiny_llama(), prompt_len=3, gen_len=2, repeat=2, warmup=1)
     assert r["bandwidth_bytes_per_s"] == 5e9  # one measurement per round (warm-up included), the best
     assert next(calls, None) is None  # exactly three: warm-up + two rounds
