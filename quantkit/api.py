@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -74,17 +75,42 @@ def check_uncompressed(model) -> None:
                                 "compress the original model")
 
 
+def default_progress() -> Callable[[int, int, str], None] | None:
+    """A block-by-block progress bar (tqdm: a widget in a notebook, a line on a terminal) for an API
+    caller who gave none and is watching; ``None`` when stderr is neither (logs, pipes, CI)."""
+    if not (sys.stderr.isatty() or "ipykernel" in sys.modules):
+        return None
+    from tqdm.auto import tqdm
+
+    state: dict = {}
+
+    def update(done: int, total: int, info: str = "") -> None:
+        bar = state.get("bar")
+        if bar is None or bar.total != total:
+            if bar is not None:
+                bar.close()
+            bar = state["bar"] = tqdm(total=total, desc="quantkit", unit="block")
+        bar.n = done
+        bar.set_postfix_str(info, refresh=True)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
 def compress(model, method_name: str, options: dict | object, *, tokenizer=None, calib: str | None = None,
              nsamples: int = CalibSpec.nsamples, seqlen: int = CalibSpec.seqlen, seed: int = CalibSpec.seed,
              batch_size: int = CalibSpec.batch_size,
              calib_ids: torch.Tensor | None = None,
-             progress: Callable[[int, int, str], None] | None = None,
+             progress: Callable[[int, int, str], None] | bool | None = None,
              hooks: BlockHooks | None = None, pack: bool = False,
              device: torch.device | str | None = None) -> CompressionResult:
     """Compress ``model`` in place with a registered method; returns what was done per module.
     ``device`` (``"cuda"``, ``"cpu"``, ``"auto"``; default: where the model is): where each block
     calibrates and compresses; the model stays where it is and one block at a time visits the
     GPU (see :func:`quantkit.calibrate.driver.run_blockwise`).
+    ``progress``: ``progress(done, total, info)`` after each block; by default (``None``) a progress
+    bar on stderr where someone watches (a terminal or a notebook), ``False``: nothing.
     ``hooks``: see :class:`quantkit.calibrate.driver.BlockHooks` (streaming from disk, offloaded activations).
     ``pack=True``: each block's compressed linears become packed runtime modules as soon as the
     block is done (lower peak memory when the next step is :func:`save`).
@@ -104,9 +130,13 @@ def compress(model, method_name: str, options: dict | object, *, tokenizer=None,
         if calib is None or tokenizer is None:
             raise QuantkitError(f"method {method_name!r} needs calibration data (--calib)")
         calib_ids = calibration_samples(tokenizer, calib, nsamples, seqlen, seed)
-    model.config.use_cache = False
-    result = run_blockwise(model, method, calib_ids if calibrated else None, batch_size, progress, hooks,
-                           to_module=to_module, finish_block=pack_finished if pack else None, device=device)
+    progress = default_progress() if progress is None else (progress or None)
+    use_cache, model.config.use_cache = getattr(model.config, "use_cache", True), False
+    try:
+        result = run_blockwise(model, method, calib_ids if calibrated else None, batch_size, progress, hooks,
+                               to_module=to_module, finish_block=pack_finished if pack else None, device=device)
+    finally:
+        model.config.use_cache = use_cache  # the checkpoint's config keeps the model's own
     if getattr(config, "quantize_lm_head", False):
         from quantkit.methods.base import quantize_head
 

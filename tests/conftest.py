@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import os
-import sys
-
-# Every Triton kernel runs in Triton's CPU interpreter in the tests, except in a GPU run (`pytest -m gpu`
-# on a machine with CUDA), where the tests marked `gpu` run the kernels for real and nothing else is
-# selected.  TRITON_INTERPRET is read when triton.language is first imported and when each @triton.jit
-# function is defined, so it is set here, before any test module is collected: a module that imports
-# quantkit's runtime imports the kernels (and Triton) at collection time.
-GPU_RUN = "-m" in sys.argv and sys.argv[sys.argv.index("-m") + 1:][:1] == ["gpu"] or "-mgpu" in sys.argv
-if not GPU_RUN:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from pathlib import Path
 
 import pytest
 import torch
+
+# Every Triton kernel runs in Triton's CPU interpreter in the tests, except in a GPU run (a marker
+# expression selecting `gpu` tests, e.g. `pytest -m gpu`, on a machine with CUDA), where the tests
+# marked `gpu` run the kernels for real.  TRITON_INTERPRET is read when triton.language is first
+# imported and when each @triton.jit function is defined, so it is set in pytest_configure, before
+# any test module is collected: a module that imports quantkit's runtime imports the kernels (and
+# Triton) at collection time.  (Importing torch does not import Triton.)
+
+
+def pytest_configure(config):
+    expr = (config.getoption("markexpr", "") or "").replace("(", " ").replace(")", " ").split()
+    gpu_run = "gpu" in expr and not any(a == "not" and b == "gpu" for a, b in zip(expr, expr[1:]))
+    if not gpu_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STORIES = FIXTURES / "stories260K"

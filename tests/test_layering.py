@@ -10,8 +10,10 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "quantkit"
 
 # stage name -> the modules (and packages, with everything below them) in it, in data-path order
+# The package's __init__ sits with the API: it registers quantkit's transformers quantizer
+# (quantkit.checkpoint.hf), importing it only when transformers' quantizer table is imported.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("quantkit", "quantkit.errors", "quantkit.memory")),
+    ("base", ("quantkit.errors", "quantkit.memory", "quantkit.devices")),
     ("models", ("quantkit.models",)),
     ("data", ("quantkit.data",)),
     ("core", ("quantkit.core",)),
@@ -21,7 +23,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("quantkit.kernels",)),
     ("runtime", ("quantkit.runtime",)),
     ("checkpoint", ("quantkit.checkpoint",)),
-    ("api", ("quantkit.api", "quantkit.recipe", "quantkit.distill", "quantkit.testing")),
+    ("api", ("quantkit", "quantkit.api", "quantkit.recipe", "quantkit.distill", "quantkit.testing")),
     ("eval", ("quantkit.eval",)),
     ("serve", ("quantkit.serve",)),
     ("cli", ("quantkit.cli", "quantkit.eval.tables", "quantkit.eval.quickstart")),

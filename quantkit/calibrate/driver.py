@@ -163,6 +163,7 @@ class BlockContext:
         self.device = batch_device
         self.to_module = to_module
         self._moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original, its copy on self.device)
+        self.offload = False  # the block visits self.device from elsewhere: results go back to the CPU
 
     # -- modules ------------------------------------------------------------------
     @property
@@ -191,7 +192,7 @@ class BlockContext:
             raise RuntimeError("this run builds no modules: pass to_module to run_blockwise")
         old = self.module(name)
         bias = old.bias.detach() if getattr(old, "bias", None) is not None else None
-        set_module(self.block, name, self.to_module(result, bias, old.weight.dtype))
+        set_module(self.block, name, self.to_module(result, bias, old.weight.dtype).to(old.weight.device))
 
     def record(self, name: str, qw, rec: LayerRecord) -> None:
         """Log ``rec`` for linear ``name`` and keep its result ``qw`` (None: left as it was); a grid
@@ -199,7 +200,7 @@ class BlockContext:
         full = self.full_name(name)
         rec.module = full
         if qw is not None:
-            self.result.quantized[full] = offloaded(qw)
+            self.result.quantized[full] = offloaded(qw) if self.offload else qw
         if isinstance(qw, QuantizedWeight):
             rec.note = "; ".join(n for n in (rec.note, clipped_scale_note(qw.scales)) if n)
         self.result.log.append(rec)
@@ -363,6 +364,7 @@ def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor
         if device != home:
             block.to(device)
         ctx = BlockContext(i, f"{arch.blocks_path}.{i}", block, arch, inputs, result, device, to_module)
+        ctx.offload = device != home
         with torch.no_grad():
             method.process_block(ctx)
             if inputs is not None and i + 1 < len(blocks):

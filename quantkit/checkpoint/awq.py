@@ -10,7 +10,8 @@ AutoAWQ read and write them) into quantkit's runtime:
 * ``W[n, k] = (q[k, n] - z[k // group, n]) * s[k // group, n]``;
 * ``quantization_config``: ``{"quant_method": "awq", "version": "gemm", "bits": 4,
   "group_size": 128, "zero_point": true}`` (AutoAWQ's own ``quant_config.json`` names them
-  ``w_bit`` and ``q_group_size``).
+  ``w_bit`` and ``q_group_size``).  ``zero_point: false`` (GPTQModel's default AWQ) is the
+  symmetric grid: its ``qzeros`` hold 8 everywhere, or are absent (then 8 is implied).
 
 Each linear becomes an asymmetric :class:`~quantkit.runtime.qlinear.QuantLinear` holding the
 same codes, zeros and scales, so the loaded model computes exactly the checkpoint's weights.
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from quantkit.errors import QuantkitError
 from quantkit.checkpoint.gptq import load_with_quant_linears
+from quantkit.core.quant import symmetric_zero
+from quantkit.errors import QuantkitError
 from quantkit.pack.int32 import unpack_awq
 
 
@@ -32,8 +34,6 @@ def awq_settings(qcfg: dict) -> tuple[int, int]:
     version = str(qcfg.get("version", "gemm")).lower()
     if version != "gemm":
         raise QuantkitError(f"AWQ checkpoints in the {version!r} layout are not supported (only 'gemm')")
-    if not qcfg.get("zero_point", True):
-        raise QuantkitError("AWQ checkpoints without zero points (zero_point: false) are not supported")
     try:
         bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
         group_size = int(qcfg.get("group_size", qcfg.get("q_group_size", 128)))
@@ -61,16 +61,23 @@ def import_awq(directory: str | Path, dtype: torch.dtype = torch.float32):
     bits, gs = awq_settings(qcfg)
 
     def build(name, state, dtype):
-        qweight, qzeros, scales = state.pop(f"{name}.qweight"), state.pop(f"{name}.qzeros"), state.pop(f"{name}.scales")
+        qweight, scales = state.pop(f"{name}.qweight"), state.pop(f"{name}.scales")
+        qzeros = state.pop(f"{name}.qzeros", None)
+        if qzeros is None and qcfg.get("zero_point", True):
+            raise QuantkitError(f"{name}: the AWQ checkpoint has zero points (zero_point: true) but no {name}.qzeros")
         bias = state.pop(f"{name}.bias", None)
         codes = unpack_awq(qweight).t().contiguous()  # [in, out] -> [out, in]
-        zeros = unpack_awq(qzeros).t().float()  # [G, out] -> [out, G]
         out_f, in_f = codes.shape
         group = in_f if gs == -1 else gs
+        if qzeros is not None:
+            zeros = unpack_awq(qzeros).t().float()  # [G, out] -> [out, G]
+        else:  # zero_point: false without qzeros: the symmetric grid's implicit zero, 2^(bits-1)
+            zeros = torch.full((out_f, in_f // group), float(symmetric_zero(bits)))
         if in_f % group or scales.shape != (in_f // group, out_f) or zeros.shape != (out_f, in_f // group):
             raise QuantkitError(f"{name}: AWQ tensors qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
                                 f"scales {tuple(scales.shape)} do not fit group size {gs}")
-        return QuantLinear.from_codes(codes.to(torch.uint8), scales.t().float(), zeros, bits, gs, sym=False,
+        sym = bool((zeros == symmetric_zero(bits)).all())  # GPTQModel's default AWQ (zero_point: false) stores 8s
+        return QuantLinear.from_codes(codes.to(torch.uint8), scales.t().float(), zeros, bits, gs, sym=sym,
                                       bias=bias, dtype=dtype)
 
     return load_with_quant_linears(directory, config, build, dtype)

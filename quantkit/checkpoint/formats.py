@@ -11,11 +11,21 @@ from __future__ import annotations
 
 from quantkit.checkpoint.awq import import_awq
 from quantkit.checkpoint.gptq import import_gptq
+from quantkit.checkpoint.hf import QuantkitConfig
 from quantkit.checkpoint.packed import load_packed
 from quantkit.models import load as float_load
-from quantkit.models.paths import QUANT_METHOD
+from quantkit.models.paths import QUANT_METHOD, read_quantization_config
 
-LOADERS = {QUANT_METHOD: load_packed, "gptq": import_gptq, "awq": import_awq}  # quant_method -> (directory, dtype) -> model
+
+def load_quantkit(directory, dtype):
+    """A packed quantkit checkpoint; its config keeps the ``quantization_config``, so the model's
+    ``save_pretrained`` writes a checkpoint quantkit and transformers load again (audit F5)."""
+    model = load_packed(directory, dtype)
+    model.config.quantization_config = QuantkitConfig.from_dict(read_quantization_config(directory))
+    return model
+
+
+LOADERS = {QUANT_METHOD: load_quantkit, "gptq": import_gptq, "awq": import_awq}  # quant_method -> (directory, dtype) -> model
 
 
 def load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: bool = False,

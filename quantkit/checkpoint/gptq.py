@@ -25,6 +25,7 @@ import torch
 
 from quantkit.checkpoint.values import check_loaded, check_range
 from quantkit.errors import QuantkitError
+from quantkit.models.arch import arch_for
 from quantkit.pack.int32 import pack_int32, unpack_int32
 
 GPTQ_BITS = (2, 4, 8)
@@ -52,12 +53,22 @@ def module_to_gptq(mod) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def stored_float_dtype(directory: str | Path) -> torch.dtype:
+    """The dtype most of a checkpoint's float tensors (embeddings, norms, biases, a float head) are
+    stored in: an export keeps it (loading a packed checkpoint computes in float32 by default)."""
+    from quantkit.models.safetensors import read_header
+
+    header = read_header(Path(directory) / "model.safetensors")
+    floats = [i.dtype for n, i in header.items() if i.dtype.is_floating_point and not n.endswith(".scales")]
+    return max(set(floats), key=floats.count) if floats else torch.float32
+
+
 def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write a GPTQ-format checkpoint of a quantkit checkpoint whose modules all fit the layout."""
     from safetensors.torch import save_file
 
     from quantkit.checkpoint.output import atomic_output_dir, check_output
-    from quantkit.checkpoint.packed import check_exportable, load_packed, unique_state_dict
+    from quantkit.checkpoint.packed import check_exportable, config_dict, load_packed, unique_state_dict
     from quantkit.models.load import load_model
     from quantkit.models.paths import QUANT_METHOD, read_quantization_config
     from quantkit.runtime.qlinear import QuantLinear
@@ -67,7 +78,7 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     if not qcfg or qcfg.get("quant_method") != "quantkit":
         raise QuantkitError(f"{src} is not a quantkit packed checkpoint")
     check_exportable(qcfg, src, "the GPTQ format (transformers, GPTQModel, vLLM)")
-    model, tok = load_model(str(src), quantized={QUANT_METHOD: load_packed})
+    model, tok = load_model(str(src), stored_float_dtype(src), quantized={QUANT_METHOD: load_packed})
     formats = {(e["bits"], e["group_size"], e["sym"]) for e in qcfg["modules"].values()}
     other = [n for n, e in qcfg["modules"].items() if e.get("kind", "quant") != "quant"]
     if other:
@@ -85,10 +96,11 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
         if isinstance(mod, QuantLinear):
             for leaf, t in module_to_gptq(mod).items():
                 state[f"{name}.{leaf}"] = t.contiguous()
-    config = model.config.to_dict()
+    config = config_dict(model)
     config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
                                      "desc_act": any(e.get("act_order") for e in qcfg["modules"].values()),
                                      "sym": sym, "checkpoint_format": "gptq", "true_sequential": True,
+                                     "lm_head": arch_for(model).lm_head in qcfg["modules"],  # vLLM and GPTQModel read it
                                      "quantizer": ["quantkit"]}
     with atomic_output_dir(out, overwrite, inputs=(src,)) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -37,6 +37,7 @@ from quantkit.errors import QuantkitError
 from quantkit.models.safetensors import write_safetensors
 from quantkit.runtime.online import use_native_transforms
 from quantkit.runtime.swap import swap_in_runtime_modules
+from quantkit.models.load import stored_dtype
 from quantkit.models.paths import QUANT_METHOD
 from quantkit.models.skeleton import model_from_config
 
@@ -84,17 +85,57 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | 
     with the bytes ``safetensors.torch.save_file`` writes."""
     out_dir = Path(out_dir)
     state = unique_state_dict(model)
-    write_safetensors(out_dir / "model.safetensors", [(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in state.items()],
-                      {"format": "pt"})
+    floats = storage_dtype(model)
+    compressed = tuple(f"{m}." for m in (qconfig or {}).get("modules", {}))
+    entries = []
+    for k, v in state.items():
+        dtype = stored_as(k, v, floats, compressed)
+        entries.append((k, dtype, tuple(v.shape), lambda v=v, dtype=dtype: v.to(dtype)))
+    write_safetensors(out_dir / "model.safetensors", entries, {"format": "pt"})
     save_metadata(model, tokenizer, out_dir, qconfig, result)
+
+
+def stored_as(name: str, t: torch.Tensor, floats: torch.dtype, compressed: tuple[str, ...]) -> torch.dtype:
+    """The dtype tensor ``name`` is written in: ``floats`` (:func:`storage_dtype`) for a wider float
+    tensor outside the compressed modules (named by the ``compressed`` prefixes, whose scales and
+    factors keep their own types), else its own."""
+    narrower = t.is_floating_point() and t.dtype.itemsize > floats.itemsize
+    return floats if narrower and not name.startswith(compressed) else t.dtype
+
+
+def storage_dtype(model: nn.Module) -> torch.dtype:
+    """The float type a checkpoint stores its uncompressed tensors (embeddings, norms, a float
+    head) in: the source checkpoint's own (``config.dtype``, which the loaders keep whatever
+    ``--dtype`` computes in; for a GGUF source the float type its metadata names, else bfloat16),
+    never wider, as the peers write them (a SmolLM2 W4 checkpoint from its GGUF took 173 MB with
+    float32 embeddings); a model built in memory (no dtype in its config) keeps its own."""
+    dtype = getattr(model.config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return emb.weight.dtype if emb is not None and emb.weight.is_floating_point() else torch.float32
+
+
+def config_dict(model: nn.Module) -> dict:
+    """``model.config`` as config.json should hold it in any checkpoint quantkit writes: the
+    architecture named (transformers' GGUF reader leaves ``architectures`` empty, which vLLM
+    refuses), no machine-specific source path, no stale ``quantization_config``."""
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)  # the absolute path of the source on the machine that wrote it
+    config["dtype"] = str(storage_dtype(model)).removeprefix("torch.")
+    if not config.get("architectures"):
+        config["architectures"] = [type(model).__name__]
+    return config
 
 
 def save_metadata(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | None, result: CompressionResult | None = None) -> None:
     """Everything of a checkpoint but its weights: config.json (+ quantization_config), generation
     config, tokenizer and the module log (a streamed run writes the weights itself: quantkit.checkpoint.streamed)."""
     out_dir = Path(out_dir)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
+    config = config_dict(model)
     if qconfig is not None:
         config["quantization_config"] = qconfig
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
@@ -128,6 +169,7 @@ def load_packed(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = model_from_config(config, dtype)
+    model.config.dtype = stored_dtype(directory) or model.config.dtype  # saved again, its floats keep their type
     swap_in_runtime_modules(model, qcfg.get("modules", {}))
     weights = directory / "model.safetensors"
     if not weights.is_file():

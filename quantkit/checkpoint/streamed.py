@@ -18,7 +18,7 @@ from torch import nn
 from quantkit.calibrate.driver import Activations, BlockHooks
 from quantkit.calibrate.offload import DiskActivations
 from quantkit.calibrate.workdir import WorkDir
-from quantkit.checkpoint.packed import FORMAT_VERSION
+from quantkit.checkpoint.packed import FORMAT_VERSION, storage_dtype, stored_as
 from quantkit.core.types import CompressionResult, LayerRecord, PackedEntry
 from quantkit.errors import QuantkitError
 from quantkit.memory import release_freed_memory
@@ -66,7 +66,10 @@ class StreamHooks(BlockHooks):
     def block_done(self, index: int, block: nn.Module, result: CompressionResult, inputs) -> None:
         prefix = f"{self.source.prefix}{index}."
         pack_finished(self.source.model, result, prefix)  # the codes are in the packed modules now
-        state = {prefix + k: v for k, v in block.state_dict().items()}
+        floats, compressed = storage_dtype(self.source.model), tuple(f"{n}." for n in result.quantized)
+        state = {}
+        for k, v in block.state_dict().items():
+            state[prefix + k] = v.to(stored_as(prefix + k, v, floats, compressed))
         part = self.work.part(index)
         part.parent.mkdir(parents=True, exist_ok=True)
         save_tensors(part, state)
@@ -86,9 +89,11 @@ class StreamHooks(BlockHooks):
     def entries(self) -> list[Entry]:
         """Every tensor of the final checkpoint: the outer ones read from the input, each block's from its part."""
         src, out = self.source, []
+        floats = storage_dtype(src.model)
         for group in src.tie_groups(src.outer_names()):
             slot = src.slots[group[0]]
-            out.append((group[0], slot.dtype, tuple(slot.shape), lambda n=group[0]: src.read(n)))
+            dtype = stored_as(group[0], slot, floats, ())
+            out.append((group[0], dtype, tuple(slot.shape), lambda n=group[0], dtype=dtype: src.read(n).to(dtype)))
         for i in range(self.manifest["n_blocks"]):
             for name, info in read_header(self.work.part(i)).items():
                 out.append((name, info.dtype, info.shape, lambda info=info: read_tensor(info)))

@@ -17,6 +17,13 @@ from quantkit.errors import QuantkitError
 err_console = Console(stderr=True)
 
 
+def out_console() -> Console:
+    """Where tables go (stdout): a terminal's own width there; piped or redirected, as wide as each
+    table needs (rich would otherwise cut names at 80 columns: ``rtn-g32-sym`` and ``rtn-g32-asym``
+    both as ``rtn-g32-…``)."""
+    return Console() if sys.stdout.isatty() else Console(width=100_000)
+
+
 # ---- progress and results -------------------------------------------------------------------
 @contextlib.contextmanager
 def progress_task(description: str, as_json: bool, total: int | None = None):
@@ -39,7 +46,7 @@ def emit(as_json: bool, payload: dict, table: Table | None = None) -> None:
     if as_json:
         click.echo(json.dumps(payload))
     elif table is not None:
-        Console().print(table)
+        out_console().print(table)
 
 
 def report(payload: dict, keys, title: str, as_json: bool, log=(), skip_note=lambda note: False,

@@ -13,11 +13,10 @@ import json
 import time
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from quantkit.cli.common import (device_option, err_console, four_decimals, json_option, load_options, model_options,
-                                 output_options, progress_task, report)
+                                 out_console, output_options, progress_task, report)
 from quantkit.cli.jobs import DistillJob, Kind, MethodJob, RecipeJob
 from quantkit.cli.options import GeneratedOptions, calib_options, config_options, method_options
 from quantkit.errors import QuantkitError
@@ -207,4 +206,4 @@ def methods(as_json):
     table = Table("method", "kind", "calibration", "options")
     for name, r in rows.items():
         table.add_row(name, r["kind"], str(r["calibration"]), ", ".join(f"{k}={v}" for k, v in r["options"].items()))
-    Console().print(table)
+    out_console().print(table)

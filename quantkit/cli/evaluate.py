@@ -4,16 +4,16 @@ The measuring lives in :mod:`quantkit.eval`; these commands parse, check, load a
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from quantkit.cli.common import (check_positive, device_option, err_console, json_option, kv_cache_options, model_options,
-                                 progress_task)
+from quantkit.cli.common import (check_positive, device_option, err_console, json_option, kv_cache_options,
+                                 model_options, out_console, progress_task)
 from quantkit.errors import QuantkitError
 
 BACKEND_CHOICE = click.Choice(["auto", "reference", "cpu", "triton"])
@@ -102,6 +102,8 @@ def compare(checkpoints, original, dataset, split, seqlen, max_windows, speed, p
 
     check_positive("--seqlen", seqlen, 1_048_576)
     check_positive("--max-windows", max_windows)
+    if plot and importlib.util.find_spec("matplotlib") is None:  # before the evaluation, not after it
+        raise QuantkitError("--plot needs matplotlib: pip install 'quantkit[plot]' (or matplotlib)")
     paths = ([original] if original else []) + [c for c in checkpoints if c != original]
     models, tok = _load_all(paths)
     ref = next(iter(models))
@@ -120,7 +122,7 @@ def compare(checkpoints, original, dataset, split, seqlen, max_windows, speed, p
         table.add_row(r["name"], f"{r['disk_bytes'] / 1e6:.1f}", f"{r['bits_per_weight']:.2f}", f"{r['perplexity']:.3f}",
                       f"{r['delta_perplexity']:+.3f}", f"{r['kl_divergence']:.4f}", f"{100 * r['same_top1']:.1f}%",
                       *([f"{r['decode_tokens_per_s']:.1f}"] if speed else []))
-    Console().print(table)
+    out_console().print(table)
 
 
 def _load_all(paths: list[str]) -> tuple[dict, object]:
@@ -168,7 +170,7 @@ def _pareto_plot(rows: list[dict], path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise QuantkitError("--plot needs matplotlib: pip install matplotlib") from None
+        raise QuantkitError("--plot needs matplotlib: pip install 'quantkit[plot]' (or matplotlib)") from None
     fig, ax = plt.subplots(figsize=(6, 4))
     points = [{**r, "mb": r["disk_bytes"] / 1e6} for r in rows]
     for series in sorted({_series(r["path"]) for r in points}):
@@ -229,4 +231,4 @@ def bench(model_path, dtype, prompt_len, gen_len, batch, repeat, backend, compil
     if as_json:
         click.echo(json.dumps(r))
     else:
-        Console().print(bench_table([(os.path.basename(model_path.rstrip("/")), r)]))
+        out_console().print(bench_table([(os.path.basename(model_path.rstrip("/")), r)]))

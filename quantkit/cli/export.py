@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import click
 
@@ -12,9 +14,10 @@ from quantkit.errors import QuantkitError
 
 @click.command()
 @click.argument("checkpoint")
-@click.option("--format", "fmt", type=click.Choice(["gptq", "gguf"]), required=True,
+@click.option("--format", "fmt", type=click.Choice(["gptq", "gguf", "compressed-tensors"]), required=True,
               help="gptq: qweight/qzeros/scales/g_idx as transformers, GPTQModel and vLLM read them. "
-                   "gguf: one file llama.cpp runs (4-bit sym -> Q4_0, 4-bit asym -> Q4_1, 8-bit sym -> Q8_0).")
+                   "gguf: one file llama.cpp runs (4-bit sym -> Q4_0, 4-bit asym -> Q4_1, 8-bit sym -> Q8_0). "
+                   "compressed-tensors: llm-compressor's format, for vLLM and SGLang (4/8-bit weight-only, W8A8).")
 @click.option("-o", "--output", "output", required=True, help="A directory (gptq) or a .gguf file (gguf).")
 @click.option("--float-type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
               help="gguf: type of float matrices (embeddings, layers left in float); norms are always F32.")
@@ -27,6 +30,7 @@ from quantkit.errors import QuantkitError
 @json_option
 def export(checkpoint, fmt, output, float_type, requant, tokenizer_pre, overwrite, as_json):
     """Export a quantkit CHECKPOINT to a format other engines run."""
+    from quantkit.checkpoint.compressed import export_compressed_tensors
     from quantkit.checkpoint.gguf import export_gguf
     from quantkit.checkpoint.gptq import export_gptq
     from quantkit.models.load import dir_bytes
@@ -36,11 +40,20 @@ def export(checkpoint, fmt, output, float_type, requant, tokenizer_pre, overwrit
                               overwrite=overwrite)
         payload = {"output": os.path.abspath(output), "format": fmt, "bytes": summary["bytes"], "tensors": summary["tensors"],
                    "tokenizer": summary["tokenizer"]}
+    elif fmt == "compressed-tensors":
+        if requant or tokenizer_pre or float_type != "f16":
+            raise QuantkitError("--float-type, --requant and --tokenizer-pre apply to --format gguf only")
+        summary = export_compressed_tensors(checkpoint, output, overwrite)
+        payload = {"output": os.path.abspath(output), "format": fmt, "bytes": dir_bytes(output), "tensors": summary["formats"]}
     else:
         if requant or tokenizer_pre or float_type != "f16":
             raise QuantkitError("--float-type, --requant and --tokenizer-pre apply to --format gguf only")
         export_gptq(checkpoint, output, overwrite)
         payload = {"output": os.path.abspath(output), "format": fmt, "bytes": dir_bytes(output)}
+        head = json.loads((Path(output) / "quantize_config.json").read_text()).get("lm_head")
+        if head:
+            err_console.print("[yellow]note[/] the head is quantized (lm_head: true): vLLM and GPTQModel load it, "
+                              "transformers' GPTQ loader does not (it converts block linears only)")
     emit(as_json, payload, None)
     if not as_json:
         kinds = ", ".join(f"{n} {t}" for t, n in payload.get("tensors", {}).items())

@@ -56,8 +56,8 @@ def dequant_tile(q, offs_k, offs_n, N, K, group_size, s_ptr, z_ptr, g_ptr, strid
 def dot_acc(acc, x, w, DOT_FP32: tl.constexpr):
     """``acc + x @ w`` for a float32 weight tile: in float32 (the interpreter, float32
     activations), else on tensor cores in the activations' dtype."""
-    if DOT_FP32:
-        acc += tl.dot(x.to(tl.float32), w)
+    if DOT_FP32:  # IEEE float32 (Triton's default for a float32 dot is TF32 on a GPU)
+        acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
     else:
         acc += tl.dot(x, w.to(x.dtype))
     return acc

@@ -222,7 +222,7 @@ class _Captured:
             def hook(mod, args, kwargs):
                 if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):  # token-wise
                     x = args[0].detach()
-                    tokens.setdefault(name, []).append(x.reshape(-1, x.shape[-1])[::search_stride])
+                    tokens.setdefault(name, []).append(x.reshape(-1, x.shape[-1])[::search_stride].clone())  # not a view: frees the batch
                     return
                 r = rows[state["batch"]]
                 if r is not None:
@@ -233,7 +233,7 @@ class _Captured:
         def sample(name):
             def hook(mod, args):
                 x = args[0].detach()
-                self.clip_x[name].append(x.reshape(-1, x.shape[-1])[::clip_stride].float())
+                self.clip_x[name].append(x.reshape(-1, x.shape[-1])[::clip_stride].float().clone())
             return hook
 
         for n in names:

@@ -296,7 +296,7 @@ def head_statistics(model: nn.Module, arch: ArchSpec, kind: str, calib_ids: torc
     up to the head, which is skipped (no logits are computed)."""
     head = get_module(model, arch.lm_head)
     in_f = head.weight.shape[1]
-    acc = HessianAccumulator(in_f) if kind == "hessian" else ActStats(in_f)
+    acc = HessianAccumulator(in_f, head.weight.device) if kind == "hessian" else ActStats(in_f, head.weight.device)
 
     def hook(module, args):
         acc.add(args[0])

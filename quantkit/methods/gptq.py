@@ -84,8 +84,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, blocksiz
     Q = torch.zeros_like(W)
     losses = torch.zeros(out_f, device=W.device)
 
+    order = perm.tolist() if perm is not None else None  # one device-to-host copy, not one per column
+
     def group_of(col: int) -> int:  # col: position in processing order
-        orig = int(perm[col]) if perm is not None else col
+        orig = order[col] if order is not None else col
         return orig // gs if (static_groups or spec.group_size == -1) else col // gs
 
     for i1 in range(0, in_f, blocksize):

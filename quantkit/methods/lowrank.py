@@ -92,7 +92,7 @@ def energy_rank(sigma: torch.Tensor, energy: float) -> int:
     if total == 0:
         return 1
     cum = torch.cumsum(e, 0) / total
-    return int(torch.searchsorted(cum, torch.tensor([energy], dtype=cum.dtype)).item()) + 1
+    return int(torch.searchsorted(cum, torch.tensor([energy], dtype=cum.dtype, device=cum.device)).item()) + 1
 
 
 def split_factors(Ur: torch.Tensor, sr: torch.Tensor, Vhr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ Every failure a user can cause becomes a one-line :class:`QuantkitError`.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -82,6 +83,7 @@ def _load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: boo
                 model = _load_gguf(directory, extra["gguf_file"], dtype, trust_remote_code)
             else:
                 model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True, **kwargs)
+                model.config.dtype = stored_dtype(directory) or model.config.dtype  # the checkpoint's, whatever --dtype computes in
                 if info.get("missing_keys"):  # transformers would run them with random values
                     missing = sorted(info["missing_keys"])
                     raise QuantkitError(f"cannot load {path}: config.json disagrees with the stored weights: {len(missing)} "
@@ -131,7 +133,35 @@ def _load_gguf(directory: str, gguf_file: str, dtype: torch.dtype | None, trust_
         raise ValueError(f"the GGUF file has no tensor for {missing[0]} ({len(missing)} missing)")
     if tied:
         model.tie_weights()
+    model.config.dtype = gguf_float_type(path)  # what a checkpoint made from it stores its float tensors in
     return model.to(dtype) if dtype is not None else model
+
+
+GGUF_FLOAT_FILE_TYPES = {0: torch.float32, 1: torch.float16, 32: torch.bfloat16}  # general.file_type: ALL_F32, MOSTLY_F16, MOSTLY_BF16
+
+
+def gguf_float_type(path: str | Path) -> torch.dtype:
+    """The float type a GGUF file's metadata names for its weights (``general.file_type``), or
+    bfloat16 for a quantized file (Q4_1...), whose float tensors are float32 only after transformers
+    dequantizes them."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("general.file_type")
+    file_type = int(field.parts[field.data[0]][0]) if field is not None and field.data else None
+    return GGUF_FLOAT_FILE_TYPES.get(file_type, torch.bfloat16)
+
+
+def stored_dtype(directory: str | Path) -> torch.dtype | None:
+    """The float type config.json says the checkpoint's weights are stored in (``dtype``, or
+    ``torch_dtype`` in older configs), or None: what quantkit writes back for uncompressed tensors
+    (:func:`quantkit.checkpoint.packed.storage_dtype`), so ``--dtype float32`` never widens them."""
+    try:
+        cfg = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = cfg.get("dtype") or cfg.get("torch_dtype") if isinstance(cfg, dict) else None
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
 
 
 def model_bytes(model: nn.Module, modules: list[str] | None = None) -> int:

@@ -238,10 +238,12 @@ def _skeleton(p: Path, files: list[Path], dtype, trust_remote_code: bool) -> tup
                                 "runs only with --trust-remote-code") from None
         raise QuantkitError(f"cannot load {p}: bad config.json: {one_line(e)}") from None
     _check_block_count(p, config, tensors)
-    dtype = parse_dtype(dtype) or _config_dtype(config) or _first_float_dtype(tensors) or torch.float32
+    stored = _config_dtype(config) or _first_float_dtype(tensors)  # before model_from_config sets config.dtype
+    dtype = parse_dtype(dtype) or stored or torch.float32
     try:
         with init_empty_weights(include_buffers=False):
             model = model_from_config(config, dtype)
+        model.config.dtype = stored or dtype  # what the checkpoint stores, whatever --dtype computes in
         model.tie_weights()
     except QuantkitError:
         raise

@@ -124,17 +124,33 @@ def _stop(body: dict) -> tuple[str, ...]:
     return out
 
 
-def _unsupported(body: dict) -> None:
-    if body.get("n") not in (None, 1):
-        raise _invalid("n", "only n=1 is supported")
-    if body.get("best_of") not in (None, 1):
-        raise _invalid("best_of", "only best_of=1 is supported")
-    if body.get("echo"):
-        raise _invalid("echo", "echo is not supported")
-    if body.get("logprobs") not in (None, False, 0):
-        raise _invalid("logprobs", "logprobs are not supported")
-    if body.get("tools") or body.get("functions"):
-        raise _invalid("tools", "tools are not supported")
+# What a request may carry.  HONORED keys are read; NEUTRAL ones only at the values that change
+# nothing (anything else is a 400 naming the key, as vLLM and OpenAI answer, rather than a silently
+# different completion: ecosystem audit F11); BOOKKEEPING ones never change the text.  Any other
+# key is refused as OpenAI refuses it ("Unrecognized request argument supplied").
+HONORED = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stream_options", "stop",
+           "ignore_eos"}
+HONORED_BY = {"completions": {"prompt"}, "chat": {"messages"}}
+NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
+           "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,), "min_p": (0,),
+           "logit_bias": ({},), "suffix": ("",), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
+           "function_call": ("none",), "response_format": ({"type": "text"},), "length_penalty": (1,)}
+NEUTRAL_MESSAGES = {"n": "only n=1 is supported", "best_of": "only best_of=1 is supported", "echo": "echo is not supported",
+                    "logprobs": "logprobs are not supported", "tools": "tools are not supported",
+                    "functions": "tools are not supported"}
+BOOKKEEPING = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
+
+
+def _unsupported(body: dict, endpoint: str) -> None:
+    for key, value in body.items():
+        if value is None or key in HONORED or key in HONORED_BY[endpoint] or key in BOOKKEEPING:
+            continue
+        if key in NEUTRAL:
+            if not any(value == ok and type(value) is not bool or value is ok for ok in NEUTRAL[key]):
+                raise _invalid(key, NEUTRAL_MESSAGES.get(key, f"'{key}' is not supported by this server "
+                                                              f"(accepted only as {NEUTRAL[key][0]!r})"))
+            continue
+        raise _invalid(key, f"Unrecognized request argument supplied: {key}", "unknown_parameter")
 
 
 # ---------------------------------------------------------------------------------------- requests
@@ -219,7 +235,7 @@ def parse_completion(body: dict, tokenizer, model_name: str, n_ctx: int, max_cha
     string over ``max_chars`` characters (default `max_prompt_chars`) is refused before tokenizing."""
     max_chars = max_prompt_chars(tokenizer, n_ctx) if max_chars is None else max_chars
     model = _check_model(body, model_name)
-    _unsupported(body)
+    _unsupported(body, "completions")
     if "prompt" not in body:
         raise _invalid("prompt", "'prompt' is required", "missing_required_parameter")
     prompt = body["prompt"]
@@ -259,7 +275,7 @@ def parse_chat(body: dict, tokenizer, model_name: str, n_ctx: int, max_chars: in
     over ``max_chars`` characters in all (default `max_prompt_chars`) are refused before templating."""
     max_chars = max_prompt_chars(tokenizer, n_ctx) if max_chars is None else max_chars
     model = _check_model(body, model_name)
-    _unsupported(body)
+    _unsupported(body, "chat")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _invalid("messages", "'messages' must be a non-empty list", "invalid_type")

@@ -67,5 +67,6 @@ def test_gpu_and_cpu_compression_agree(stories_dir, calib_ids, method):
         assert b.q.device.type == "cpu"
         assert (a.q != b.q).float().mean() < 0.01, name
         torch.testing.assert_close(b.scales, a.scales, rtol=1e-3, atol=1e-6)
-    for (n, a), b in zip(m_cpu.named_parameters(), m_gpu.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=n)
+    for (n, a), b in zip(m_cpu.named_parameters(), m_gpu.parameters()):  # norms and embeddings (AWQ scales them)
+        if not n.endswith("proj.weight"):  # a linear's weight moves a whole grid step where a code flips
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=n)

@@ -65,3 +65,26 @@ def test_export_refuses_layers_that_do_not_fit(stories, tmp_path):
 def test_export_refuses_non_quantkit(stories_dir, tmp_path):
     r = CliRunner().invoke(cli, ["export", str(stories_dir), "--format", "gptq", "-o", str(tmp_path / "x")])
     assert r.exit_code == 1 and "not a quantkit packed checkpoint" in r.output
+
+
+def test_export_keeps_the_float_dtype_names_the_architecture_and_flags_a_quantized_head(gptq_friendly, tmp_path):
+    """Ecosystem audit F1-F3: a bf16 source exports bf16 floats (not float32), config.json names the
+    architecture (vLLM refuses an empty list; transformers' GGUF reader leaves it empty), keeps
+    use_cache and no machine path, and a quantized head is flagged ``lm_head: true``."""
+    model, tok = gptq_friendly
+    model = model.to(torch.bfloat16)
+    model.config.architectures = None  # as a GGUF source has it
+    api.save(model, tok, tmp_path / "qk", "rtn", api.compress(model, "rtn", dict(bits=4, group_size=32, quantize_lm_head=True)))
+    r = CliRunner().invoke(cli, ["export", str(tmp_path / "qk"), "--format", "gptq", "-o", str(tmp_path / "gptq")])
+    assert r.exit_code == 0, r.output
+    assert "lm_head: true" in r.output
+    for d in ("qk", "gptq"):
+        cfg = json.loads((tmp_path / d / "config.json").read_text())
+        assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["use_cache"] is True and "_name_or_path" not in cfg
+    assert json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]["lm_head"] is True
+    t = load_file(str(tmp_path / "gptq" / "model.safetensors"))
+    assert t["model.embed_tokens.weight"].dtype == torch.bfloat16 and t["model.norm.weight"].dtype == torch.bfloat16
+    assert t["model.layers.0.mlp.down_proj.scales"].dtype == torch.float16
+    assert "lm_head.qweight" in t
+    src = load_file(str(tmp_path / "qk" / "model.safetensors"))
+    assert torch.equal(t["model.embed_tokens.weight"], src["model.embed_tokens.weight"])

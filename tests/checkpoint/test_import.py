@@ -113,8 +113,35 @@ def test_awq_gemm_checkpoint_loads_with_the_reference_logits(tmp_path, bias):
     check_logits(tmp_path / "awq", model)
 
 
-@pytest.mark.parametrize("change,match", [({"version": "gemv"}, "'gemv' layout"), ({"bits": 3}, "4-bit"),
-                                          ({"zero_point": False}, "without zero points")])
+def awq_sym_tensors(out_f, in_f, j, store_zeros=True):
+    """GPTQModel's default AWQ (zero_point: false): a symmetric grid, its zero 8 stored in qzeros or implied."""
+    q, _, s = random_grid(out_f, in_f, 32, j)
+    w = (q.astype(np.float32) - 8) * np.repeat(s.astype(np.float32), 32, 1)
+    packed = {"qweight": awq_pack(q.T), "scales": np.ascontiguousarray(s.T)}
+    if store_zeros:
+        packed["qzeros"] = awq_pack(np.full((in_f // 32, out_f), 8, np.uint8))
+    return packed, w
+
+
+@pytest.mark.parametrize("store_zeros", [True, False])
+def test_symmetric_awq_loads_with_the_reference_logits(tmp_path, store_zeros):
+    """Ecosystem audit F9: ``zero_point: false`` was refused; it is the symmetric grid (zero 8)."""
+    model = tiny_llama(False)
+    write_checkpoint(model, tmp_path / "awq", {**AWQ_CONFIG, "zero_point": False},
+                     lambda o, i, j: awq_sym_tensors(o, i, j, store_zeros))
+    check_logits(tmp_path / "awq", model)
+    loaded, _ = load_model(str(tmp_path / "awq"), with_tokenizer=False)
+    assert loaded.model.layers[0].mlp.down_proj.sym
+
+
+def test_awq_with_zero_points_but_no_qzeros_is_refused(tmp_path):
+    model = tiny_llama(False)
+    write_checkpoint(model, tmp_path / "awq", AWQ_CONFIG, lambda o, i, j: awq_sym_tensors(o, i, j, store_zeros=False))
+    with pytest.raises(QuantkitError, match="zero_point: true.*no .*qzeros"):
+        load_model(str(tmp_path / "awq"), with_tokenizer=False)
+
+
+@pytest.mark.parametrize("change,match", [({"version": "gemv"}, "'gemv' layout"), ({"bits": 3}, "4-bit")])
 def test_awq_variants_not_supported_are_refused(tmp_path, change, match):
     model = tiny_llama(False)
     qcfg = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm", "zero_point": True, **change}

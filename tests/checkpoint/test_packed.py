@@ -72,3 +72,36 @@ def test_gptq_beats_rtn_on_real_model(stories_dir, tiny_text):
         w = eval_windows(tokenize(tok, load_text(str(tiny_text))), 256, max_windows=20)
         ppl[method] = perplexity(model, w)["perplexity"]
     assert ppl["gptq"] < ppl["rtn"]
+
+
+def test_uncompressed_tensors_keep_the_source_float_type(stories_dir, tiny_text, tmp_path):
+    """#21: embeddings, norms and a float head are stored in the source's float type, never wider:
+    a bf16 source stays bf16 even when computed in float32 (--dtype float32), and a GGUF source (whose
+    weights transformers dequantizes to float32; no float type named) is stored in bf16."""
+    from click.testing import CliRunner
+    from safetensors import safe_open
+
+    from quantkit.cli import cli
+
+    def dtypes(d):
+        with safe_open(str(d / "model.safetensors"), "pt") as f:
+            return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+
+    model, tok = load_model(str(stories_dir), dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16"), tok.save_pretrained(tmp_path / "bf16")
+    run = lambda *a: CliRunner().invoke(cli, [*map(str, a), "--method", "rtn", "--bits", "4", "--group-size", "-1"])  # noqa: E731
+    r = run("quantize", tmp_path / "bf16", "-o", tmp_path / "q-bf16", "--dtype", "float32")
+    assert r.exit_code == 0, r.output
+    d = dtypes(tmp_path / "q-bf16")
+    assert d["model.embed_tokens.weight"] == "BF16" and d["model.norm.weight"] == "BF16"
+    assert d["model.layers.0.mlp.down_proj.scales"] == "F16"
+    assert json.loads((tmp_path / "q-bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    r = CliRunner().invoke(cli, ["export", str(tmp_path / "q-bf16"), "--format", "gguf", "-o", str(tmp_path / "m.gguf"),
+                                 "--float-type", "f32", "--requant", "f32"])
+    assert r.exit_code == 0, r.output
+    r = run("quantize", tmp_path / "m.gguf", "-o", tmp_path / "q-gguf")
+    assert r.exit_code == 0, r.output
+    d = dtypes(tmp_path / "q-gguf")
+    assert d["model.embed_tokens.weight"] == "BF16" and d["model.norm.weight"] == "BF16"
+    r = run("quantize", stories_dir, "-o", tmp_path / "q-fp32")  # a float32 source stays float32
+    assert dtypes(tmp_path / "q-fp32")["model.embed_tokens.weight"] == "F32"

@@ -75,3 +75,29 @@ def test_compare_plot_series_tell_budget_checkpoints_from_uniform_ones(tmp_path,
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(QuantkitError, match="needs matplotlib"):
         _pareto_plot([{"name": "a", "path": str(tmp_path / "budget"), "disk_bytes": 1, "perplexity": 2.0}], str(tmp_path / "p.png"))
+
+
+def test_compare_refuses_plot_without_matplotlib_before_evaluating(stories_dir, tmp_path, monkeypatch):
+    """Ecosystem audit F6: the missing matplotlib is found before any model is loaded or evaluated."""
+    import importlib.util
+
+    import quantkit.cli.evaluate as ev
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(ev, "_load_all", lambda paths: pytest.fail("loaded models before refusing --plot"))
+    r = CliRunner().invoke(cli, ["compare", str(stories_dir), "--plot", str(tmp_path / "p.png")])
+    assert r.exit_code == 1 and "needs matplotlib" in r.output and "quantkit[plot]" in r.output
+
+
+def test_compare_table_keeps_long_names_when_piped(stories_dir, tmp_path):
+    """Ecosystem audit F6: piped output (not a terminal) is not cut at 80 columns."""
+    import shutil
+
+    long_a, long_b = tmp_path / "rtn-g32-sym-with-a-rather-long-name-a", tmp_path / "rtn-g32-sym-with-a-rather-long-name-b"
+    for d in (long_a, long_b):
+        shutil.copytree(stories_dir, d)
+    r = CliRunner().invoke(cli, ["compare", str(long_a), str(long_b), "--dataset", str(stories_dir.parent / "tinystories.txt"),
+                                 "--seqlen", "64", "--max-windows", "1", "--no-speed"])
+    assert r.exit_code == 0, r.output
+    assert long_a.name in r.output and long_b.name in r.output and "…" not in r.output

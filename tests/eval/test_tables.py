@@ -137,3 +137,20 @@ def test_rotate_table_grouped_asymmetric_activation_rows(tmp_path):
     # stories260K's blocks: six linears of 64 inputs and down_proj's 172: 16 or 43 activation groups each, one
     # integer matmul per group (A8: one per linear)
     assert a4["int_matmuls"] == a8["int_matmuls"] // 7 * (6 * 16 + 43)
+
+
+def test_engines_table_reads_quantkit_checkpoints_through_transformers(tmp_path):
+    """Issue 21's table on stories260K: the quantkit checkpoint through from_pretrained and its
+    compressed-tensors export reloaded by transformers give quantkit's perplexity (within 0.5%)."""
+    import json
+
+    pytest.importorskip("compressed_tensors")
+    from quantkit.eval import engines_table
+
+    out = tmp_path / "e.json"
+    rc = engines_table.main(TINY + ["--group-size", "-1", "--out", str(tmp_path / "e.md"), "--json-out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["GPTQ W4", "SmoothQuant W8A8"]
+    assert rc == 0 and all(r["within_0.5%"] for r in rows), rows
+    gptq = rows[0]["perplexity"]
+    assert gptq["transformers from_pretrained (quantkit checkpoint)"] == pytest.approx(gptq["quantkit"], rel=1e-4)

@@ -229,3 +229,36 @@ def test_serve_cli_passes_the_kv_cache_to_the_engine(monkeypatch):
     assert seen["ran"] and isinstance(seen["cache"](seen["model"]), QuantizedKVCache)
     r = CliRunner().invoke(cli, ["serve", FIXTURE])
     assert r.exit_code == 0 and seen["cache"] is None
+
+
+@pytest.mark.parametrize("route,extra,param,code", [
+    ("/v1/completions", {"logit_bias": {"7042": -100}}, "logit_bias", "invalid_value"),
+    ("/v1/completions", {"presence_penalty": 2.0}, "presence_penalty", "invalid_value"),
+    ("/v1/completions", {"frequency_penalty": 1.0}, "frequency_penalty", "invalid_value"),
+    ("/v1/completions", {"suffix": "END"}, "suffix", "invalid_value"),
+    ("/v1/completions", {"min_p": 0.1}, "min_p", "invalid_value"),
+    ("/v1/completions", {"repetition_penalty": 1.3}, "repetition_penalty", "invalid_value"),
+    ("/v1/completions", {"foo_unknown": 1}, "foo_unknown", "unknown_parameter"),
+    ("/v1/completions", {"messages": []}, "messages", "unknown_parameter"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format", "invalid_value"),
+    ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs", "invalid_value"),
+    ("/v1/chat/completions", {"prompt": "hi"}, "prompt", "unknown_parameter"),
+])
+def test_parameters_that_would_change_the_text_are_refused_not_ignored(client, route, extra, param, code):
+    """Ecosystem audit F11: a request relying on something the server does not do gets a 400 naming it."""
+    body = {"model": NAME, "max_tokens": 2, **({"prompt": "hi"} if route == "/v1/completions" else
+                                               {"messages": [{"role": "user", "content": "hi"}]}), **extra}
+    r = client.post(route, json=body)
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, code)
+
+
+def test_neutral_values_and_bookkeeping_keys_are_accepted(client):
+    """What OpenAI clients send at their defaults changes nothing and is accepted."""
+    body = {"model": NAME, "prompt": "hi", "max_tokens": 2, "n": 1, "best_of": 1, "echo": False, "logprobs": None,
+            "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "suffix": None, "user": "u1",
+            "stream": False, "seed": 3}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2,
+            "response_format": {"type": "text"}, "tools": [], "parallel_tool_calls": True, "metadata": {"a": "b"}}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
