@@ -74,9 +74,6 @@ class QuantkitHfQuantizer(HfQuantizer):
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False  # stored already packed
 
-    def get_new_dtype(self, converter, param, dtype):
-        return None  # every tensor keeps the dtype it is stored in (float16 scales stay float16)
-
     def _process_model_after_weight_loading(self, model, **kwargs):
         from quantkit.checkpoint.values import check_loaded
         from quantkit.core.rotation import attach_online

@@ -85,6 +85,43 @@ def _perplexity(m, windows, batch_size: int, kv_bits: str | None, kv_keys: str, 
     return res, running
 
 
+@eval_group.command()
+@click.argument("model")
+@click.option("--tasks", required=True, help="Comma-separated lm-evaluation-harness task names (online: the harness "
+              "fetches their data), local task YAML files, or the shipped offline task tinystories_mc.")
+@click.option("--limit", type=int, default=None, help="Score only the first N examples of each task.")
+@click.option("--num-fewshot", type=int, default=None, help="Few-shot examples (default: each task's own).")
+@click.option("--backend", type=BACKEND_CHOICE, default=None, help="Kernel path for packed weights (default: auto).")
+@json_option
+@model_options
+@device_option
+def tasks(model, tasks, limit, num_fewshot, backend, as_json, dtype, allow_pickle, trust_remote_code, device):
+    """Task accuracy of MODEL through lm-evaluation-harness, scored by quantkit's runtime (a packed
+    checkpoint runs on its own kernels)."""
+    from quantkit.checkpoint.formats import load_model
+    from quantkit.devices import resolve_device
+    from quantkit.eval.tasks import local_task, require_harness, run_tasks
+    from quantkit.runtime.backends import use_backend
+
+    check_positive("--limit", limit)
+    require_harness()
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    for t in names:
+        local_task(t)  # a bad task file is refused before the model loads
+    with use_backend(backend) if backend else contextlib.nullcontext():
+        m, tok = load_model(model, dtype=dtype, device=resolve_device(device), allow_pickle=allow_pickle,
+                            trust_remote_code=trust_remote_code)
+        scores = run_tasks(m, tok, names, limit=limit, num_fewshot=num_fewshot)
+    if as_json:
+        click.echo(json.dumps({"model": model, "tasks": scores}))
+        return
+    table = Table("task", "metric", "value", title=f"{model}")
+    for task, metrics in scores.items():
+        for k, v in metrics.items():
+            table.add_row(task, k, f"{v:.4f}")
+    out_console().print(table)
+
+
 @click.command()
 @click.argument("checkpoints", nargs=-1, required=True)
 @click.option("--original", default=None, help="The uncompressed model (default: the first CHECKPOINT).")
@@ -94,8 +131,10 @@ def _perplexity(m, windows, batch_size: int, kv_bits: str | None, kv_keys: str, 
 @click.option("--max-windows", type=int, default=8, show_default=True)
 @click.option("--speed/--no-speed", default=True, show_default=True, help="Also time greedy decoding.")
 @click.option("--plot", default=None, help="Write a size-vs-perplexity Pareto plot (PNG, needs matplotlib).")
+@click.option("--tasks", "task_names", default=None, help="Also score these tasks (see `quantkit eval tasks`): a column each.")
+@click.option("--task-limit", type=int, default=None, help="With --tasks: the first N examples of each.")
 @json_option
-def compare(checkpoints, original, dataset, split, seqlen, max_windows, speed, plot, as_json):
+def compare(checkpoints, original, dataset, split, seqlen, max_windows, speed, plot, task_names, task_limit, as_json):
     """Evaluate CHECKPOINTS and the original side by side: size, bits/weight, perplexity, KL, tok/s."""
     from quantkit.data import eval_windows, load_text, tokenize
     from quantkit.eval.compare import compare_models
@@ -104,24 +143,39 @@ def compare(checkpoints, original, dataset, split, seqlen, max_windows, speed, p
     check_positive("--max-windows", max_windows)
     if plot and importlib.util.find_spec("matplotlib") is None:  # before the evaluation, not after it
         raise QuantkitError("--plot needs matplotlib: pip install 'quantkit[plot]' (or matplotlib)")
+    if task_names:
+        from quantkit.eval.tasks import local_task, require_harness
+
+        require_harness()
+        for t in task_names.split(","):
+            if t.strip():
+                local_task(t.strip())
     paths = ([original] if original else []) + [c for c in checkpoints if c != original]
     models, tok = _load_all(paths)
     ref = next(iter(models))
     windows = eval_windows(tokenize(tok, load_text(dataset, split)), seqlen, max_windows)
     err_console.print(f"evaluating {len(models)} models on {windows.shape[0]} windows of {seqlen} tokens...")
     rows = _compare_rows(models, paths, compare_models(models, windows, reference=ref), ref, speed)
+    names = [t.strip() for t in (task_names or "").split(",") if t.strip()]
+    if names:
+        from quantkit.eval.tasks import run_tasks
+
+        for r, m in zip(rows, models.values()):
+            r["tasks"] = run_tasks(m, tok, names, limit=task_limit)
     if plot:
         _pareto_plot(rows, plot)
     if as_json:
         click.echo(json.dumps({"reference": ref, "dataset": dataset, "windows": int(windows.shape[0]), "seqlen": seqlen,
                                "rows": rows}))
         return
+    task_cols = [(t, next(iter(ms))) for t, ms in rows[0].get("tasks", {}).items() if ms]  # each task's first metric
     table = Table("model", "disk MB", "bits/w", "ppl", "delta", "KL", "same top-1", *(["tok/s"] if speed else []),
-                  title=f"{dataset} ({windows.shape[0]} x {seqlen} tokens), vs {ref}")
+                  *(f"{t} {k}" for t, k in task_cols), title=f"{dataset} ({windows.shape[0]} x {seqlen} tokens), vs {ref}")
     for r in rows:
         table.add_row(r["name"], f"{r['disk_bytes'] / 1e6:.1f}", f"{r['bits_per_weight']:.2f}", f"{r['perplexity']:.3f}",
                       f"{r['delta_perplexity']:+.3f}", f"{r['kl_divergence']:.4f}", f"{100 * r['same_top1']:.1f}%",
-                      *([f"{r['decode_tokens_per_s']:.1f}"] if speed else []))
+                      *([f"{r['decode_tokens_per_s']:.1f}"] if speed else []),
+                      *(f"{r['tasks'][t][k]:.4f}" for t, k in task_cols))
     out_console().print(table)
 
 

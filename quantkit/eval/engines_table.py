@@ -7,8 +7,9 @@ same windows next to quantkit's own.
 
 Rows: GPTQ W4 g64 and SmoothQuant W8A8 (dynamic per-token activations). compressed-tensors
 checkpoints are reloaded with ``CompressedTensorsConfig(run_compressed=False)`` (dense weights on
-the CPU; vLLM runs the same tensors on its kernels); W8A8 activations are then quantized per token
-by compressed-tensors' own fake-quantization.  Target: within 0.5% of quantkit's perplexity.
+the CPU; vLLM runs the same tensors on its kernels).  That reload drops the input-activation scheme:
+a W8A8 row there runs W8A16 (exact weights, float activations), not what vLLM runs.  Target: within
+0.5% of quantkit's perplexity.
 """
 
 from __future__ import annotations

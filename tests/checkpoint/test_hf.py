@@ -86,3 +86,19 @@ def test_without_import_quantkit_transformers_would_load_random_weights(tmp_path
             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); print(type(m.model.layers[0].mlp.down_proj).__name__)")
     p = subprocess.run([sys.executable, "-c", code, str(ckpt)], capture_output=True, text=True, timeout=300)
     assert p.stdout.split()[-1:] != ["QuantLinear"]
+
+
+def test_bf16_stored_checkpoint_computes_like_quantkit_in_float32(tmp_path):
+    """A checkpoint whose floats are stored in bf16 (a bf16 or GGUF source), loaded in float32 by
+    both: the norms and embeddings are widened alike, the float16 scales stay float16."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = load_model(str(FIX / "stories260K"), dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16"), tok.save_pretrained(tmp_path / "bf16")
+    model, tok = load_model(str(tmp_path / "bf16"), dtype=torch.float32)
+    api.save(model, tok, tmp_path / "ck", "rtn", api.compress(model, "rtn", {"bits": 4, "group_size": -1}, progress=False))
+    ours, _ = load_model(str(tmp_path / "ck"))
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ck"), dtype=torch.float32)
+    assert theirs.model.norm.weight.dtype == torch.float32 and theirs.model.layers[0].mlp.down_proj.scales.dtype == torch.float16
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), rtol=0, atol=1e-5)
