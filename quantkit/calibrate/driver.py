@@ -322,12 +322,6 @@ def offloaded(result):
     return dataclasses.replace(result, **moved) if moved else result
 
 
-def compute_device(device: torch.device | str | None, model: nn.Module) -> torch.device:
-    """The device blocks compute on: ``device`` (see :func:`quantkit.devices.resolve_device`;
-    ``"auto"``: a GPU when there is one), or, for ``None``, the model's own."""
-    return _input_device(model) if device is None else resolve_device(device)
-
-
 def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor | None = None,
                   batch_size: int = 8, progress: Callable[[int, int, str], None] | None = None,
                   hooks: BlockHooks | None = None, to_module: ToModule | None = None,
@@ -350,7 +344,9 @@ def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor
     result = CompressionResult()
     method.prepare(model, arch, result, calib_ids, progress)
     blocks = arch.blocks(model)
-    home, device = _input_device(model), compute_device(device, model)
+    home = _input_device(model)
+    device = home if device is None else resolve_device(device)  # "auto": a GPU when there is one
+    onload = device != home
     first = hooks.first_block(len(blocks), result)
     inputs = None
     if (method.needs_calibration or method.searches_clips(method.config)) and first < len(blocks):
@@ -361,15 +357,15 @@ def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor
         t0 = time.perf_counter()
         block = blocks[i]
         hooks.load_block(i, block)
-        if device != home:
+        if onload:
             block.to(device)
         ctx = BlockContext(i, f"{arch.blocks_path}.{i}", block, arch, inputs, result, device, to_module)
-        ctx.offload = device != home
+        ctx.offload = onload
         with torch.no_grad():
             method.process_block(ctx)
             if inputs is not None and i + 1 < len(blocks):
                 inputs.advance(ctx.run)
-        if device != home:
+        if onload:
             block.to(home)
         hooks.block_done(i, block, result, inputs)
         if finish_block is not None:

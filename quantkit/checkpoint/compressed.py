@@ -120,9 +120,9 @@ def export_compressed_tensors(src: str | Path, out: str | Path, overwrite: bool 
     """Write ``src`` (a quantkit checkpoint) as a compressed-tensors checkpoint at ``out``
     (atomically); returns ``{"formats": {...}, "modules": n}``."""
     from quantkit.checkpoint.formats import load_model
-    from quantkit.checkpoint.gptq import stored_float_dtype
     from quantkit.checkpoint.output import atomic_output_dir, check_output
     from quantkit.checkpoint.packed import check_exportable, config_dict
+    from quantkit.models.load import stored_dtype
     from quantkit.models.paths import read_quantization_config
 
     _require_library()
@@ -133,7 +133,7 @@ def export_compressed_tensors(src: str | Path, out: str | Path, overwrite: bool 
     if not qcfg or qcfg.get("quant_method") != "quantkit":
         raise QuantkitError(f"{src} is not a quantkit packed checkpoint")
     check_exportable(qcfg, src, ENGINE)
-    model, tok = load_model(str(src), stored_float_dtype(src))
+    model, tok = load_model(str(src), stored_dtype(src))
     schemes = _attach(model, qcfg.get("modules", {}))
     kinds = {k[0] for k in schemes}
     fmt = "pack-quantized" if kinds == {"quant"} else "int-quantized" if kinds == {"w8a8"} else None  # None: per group

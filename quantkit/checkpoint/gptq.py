@@ -53,23 +53,13 @@ def module_to_gptq(mod) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def stored_float_dtype(directory: str | Path) -> torch.dtype:
-    """The dtype most of a checkpoint's float tensors (embeddings, norms, biases, a float head) are
-    stored in: an export keeps it (loading a packed checkpoint computes in float32 by default)."""
-    from quantkit.models.safetensors import read_header
-
-    header = read_header(Path(directory) / "model.safetensors")
-    floats = [i.dtype for n, i in header.items() if i.dtype.is_floating_point and not n.endswith(".scales")]
-    return max(set(floats), key=floats.count) if floats else torch.float32
-
-
 def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write a GPTQ-format checkpoint of a quantkit checkpoint whose modules all fit the layout."""
     from safetensors.torch import save_file
 
     from quantkit.checkpoint.output import atomic_output_dir, check_output
     from quantkit.checkpoint.packed import check_exportable, config_dict, load_packed, unique_state_dict
-    from quantkit.models.load import load_model
+    from quantkit.models.load import load_model, stored_dtype
     from quantkit.models.paths import QUANT_METHOD, read_quantization_config
     from quantkit.runtime.qlinear import QuantLinear
 
@@ -78,7 +68,7 @@ def export_gptq(src: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     if not qcfg or qcfg.get("quant_method") != "quantkit":
         raise QuantkitError(f"{src} is not a quantkit packed checkpoint")
     check_exportable(qcfg, src, "the GPTQ format (transformers, GPTQModel, vLLM)")
-    model, tok = load_model(str(src), stored_float_dtype(src), quantized={QUANT_METHOD: load_packed})
+    model, tok = load_model(str(src), stored_dtype(src), quantized={QUANT_METHOD: load_packed})  # floats keep their type
     formats = {(e["bits"], e["group_size"], e["sym"]) for e in qcfg["modules"].values()}
     other = [n for n, e in qcfg["modules"].items() if e.get("kind", "quant") != "quant"]
     if other:
