@@ -116,12 +116,15 @@ def server_options(f):
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="torch intra-op threads (default: torch's choice).")
 @kv_cache_options
+@click.option("--lean/--no-lean", default=True, show_default=True,
+              help="Decode batches on quantkit's lean forward (what `generate` runs; Llama/Mistral/Qwen2/Qwen3 "
+                   "without --kv-bits); --no-lean: transformers' forward over a padded cache.")
 @server_options
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @device_option
 def serve_command(model_path, host, port, model_name, max_batch, max_queue, dtype, threads, kv_bits, kv_keys,
-                  api_key, cors_origins, allowed_hosts, timeout_keep_alive, timeout_header, limit_concurrency,
+                  lean, api_key, cors_origins, allowed_hosts, timeout_keep_alive, timeout_header, limit_concurrency,
                   log_level, device):
     """Serve MODEL over an OpenAI-compatible HTTP API (completions, chat, streaming).
 
@@ -146,9 +149,11 @@ def serve_command(model_path, host, port, model_name, max_batch, max_queue, dtyp
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     model, tokenizer = load_model(model_path, dtype=dtype, device=device)
     name = model_name or os.path.basename(os.path.normpath(model_path))
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, cache=kv_cache_factory(kv_bits, kv_keys))
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, cache=kv_cache_factory(kv_bits, kv_keys),
+                    lean=lean)
     app = create_app(engine, name, checks)
-    click.echo(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, queue {max_queue}"
+    click.echo(f"serving {name} on http://{host}:{port}/v1 ({engine.runtime} forward, max batch {max_batch}, "
+               f"queue {max_queue}"
                f"{', API key required' if api_key else ''})", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
                 http=with_head_timeout(timeout_header), timeout_keep_alive=timeout_keep_alive,

@@ -12,8 +12,13 @@ Starts the server as a subprocess on 127.0.0.1 (a free port), then, over HTTP wi
    is lost, the poisoned one is served, the 15 MB prompt is refused with 400, /health always answers
    within 1 s, and RSS grows by at most 10%. ``--load-only`` skips 1 and 2.
 
-Prints a summary (a ``load verdict:`` line for 3) and one JSON line. The target: aggregate tok/s with N
-clients >= 3x a single client's.
+Then (unless ``--load-only`` or ``--no-generate``), with the server stopped, the same single-client
+requests through ``quantkit.runtime.generate.generate`` in this process (the same threads, no HTTP):
+what ``quantkit generate`` decodes per sequence.
+
+Prints a summary (a ``load verdict:`` line for 3) and one JSON line. The targets (issue 21): aggregate
+tok/s with N clients >= 3x a single client's, and the single served client >= 0.8x ``generate``'s
+tok/s on the same prompts, with the same text.
 
     python -m quantkit.eval.bench_serve                          # stories260K fixture (from the repository root)
     python -m quantkit.eval.bench_serve --model /path/SmolLM2-135M-Instruct.Q4_1.gguf --max-tokens 48 --threads 2
@@ -38,6 +43,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (the default model is its test fixture)
 TARGET_RATIO = 3.0
+TARGET_VS_GENERATE = 0.8  # a lone served stream against `generate` on the same prompts
 BIG_PROMPT_CHARS = 15_000_000  # just under the server's 16 MB body limit (audit E30)
 HEALTH_PERIOD_S, HEALTH_MAX_S, RSS_MAX_GROWTH = 0.1, 1.0, 0.10  # the acceptance bounds
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom went to the park.", "A big red ball",
@@ -283,6 +289,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--load", type=int, default=0, help="Also run the acceptance load test of this many requests.")
     ap.add_argument("--load-concurrency", type=int, default=16, help="Requests in flight during the load test.")
     ap.add_argument("--load-only", action="store_true", help="Skip the single/concurrent throughput phases.")
+    ap.add_argument("--no-generate", action="store_true", help="Skip the comparison with `generate` in this process.")
     return ap.parse_args()
 
 
@@ -300,7 +307,37 @@ def throughput(server: Server, args: argparse.Namespace) -> dict:
             "concurrent_tok_s": round(multi["tok_s"], 1), "ratio": round(ratio, 2),
             "all_complete": multi["all_complete"], "batch_equals_single": same,
             "median_ttft_s": round(multi["median_ttft_s"], 3), "target_ratio": TARGET_RATIO,
-            "pass": ratio >= TARGET_RATIO and multi["all_complete"] and same}
+            "pass": ratio >= TARGET_RATIO and multi["all_complete"] and same, "single_texts": single["texts"]}
+
+
+def generate_rate(args: argparse.Namespace) -> dict:
+    """The single client's requests through `generate` in this process (after the server stopped)."""
+    import torch
+
+    from quantkit.checkpoint.formats import load_model
+    from quantkit.runtime.generate import SamplingParams, encode_prompt, generate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    generate(model, tok, encode_prompt(tok, PROMPTS[0]), SamplingParams(max_new_tokens=8))  # warm-up, as the server's
+    params = SamplingParams(max_new_tokens=args.max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    runs = [generate(model, tok, encode_prompt(tok, PROMPTS[i % len(PROMPTS)]), params)
+            for i in range(args.single_requests)]
+    wall = time.perf_counter() - t0
+    return {"tok_s": sum(g.completion_tokens for g in runs) / wall, "texts": [g.text for g in runs]}
+
+
+def versus_generate(result: dict, gen: dict) -> dict:
+    """The served single client against `generate`: tok/s ratio and the same greedy text."""
+    ratio = result["single_tok_s"] / gen["tok_s"]
+    same = gen["texts"] == result.pop("single_texts")
+    print(f"generate: {gen['tok_s']:.1f} tok/s | served 1 client / generate {ratio:.2f}x (target "
+          f">= {TARGET_VS_GENERATE}x) | same text {same}", file=sys.stderr)
+    return {"generate_tok_s": round(gen["tok_s"], 1), "served_vs_generate": round(ratio, 3),
+            "served_equals_generate": same, "target_vs_generate": TARGET_VS_GENERATE,
+            "pass_vs_generate": ratio >= TARGET_VS_GENERATE and same}
 
 
 def main() -> None:
@@ -327,6 +364,10 @@ def main() -> None:
         server.stop()
     result.update(after={k: stats[k] for k in ("running", "queued", "cancelled", "errors")},
                   loadavg_1m=round(os.getloadavg()[0], 2))
+    if "single_texts" in result and not args.no_generate:
+        result.update(versus_generate(result, generate_rate(args)))
+        checks.append(result["pass_vs_generate"])
+    result.pop("single_texts", None)
     result["pass"] = all(checks) and stats["running"] == 0 and stats["queued"] == 0
     print(json.dumps(result))
     sys.exit(0 if result["pass"] else 1)

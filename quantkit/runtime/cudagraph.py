@@ -48,8 +48,8 @@ class GraphedDecode:
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         lean = self.lean
-        if lean.pos >= lean.max_len:
-            raise ValueError(f"the lean cache holds {lean.max_len} positions; {lean.pos + 1} needed")
+        if lean.pos >= lean.capacity:
+            raise ValueError(f"the lean cache holds {lean.capacity} positions; {lean.pos + 1} needed")
         self.ids.copy_(ids.reshape(self.ids.shape))
         self.pos.fill_(lean.pos)
         self.graph.replay()

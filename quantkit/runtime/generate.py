@@ -30,6 +30,7 @@ CacheFactory = Callable[[torch.nn.Module], object]  # model -> transformers Cach
 # within ~1e-4 of each other, and dividing by a smaller one is where float32 logits overflowed to inf
 # (a 1e-300 temperature made the probabilities NaN and multinomial raise).
 GREEDY_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20  # top alternatives reported per token at most (vLLM's and OpenAI's chat bound)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -59,6 +61,8 @@ class SamplingParams:
             raise QuantkitError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise QuantkitError("stop strings must be non-empty strings")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise QuantkitError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -115,6 +119,17 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         raise QuantkitError("cannot sample: the model's logits are NaN or infinite")
     probs = filter_logits(logits, params.temperature, params.top_k, params.top_p).softmax(-1)  # float64
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``token`` under the model's distribution (the raw logits [V], before
+    temperature and filtering, as vLLM reports them) and the ``top`` most likely tokens with theirs."""
+    lp = torch.log_softmax(logits.float(), -1)
+    alternatives = []
+    if top > 0:
+        values, ids = torch.topk(lp, min(top, lp.shape[-1]))
+        alternatives = list(zip(ids.tolist(), values.tolist()))
+    return float(lp[token]), alternatives
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantkit.errors import QuantkitError
 from quantkit.kernels.native.build import available as native_available
 from quantkit.kernels.native.matvec import bf16_matvec
 from quantkit.models.arch import arch_for, get_module
@@ -43,7 +44,10 @@ class LeanUnsupported(ValueError):
 
 
 def _check(model: nn.Module):
-    spec = arch_for(model)
+    try:
+        spec = arch_for(model)
+    except QuantkitError as e:  # not in the architecture table, or not shaped as its entry says
+        raise LeanUnsupported(str(e)) from None
     cfg = model.config
     dec = next((d for d in spec.decode if cfg.model_type in d.model_types), None)
     if dec is None:
@@ -74,7 +78,8 @@ class LeanLM:
     """Prefill and decode steps over the model's own modules with a static cache of ``max_len``
     positions per sequence.  :meth:`reset` empties the cache (or resizes it for a new batch)."""
 
-    def __init__(self, model: nn.Module, max_len: int = 2048, batch: int = 1, native: bool = True):
+    def __init__(self, model: nn.Module, max_len: int = 2048, batch: int = 1, native: bool = True,
+                 capacity: int | None = None):
         spec, dec, rotary = _check(model)
         cfg = model.config
         self.model = model
@@ -109,8 +114,10 @@ class LeanLM:
         half = self.head_dim // 2
         self.cos = cos[0].contiguous()  # [max_len, head_dim]
         self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()  # rotate_half's sign folded in
-        self.max_len = max_len
-        self._positions = torch.arange(max_len, device=self.device)  # static_step's mask
+        self.max_len = max_len  # positions a sequence may reach (the RoPE tables)
+        # cache columns allocated now (grown by `reserve` up to max_len); default: all of them
+        self.capacity = max_len if capacity is None else max(1, min(capacity, max_len))
+        self._positions = torch.arange(max_len, device=self.device)  # the masks of the filled prefix
         self.native = native and self.device.type == "cpu"
         self._head_matvec = self.native and _bf16_head(self.head)
         self._plan = None  # the native decode step (built at the first single-token step), False if it cannot run
@@ -120,39 +127,51 @@ class LeanLM:
         self.reset(batch)
 
     def reset(self, batch: int = 1) -> None:
-        shape = (batch, self.n_kv, self.max_len, self.head_dim)
+        shape = (batch, self.n_kv, self.capacity, self.head_dim)
         if getattr(self, "k_cache", None) is None or self.k_cache[0].shape != shape:
-            self.k_cache = [torch.zeros(shape, dtype=self.attn_dtype, device=self.device) for _ in self.layers]
-            self.v_cache = [torch.zeros(shape, dtype=self.attn_dtype, device=self.device) for _ in self.layers]
-            self._plan = None
-            self.graphed = None  # a captured CUDA-graph step (quantkit.runtime.cudagraph) reads these caches
+            self._allocate(shape)
         self.pos = 0
+
+    def _allocate(self, shape: tuple[int, ...], keep: tuple[int, int] = (0, 0)) -> None:
+        """New caches of ``shape``; the first ``keep = (rows, columns)`` of the old ones copied in."""
+        rows, cols = keep
+
+        def fresh(old: torch.Tensor | None) -> torch.Tensor:
+            t = torch.zeros(shape, dtype=self.attn_dtype, device=self.device)
+            if old is not None and rows and cols:
+                t[:rows, :, :cols] = old[:rows, :, :cols]
+            return t
+
+        none = [None] * len(self.layers)
+        self.k_cache = [fresh(t) for t in getattr(self, "k_cache", None) or none]
+        self.v_cache = [fresh(t) for t in getattr(self, "v_cache", None) or none]
+        self.capacity = shape[2]
+        self._plan = None  # the native step points into the caches
+        self.graphed = None  # a captured CUDA-graph step (quantkit.runtime.cudagraph) reads these caches
+
+    def reserve(self, rows: int, columns: int) -> None:
+        """Room for at least ``rows`` sequences of ``columns`` positions, what is cached kept (the
+        columns double, up to :attr:`max_len`).  For the serving engine's growing batches."""
+        b, cap = self.k_cache[0].shape[0], self.capacity
+        if rows <= b and columns <= cap:
+            return
+        if columns > self.max_len:
+            raise ValueError(f"the lean cache holds {self.max_len} positions; {columns} needed")
+        while cap < columns:
+            cap *= 2
+        self._allocate((max(rows, b), self.n_kv, min(cap, self.max_len), self.head_dim), keep=(b, self.capacity))
 
     # ---- the forward ------------------------------------------------------------------
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + x.roll(self.head_dim // 2, -1) * sin
 
-    @torch.inference_mode()
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """``ids [batch, n]`` continue every sequence of the cache by ``n`` tokens; returns the
-        logits of the last one ``[batch, vocab]`` (float32)."""
-        b, n = ids.shape
-        start, end = self.pos, self.pos + n
-        if end > self.max_len:
-            raise ValueError(f"the lean cache holds {self.max_len} positions; {end} needed")
-        if n == 1 and b == 1 and self.native and self._native_plan():
-            x = self.embed(ids)[0, 0].float().contiguous()
-            self._plan.step(x, start)
-            self.pos = end
-            return self._logits(_rms(x.to(self.dtype)[None], self.norm.weight, self.eps))
-        cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # [n, 1, hd]: broadcast over heads
-        mask = None
-        if n > 1 and start > 0:  # a chunk after a prefix: causal within the chunk, everything before
-            mask = torch.ones(n, end, dtype=torch.bool, device=ids.device).tril(start)
-        causal = n > 1 and start == 0
-        x = self.embed(ids)
+    def _blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        """Every block on ``x [b, n, hidden]``; ``attend(i, q, k, v)`` stores block i's keys and values
+        (``[b, n_kv, n, hd]``, RoPE applied) where its caller keeps them and returns the attention of
+        ``q [b, n_heads, n, hd]`` (attention dtype).  ``cos``/``sin`` broadcast against ``[b, n, heads, hd]``."""
+        b, n, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
-        for lay, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
+        for i, lay in enumerate(self.layers):
             h = _rms(x, lay.attn_norm.weight, lay.eps1)
             q = lay.q(h).view(b, n, nh, hd)
             k = lay.k(h).view(b, n, nkv, hd)
@@ -160,15 +179,104 @@ class LeanLM:
             if lay.q_norm is not None:
                 q, k = _rms(q, lay.q_norm.weight, lay.eps_qk[0]), _rms(k, lay.k_norm.weight, lay.eps_qk[1])
             q = self._rope(q, cos, sin).transpose(1, 2).to(self.attn_dtype)
-            kc[:, :, start:end] = self._rope(k, cos, sin).transpose(1, 2)
-            vc[:, :, start:end] = v.transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=mask, is_causal=causal,
-                                               scale=self.scaling, enable_gqa=nkv != nh)
+            a = attend(i, q, self._rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2))
             x = x + lay.o(a.transpose(1, 2).reshape(b, n, nh * hd).to(x.dtype))
             h = _rms(x, lay.mlp_norm.weight, lay.eps2)
             x = x + lay.down(F.silu(lay.gate(h)) * lay.up(h))
+        return x
+
+    def _prefix(self, ids: torch.Tensor, start: int, k_cache: list, v_cache: list) -> torch.Tensor:
+        """Continue the sequences of ``k_cache``/``v_cache`` (per block ``[b, n_kv, columns, hd]``,
+        ``start`` filled) by ``ids [b, n]``: the last position's hidden state ``[b, hidden]``."""
+        n = ids.shape[1]
+        end = start + n
+        cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # [n, 1, hd]: broadcast over heads
+        mask = None
+        if n > 1 and start > 0:  # a chunk after a prefix: causal within the chunk, everything before
+            mask = torch.ones(n, end, dtype=torch.bool, device=ids.device).tril(start)
+        causal = n > 1 and start == 0
+
+        def attend(i, q, k, v):
+            kc, vc = k_cache[i], v_cache[i]
+            kc[:, :, start:end] = k
+            vc[:, :, start:end] = v
+            return F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=mask, is_causal=causal,
+                                                  scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)
+
+        return self._blocks(self.embed(ids), cos, sin, attend)[:, -1]
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids [batch, n]`` continue every sequence of the cache by ``n`` tokens; returns the
+        logits of the last one ``[batch, vocab]`` (float32)."""
+        b, n = ids.shape
+        start, end = self.pos, self.pos + n
+        if end > self.capacity:
+            raise ValueError(f"the lean cache holds {self.capacity} positions; {end} needed")
+        if n == 1 and b == 1 and self.native and self._native_plan():
+            logits = self._native_step(ids[0, 0], start)
+        else:
+            logits = self._logits(_rms(self._prefix(ids, start, self.k_cache, self.v_cache), self.norm.weight, self.eps))
         self.pos = end
-        return self._logits(_rms(x[:, -1], self.norm.weight, self.eps))
+        return logits
+
+    def _native_step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """Row 0's token at ``pos`` through the native decode step: logits ``[1, vocab]``."""
+        x = self.embed(token.reshape(1))[0].float().contiguous()
+        self._plan.step(x, pos)
+        return self._logits(_rms(x.to(self.dtype)[None], self.norm.weight, self.eps))
+
+    # ---- rows: sequences of their own lengths in one batch (the serving engine) ---------------
+    @torch.inference_mode()
+    def prefill_row(self, row: int, ids: torch.Tensor) -> torch.Tensor:
+        """Start cache row ``row`` over with the prompt ``ids [1, n]`` (rows beyond the batch are
+        allocated); returns its last logits ``[1, vocab]``.  The other rows are left as they are."""
+        self.reserve(row + 1, ids.shape[1])
+        views = lambda cache: [c[row:row + 1] for c in cache]  # noqa: E731
+        h = self._prefix(ids, 0, views(self.k_cache), views(self.v_cache))
+        return self._logits(_rms(h, self.norm.weight, self.eps))
+
+    @torch.inference_mode()
+    def step_rows(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token for each of cache rows ``0..b-1``: ``ids [b, 1]``, row r's at position
+        ``pos[r]`` (a long tensor ``[b]``; rows 0..pos[r]-1 filled) -> logits ``[b, vocab]``.
+        A lone row 0 takes :meth:`forward`'s step (the native one where it runs); several rows share
+        every matmul and attend one by one, each over its own prefix."""
+        b = ids.shape[0]
+        if b == 1:  # a lone row: generate's own step (the native one, or the torch ops of `forward`)
+            at = int(pos[0])
+            if self.native and self._native_plan():
+                return self._native_step(ids[0, 0], at)
+            self.reserve(1, at + 1)
+            h = self._prefix(ids, at, [c[:1] for c in self.k_cache], [c[:1] for c in self.v_cache])
+            return self._logits(_rms(h, self.norm.weight, self.eps))
+        ends = (pos + 1).tolist()
+        self.reserve(b, max(ends))
+        cos, sin = self.cos[pos][:, None, None, :], self.sin[pos][:, None, None, :]  # [b, 1, 1, hd]
+        rows = torch.arange(b, device=pos.device)
+        gqa = self.n_kv != self.n_heads
+
+        def attend(i, q, k, v):
+            # each row attends its own prefix, as it would alone: a masked batched attention reduces in
+            # another order, and a rounding difference there flipped greedy tokens of an int4 SmolLM2
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc[rows, :, pos] = k[:, :, 0].to(kc.dtype)
+            vc[rows, :, pos] = v[:, :, 0].to(vc.dtype)
+            return torch.cat([F.scaled_dot_product_attention(q[r:r + 1], kc[r:r + 1, :, :e], vc[r:r + 1, :, :e],
+                                                             scale=self.scaling, enable_gqa=gqa)
+                              for r, e in enumerate(ends)])
+
+        h = self._blocks(self.embed(ids), cos, sin, attend)[:, -1]
+        return self._logits(_rms(h, self.norm.weight, self.eps))
+
+    def keep_rows(self, rows: list[int], columns: int) -> None:
+        """Move cache rows ``rows`` (in that order) to the front, their first ``columns`` positions."""
+        if rows == list(range(len(rows))) or not rows:
+            return
+        idx = torch.tensor(rows, device=self.device)
+        for cache in (self.k_cache, self.v_cache):
+            for c in cache:
+                c[:len(rows), :, :columns] = c[idx, :, :columns]
 
     @torch.inference_mode()
     def static_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -177,26 +285,18 @@ class LeanLM:
         from step to step: the cache row is written with ``index_copy_`` and attention reads the
         whole cache under a mask of the filled positions.  That is what a CUDA graph can capture
         (:class:`quantkit.runtime.cudagraph.GraphedDecode`); it does not move :attr:`pos`."""
-        b = ids.shape[0]
-        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         at = pos.reshape(1)
         cos, sin = self.cos.index_select(0, at)[:, None, :], self.sin.index_select(0, at)[:, None, :]  # [1, 1, hd]
-        mask = (self._positions <= pos)[None, None, None, :]  # [1, 1, 1, max_len]: the filled prefix
-        x = self.embed(ids)
-        for lay, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
-            h = _rms(x, lay.attn_norm.weight, lay.eps1)
-            q = lay.q(h).view(b, 1, nh, hd)
-            k = lay.k(h).view(b, 1, nkv, hd)
-            v = lay.v(h).view(b, 1, nkv, hd)
-            if lay.q_norm is not None:
-                q, k = _rms(q, lay.q_norm.weight, lay.eps_qk[0]), _rms(k, lay.k_norm.weight, lay.eps_qk[1])
-            q = self._rope(q, cos, sin).transpose(1, 2).to(self.attn_dtype)
-            kc.index_copy_(2, at, self._rope(k, cos, sin).transpose(1, 2).to(kc.dtype))
-            vc.index_copy_(2, at, v.transpose(1, 2).to(vc.dtype))
-            a = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scaling, enable_gqa=nkv != nh)
-            x = x + lay.o(a.transpose(1, 2).reshape(b, 1, nh * hd).to(x.dtype))
-            h = _rms(x, lay.mlp_norm.weight, lay.eps2)
-            x = x + lay.down(F.silu(lay.gate(h)) * lay.up(h))
+        mask = (self._positions[:self.capacity] <= pos)[None, None, None, :]  # [1, 1, 1, capacity]: the filled prefix
+
+        def attend(i, q, k, v):
+            kc, vc = self.k_cache[i], self.v_cache[i]
+            kc.index_copy_(2, at, k.to(kc.dtype))
+            vc.index_copy_(2, at, v.to(vc.dtype))
+            return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scaling,
+                                                  enable_gqa=self.n_kv != self.n_heads)
+
+        x = self._blocks(self.embed(ids), cos, sin, attend)
         return self.head(_rms(x[:, -1], self.norm.weight, self.eps)).float()
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:

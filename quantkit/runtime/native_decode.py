@@ -96,10 +96,10 @@ def _online_factor(mods: tuple) -> tuple[bool, torch.Tensor | None]:
 
 def build_plan(lm) -> DecodePlan | None:
     """A :class:`DecodePlan` over ``lm``'s (a :class:`~quantkit.runtime.lean.LeanLM`) blocks and
-    cache, or None where the step cannot run: the kernels unavailable, a batch of several
-    sequences, attention not in float32, q/k norms, heads not shared evenly by the kv heads, or
+    cache row 0 (the one sequence it decodes), or None where the step cannot run: the kernels
+    unavailable, attention not in float32, q/k norms, heads not shared evenly by the kv heads, or
     a linear not on the native int4 kernel."""
-    if not available() or lm.k_cache[0].shape[0] != 1 or lm.attn_dtype != torch.float32:
+    if not available() or lm.attn_dtype != torch.float32:
         return None
     if lm.layers[0].q_norm is not None or lm.n_heads % lm.n_kv:
         return None
@@ -114,6 +114,6 @@ def build_plan(lm) -> DecodePlan | None:
         layers.append(DecodeLayer(weights, biases, lay.attn_norm.weight.detach().float().contiguous(),
                                   lay.mlp_norm.weight.detach().float().contiguous(), lay.eps1, lay.eps2, kc[0], vc[0], had))
     dims = native_decode.decode_dims(lm.layers[0].q.in_features, lm.n_heads, lm.n_kv, lm.head_dim,
-                                     layers[0].weights[4].out_features, lm.max_len, lm.scaling)
+                                     layers[0].weights[4].out_features, lm.capacity, lm.scaling)
     return DecodePlan(layers, dims, lm.cos, lm.sin)
 

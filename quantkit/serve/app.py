@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -41,26 +42,33 @@ MAX_BODY_BYTES = 16 << 20
 
 
 class _Inbox:
-    """Engine events for one request, handed from the engine thread to the event loop."""
+    """Engine events of one HTTP request's choices (``n`` engine requests), handed from the engine
+    thread to the event loop as ``(choice index, Event)``; index -1: the client went away."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-    def __call__(self, ev: Event) -> None:  # engine thread
-        self._loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+    def sink(self, index: int):
+        """The ``on_event`` callback of choice ``index`` (called on the engine thread)."""
+        return lambda ev: self._loop.call_soon_threadsafe(self.queue.put_nowait, (index, ev))
 
-    async def next_batch(self) -> tuple[str, Event | None]:
-        """Wait for events; return all text now available (coalesced) and the final event if it came."""
-        ev = await self.queue.get()
-        text = []
-        while True:
+    async def next_events(self) -> list[tuple[int, str, list, Event | None]]:
+        """Wait for events; return what is available as ``(index, text, logprobs, final event or None)``
+        per choice, its deltas coalesced."""
+        items = [await self.queue.get()]
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        out: dict[int, list] = {}
+        for index, ev in items:
+            entry = out.setdefault(index, ["", [], None])
+            if entry[2] is not None:  # nothing follows a choice's final event
+                continue
+            entry[0] += ev.text
+            entry[1] += ev.logprobs
             if ev.kind != "delta":
-                return "".join(text), ev
-            text.append(ev.text)
-            if self.queue.empty():
-                return "".join(text), None
-            ev = self.queue.get_nowait()
+                entry[2] = ev
+        return [(index, *entry) for index, entry in out.items()]
 
 
 def _error_response(e: ApiError, app_state) -> JSONResponse:
@@ -169,18 +177,48 @@ async def _handle(served: _Served, request: Request, chat: bool):
         loop = asyncio.get_running_loop()
         req = await loop.run_in_executor(served.parser, _parse_request, served, raw, chat)
         inbox = _Inbox(loop)
-        try:
-            handle = engine.submit(req.prompt_ids, req.params, inbox)
-        except QueueFull as e:
-            raise ApiError(503, f"{e}; retry later", type="server_overloaded", code="queue_full") from None
-        except EngineStopped as e:
-            raise ApiError(503, str(e), type="server_error", code="engine_stopped") from None
+        handle = _submit(engine, req, inbox)
     except ApiError as e:
         return _error_response(e, served.state)
     if req.stream:
         return StreamingResponse(_stream(req, handle, inbox, chat), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await _collect(request, req, handle, inbox, chat)
+
+
+class _Handles:
+    """The engine requests of one HTTP request's ``n`` choices; `cancel` cancels them all."""
+
+    def __init__(self):
+        self.requests = []
+
+    def cancel(self) -> None:
+        for r in self.requests:
+            r.cancel()
+
+
+def _submit(engine: Engine, req: GenRequest, inbox: _Inbox) -> _Handles:
+    """One engine request per choice (choice i seeded with seed + i); all or none are queued."""
+    handles = _Handles()
+    try:
+        for i in range(req.n):
+            params = req.params
+            if i and params.seed is not None:
+                params = dataclasses.replace(params, seed=(params.seed + i) % 2**64)
+            handles.requests.append(engine.submit(req.prompt_ids, params, inbox.sink(i)))
+    except QueueFull as e:
+        handles.cancel()
+        raise ApiError(503, f"{e}; retry later", type="server_overloaded", code="queue_full") from None
+    except EngineStopped as e:
+        handles.cancel()
+        raise ApiError(503, str(e), type="server_error", code="engine_stopped") from None
+    return handles
+
+
+def _logprobs_object(req: GenRequest, chat: bool, entries: list, offset: int) -> dict | None:
+    if req.params.logprobs is None:
+        return None
+    return protocol.chat_logprobs(entries) if chat else protocol.completion_logprobs(entries, offset)
 
 
 async def _read_body(request: Request) -> bytearray:
@@ -207,69 +245,77 @@ def _parse_request(served: _Served, raw: bytearray, chat: bool) -> GenRequest:
                  max_chars=served.max_prompt_chars)
 
 
-async def _collect(request: Request, req: GenRequest, handle, inbox: _Inbox, chat: bool):
+async def _collect(request: Request, req: GenRequest, handle: _Handles, inbox: _Inbox, chat: bool):
     """The whole answer as one JSON body; a client that disconnects first cancels its request."""
 
-    async def watch_disconnect():  # a client that gives up frees its slot
+    async def watch_disconnect():  # a client that gives up frees its slots
         message = await request.receive()
         while message["type"] != "http.disconnect":  # each receive waits for the next ASGI message
             message = await request.receive()
         handle.cancel()
-        inbox.queue.put_nowait(Event("error", message=CLIENT_GONE))
+        inbox.queue.put_nowait((-1, Event("error", message=CLIENT_GONE)))
 
     watcher = asyncio.create_task(watch_disconnect())
-    pieces = []
+    texts, lps = [[] for _ in range(req.n)], [[] for _ in range(req.n)]
+    finals: dict[int, Event] = {}
     try:
-        while True:
-            text, final = await inbox.next_batch()
-            pieces.append(text)
-            if final is not None:
-                break
+        while len(finals) < req.n:
+            for index, text, logprobs, final in await inbox.next_events():
+                if final is not None and final.kind == "error":
+                    status = 499 if final.message == CLIENT_GONE else 500
+                    return JSONResponse(protocol.error_body(final.message, type="server_error"), status_code=status)
+                texts[index].append(text)
+                lps[index] += logprobs
+                if final is not None:
+                    finals[index] = final
     finally:
         watcher.cancel()
-        handle.cancel()  # no-op when it finished
-    if final.kind == "error":
-        status = 499 if final.message == CLIENT_GONE else 500
-        return JSONResponse(protocol.error_body(final.message, type="server_error"), status_code=status)
+        handle.cancel()  # no-op for finished choices
+    choice = protocol.chat_choice if chat else protocol.completion_choice
+    choices = [choice(i, "".join(texts[i]), finals[i].finish_reason, _logprobs_object(req, chat, lps[i], 0))
+               for i in range(req.n)]
     build = protocol.chat_body if chat else protocol.completion_body
     rid = protocol.new_id("chatcmpl" if chat else "cmpl")
-    return build(rid, req.model, "".join(pieces), final.finish_reason, final.prompt_tokens,
-                 final.completion_tokens)
+    return build(rid, req.model, choices, finals[0].prompt_tokens, sum(f.completion_tokens for f in finals.values()))
 
 
-async def _stream(req: GenRequest, handle, inbox: _Inbox, chat: bool) -> AsyncIterator[bytes]:
-    """Server-sent events: text chunks as they come, the finish chunk (and usage), ``[DONE]``."""
+async def _stream(req: GenRequest, handle: _Handles, inbox: _Inbox, chat: bool) -> AsyncIterator[bytes]:
+    """Server-sent events: text chunks as they come (each naming its choice), each choice's finish
+    chunk, then the usage (if asked) and ``[DONE]``."""
     rid = protocol.new_id("chatcmpl" if chat else "cmpl")
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
+    offsets = [0] * req.n  # characters sent per choice (completions' text_offset)
 
-    def chunk(text: str, finish: str | None = None, first: bool = False) -> bytes:
+    def chunk(index: int, text: str, finish: str | None = None, first: bool = False, logprobs: list = ()) -> bytes:
+        lp = _logprobs_object(req, chat, list(logprobs), offsets[index]) if logprobs else None
+        offsets[index] += len(text)
         if chat:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            return protocol.sse(protocol.chat_chunk(rid, req.model, created, delta, finish))
-        return protocol.sse(protocol.completion_chunk(rid, req.model, created, text, finish))
+            return protocol.sse(protocol.chat_chunk(rid, req.model, created, delta, finish, index, lp))
+        return protocol.sse(protocol.completion_chunk(rid, req.model, created, text, finish, index, lp))
 
+    finals: dict[int, Event] = {}
     try:
         if chat:
-            yield chunk("", first=True)
-        while True:
-            text, final = await inbox.next_batch()
-            if final is None:
-                yield chunk(text)
-                continue
-            if final.kind == "error":
-                if text:
-                    yield chunk(text)
-                yield protocol.sse(protocol.error_body(final.message, type="server_error"))
-            else:
-                if text:
-                    yield chunk(text)
-                yield chunk("", final.finish_reason)
-                if req.include_usage:
-                    yield protocol.sse(protocol.usage_chunk(rid, req.model, created, obj, final.prompt_tokens,
-                                                            final.completion_tokens))
-            yield protocol.sse("[DONE]")
-            return
+            for i in range(req.n):
+                yield chunk(i, "", first=True)
+        while len(finals) < req.n:
+            for index, text, logprobs, final in await inbox.next_events():
+                if text or logprobs:
+                    yield chunk(index, text, logprobs=logprobs)
+                if final is None:
+                    continue
+                if final.kind == "error":
+                    yield protocol.sse(protocol.error_body(final.message, type="server_error"))
+                    yield protocol.sse("[DONE]")
+                    return
+                finals[index] = final
+                yield chunk(index, "", final.finish_reason)
+        if req.include_usage:
+            yield protocol.sse(protocol.usage_chunk(rid, req.model, created, obj, finals[0].prompt_tokens,
+                                                    sum(f.completion_tokens for f in finals.values())))
+        yield protocol.sse("[DONE]")
     finally:
         handle.cancel()  # the client disconnected (this generator was cancelled) or we are done
 

@@ -1,22 +1,29 @@
 """Continuous batching engine: one thread runs a decode loop over the active sequences.
 
-Each step feeds every active sequence's last token as one batch [B, 1] through the model with a
-shared KV cache whose rows are left-padded to a common length: the attention mask hides the padding
-and position ids are per row. A new request is prefilled on its own (batch 1, the same call
-`quantkit.runtime.generate` makes), then its cache rows join the batch (`kvbatch.concat_rows`); a
-finished or cancelled sequence leaves at the end of the step (`kvbatch.select_rows`). Requests
+Each step feeds every active sequence's last token as one batch [B, 1] through the model (one
+token per sequence per step). A new request is prefilled on its own, its first token sampled, then
+its row joins the batch; a finished or cancelled sequence leaves at the end of the step. Requests
 beyond ``max_batch`` wait in a bounded queue; `submit` raises `QueueFull` when that is full.
 
-What the other rows of a batch change in a row's numbers: attention runs row by row on the unpadded
-keys (`quantkit.runtime.rowwise`, for transformers' ``sdpa`` attention) and the CPU runtime's int4
-and int8 weight kernels compute each row on its own, so when every matmul runs on them (a quantized
+The batch (`quantkit.serve.batch`) runs on quantkit's lean forward wherever ``quantkit generate``
+does (Llama, Mistral, Qwen2, Qwen3 without a quantized KV cache): one static cache row per sequence
+at its own position, and a lone sequence takes generate's own step (on an int4 checkpoint with the
+native kernels, the one-call native decode step), so at batch 1 the server decodes what and as fast
+as ``generate``. Rows decoded together go through the same modules with the other rows beside
+them: float and int8/int4 matmuls compute each row on its own, attention is masked per row, so a
+row's logits match those it gets alone to float rounding (tested), which changes a greedy token only
+at a near-exact tie.
+
+Other models, ``lean=False`` and a quantized KV cache run transformers' forward over one cache
+whose rows are left-padded to a common length (`kvbatch`): the attention mask hides the padding and
+position ids are per row. There attention runs row by row on the unpadded keys
+(`quantkit.runtime.rowwise`, for transformers' ``sdpa`` attention) and the CPU runtime's int4 and
+int8 weight kernels compute each row on its own, so when every matmul runs on them (a quantized
 model with a quantized ``lm_head``) a row's logits are bitwise those it gets alone. Float matmuls
-(an unquantized model, a float ``lm_head``) come from the BLAS, which picks its kernel by the number
-of rows: their logits differ from a lone row's by float rounding (at most ~2e-5 in float32 on
-stories260K, tested under 1e-4), which changes a greedy token only at a near-exact tie. A quantized
-KV cache (``cache=``, ``serve --kv-bits``) quantizes each row's tokens on their own (per token, or in
-a batch-1 cache per row for KIVI's ``channel`` keys, `quantkit.runtime.kvcache`), so it keeps a row's
-keys and values those it gets alone.
+come from the BLAS, which picks its kernel by the number of rows: their logits differ from a lone
+row's by float rounding. A quantized KV cache (``cache=``, ``serve --kv-bits``) quantizes each row's
+tokens on their own (per token, or in a batch-1 cache per row for KIVI's ``channel`` keys,
+`quantkit.runtime.kvcache`), so it keeps a row's keys and values those it gets alone.
 ``max_batch=1`` decodes every request alone.
 
 Failures are contained: an exception in one request's own work (its prefill forward, sampling its
@@ -37,7 +44,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,13 +54,13 @@ from quantkit.runtime.generate import (
     TextStream,
     context_length,
     eos_token_ids,
-    make_cache,
     make_generator,
     model_device,
     sample_next,
+    token_logprobs,
 )
 from quantkit.runtime.rowwise import use_row_attention
-from quantkit.serve import kvbatch
+from quantkit.serve.batch import batch_for
 
 log = logging.getLogger("quantkit.serve")
 
@@ -66,6 +73,17 @@ class EngineStopped(Exception):
     """The engine is not running."""
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token for a request that asked for ``logprobs``: its text, log-probability
+    under the model's raw distribution, and the top alternatives ``[(text, logprob), ...]``."""
+
+    token_id: int
+    text: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass
 class Event:
     kind: str  # "delta" | "done" | "error"
@@ -74,6 +92,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     message: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens taken since the last event
 
 
 class Request:
@@ -105,6 +124,8 @@ class _Seq:
         self.last = -1  # last sampled token, fed at the next step
         self.n_new = 0
         self.done = False
+        self.logprobs: list[TokenLogprob] = []  # taken, not yet sent (requests with params.logprobs)
+        self.recent = list(req.prompt_ids[-4:])  # the ids before the next token: its text is read after them
 
 
 class Engine:
@@ -115,7 +136,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
-                 cache: CacheFactory | None = None, rate_window: float = 10.0):
+                 cache: CacheFactory | None = None, rate_window: float = 10.0, lean: bool = True):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model = model
@@ -127,20 +148,20 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.n_ctx = context_length(model)
+        if cache is not None and not callable(cache):
+            raise TypeError("Engine takes a KV cache factory (model -> Cache), not a cache object")
+        self._batch = batch_for(model, cache, lean, self.n_ctx)  # None cache: float keys and values
+        self.runtime = self._batch.kind  # "lean" or "transformers"
         # padded decode steps attend row by row (see the module docstring); False: another attention
-        self.row_attention = use_row_attention(model)
+        self.row_attention = self.runtime == "lean" or use_row_attention(model)
         if not self.row_attention:
             log.info("attention %r is not computed row by row: batched rows may differ from lone ones by rounding",
                      getattr(model.config, "_attn_implementation", None))
-        if cache is not None and not callable(cache):
-            raise TypeError("Engine takes a KV cache factory (model -> Cache), not a cache object")
-        self._cache_factory = cache  # None: a float DynamicCache per request
         self._eos = eos_token_ids(model, tokenizer)
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._active: list[_Seq] = []
         self._admitting = 0  # taken from the queue, prefill not done yet
-        self._kv = None  # the batched cache of self._active, rows in the same order
         self._thread: threading.Thread | None = None
         self._stop = False
         # metrics
@@ -247,13 +268,15 @@ class Engine:
                     failed = [s.req for s in self._active if not s.done] + admit[len(admit) - self._admitting:]
                     with self._cond:
                         self.counters["errors"] += len(failed)
-                        self._active, self._kv, self._admitting = [], None, 0
+                        self._active, self._admitting = [], 0
+                        self._batch.clear()
                     for req in failed:
                         _deliver(req, Event("error", message=f"generation failed: {type(e).__name__}: {e}"))
                 self._retire()
         with self._cond:
             left = [s.req for s in self._active if not s.done] + list(self._waiting)
-            self._active, self._kv, self._waiting = [], None, deque()
+            self._active, self._waiting = [], deque()
+            self._batch.clear()
         for req in left:
             _deliver(req, Event("error", message="server shutting down"))
 
@@ -262,9 +285,7 @@ class Engine:
         its own forward ends this request alone; one while joining the shared cache fails the batch."""
         try:
             s = _Seq(req, self._detok, self._eos)
-            kv = make_cache(self.model, self._cache_factory)
-            ids = torch.tensor([req.prompt_ids], device=self.device)  # [1, L]
-            logits = self.model(ids, past_key_values=kv, use_cache=True, logits_to_keep=1).logits[0, -1].float()
+            logits, pending = self._batch.prefill(req.prompt_ids)
         except Exception as e:
             with self._cond:
                 self._admitting -= 1
@@ -275,23 +296,13 @@ class Engine:
             self.counters["prompt_tokens"] += s.cached
             self._active.append(s)
             self._admitting -= 1
-        if self._kv is None:
-            self._kv = kv
-        else:
-            kvbatch.concat_rows(self._kv, kv)
+        self._batch.add(pending)
         self._count_step(self._take(s, logits, int(logits.argmax())))
 
     def _decode_step(self) -> None:
         """One token for every active sequence."""
         active = self._active
-        T = kvbatch.seq_length(self._kv)
-        cached = torch.tensor([s.cached for s in active], device=self.device)  # [B]
-        pad = T - cached  # [B] left padding of each row
-        mask = (torch.arange(T + 1, device=self.device)[None, :] >= pad[:, None]).long()  # [B, T+1]
-        input_ids = torch.tensor([[s.last] for s in active], device=self.device)  # [B, 1]
-        out = self.model(input_ids, attention_mask=mask, position_ids=cached[:, None], past_key_values=self._kv,
-                         use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1].float()  # [B, V]
+        logits = self._batch.step([s.last for s in active], [s.cached for s in active])  # [B, V]
         greedy_tokens = logits.argmax(-1).tolist()
         n = 0
         for i, s in enumerate(active):
@@ -306,6 +317,8 @@ class Engine:
         did. An exception here (sampling, detokenizing) ends `s` alone with an error; the other rows go on."""
         try:
             tok = greedy_token if s.params.greedy else sample_next(logits, s.params, s.generator)
+            if s.params.logprobs is not None and tok not in s.eos:
+                s.logprobs.append(self._logprob(s, logits, tok))
             with self._cond:  # counted before its events go out: a finished request's tokens are in the stats
                 self.counters["generated_tokens"] += 1
             self._advance(s, tok)
@@ -315,6 +328,20 @@ class Engine:
                 s.done = True  # _retire drops its row
                 self._fail(s.req, e)
             return 0
+
+    def _logprob(self, s: _Seq, logits: torch.Tensor, tok: int) -> TokenLogprob:
+        """``tok``'s entry; each token's text is what it adds after the few ids before it (a
+        SentencePiece token decoded alone loses its leading space)."""
+        lp, alternatives = token_logprobs(logits, tok, s.params.logprobs)
+        base = self._detok.decode(s.recent, skip_special_tokens=False)
+
+        def text(t: int) -> str:
+            full = self._detok.decode(s.recent + [t], skip_special_tokens=False)
+            return full[len(base):] if full.startswith(base) else self._detok.decode([t], skip_special_tokens=False)
+
+        entry = TokenLogprob(tok, text(tok), lp, tuple((text(t), v) for t, v in alternatives))
+        s.recent = s.recent[1:] + [tok] if len(s.recent) >= 4 else s.recent + [tok]
+        return entry
 
     def _fail(self, req: Request, e: Exception) -> None:
         """End one request with an error event (its row, if any, must already be marked done)."""
@@ -348,6 +375,8 @@ class Engine:
             self.counters[f"finished_{reason}"] += 1
 
     def _emit(self, s: _Seq, ev: Event) -> None:
+        if s.logprobs:
+            ev.logprobs, s.logprobs = s.logprobs, []
         _deliver(s.req, ev)  # a failed delivery cancels the request; _retire drops it
 
     def _retire(self) -> None:
@@ -360,14 +389,10 @@ class Engine:
         keep = [i for i, s in enumerate(self._active) if not s.done]
         if len(keep) == len(self._active):
             return
+        cached = [s.cached for s in self._active]
         with self._cond:
             self._active = [self._active[i] for i in keep]
-        if not keep:
-            self._kv = None
-            return
-        kvbatch.select_rows(self._kv, torch.tensor(keep))
-        T = kvbatch.seq_length(self._kv)
-        kvbatch.drop_left(self._kv, T - max(s.cached for s in self._active))
+        self._batch.keep(keep, cached)
 
     def _count_step(self, n: int) -> None:
         """One model step that generated n tokens (for the steps counter and the tokens/s window)."""

@@ -14,9 +14,10 @@ import uuid
 from dataclasses import dataclass
 
 from quantkit.errors import QuantkitError
-from quantkit.runtime.generate import SamplingParams, encode_chat, encode_prompt
+from quantkit.runtime.generate import MAX_LOGPROBS, SamplingParams, encode_chat, encode_prompt
 
 MAX_STOP = 4  # as OpenAI
+MAX_N = 16  # choices per request
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MIN_CHARS_PER_TOKEN = 16  # the floor of the characters-per-token bound of `max_prompt_chars`
 
@@ -129,14 +130,15 @@ def _stop(body: dict) -> tuple[str, ...]:
 # different completion: ecosystem audit F11); BOOKKEEPING ones never change the text.  Any other
 # key is refused as OpenAI refuses it ("Unrecognized request argument supplied").
 HONORED = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stream_options", "stop",
-           "ignore_eos"}
-HONORED_BY = {"completions": {"prompt"}, "chat": {"messages"}}
-NEUTRAL = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
+           "ignore_eos", "n", "logprobs"}
+HONORED_BY = {"completions": {"prompt"}, "chat": {"messages", "top_logprobs"}}
+NEUTRAL = {"best_of": (1,), "echo": (False,), "top_logprobs": (0,),
            "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,), "min_p": (0,),
            "logit_bias": ({},), "suffix": ("",), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
            "function_call": ("none",), "response_format": ({"type": "text"},), "length_penalty": (1,)}
-NEUTRAL_MESSAGES = {"n": "only n=1 is supported", "best_of": "only best_of=1 is supported", "echo": "echo is not supported",
-                    "logprobs": "logprobs are not supported", "tools": "tools are not supported",
+NEUTRAL_MESSAGES = {"best_of": "only best_of=1 is supported", "echo": "echo is not supported",
+                    "top_logprobs": "'top_logprobs' is a chat parameter; completions take 'logprobs': N",
+                    "tools": "tools are not supported",
                     "functions": "tools are not supported"}
 BOOKKEEPING = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
 
@@ -165,6 +167,7 @@ class GenRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    n: int = 1  # choices: n engine requests, the i-th seeded with seed + i when a seed is given
 
 
 def _check_model(body: dict, model_name: str) -> str:
@@ -195,8 +198,22 @@ def _check_prompt_chars(n_chars: int, max_chars: int, n_ctx: int, param: str) ->
                        param=param, code="context_length_exceeded")
 
 
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives a request asks for per token, or None for no logprobs: completions take
+    ``logprobs: N``; chat takes ``logprobs: true`` and ``top_logprobs: N`` (as OpenAI's API)."""
+    if not chat:
+        if body.get("logprobs") is False:
+            return None
+        return _int(body, "logprobs", 0, MAX_LOGPROBS)
+    wanted = _bool(body, "logprobs")
+    top = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if top is not None and not wanted:
+        raise _invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    return (top or 0) if wanted else None
+
+
 def _build(body: dict, prompt_ids: list[int], n_ctx: int, default_max_tokens: int | None,
-           model: str) -> GenRequest:
+           model: str, chat: bool = False) -> GenRequest:
     if len(prompt_ids) >= n_ctx:
         raise ApiError(400, f"This model's maximum context length is {n_ctx} tokens, and the prompt has "
                             f"{len(prompt_ids)}; it must leave room for at least one new token.",
@@ -221,13 +238,14 @@ def _build(body: dict, prompt_ids: list[int], n_ctx: int, default_max_tokens: in
     if opts is not None and not isinstance(opts, dict):
         raise _invalid("stream_options", "'stream_options' must be an object", "invalid_type")
     include_usage = bool(opts and _bool(opts, "include_usage"))
+    n = _int(body, "n", 1, MAX_N) or 1
     try:
         params = SamplingParams(max_new_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
                                 top_k=max(top_k or 0, 0), top_p=1.0 if top_p is None else top_p, stop=_stop(body),
-                                seed=seed, ignore_eos=_bool(body, "ignore_eos"))
+                                seed=seed, ignore_eos=_bool(body, "ignore_eos"), logprobs=_logprobs(body, chat))
     except QuantkitError as e:
         raise _invalid("params", str(e)) from None
-    return GenRequest(model, prompt_ids, params, stream, include_usage)
+    return GenRequest(model, prompt_ids, params, stream, include_usage, n)
 
 
 def parse_completion(body: dict, tokenizer, model_name: str, n_ctx: int, max_chars: int | None = None) -> GenRequest:
@@ -290,7 +308,7 @@ def parse_chat(body: dict, tokenizer, model_name: str, n_ctx: int, max_chars: in
         ids = encode_chat(tokenizer, clean)
     except Exception as e:  # the template rejected the conversation (e.g. role order)
         raise _invalid("messages", f"the chat template rejected the messages: {e}") from None
-    return _build(body, ids, n_ctx, None, model)
+    return _build(body, ids, n_ctx, None, model, chat=True)
 
 
 # --------------------------------------------------------------------------------------- responses
@@ -305,29 +323,54 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-                    completion_tokens: int) -> dict:
+def completion_logprobs(entries, offset: int = 0) -> dict:
+    """The legacy completions ``logprobs`` object of generated tokens (`TokenLogprob`s); ``offset``:
+    characters of the choice's text before the first."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.text)
+    return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{**dict(e.top), e.text: e.logprob} for e in entries], "text_offset": offsets}
+
+
+def chat_logprobs(entries) -> dict:
+    """The chat ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}, ...]}``."""
+    def item(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**item(e.text, e.logprob), "top_logprobs": [item(t, v) for t, v in e.top]} for e in entries]}
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish_reason}
+
+
+def completion_body(rid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def chat_body(rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-              completion_tokens: int) -> dict:
+def chat_body(rid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None) -> dict:
+def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None,
+                     index: int = 0, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None = None) -> dict:
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
+               index: int = 0, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def usage_chunk(rid: str, model: str, created: int, obj: str, prompt_tokens: int, completion_tokens: int) -> dict:

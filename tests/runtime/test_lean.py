@@ -154,3 +154,44 @@ def test_graphed_decode_matches_eager_on_cuda():
                 assert torch.equal(na, nb)
                 a, b = eager.forward(na), step(nb).clone()
                 torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
+
+
+def _alone(model, prompt, steps):
+    """Greedy logits of one sequence on its own lean forward: the reference for a row of a batch."""
+    lm = LeanLM(model, 64)
+    out = [lm.forward(torch.tensor([prompt]))]
+    for _ in range(steps):
+        out.append(lm.forward(out[-1].argmax(-1, keepdim=True)))
+    return out
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["float", "int4"])
+def test_rows_of_their_own_lengths_decode_as_they_would_alone(stories, packed):
+    """The serving engine's use: rows prefilled one at a time (the cache grows from 4 columns and
+    1 row), stepped together at their own positions, a row dropped and the rest moved up; each
+    row's logits are those it gets alone (the lone last row on the native step when int4)."""
+    model, _ = stories
+    if packed:
+        api.compress(model, "rtn", {"bits": 4, "group_size": -1}, pack=True)
+    prompts = [[1, 5, 9], [1, 7, 3, 8, 2, 11, 4], [1, 2]]
+    refs = [_alone(model, p, 6) for p in prompts]
+    lm = LeanLM(model, 64, batch=1, capacity=4)
+    with torch.inference_mode():
+        got = [[lm.prefill_row(r, torch.tensor([p]))] for r, p in enumerate(prompts)]
+        rows, pos = [0, 1, 2], [len(p) for p in prompts]
+        for step in range(6):
+            if step == 3:  # row 1 leaves; rows 0 and 2 move up, then row 2 alone
+                lm.keep_rows([2, 0], max(pos))
+                rows, pos = [2, 0], [pos[2], pos[0]]
+            if step == 5:
+                lm.keep_rows([1], max(pos))
+                rows, pos = [0], [pos[1]]
+            ids = torch.tensor([[int(got[r][-1].argmax())] for r in rows])
+            logits = lm.step_rows(ids, torch.tensor(pos))
+            for i, r in enumerate(rows):
+                got[r].append(logits[i:i + 1])
+            pos = [p + 1 for p in pos]
+    assert lm.capacity >= 8 and lm.k_cache[0].shape[0] == 3
+    for r in range(3):
+        for g, ref in zip(got[r], refs[r]):
+            assert (g - ref).abs().max() <= (1e-3 if packed else 1e-5) * ref.abs().max()

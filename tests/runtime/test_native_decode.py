@@ -47,9 +47,9 @@ def test_native_step_declines_what_it_cannot_run(stories):
 
 
 @NEEDS_KERNEL
-def test_plan_shares_each_modules_converted_weight_and_declines_a_batch(stories):
+def test_plan_shares_each_modules_converted_weight_and_decodes_row_0(stories):
     """The plan points into the weights the modules' own forward uses (converted once), checks
-    what it is fed, and is not made for a cache of two sequences."""
+    what it is fed, and in a cache of several sequences decodes row 0 (the serving engine's lone row)."""
     model, _ = stories
     api.compress(model, "rtn", {"bits": 4, "group_size": -1}, pack=True)
     lm = LeanLM(model, 16)
@@ -59,7 +59,8 @@ def test_plan_shares_each_modules_converted_weight_and_declines_a_batch(stories)
     with pytest.raises(ValueError, match="features"):
         plan.step(torch.zeros(plan.dims.d + 1), 0)
     lm.reset(batch=2)
-    assert build_plan(lm) is None
+    plan = build_plan(lm)
+    assert plan.layers[3].k_cache.data_ptr() == lm.k_cache[3][0].data_ptr() and plan.dims.max_len == lm.capacity
 
 
 @NEEDS_KERNEL

@@ -123,7 +123,10 @@ LONG = "Once upon a time " * 200  # > 512 tokens
     ({"model": NAME, "prompt": "hi", "temperature": 3}, 400, "invalid_value", "temperature"),
     ({"model": NAME, "prompt": "hi", "top_p": 0}, 400, "invalid_value", "top_p"),
     ({"model": NAME, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_value", "stop"),
-    ({"model": NAME, "prompt": "hi", "n": 2}, 400, "invalid_value", "n"),
+    ({"model": NAME, "prompt": "hi", "n": 17}, 400, "invalid_value", "n"),
+    ({"model": NAME, "prompt": "hi", "logprobs": 21}, 400, "invalid_value", "logprobs"),
+    ({"model": NAME, "prompt": "hi", "logprobs": "3"}, 400, "invalid_type", "logprobs"),
+    ({"model": NAME, "prompt": "hi", "top_logprobs": 2}, 400, "invalid_value", "top_logprobs"),
     ({"model": NAME, "prompt": "hi", "stream": "yes"}, 400, "invalid_type", "stream"),
 ])
 def test_bad_completion_requests(client, body, status, code, param):

@@ -63,14 +63,23 @@ def test_kvbatch_rows_are_left_padded_and_selected():
     assert torch.equal(a.layers[1].keys, a_keys[1:]) and a.layers[0].values.shape == (1, 2, 3, 4)
 
 
-def test_batched_greedy_equals_single_sequence(model_tok):
+@pytest.mark.parametrize("runtime,packed", [("lean", False), ("transformers", False), ("lean", True)],
+                         ids=["lean", "transformers", "lean-int4"])
+def test_batched_greedy_equals_single_sequence(model_tok, runtime, packed):
+    """The server's text is `generate`'s (issue 21, F7): on the lean batch (the default, generate's own
+    forward) and on transformers' padded one, for a float and an int4 checkpoint."""
     model, tok = model_tok
+    if packed:
+        from quantkit import api
+
+        api.compress(model, "rtn", {"bits": 4, "group_size": -1}, pack=True)
     prompts = ["", "Once upon", "The dog", "Lily and Tom went to the park. They", "A big red", "Sam", "One day",
                "The sun was hot and the"]
     params = [SamplingParams(max_new_tokens=n, stop=stop) for n, stop in
               [(40, ()), (20, ()), (45, ("ball",)), (50, ()), (10, ()), (35, ()), (25, ()), (30, ())]]
     refs = [generate(model, tok, encode_prompt(tok, p), sp) for p, sp in zip(prompts, params)]
-    engine = Engine(model, tok, max_batch=3, max_queue=16).start()  # 8 requests, 3 slots: joins and queueing
+    engine = Engine(model, tok, max_batch=3, max_queue=16, lean=runtime == "lean").start()  # 8 requests, 3 slots
+    assert engine.runtime == runtime
     try:
         results = [None] * len(prompts)
 
@@ -358,3 +367,28 @@ def test_greedy_text_alone_equals_batched(kind):
     finally:
         engine.stop()
         torch.set_num_threads(old)
+
+
+def test_lean_prefill_failure_ends_that_request_alone(model_tok, monkeypatch):
+    from quantkit.serve.batch import LeanBatch
+
+    model, tok = model_tok
+    bad, good = encode_prompt(tok, "The dog"), encode_prompt(tok, "Once upon")
+    real = LeanBatch.prefill
+
+    def prefill(self, ids):
+        if list(ids) == bad:
+            raise RuntimeError("boom")
+        return real(self, ids)
+
+    monkeypatch.setattr(LeanBatch, "prefill", prefill)
+    ref = generate(model, tok, good, SamplingParams(max_new_tokens=20))
+    engine = Engine(model, tok, max_batch=4).start()
+    try:
+        q: queue.Queue = queue.Queue()
+        engine.submit(bad, SamplingParams(max_new_tokens=5), q.put)
+        assert engine.generate(good, SamplingParams(max_new_tokens=20))[0] == ref.text
+        ev = q.get(timeout=20)
+        assert ev.kind == "error" and "boom" in ev.message and engine.runtime == "lean"
+    finally:
+        engine.stop()
