@@ -9,12 +9,15 @@ or a hub id, read by :func:`quantkit.models.load.load_model`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from quantkit.checkpoint.awq import import_awq
 from quantkit.checkpoint.gptq import import_gptq
 from quantkit.checkpoint.hf import QuantkitConfig
-from quantkit.checkpoint.packed import load_packed
+from quantkit.checkpoint.packed import FORMAT, load_packed
 from quantkit.models import load as float_load
 from quantkit.models.paths import QUANT_METHOD, read_quantization_config
+from quantkit.runtime.qlinear import QuantLinear
 
 
 def load_quantkit(directory, dtype):
@@ -25,7 +28,28 @@ def load_quantkit(directory, dtype):
     return model
 
 
-LOADERS = {QUANT_METHOD: load_quantkit, "gptq": import_gptq, "awq": import_awq}  # quant_method -> (directory, dtype) -> model
+def imported(importer: Callable, method: str) -> Callable:
+    """``importer`` (another tool's GPTQ/AWQ layout -> quantkit's runtime modules), with the model's
+    config describing what it now holds, quantkit's format: its ``save_pretrained`` writes a quantkit
+    checkpoint that quantkit and ``from_pretrained`` load again (audit F5, for imported checkpoints)."""
+
+    def load(directory, dtype):
+        model = importer(directory, dtype)
+        modules = {name: {"kind": "quant", "bits": m.bits, "group_size": -1 if m.group_size == m.in_features else m.group_size,
+                          "sym": m.sym, "act_order": m.act_order}
+                   for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+        first = next(iter(modules.values()), {})
+        model.config.quantization_config = QuantkitConfig.from_dict({
+            "quant_method": QUANT_METHOD, "format": FORMAT, "format_version": 1, "method": f"imported-{method}",
+            "bits": first.get("bits"), "group_size": first.get("group_size"), "sym": first.get("sym"),
+            "desc_act": any(e["act_order"] for e in modules.values()), "modules": modules})
+        return model
+
+    return load
+
+
+LOADERS = {QUANT_METHOD: load_quantkit, "gptq": imported(import_gptq, "gptq"),
+           "awq": imported(import_awq, "awq")}  # quant_method -> (directory, dtype) -> model
 
 
 def load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: bool = False,

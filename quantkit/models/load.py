@@ -34,7 +34,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     directory, extra = resolve_model_path(path)
     extra.pop("use_safetensors", None)
     try:
-        return AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, **extra)
+        tok = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, **extra)
+        if "gguf_file" in extra:
+            restore_gguf_pre_tokenizer(tok, gguf_string(Path(directory) / extra["gguf_file"], "tokenizer.ggml.pre"))
+        return tok
     except Exception as e:  # noqa: BLE001 - transformers raises many types
         if directory == path and not os.path.lexists(path):  # resolved as a hub id
             raise hub_failure(path, e) from None
@@ -135,6 +138,45 @@ def _load_gguf(directory: str, gguf_file: str, dtype: torch.dtype | None, trust_
         model.tie_weights()
     model.config.dtype = gguf_float_type(path)  # what a checkpoint made from it stores its float tensors in
     return model.to(dtype) if dtype is not None else model
+
+
+def _smollm_pre_tokenizer():
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+
+
+# llama.cpp pre-tokenizer names (``tokenizer.ggml.pre``) that transformers' GGUF conversion does not
+# rebuild (5.25 leaves their byte-level BPE with a bare ``ByteLevel``), as the original model's
+# tokenizers pre-tokenizer: SmolLM's splits every digit off first (ecosystem audit F10)
+GGUF_PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer}
+
+
+def restore_gguf_pre_tokenizer(tok, pre: str | None) -> bool:
+    """Give a tokenizer transformers rebuilt from a GGUF file the pre-tokenizer the file names, where
+    transformers left a bare ``ByteLevel`` for it; True if it did. Then quantkit tokenizes as the
+    original model (and llama.cpp on the original file) does, and a checkpoint made from the GGUF
+    carries that tokenizer (its GGUF export names the same ``tokenizer.ggml.pre``)."""
+    build = GGUF_PRE_TOKENIZERS.get(pre or "")
+    backend = getattr(tok, "backend_tokenizer", None)
+    if build is None or backend is None:
+        return False
+    current = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+    if current.get("type") != "ByteLevel":
+        return False
+    backend.pre_tokenizer = build()
+    return True
+
+
+def gguf_string(path: str | Path, key: str) -> str | None:
+    """A string field of a GGUF file's metadata, or None."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get(key)
+    if field is None or not field.data:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
 
 
 GGUF_FLOAT_FILE_TYPES = {0: torch.float32, 1: torch.float16, 32: torch.bfloat16}  # general.file_type: ALL_F32, MOSTLY_F16, MOSTLY_BF16

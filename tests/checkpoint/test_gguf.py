@@ -219,6 +219,17 @@ def test_byte_level_bpe_tokenizer(gguf_friendly, tiny_text, tmp_path):
     again = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="b.gguf")
     text = "Tom and Sue went to the park."
     assert again(text, add_special_tokens=False).input_ids == tok(text, add_special_tokens=False).input_ids
+    # transformers rebuilds this vocabulary with a bare ByteLevel; quantkit restores the Digits step the
+    # file's tokenizer.ggml.pre names, so digits tokenize as the original does (ecosystem audit F10)
+    from quantkit.models.load import load_tokenizer, restore_gguf_pre_tokenizer
+
+    assert type(again.backend_tokenizer.pre_tokenizer).__name__ == "ByteLevel"
+    ours = load_tokenizer(str(out))
+    digits = "In 1999, (  12  ) apples cost 3.50"
+    assert ours(digits, add_special_tokens=False).input_ids == tok(digits, add_special_tokens=False).input_ids
+    assert json.loads(ours.backend_tokenizer.to_str())["pre_tokenizer"]["pretokenizers"][0]["type"] == "Digits"
+    assert not restore_gguf_pre_tokenizer(ours, "smollm")  # already restored: left alone
+    assert not restore_gguf_pre_tokenizer(again, "gpt-2") and not restore_gguf_pre_tokenizer(again, None)
 
 
 def test_bpe_pre_names():

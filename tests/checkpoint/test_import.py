@@ -176,6 +176,26 @@ def test_gptq_checkpoint_with_act_order_loads_with_the_reference_logits(tmp_path
     check_logits(tmp_path / "gptq", model)
 
 
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_imported_checkpoint_saved_with_save_pretrained_loads_again(tmp_path, fmt):
+    """Audit F5 for imported checkpoints: ``save_pretrained`` on an imported GPTQ/AWQ model writes a
+    quantkit checkpoint (its config says so) that quantkit and transformers load with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(fmt == "awq")
+    write_checkpoint(model, tmp_path / fmt, GPTQ_CONFIG if fmt == "gptq" else AWQ_CONFIG,
+                     gptq_tensors if fmt == "gptq" else awq_tensors)
+    loaded, _ = load_model(str(tmp_path / fmt), with_tokenizer=False)
+    loaded.save_pretrained(tmp_path / "saved")
+    qcfg = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "quantkit" and qcfg["method"] == f"imported-{fmt}" and len(qcfg["modules"]) == 14
+    check_logits(tmp_path / "saved", model)
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))
+    x = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(2))
+    with use_backend("reference"), torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, model(x).logits, rtol=0, atol=1e-5)
+
+
 def test_gptq_export_matches_the_independent_packer(stories_dir, calib_ids, tmp_path):
     from transformers import AutoTokenizer
 
