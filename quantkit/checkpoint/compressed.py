@@ -15,8 +15,12 @@ What maps (vLLM kernels: Marlin / Machete for weight-only int4 and int8, CUTLASS
 * ``w8a8`` modules (SmoothQuant) with dynamic per-token activations: ``int-quantized``, int8
   per-channel weights and int8 dynamic per-token input activations.
 
+A pruned-then-quantized linear (SparseGPT 2:4 with 4 bits, a prune step before rtn/gptq) is a
+``quant`` module whose codes hold the zeros: it exports as any 4-bit grid, the 2:4 pattern intact in
+the weights; no sparsity config is written (0.20 has none), so engines run it dense.
+
 Refused by name: other bit widths, an interleaving act-order ``g_idx``, integer activations on a
-weight-quantized linear (W4A8/W4A4), a static activation scale, packed N:M sparsity
+weight-quantized linear (W4A8/W4A4), a static activation scale, packed N:M sparsity without a grid
 (compressed-tensors 0.20 dropped its sparsity configs), low-rank factors and a rotation whose
 runtime applies online transforms.
 """

@@ -254,7 +254,7 @@ def _pareto_plot(rows: list[dict], path: str) -> None:
               help="Force the quantized-matmul path (default: $QUANTKIT_BACKEND, else by device).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the decode step (slow to start; transformers' forward).")
 @click.option("--lean/--no-lean", default=True, show_default=True,
-              help="Run Llama/Mistral/Qwen2/Qwen3 models with quantkit's lean forward (fewer ops per step; "
+              help="Run Llama/Mistral/Qwen2/Qwen3/Gemma 1-3 models with quantkit's lean forward (fewer ops per step; "
                    "others always use transformers').")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU threads (default: torch's, one per core); 1 is steadier on a busy machine.")

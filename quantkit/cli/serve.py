@@ -41,7 +41,7 @@ def kv_cache_factory(kv_bits: str | None, kv_keys: str | None):
 @click.option("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's).")
 @kv_cache_options
 @click.option("--lean/--no-lean", default=True, show_default=True,
-              help="quantkit's lean forward for Llama/Mistral/Qwen2/Qwen3 (one native call per token for int4 "
+              help="quantkit's lean forward for Llama/Mistral/Qwen2/Qwen3/Gemma 1-3 (one native call per token for int4 "
                    "checkpoints on a CPU); --no-lean: transformers' forward.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @device_option
@@ -117,7 +117,7 @@ def server_options(f):
               help="torch intra-op threads (default: torch's choice).")
 @kv_cache_options
 @click.option("--lean/--no-lean", default=True, show_default=True,
-              help="Decode batches on quantkit's lean forward (what `generate` runs; Llama/Mistral/Qwen2/Qwen3 "
+              help="Decode batches on quantkit's lean forward (what `generate` runs; Llama/Mistral/Qwen2/Qwen3/Gemma 1-3 "
                    "without --kv-bits); --no-lean: transformers' forward over a padded cache.")
 @server_options
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",

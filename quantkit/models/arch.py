@@ -39,9 +39,11 @@ class LinearGroup:
 @dataclass(frozen=True)
 class DecodeSpec:
     """What the runtime's lean forward (:mod:`quantkit.runtime.lean`) needs of a pre-norm block
-    ``x + o(attn(rope(q(n1(x))), rope(k(.)), v(.)))``, then ``x + down(silu(gate(n2(x))) * up(n2(x)))``
+    ``x + p1(o(attn(rope(q(n1(x))), rope(k(.)), v(.)))``, then ``x + p2(down(act(gate(n2(x))) * up(n2(x))))``
     with RMSNorms: module names relative to a block (``rotary``: relative to the model), and the
-    model types whose blocks are exactly that (``qk_norm``: Qwen3's per-head norms before RoPE)."""
+    model types whose blocks are exactly that (``qk_norm``: Qwen3's and Gemma 3's per-head norms
+    before RoPE; ``post_attn_norm``/``post_mlp_norm``: Gemma 2's and 3's sandwich norms p1, p2,
+    identity when None; ``norm_offset``: Gemma's RMSNorms weigh by ``offset + w`` in float32)."""
 
     model_types: tuple[str, ...]
     qk_norm: tuple[str, str] | None = None
@@ -55,7 +57,13 @@ class DecodeSpec:
     gate: str = "mlp.gate_proj"
     up: str = "mlp.up_proj"
     down: str = "mlp.down_proj"
+    act: str = "mlp.act_fn"
     rotary: str = "model.rotary_emb"
+    post_attn_norm: str | None = None
+    post_mlp_norm: str | None = None
+    norm_offset: float = 0.0
+    qkv: str | None = None  # Phi-3: one fused q/k/v linear (q, k, v above unused), split by head counts
+    gate_up: str | None = None  # Phi-3: one fused gate/up linear, its output halves (gate, up)
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,8 @@ _GEMMA2_GROUPS = (
     LinearGroup(("mlp.down_proj",), "mlp.up_proj", "linear"),
 )
 
+_SANDWICH = {"mlp_norm": "pre_feedforward_layernorm", "post_attn_norm": "post_attention_layernorm",
+             "post_mlp_norm": "post_feedforward_layernorm", "norm_offset": 1.0}  # Gemma 2 and 3's blocks
 _LAYERNORM = "its LayerNorms subtract the mean, which a rotation does not commute with (only RMSNorm models rotate)"
 _POST_NORMS = "its blocks normalize the attention and MLP outputs before the residual add, which a rotation does not commute with"
 
@@ -145,9 +155,12 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
              # SmolLM3 skips RoPE in some layers and Granite scales residuals and logits: not lean
              decode=(DecodeSpec(("llama", "mistral", "qwen2")),
                      DecodeSpec(("qwen3",), qk_norm=("self_attn.q_norm", "self_attn.k_norm")))),
-    ArchSpec("gemma", ("gemma",), "model.layers", _LLAMA_GROUPS, ("model.embed_tokens",), "model.norm", norm_offset=1.0),
+    ArchSpec("gemma", ("gemma",), "model.layers", _LLAMA_GROUPS, ("model.embed_tokens",), "model.norm", norm_offset=1.0,
+             decode=(DecodeSpec(("gemma",), norm_offset=1.0),)),
     ArchSpec("gemma2", ("gemma2", "gemma3_text"), "model.layers", _GEMMA2_GROUPS, ("model.embed_tokens",), "model.norm",
-             norm_offset=1.0, rotation=None, no_rotation=_POST_NORMS),
+             norm_offset=1.0, rotation=None, no_rotation=_POST_NORMS,
+             decode=(DecodeSpec(("gemma2",), **_SANDWICH), DecodeSpec(("gemma3_text",), qk_norm=("self_attn.q_norm", "self_attn.k_norm"),
+                                                                      **_SANDWICH))),
     ArchSpec(
         "phi3", ("phi3",), "model.layers",
         (
@@ -157,6 +170,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             LinearGroup(("mlp.down_proj",), None, ""),  # fed by act(gate) * up of a fused linear
         ),
         ("model.embed_tokens",), "model.norm", qk=("self_attn.qkv_proj",), rotation=RotationSpec(values=None),
+        decode=(DecodeSpec(("phi3",), qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj", act="mlp.activation_fn"),),
     ),
     ArchSpec(
         "opt", ("opt",), "model.decoder.layers",

@@ -15,9 +15,12 @@ arithmetic with about half the ops and no per-step bookkeeping:
   kernel path of the runtime applies; the head runs on the last position only.
 
 Which models: the architecture table's :class:`~quantkit.models.arch.DecodeSpec` (Llama, Mistral,
-Qwen2, Qwen3), checked against the config (SiLU MLP, no sliding window shorter than the cache,
-a position-independent RoPE).  :func:`lean_or_none` says why a model is not supported.  Tested
-against transformers' forward on tiny models of each type (logits to float rounding).
+Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3), with what differs by family as data (Gemma's ``(1 + w)``
+norms, sandwich norms around attention and MLP, the block's own activation) or read from the config
+(per-layer sliding windows, attention and logit soft-caps, Gemma 3's RoPE table per layer type:
+:mod:`quantkit.runtime.lean_ops`); a RoPE that depends on the sequence length is refused.
+:func:`lean_or_none` says why a model is not supported.  Tested against transformers' forward on
+tiny models of each type (logits to float rounding).
 
     >>> lm = LeanLM(model, max_len=256)
     >>> logits = lm.forward(prompt_ids)        # [batch, vocab]: the last position's
@@ -27,13 +30,13 @@ against transformers' forward on tiny models of each type (logits to float round
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.kernels.native.build import available as native_available
 from quantkit.kernels.native.matvec import bf16_matvec
 from quantkit.models.arch import arch_for, get_module
+from quantkit.runtime.lean_ops import attention, layer_windows, rms, rope_tables, rope_types, softcap, window_mask
 from quantkit.runtime.native_decode import build_plan
 
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -52,12 +55,13 @@ def _check(model: nn.Module):
     dec = next((d for d in spec.decode if cfg.model_type in d.model_types), None)
     if dec is None:
         raise LeanUnsupported(f"no lean forward for model_type {cfg.model_type!r}")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise LeanUnsupported(f"MLP activation {cfg.hidden_act!r} (lean decode has SiLU)")
     rotary = get_module(model, dec.rotary)
-    rope_type = getattr(rotary, "rope_type", "default")
-    if rope_type not in _STATIC_ROPE:
-        raise LeanUnsupported(f"rope_type {rope_type!r} depends on the sequence length")
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise LeanUnsupported(f"partial rotary embeddings (factor {rope['partial_rotary_factor']})")
+    for rope_type in rope_types(rotary):
+        if rope_type not in _STATIC_ROPE:
+            raise LeanUnsupported(f"rope_type {rope_type!r} depends on the sequence length")
     return spec, dec, rotary
 
 
@@ -71,7 +75,27 @@ def lean_or_none(model: nn.Module, max_len: int = 2048, batch: int = 1) -> tuple
 
 class _Layer:
     __slots__ = ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down", "q_norm", "k_norm", "eps1", "eps2",
-                 "eps_qk")
+                 "eps_qk", "post_attn_norm", "post_mlp_norm", "eps3", "eps4", "act", "window", "rope", "qkv", "gate_up")
+
+
+def _layer(block: nn.Module, dec, window: int | None, rope: str) -> _Layer:
+    """One block's modules (by the DecodeSpec's names), norm epsilons, window and RoPE table."""
+    lay = _Layer()
+    fused = (("q", "k", "v") if dec.qkv else ()) + (("gate", "up") if dec.gate_up else ())
+    for field in ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down", "act"):
+        setattr(lay, field, None if field in fused else get_module(block, getattr(dec, field)))
+    lay.qkv = get_module(block, dec.qkv) if dec.qkv else None
+    lay.gate_up = get_module(block, dec.gate_up) if dec.gate_up else None
+    lay.q_norm = get_module(block, dec.qk_norm[0]) if dec.qk_norm else None
+    lay.k_norm = get_module(block, dec.qk_norm[1]) if dec.qk_norm else None
+    lay.post_attn_norm = get_module(block, dec.post_attn_norm) if dec.post_attn_norm else None
+    lay.post_mlp_norm = get_module(block, dec.post_mlp_norm) if dec.post_mlp_norm else None
+    lay.eps1, lay.eps2 = _eps(lay.attn_norm), _eps(lay.mlp_norm)
+    lay.eps3 = _eps(lay.post_attn_norm) if lay.post_attn_norm is not None else None
+    lay.eps4 = _eps(lay.post_mlp_norm) if lay.post_mlp_norm is not None else None
+    lay.eps_qk = (_eps(lay.q_norm), _eps(lay.k_norm)) if dec.qk_norm else None
+    lay.window, lay.rope = window, rope
+    return lay
 
 
 class LeanLM:
@@ -83,37 +107,29 @@ class LeanLM:
         spec, dec, rotary = _check(model)
         cfg = model.config
         self.model = model
-        window = getattr(cfg, "sliding_window", None)
-        if window and getattr(cfg, "use_sliding_window", True) and window < max_len:
-            raise LeanUnsupported(f"sliding window {window} < cache length {max_len}")
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.embed = get_module(model, spec.embeddings[0])
         self.norm = get_module(model, spec.final_norm)
         self.head = get_module(model, spec.lm_head)
-        self.eps = _eps(self.norm)
-        self.layers = []
-        for block in spec.blocks(model):
-            lay = _Layer()
-            for field in ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down"):
-                setattr(lay, field, get_module(block, getattr(dec, field)))
-            lay.q_norm = get_module(block, dec.qk_norm[0]) if dec.qk_norm else None
-            lay.k_norm = get_module(block, dec.qk_norm[1]) if dec.qk_norm else None
-            lay.eps1, lay.eps2 = _eps(lay.attn_norm), _eps(lay.mlp_norm)
-            lay.eps_qk = (_eps(lay.q_norm), _eps(lay.k_norm)) if dec.qk_norm else None
-            self.layers.append(lay)
-        attn = get_module(spec.blocks(model)[0], dec.attention)
+        self.eps, self.offset = _eps(self.norm), dec.norm_offset
+        self.attn_cap = getattr(cfg, "attn_logit_softcapping", None)
+        self.final_cap = getattr(cfg, "final_logit_softcapping", None)
+        blocks = spec.blocks(model)
+        windows = layer_windows(cfg, len(blocks))
+        types = getattr(cfg, "layer_types", None) if getattr(rotary, "layer_types", None) else None
+        self.layers = [_layer(block, dec, windows[i], types[i] if types else "default") for i, block in enumerate(blocks)]
+        attn = get_module(blocks[0], dec.attention)
         self.scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
-        with torch.no_grad():
-            pos = torch.arange(max_len, device=self.device)[None]
-            probe = torch.zeros(1, 1, self.head_dim, dtype=self.dtype, device=self.device)
-            cos, sin = rotary(probe, pos)
-        half = self.head_dim // 2
-        self.cos = cos[0].contiguous()  # [max_len, head_dim]
-        self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).contiguous()  # rotate_half's sign folded in
+        self.tables = rope_tables(rotary, max_len, self.head_dim, self.dtype, self.device)
+        self.cos, self.sin = self.tables[self.layers[0].rope]  # [max_len, head_dim]: the native step's (one table)
+        # Llama's block exactly: what the native decode step (kernels/decode_step.c) computes
+        self.plain = (not self.offset and self.attn_cap is None and self.final_cap is None and len(self.tables) == 1
+                      and all(lay.window is None and lay.post_attn_norm is None and lay.qkv is None and type(lay.act).__name__ in
+                              ("SiLU", "SiLUActivation") for lay in self.layers))
         self.max_len = max_len  # positions a sequence may reach (the RoPE tables)
         # cache columns allocated now (grown by `reserve` up to max_len); default: all of them
         self.capacity = max_len if capacity is None else max(1, min(capacity, max_len))
@@ -165,24 +181,35 @@ class LeanLM:
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + x.roll(self.head_dim // 2, -1) * sin
 
-    def _blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
-        """Every block on ``x [b, n, hidden]``; ``attend(i, q, k, v)`` stores block i's keys and values
-        (``[b, n_kv, n, hd]``, RoPE applied) where its caller keeps them and returns the attention of
-        ``q [b, n_heads, n, hd]`` (attention dtype).  ``cos``/``sin`` broadcast against ``[b, n, heads, hd]``."""
+    def _blocks(self, x: torch.Tensor, pick, attend) -> torch.Tensor:
+        """Every block on ``x [b, n, hidden]``; ``pick(table)`` takes the rows of a RoPE table for the
+        positions at hand (broadcasting against ``[b, n, heads, hd]``); ``attend(i, lay, q, k, v)``
+        stores block i's keys and values (``[b, n_kv, n, hd]``, RoPE applied) where its caller keeps
+        them and returns the attention of ``q [b, n_heads, n, hd]`` (attention dtype)."""
         b, n, _ = x.shape
-        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
+        hd, nh, nkv, off = self.head_dim, self.n_heads, self.n_kv, self.offset
+        rows = {t: (pick(cos), pick(sin)) for t, (cos, sin) in self.tables.items()}
         for i, lay in enumerate(self.layers):
-            h = _rms(x, lay.attn_norm.weight, lay.eps1)
-            q = lay.q(h).view(b, n, nh, hd)
-            k = lay.k(h).view(b, n, nkv, hd)
-            v = lay.v(h).view(b, n, nkv, hd)
+            cos, sin = rows[lay.rope]
+            h = rms(x, lay.attn_norm.weight, lay.eps1, off)
+            if lay.qkv is None:
+                q, k, v = lay.q(h), lay.k(h), lay.v(h)
+            else:
+                q, k, v = lay.qkv(h).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            q, k, v = q.reshape(b, n, nh, hd), k.reshape(b, n, nkv, hd), v.reshape(b, n, nkv, hd)
             if lay.q_norm is not None:
-                q, k = _rms(q, lay.q_norm.weight, lay.eps_qk[0]), _rms(k, lay.k_norm.weight, lay.eps_qk[1])
+                q, k = rms(q, lay.q_norm.weight, lay.eps_qk[0], off), rms(k, lay.k_norm.weight, lay.eps_qk[1], off)
             q = self._rope(q, cos, sin).transpose(1, 2).to(self.attn_dtype)
-            a = attend(i, q, self._rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2))
-            x = x + lay.o(a.transpose(1, 2).reshape(b, n, nh * hd).to(x.dtype))
-            h = _rms(x, lay.mlp_norm.weight, lay.eps2)
-            x = x + lay.down(F.silu(lay.gate(h)) * lay.up(h))
+            a = attend(i, lay, q, self._rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2))
+            a = lay.o(a.transpose(1, 2).reshape(b, n, nh * hd).to(x.dtype))
+            x = x + (a if lay.post_attn_norm is None else rms(a, lay.post_attn_norm.weight, lay.eps3, off))
+            h = rms(x, lay.mlp_norm.weight, lay.eps2, off)
+            if lay.gate_up is None:
+                m = lay.down(lay.act(lay.gate(h)) * lay.up(h))
+            else:
+                gate, up = lay.gate_up(h).chunk(2, dim=-1)
+                m = lay.down(up * lay.act(gate))
+            x = x + (m if lay.post_mlp_norm is None else rms(m, lay.post_mlp_norm.weight, lay.eps4, off))
         return x
 
     def _prefix(self, ids: torch.Tensor, start: int, k_cache: list, v_cache: list) -> torch.Tensor:
@@ -190,20 +217,18 @@ class LeanLM:
         ``start`` filled) by ``ids [b, n]``: the last position's hidden state ``[b, hidden]``."""
         n = ids.shape[1]
         end = start + n
-        cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # [n, 1, hd]: broadcast over heads
-        mask = None
-        if n > 1 and start > 0:  # a chunk after a prefix: causal within the chunk, everything before
-            mask = torch.ones(n, end, dtype=torch.bool, device=ids.device).tril(start)
-        causal = n > 1 and start == 0
+        masks = {w: window_mask(start, n, w, ids.device) for w in {lay.window for lay in self.layers}}
 
-        def attend(i, q, k, v):
+        def attend(i, lay, q, k, v):
             kc, vc = k_cache[i], v_cache[i]
             kc[:, :, start:end] = k
             vc[:, :, start:end] = v
-            return F.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], attn_mask=mask, is_causal=causal,
-                                                  scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)
+            lo = max(0, end - lay.window) if lay.window and n == 1 else 0  # a step sees the window's keys only
+            mask = masks[lay.window]
+            return attention(q, kc[:, :, lo:end], vc[:, :, lo:end], scale=self.scaling, mask=mask,
+                             causal=mask is None and n > 1, cap=self.attn_cap)
 
-        return self._blocks(self.embed(ids), cos, sin, attend)[:, -1]
+        return self._blocks(self.embed(ids), lambda t: t[start:end, None, :], attend)[:, -1]  # [n, 1, hd] rows
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -216,7 +241,7 @@ class LeanLM:
         if n == 1 and b == 1 and self.native and self._native_plan():
             logits = self._native_step(ids[0, 0], start)
         else:
-            logits = self._logits(_rms(self._prefix(ids, start, self.k_cache, self.v_cache), self.norm.weight, self.eps))
+            logits = self._logits(self._final(self._prefix(ids, start, self.k_cache, self.v_cache)))
         self.pos = end
         return logits
 
@@ -224,7 +249,7 @@ class LeanLM:
         """Row 0's token at ``pos`` through the native decode step: logits ``[1, vocab]``."""
         x = self.embed(token.reshape(1))[0].float().contiguous()
         self._plan.step(x, pos)
-        return self._logits(_rms(x.to(self.dtype)[None], self.norm.weight, self.eps))
+        return self._logits(self._final(x.to(self.dtype)[None]))
 
     # ---- rows: sequences of their own lengths in one batch (the serving engine) ---------------
     @torch.inference_mode()
@@ -233,8 +258,7 @@ class LeanLM:
         allocated); returns its last logits ``[1, vocab]``.  The other rows are left as they are."""
         self.reserve(row + 1, ids.shape[1])
         views = lambda cache: [c[row:row + 1] for c in cache]  # noqa: E731
-        h = self._prefix(ids, 0, views(self.k_cache), views(self.v_cache))
-        return self._logits(_rms(h, self.norm.weight, self.eps))
+        return self._logits(self._final(self._prefix(ids, 0, views(self.k_cache), views(self.v_cache))))
 
     @torch.inference_mode()
     def step_rows(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -248,26 +272,24 @@ class LeanLM:
             if self.native and self._native_plan():
                 return self._native_step(ids[0, 0], at)
             self.reserve(1, at + 1)
-            h = self._prefix(ids, at, [c[:1] for c in self.k_cache], [c[:1] for c in self.v_cache])
-            return self._logits(_rms(h, self.norm.weight, self.eps))
+            return self._logits(self._final(self._prefix(ids, at, [c[:1] for c in self.k_cache],
+                                                         [c[:1] for c in self.v_cache])))
         ends = (pos + 1).tolist()
         self.reserve(b, max(ends))
-        cos, sin = self.cos[pos][:, None, None, :], self.sin[pos][:, None, None, :]  # [b, 1, 1, hd]
         rows = torch.arange(b, device=pos.device)
-        gqa = self.n_kv != self.n_heads
 
-        def attend(i, q, k, v):
+        def attend(i, lay, q, k, v):
             # each row attends its own prefix, as it would alone: a masked batched attention reduces in
             # another order, and a rounding difference there flipped greedy tokens of an int4 SmolLM2
             kc, vc = self.k_cache[i], self.v_cache[i]
             kc[rows, :, pos] = k[:, :, 0].to(kc.dtype)
             vc[rows, :, pos] = v[:, :, 0].to(vc.dtype)
-            return torch.cat([F.scaled_dot_product_attention(q[r:r + 1], kc[r:r + 1, :, :e], vc[r:r + 1, :, :e],
-                                                             scale=self.scaling, enable_gqa=gqa)
-                              for r, e in enumerate(ends)])
+            los = [max(0, e - lay.window) if lay.window else 0 for e in ends]
+            return torch.cat([attention(q[r:r + 1], kc[r:r + 1, :, lo:e], vc[r:r + 1, :, lo:e], scale=self.scaling,
+                                        cap=self.attn_cap) for r, (lo, e) in enumerate(zip(los, ends))])
 
-        h = self._blocks(self.embed(ids), cos, sin, attend)[:, -1]
-        return self._logits(_rms(h, self.norm.weight, self.eps))
+        h = self._blocks(self.embed(ids), lambda t: t[pos][:, None, None, :], attend)[:, -1]  # [b, 1, 1, hd] rows
+        return self._logits(self._final(h))
 
     def keep_rows(self, rows: list[int], columns: int) -> None:
         """Move cache rows ``rows`` (in that order) to the front, their first ``columns`` positions."""
@@ -286,25 +308,28 @@ class LeanLM:
         whole cache under a mask of the filled positions.  That is what a CUDA graph can capture
         (:class:`quantkit.runtime.cudagraph.GraphedDecode`); it does not move :attr:`pos`."""
         at = pos.reshape(1)
-        cos, sin = self.cos.index_select(0, at)[:, None, :], self.sin.index_select(0, at)[:, None, :]  # [1, 1, hd]
-        mask = (self._positions[:self.capacity] <= pos)[None, None, None, :]  # [1, 1, 1, capacity]: the filled prefix
+        filled = self._positions[:self.capacity]
+        masks = {w: ((filled <= pos) & (filled > pos - w) if w else filled <= pos)[None, None, None, :]
+                 for w in {lay.window for lay in self.layers}}  # [1, 1, 1, capacity]: the positions attended
 
-        def attend(i, q, k, v):
+        def attend(i, lay, q, k, v):
             kc, vc = self.k_cache[i], self.v_cache[i]
             kc.index_copy_(2, at, k.to(kc.dtype))
             vc.index_copy_(2, at, v.to(vc.dtype))
-            return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scaling,
-                                                  enable_gqa=self.n_kv != self.n_heads)
+            return attention(q, kc, vc, scale=self.scaling, mask=masks[lay.window], cap=self.attn_cap)
 
-        x = self._blocks(self.embed(ids), cos, sin, attend)
-        return self.head(_rms(x[:, -1], self.norm.weight, self.eps)).float()
+        x = self._blocks(self.embed(ids), lambda t: t.index_select(0, at)[:, None, :], attend)  # [1, 1, hd] rows
+        return softcap(self.head(self._final(x[:, -1])).float(), self.final_cap)
+
+    def _final(self, h: torch.Tensor) -> torch.Tensor:
+        return rms(h, self.norm.weight, self.eps, self.offset)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """``[b, hidden] -> [b, vocab]`` float32: a bf16 head for one sequence on quantkit's native
         matrix-vector product (PyTorch's reads ~9 GB/s on a CPU), anything else through the module."""
         if self._head_matvec and h.shape[0] == 1:
-            return bf16_matvec(h[0], self.head.weight)[None]
-        return self.head(h).float()
+            return softcap(bf16_matvec(h[0], self.head.weight)[None], self.final_cap)
+        return softcap(self.head(h).float(), self.final_cap)
 
     @property
     def native_step(self) -> bool:
@@ -330,9 +355,3 @@ def _eps(norm: nn.Module) -> float:
         if hasattr(norm, attr):
             return float(getattr(norm, attr))
     raise LeanUnsupported(f"{type(norm).__name__} has no epsilon attribute")
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama RMSNorm (float32 statistics, weight applied in x's dtype), with
-    PyTorch's fused kernel for the normalisation (the same numbers, three ops instead of eight)."""
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)

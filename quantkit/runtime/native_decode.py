@@ -99,7 +99,7 @@ def build_plan(lm) -> DecodePlan | None:
     cache row 0 (the one sequence it decodes), or None where the step cannot run: the kernels
     unavailable, attention not in float32, q/k norms, heads not shared evenly by the kv heads, or
     a linear not on the native int4 kernel."""
-    if not available() or lm.attn_dtype != torch.float32:
+    if not available() or lm.attn_dtype != torch.float32 or not lm.plain:  # plain: Llama's block exactly
         return None
     if lm.layers[0].q_norm is not None or lm.n_heads % lm.n_kv:
         return None

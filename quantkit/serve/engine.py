@@ -6,7 +6,7 @@ its row joins the batch; a finished or cancelled sequence leaves at the end of t
 beyond ``max_batch`` wait in a bounded queue; `submit` raises `QueueFull` when that is full.
 
 The batch (`quantkit.serve.batch`) runs on quantkit's lean forward wherever ``quantkit generate``
-does (Llama, Mistral, Qwen2, Qwen3 without a quantized KV cache): one static cache row per sequence
+does (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3 without a quantized KV cache): one static cache row per sequence
 at its own position, and a lone sequence takes generate's own step (on an int4 checkpoint with the
 native kernels, the one-call native decode step), so at batch 1 the server decodes what and as fast
 as ``generate``. Rows decoded together go through the same modules with the other rows beside
@@ -57,10 +57,10 @@ from quantkit.runtime.generate import (
     make_generator,
     model_device,
     sample_next,
-    token_logprobs,
 )
 from quantkit.runtime.rowwise import use_row_attention
 from quantkit.serve.batch import batch_for
+from quantkit.serve.logprobs import TokenLogprob, token_entry
 
 log = logging.getLogger("quantkit.serve")
 
@@ -71,17 +71,6 @@ class QueueFull(Exception):
 
 class EngineStopped(Exception):
     """The engine is not running."""
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One generated token for a request that asked for ``logprobs``: its text, log-probability
-    under the model's raw distribution, and the top alternatives ``[(text, logprob), ...]``."""
-
-    token_id: int
-    text: str
-    logprob: float
-    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -330,16 +319,7 @@ class Engine:
             return 0
 
     def _logprob(self, s: _Seq, logits: torch.Tensor, tok: int) -> TokenLogprob:
-        """``tok``'s entry; each token's text is what it adds after the few ids before it (a
-        SentencePiece token decoded alone loses its leading space)."""
-        lp, alternatives = token_logprobs(logits, tok, s.params.logprobs)
-        base = self._detok.decode(s.recent, skip_special_tokens=False)
-
-        def text(t: int) -> str:
-            full = self._detok.decode(s.recent + [t], skip_special_tokens=False)
-            return full[len(base):] if full.startswith(base) else self._detok.decode([t], skip_special_tokens=False)
-
-        entry = TokenLogprob(tok, text(tok), lp, tuple((text(t), v) for t, v in alternatives))
+        entry = token_entry(self._detok, s.recent, logits, tok, s.params.logprobs)
         s.recent = s.recent[1:] + [tok] if len(s.recent) >= 4 else s.recent + [tok]
         return entry
 

@@ -77,6 +77,32 @@ def test_w8a8_dynamic_reloads_with_quantkit_outputs(tok, tmp_path, calib_ids):
             assert torch.equal(theirs.get_submodule(name).weight.float(), w), name
 
 
+def test_w8a8_default_reload_quantizes_inputs_per_token(tok, tmp_path):
+    """transformers' default load of the W8A8 export keeps the scheme: compressed-tensors fake-quantizes
+    each linear's input per token (its grid absmax / 127.5) over the exact int8 weights; quantkit's
+    Int8Linear uses absmax / 127 (vLLM's int8 kernel's). Both emulated here, module by module."""
+    from transformers import AutoModelForCausalLM
+
+    r = _export(tmp_path, tok, "smoothquant", {"alpha": 0.5}, calib_ids=torch.randint(0, 128, (4, 32)))
+    assert r.exit_code == 0, r.output
+    ours, _ = load_model(str(tmp_path / "qk"))
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32)
+    with torch.no_grad():
+        theirs(torch.randint(0, 128, (1, 4)))  # the first forward decompresses the weights
+    name = "model.layers.1.mlp.down_proj"
+    x = torch.randn(1, 5, ours.get_submodule(name).in_features, generator=torch.Generator().manual_seed(0)) * 3
+
+    def emulate(mod, levels):
+        w = mod.qweight.float() * mod.w_scales.float()[:, None]
+        s = x.abs().amax(-1, keepdim=True) / levels
+        return (torch.round(x / s).clamp(-128, 127) * s) @ w.T
+
+    with torch.no_grad(), use_backend("reference"):
+        mod = ours.get_submodule(name)
+        torch.testing.assert_close(mod(x), emulate(mod, 127.0), rtol=0, atol=1e-5)
+        torch.testing.assert_close(theirs.get_submodule(name)(x), emulate(mod, 127.5), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("method,opts,match", [
     ("rtn", {"bits": 3, "group_size": 32}, "3-bit"),
     ("sparsegpt", {"pattern": "2:4", "packed": True}, "N:M sparsity"),

@@ -150,7 +150,22 @@ def test_engines_table_reads_quantkit_checkpoints_through_transformers(tmp_path)
     out = tmp_path / "e.json"
     rc = engines_table.main(TINY + ["--group-size", "-1", "--out", str(tmp_path / "e.md"), "--json-out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [r["name"] for r in rows] == ["GPTQ W4", "SmoothQuant W8A8"]
+    assert [r["name"] for r in rows] == ["GPTQ W4", "SmoothQuant W8A8", "SparseGPT 2:4 + W4"]
     assert rc == 0 and all(r["within_0.5%"] for r in rows), rows
+    assert rows[2]["2:4 zeros kept by the reload"] is True
     gptq = rows[0]["perplexity"]
     assert gptq["transformers from_pretrained (quantkit checkpoint)"] == pytest.approx(gptq["quantkit"], rel=1e-4)
+
+
+def test_bench_families_times_both_forwards_on_each_family(tmp_path):
+    """Issue 19's benchmark at toy sizes (speed is not asserted here: a benchmark's job)."""
+    import json
+
+    from quantkit.eval import bench_families
+
+    out = tmp_path / "f.json"
+    bench_families.main(["--families", "gemma3,llama", "--hidden", "128", "--layers", "2", "--window", "8",
+                         "--prompt-len", "12", "--gen-len", "4", "--repeat", "1", "--json-out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["family"] for r in rows] == ["gemma3", "llama"]
+    assert all(r["decode_tokens_per_s"]["lean"] > 0 and r["decode_tokens_per_s"]["transformers"] > 0 for r in rows)

@@ -24,6 +24,19 @@ def _family(name: str, **extra):
     return model
 
 
+def _gemma3(window: int = 6):
+    """A tiny Gemma 3 text model: a local (sliding, its own RoPE base) and a global layer."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(**SMALL, head_dim=16, sliding_window=window,
+                                        layer_types=["sliding_attention", "full_attention"])
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(0.3 * torch.randn_like(p))  # Gemma weighs by 1 + w
+    return model
+
+
 def _hf_steps(model, ids, steps):
     """transformers' logits for the prompt's last position, then for each greedy step."""
     cache = DynamicCache(config=model.config)
@@ -50,7 +63,12 @@ def _lean_steps(model, ids, steps):
     lambda: _family("Qwen3", head_dim=16),  # per-head q/k norms
     lambda: _family("Llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-], ids=["llama", "mistral", "qwen2", "qwen3", "llama3-rope"])
+    lambda: _family("Mistral", sliding_window=6),  # a window shorter than the prompt: prefill mask, decode slice
+    lambda: _family("Gemma", head_dim=16),  # (1 + w) norms, scaled embeddings, GELU
+    lambda: _family("Gemma2", head_dim=16, sliding_window=6),  # sandwich norms, soft-caps, alternating windows
+    _gemma3,  # q/k norms, a RoPE table per layer type
+    lambda: _family("Phi3", sliding_window=6, pad_token_id=0),  # fused qkv and gate_up projections
+], ids=["llama", "mistral", "qwen2", "qwen3", "llama3-rope", "mistral-window", "gemma", "gemma2", "gemma3", "phi3"])
 def test_matches_transformers_prefill_and_decode(build):
     model = build()
     ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -90,16 +108,17 @@ def test_packed_model_bf16(stories, monkeypatch):
 
 def test_unsupported_models_say_why():
     assert lean_or_none(tiny_opt())[0] is None and "opt" in lean_or_none(tiny_opt())[1]
-    model = _family("Mistral", sliding_window=16)
-    with pytest.raises(LeanUnsupported, match="sliding window"):
+    model = _family("Llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(LeanUnsupported, match="dynamic"):
         LeanLM(model, max_len=64)
-    assert LeanLM(model, max_len=16).max_len == 16  # within the window it is exact
+    assert not LeanLM(_gemma3(), 16).plain and LeanLM(tiny_llama(0), 16).plain  # only Llama's block runs natively
     lm = LeanLM(tiny_llama(0), max_len=8)
     with pytest.raises(ValueError, match="holds 8 positions"):
         lm.forward(torch.zeros(1, 9, dtype=torch.long))
 
 
-@pytest.mark.parametrize("build", [lambda: tiny_llama(0), lambda: _family("Qwen3", head_dim=16)], ids=["llama", "qwen3"])
+@pytest.mark.parametrize("build", [lambda: tiny_llama(0), lambda: _family("Qwen3", head_dim=16),
+                                   lambda: _family("Gemma2", head_dim=16, sliding_window=4)], ids=["llama", "qwen3", "gemma2"])
 def test_static_step_equals_forward(build):
     """The CUDA-graph form of a decode step (fixed shapes: index_copy into the cache, attention over
     all of it under a mask) gives forward's logits and leaves the same cache, batch 2."""
@@ -165,14 +184,18 @@ def _alone(model, prompt, steps):
     return out
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["float", "int4"])
-def test_rows_of_their_own_lengths_decode_as_they_would_alone(stories, packed):
+@pytest.mark.parametrize("kind", ["float", "int4", "gemma3-window"])
+def test_rows_of_their_own_lengths_decode_as_they_would_alone(stories, kind):
     """The serving engine's use: rows prefilled one at a time (the cache grows from 4 columns and
     1 row), stepped together at their own positions, a row dropped and the rest moved up; each
-    row's logits are those it gets alone (the lone last row on the native step when int4)."""
+    row's logits are those it gets alone (the lone last row on the native step when int4; with
+    Gemma 3's 4-token window, each row's own window)."""
     model, _ = stories
+    packed = kind == "int4"
     if packed:
         api.compress(model, "rtn", {"bits": 4, "group_size": -1}, pack=True)
+    if kind == "gemma3-window":
+        model = _gemma3(window=4)
     prompts = [[1, 5, 9], [1, 7, 3, 8, 2, 11, 4], [1, 2]]
     refs = [_alone(model, p, 6) for p in prompts]
     lm = LeanLM(model, 64, batch=1, capacity=4)
