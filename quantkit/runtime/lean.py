@@ -117,7 +117,7 @@ class LeanLM:
         self.attn_cap = getattr(cfg, "attn_logit_softcapping", None)
         self.final_cap = getattr(cfg, "final_logit_softcapping", None)
         blocks = spec.blocks(model)
-        windows = layer_windows(cfg, len(blocks))
+        windows = [w if w and w < max_len else None for w in layer_windows(cfg, len(blocks))]  # wider: no effect
         types = getattr(cfg, "layer_types", None) if getattr(rotary, "layer_types", None) else None
         self.layers = [_layer(block, dec, windows[i], types[i] if types else "default") for i, block in enumerate(blocks)]
         attn = get_module(blocks[0], dec.attention)
@@ -159,8 +159,9 @@ class LeanLM:
             return t
 
         none = [None] * len(self.layers)
-        self.k_cache = [fresh(t) for t in getattr(self, "k_cache", None) or none]
-        self.v_cache = [fresh(t) for t in getattr(self, "v_cache", None) or none]
+        k = [fresh(t) for t in getattr(self, "k_cache", None) or none]
+        v = [fresh(t) for t in getattr(self, "v_cache", None) or none]
+        self.k_cache, self.v_cache = k, v  # both or neither (an allocation failure leaves the old pair)
         self.capacity = shape[2]
         self._plan = None  # the native step points into the caches
         self.graphed = None  # a captured CUDA-graph step (quantkit.runtime.cudagraph) reads these caches
@@ -269,9 +270,9 @@ class LeanLM:
         b = ids.shape[0]
         if b == 1:  # a lone row: generate's own step (the native one, or the torch ops of `forward`)
             at = int(pos[0])
+            self.reserve(1, at + 1)  # first: growing the cache rebuilds the native plan over the new one
             if self.native and self._native_plan():
                 return self._native_step(ids[0, 0], at)
-            self.reserve(1, at + 1)
             return self._logits(self._final(self._prefix(ids, at, [c[:1] for c in self.k_cache],
                                                          [c[:1] for c in self.v_cache])))
         ends = (pos + 1).tolist()
@@ -291,6 +292,7 @@ class LeanLM:
         h = self._blocks(self.embed(ids), lambda t: t[pos][:, None, None, :], attend)[:, -1]  # [b, 1, 1, hd] rows
         return self._logits(self._final(h))
 
+    @torch.inference_mode()
     def keep_rows(self, rows: list[int], columns: int) -> None:
         """Move cache rows ``rows`` (in that order) to the front, their first ``columns`` positions."""
         if rows == list(range(len(rows))) or not rows:

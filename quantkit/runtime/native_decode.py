@@ -57,6 +57,8 @@ class DecodePlan:
         place to the last block's output."""
         if x.numel() != self.dims.d:
             raise ValueError(f"the plan's blocks take {self.dims.d} features, not {x.numel()}")
+        if not 0 <= pos < self.dims.max_len:  # the C step writes the cache unchecked
+            raise ValueError(f"position {pos} is outside the plan's cache of {self.dims.max_len} positions")
         return native_decode.decode_layers(self._structs, self.dims, x, pos, self.cos[pos], self.sin[pos])
 
 

@@ -200,6 +200,9 @@ class _Handles:
 def _submit(engine: Engine, req: GenRequest, inbox: _Inbox) -> _Handles:
     """One engine request per choice (choice i seeded with seed + i); all or none are queued."""
     handles = _Handles()
+    if req.n > engine.max_batch + engine.max_queue:
+        raise ApiError(400, f"'n' = {req.n} is more than this server runs and queues at once "
+                            f"({engine.max_batch} + {engine.max_queue})", param="n", code="invalid_value")
     try:
         for i in range(req.n):
             params = req.params

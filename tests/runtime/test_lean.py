@@ -218,3 +218,22 @@ def test_rows_of_their_own_lengths_decode_as_they_would_alone(stories, kind):
     for r in range(3):
         for g, ref in zip(got[r], refs[r]):
             assert (g - ref).abs().max() <= (1e-3 if packed else 1e-5) * ref.abs().max()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["float", "int4"])
+def test_a_lone_row_grows_the_cache_as_it_decodes(stories, packed):
+    """The serving engine's last row decoding past the allocated columns: the cache grows first (the
+    native step, where it runs, is rebuilt over the new cache rather than writing past the old one)."""
+    model, _ = stories
+    if packed:
+        api.compress(model, "rtn", {"bits": 4, "group_size": -1}, pack=True)
+    ref = _alone(model, [1, 5, 9], 6)
+    lm = LeanLM(model, 64, capacity=4)
+    with torch.inference_mode():
+        got = [lm.prefill_row(0, torch.tensor([[1, 5, 9]]))]
+        for step in range(6):
+            got.append(lm.step_rows(got[-1].argmax(-1, keepdim=True), torch.tensor([3 + step])))
+    assert lm.capacity >= 9
+    for g, r in zip(got, ref):
+        assert (g - r).abs().max() <= (1e-3 if packed else 1e-5) * r.abs().max()
+    assert LeanLM(_family("Mistral", sliding_window=4096), 64).plain  # a window wider than the cache: none

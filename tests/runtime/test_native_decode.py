@@ -58,6 +58,8 @@ def test_plan_shares_each_modules_converted_weight_and_decodes_row_0(stories):
     assert plan.layers[1].weights[6] is lm.layers[1].down.kernel_weight is not None
     with pytest.raises(ValueError, match="features"):
         plan.step(torch.zeros(plan.dims.d + 1), 0)
+    with pytest.raises(ValueError, match="outside"):  # the C step would write past the cache
+        plan.step(torch.zeros(plan.dims.d), plan.dims.max_len)
     lm.reset(batch=2)
     plan = build_plan(lm)
     assert plan.layers[3].k_cache.data_ptr() == lm.k_cache[3][0].data_ptr() and plan.dims.max_len == lm.capacity

@@ -120,3 +120,10 @@ def test_chat_template_is_the_tokenizers(model_tok, client):
         assert r.json()["usage"]["prompt_tokens"] == len(want)
     finally:
         tok.chat_template = old
+
+
+def test_more_choices_than_the_server_holds_is_a_400(model_tok):
+    model, tok = model_tok
+    with TestClient(create_app(Engine(model, tok, max_batch=1, max_queue=0), NAME)) as c:
+        r = c.post("/v1/completions", json={"model": NAME, "prompt": "Once", "max_tokens": 2, "n": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
