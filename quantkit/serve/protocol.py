@@ -331,15 +331,15 @@ def completion_logprobs(entries, offset: int = 0) -> dict:
         offsets.append(offset)
         offset += len(e.text)
     return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{**dict(e.top), e.text: e.logprob} for e in entries], "text_offset": offsets}
+            "top_logprobs": [{**{t: v for t, v, _ in e.top}, e.text: e.logprob} for e in entries], "text_offset": offsets}
 
 
 def chat_logprobs(entries) -> dict:
     """The chat ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}, ...]}``."""
-    def item(text: str, logprob: float) -> dict:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    def item(text: str, logprob: float, raw) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
-    return {"content": [{**item(e.text, e.logprob), "top_logprobs": [item(t, v) for t, v in e.top]} for e in entries]}
+    return {"content": [{**item(e.text, e.logprob, e.bytes), "top_logprobs": [item(*t) for t in e.top]} for e in entries]}
 
 
 def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:

@@ -127,3 +127,16 @@ def test_more_choices_than_the_server_holds_is_a_400(model_tok):
     with TestClient(create_app(Engine(model, tok, max_batch=1, max_queue=0), NAME)) as c:
         r = c.post("/v1/completions", json={"model": NAME, "prompt": "Once", "max_tokens": 2, "n": 2})
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def test_token_bytes_are_the_tokens_own(model_tok):
+    """A byte-fallback piece reports its byte, not U+FFFD's UTF-8; GPT-2's byte-level alphabet maps back."""
+    from quantkit.serve.logprobs import _byte_level_decoder, token_bytes
+
+    _, tok = model_tok
+    byte_id = tok.convert_tokens_to_ids("<0xE2>")
+    assert token_bytes(tok, byte_id, "\ufffd") == (0xE2,)
+    word = tok.convert_tokens_to_ids("\u2581ha")
+    assert token_bytes(tok, word, " ha") == tuple(b" ha")
+    d = _byte_level_decoder()
+    assert len(d) == 256 and d["\u0120"] == 32 and d["\u0100"] == 0 and d["a"] == 97 and d["\u00ff"] == 255
