@@ -35,9 +35,7 @@ def imported(importer: Callable, method: str) -> Callable:
 
     def load(directory, dtype):
         model = importer(directory, dtype)
-        modules = {name: {"kind": "quant", "bits": m.bits, "group_size": -1 if m.group_size == m.in_features else m.group_size,
-                          "sym": m.sym, "act_order": m.act_order}
-                   for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+        modules = {name: m.config_entry() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
         first = next(iter(modules.values()), {})
         model.config.quantization_config = QuantkitConfig.from_dict({
             "quant_method": QUANT_METHOD, "format": FORMAT, "format_version": 1, "method": f"imported-{method}",

@@ -71,6 +71,15 @@ FP16_MAX = 65504.0  # the largest float16: scales are stored in float16, so none
 ACT_DEFAULTS = {"act_bits": None, "act_clip": 1.0, "act_group_size": -1, "act_sym": True}
 
 
+def act_entry(obj) -> dict:
+    """The activation settings a checkpoint's module entry records for ``obj`` (anything with the
+    :data:`ACT_DEFAULTS` attributes): ``act_bits`` and the others that differ from their default,
+    or nothing for weight-only modules."""
+    if not obj.act_bits:
+        return {}
+    return {k: getattr(obj, k) for k, d in ACT_DEFAULTS.items() if k == "act_bits" or getattr(obj, k) != d}
+
+
 def activation_problem(act_bits=None, act_clip=1.0, act_group_size=-1, act_sym=True, in_features: int | None = None) -> str:
     """What is wrong with activation settings (see :data:`ACT_DEFAULTS`), or ``""``: ``act_bits``
     8 or 4 (or None), ``act_clip`` in (0, 1], ``act_group_size`` -1 (one scale per token) or a

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quantkit.core.quant import ACT_DEFAULTS, QuantSpec
+from quantkit.core.quant import ACT_DEFAULTS, QuantSpec, act_entry
 from quantkit.core.sparsity import nm_compress
 
 
@@ -37,9 +37,7 @@ class QuantizedWeight:
         """This module's entry in ``quantization_config["modules"]``."""
         entry = {"kind": self.kind, "bits": self.spec.bits, "group_size": self.spec.group_size, "sym": self.spec.sym,
                  "act_order": self.g_idx is not None}
-        if self.act_bits:
-            entry.update({k: getattr(self, k) for k, d in ACT_DEFAULTS.items() if k == "act_bits" or getattr(self, k) != d})
-        return entry
+        return {**entry, **act_entry(self)}
 
     def activations(self) -> dict:
         """The run-time activation settings, keyed as :data:`quantkit.core.quant.ACT_DEFAULTS`."""

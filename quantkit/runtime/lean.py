@@ -273,8 +273,9 @@ class LeanLM:
             self.reserve(1, at + 1)  # first: growing the cache rebuilds the native plan over the new one
             if self.native and self._native_plan():
                 return self._native_step(ids[0, 0], at)
-            return self._logits(self._final(self._prefix(ids, at, [c[:1] for c in self.k_cache],
-                                                         [c[:1] for c in self.v_cache])))
+            one = self.k_cache[0].shape[0] == 1  # else views of row 0 (a batch that shrank to one row)
+            kc, vc = (self.k_cache, self.v_cache) if one else ([c[:1] for c in self.k_cache], [c[:1] for c in self.v_cache])
+            return self._logits(self._final(self._prefix(ids, at, kc, vc)))
         ends = (pos + 1).tolist()
         self.reserve(b, max(ends))
         rows = torch.arange(b, device=pos.device)

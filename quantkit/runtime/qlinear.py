@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit.core.quant import ACT_DEFAULTS, dequantize, group_index, symmetric_zero
+from quantkit.core.quant import ACT_DEFAULTS, act_entry, dequantize, group_index, symmetric_zero
 from quantkit.pack.bits import pack_bits, packed_row_bytes, unpack_bits
 from quantkit.runtime.actquant import act_quant_forward
 
@@ -87,6 +87,11 @@ class QuantLinear(nn.Module):
         return cls(in_features, out_features, int(entry["bits"]), int(entry["group_size"]), bool(entry["sym"]),
                    bias=bias, act_order=bool(entry.get("act_order")), dtype=dtype,
                    **{k: entry.get(k, d) for k, d in ACT_DEFAULTS.items()})
+
+    def config_entry(self) -> dict:
+        """This module's ``quantization_config["modules"]`` entry: what :meth:`from_entry` rebuilds it from."""
+        return {"kind": "quant", "bits": self.bits, "group_size": -1 if self.group_size == self.in_features else self.group_size,
+                "sym": self.sym, "act_order": self.act_order, **act_entry(self)}
 
     # ---- views --------------------------------------------------------------------
     def codes(self) -> torch.Tensor:

@@ -55,7 +55,6 @@ from quantkit.runtime.generate import (
     context_length,
     eos_token_ids,
     make_generator,
-    model_device,
     sample_next,
 )
 from quantkit.runtime.rowwise import use_row_attention
@@ -129,7 +128,6 @@ class Engine:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model = model
-        self.device = model_device(model)  # token ids, positions and masks are made there
         self.tokenizer = tokenizer  # for callers (encoding requests on their own threads)
         # the engine thread detokenizes with its own copy: a Rust tokenizer shared across threads can
         # fail with "Already borrowed" when one thread changes its padding/truncation state

@@ -34,15 +34,10 @@ class TokenLogprob:
 
 @cache
 def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, character -> byte (printable bytes stand for themselves)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
-    chars, n = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(keep, chars)}
+    """GPT-2's byte-level alphabet, character -> byte (transformers' own table, inverted)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def token_bytes(tokenizer, token_id: int, text: str) -> tuple[int, ...]:

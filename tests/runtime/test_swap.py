@@ -48,3 +48,12 @@ def test_built_module_round_trips_through_its_checkpoint_entry(result):
 def test_an_unknown_result_type_is_refused():
     with pytest.raises(TypeError, match="no runtime module"):
         to_module(object(), None, torch.float32)
+
+
+@pytest.mark.parametrize("act_bits,group", [(None, 8), (8, -1)])
+def test_a_quant_module_describes_itself_as_its_result_does(act_bits, group):
+    """QuantLinear.config_entry (what an imported model's config is built from) is its result's entry."""
+    w = torch.randn(12, 16, generator=torch.Generator().manual_seed(2))
+    spec = QuantSpec(4, group, sym=act_bits is None)
+    result = QuantizedWeight(*quantize_rtn(w, spec), spec, act_bits=act_bits, act_clip=0.9 if act_bits else 1.0)
+    assert to_module(result, None, torch.float32).config_entry() == result.config_entry()
