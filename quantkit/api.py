@@ -34,6 +34,7 @@ from quantkit.data import CalibSpec, calibration_samples
 from quantkit.errors import QuantkitError, WriteError, os_reason
 from quantkit.memory import return_large_frees_to_os
 from quantkit.models.load import load_tokenizer
+from quantkit.models.moe import unfuse_experts
 from quantkit.models.safetensors import write_safetensors
 from quantkit.models.skeleton import StreamSource, count_nonfinite
 from quantkit.checkpoint.formats import load_model  # noqa: F401  (re-exported)
@@ -120,6 +121,7 @@ def compress(model, method_name: str, options: dict | object, *, tokenizer=None,
     method_cls = get_method(method_name)
     return_large_frees_to_os()  # see quantkit.memory: keeps peak RSS near model + one block's activations
     check_finite(model)
+    unfuse_experts(model)  # MoE: per-expert linears every method works on
     check_uncompressed(model)
     config = options if dataclasses.is_dataclass(options) else make_config(method_name, dict(options))
     method = method_cls(config)

@@ -22,6 +22,8 @@ aliases and at most :data:`MAX_DEPTH` levels deep (:class:`RecipeLoader`).
 
 from __future__ import annotations
 
+import difflib
+
 import copy
 import dataclasses
 import types
@@ -137,7 +139,9 @@ def _build_step(i: int, raw) -> Step:
         if key == "method":
             continue
         if key not in kinds:
-            raise QuantkitError(f"{where}: unknown key {excerpt(key)} for method {method!r} (allowed: {', '.join(sorted(kinds))})")
+            close = difflib.get_close_matches(str(key)[:100], sorted(kinds), n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else f"its {len(kinds)} options are in its command's --help"
+            raise QuantkitError(f"{where}: unknown key {excerpt(key)} for method {method!r} ({hint})")
         if key == "overrides":
             value = _overrides(where, value, kinds)
         elif key == "ignore":

@@ -103,3 +103,38 @@ def cli_killed_after_block(last: int) -> list[str]:
     """``python`` arguments running ``quantkit`` (append the CLI's own) in a process killed with
     SIGKILL once block ``last`` of a ``--stream`` run is written."""
     return ["-c", _KILLED_AFTER_BLOCK.format(last=last)]
+
+
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3")
+
+
+def tiny_moe(family: str, seed: int = 0, *, experts: int = 4, top_k: int = 2, layers: int = 2, **extra) -> nn.Module:
+    """A random mixture-of-experts model of ``family`` (one of :data:`MOE_FAMILIES`) in transformers'
+    own classes (fused experts), hidden 64, every block an MoE block; non-trivial norms and biases."""
+    import transformers
+
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, max_position_embeddings=256)
+    configs = {
+        "mixtral": ("MixtralConfig", dict(intermediate_size=32, num_local_experts=experts)),
+        "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=32, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                             num_experts=experts)),
+        "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=32, moe_intermediate_size=32, num_experts=experts, norm_topk_prob=True)),
+        "olmoe": ("OlmoeConfig", dict(intermediate_size=32, num_experts=experts)),
+        "gpt_oss": ("GptOssConfig", dict(intermediate_size=32, num_local_experts=experts, layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2))),
+        "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, head_dim=8, intermediate_size=64, moe_intermediate_size=32,
+                                                 n_routed_experts=experts, n_group=1, topk_group=1, first_k_dense_replace=0,
+                                                 q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                                 v_head_dim=16)),
+    }
+    name, own = configs[family]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, name)(**{**common, **own, "num_experts_per_tok": top_k, **extra})
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n and "weight" in n:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif "bias" in n:
+                p.normal_(0, 0.05)
+    return model

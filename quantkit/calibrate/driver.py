@@ -34,6 +34,7 @@ from quantkit.core.types import CompressionResult, LayerRecord, QuantizedWeight
 from quantkit.devices import resolve_device
 from quantkit.errors import QuantkitError
 from quantkit.models.arch import ArchSpec, LinearGroup, arch_for, get_module, set_module, weight_out_in
+from quantkit.models.moe import ExpertCalibration, all_experts, routing_tally, unfuse_experts
 from quantkit.core.hessian import HessianAccumulator
 from quantkit.core.stats import ActStats
 
@@ -164,6 +165,7 @@ class BlockContext:
         self.to_module = to_module
         self._moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original, its copy on self.device)
         self.offload = False  # the block visits self.device from elsewhere: results go back to the CPU
+        self.experts = ExpertCalibration()  # MoE: which experts calibrate on what (quantkit.models.moe)
 
     # -- modules ------------------------------------------------------------------
     @property
@@ -249,12 +251,14 @@ class BlockContext:
                 stats[name] = acc
             handles.append(first.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), routing_tally(self.block) as tally, all_experts(self.block, self.experts.all_experts):
                 for hidden, kwargs in self.inputs:
                     self.run(hidden, kwargs)  # only the hooks' statistics are kept
         finally:
             for h in handles:
                 h.remove()
+        for name, counts in tally.items():  # MoE: tokens routed to each expert (one pass over the calibration data)
+            self.result.extra.setdefault("expert_tokens", {})[self.full_name(name)] = counts.tolist()
         return stats
 
 
@@ -339,6 +343,7 @@ def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor
     and moved back (sequential onloading); activations wait in CPU memory between blocks and
     results are kept there."""
     hooks = BlockHooks() if hooks is None else hooks
+    unfuse_experts(model)  # MoE: per-expert linears (a no-op once done, and for dense models)
     arch = arch_for(model)
     method.check(model, arch)
     result = CompressionResult()
@@ -361,6 +366,8 @@ def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor
             block.to(device)
         ctx = BlockContext(i, f"{arch.blocks_path}.{i}", block, arch, inputs, result, device, to_module)
         ctx.offload = onload
+        ctx.experts = ExpertCalibration(bool(getattr(method.config, "all_experts", False)),
+                                        int(getattr(method.config, "expert_min_tokens", 0)))
         with torch.no_grad():
             method.process_block(ctx)
             if inputs is not None and i + 1 < len(blocks):

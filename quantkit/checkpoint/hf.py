@@ -67,8 +67,10 @@ class QuantkitHfQuantizer(HfQuantizer):
                                 "upgrade quantkit")
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        from quantkit.models.moe import unfuse_experts
         from quantkit.runtime.swap import swap_in_runtime_modules
 
+        unfuse_experts(model)  # MoE: the per-expert modules the checkpoint stores
         swap_in_runtime_modules(model, self.quantization_config.modules)
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:

@@ -43,6 +43,7 @@ from quantkit.models.skeleton import model_from_config
 
 FORMAT = "quantkit-v1"
 ALLOCATION_FILE = "allocation.json"  # beside a --target-bpw checkpoint: each linear's format, bits and estimated cost
+EXPERT_TOKENS_FILE = "expert_tokens.json"  # beside an MoE checkpoint: calibration tokens routed to each expert
 FORMAT_VERSION = 3  # the newest this quantkit writes and reads; a checkpoint says the oldest that reads it right:
 # 2: a rotation's online transforms or integer activations (act_bits), which version 1 readers would ignore;
 # 3: activation grids beyond act_bits (act_clip, act_group_size, act_sym), which version 2 readers would ignore
@@ -147,6 +148,8 @@ def save_metadata(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | No
         tokenizer.save_pretrained(out_dir)
     if result is not None:
         write_log(out_dir / "quant_log.csv", result)
+        if "expert_tokens" in result.extra:  # MoE: calibration tokens routed to each expert, per block
+            (out_dir / EXPERT_TOKENS_FILE).write_text(json.dumps(result.extra["expert_tokens"], indent=1) + "\n")
         if "allocation" in result.extra:  # --target-bpw: the format each linear got, and why
             (out_dir / ALLOCATION_FILE).write_text(json.dumps(result.extra["allocation"], indent=2) + "\n")
 

@@ -50,7 +50,21 @@ def _quantize_fields(job: MethodJob, res) -> dict:
               "bits_per_weight": None if job.stream else bits_per_weight(job.m)}
     if budget is not None:
         fields["target_bpw"] = budget
-    return {**fields, "modules": len(res.quantized), "stream": job.stream}
+    return {**fields, "modules": len(res.quantized), "stream": job.stream, **_expert_fields(res)}
+
+
+def _expert_fields(res) -> dict:
+    """MoE runs: the calibration tokens routed to each expert (min and max over every block) and
+    the experts that fell back for want of them (by name, also in quant_log.csv); printed on stderr too."""
+    tokens = res.extra.get("expert_tokens")
+    if not tokens:
+        return {}
+    counts = [c for per_block in tokens.values() for c in per_block]
+    starved = sorted({r.module.rsplit(".", 1)[0] for r in res.log if "calibration token(s)" in r.note})
+    err_console.print(f"experts: {len(counts)} in {len(tokens)} blocks, {min(counts)} to {max(counts)} calibration tokens "
+                      f"routed to each; {len(starved)} fell back for too few" + (f" ({', '.join(starved[:4])}"
+                                                                                 f"{', ...' if len(starved) > 4 else ''})" if starved else ""))
+    return {"experts": {"count": len(counts), "tokens_min": min(counts), "tokens_max": max(counts), "fell_back": starved}}
 
 
 def _prune_fields(job: MethodJob, res) -> dict:
@@ -58,7 +72,7 @@ def _prune_fields(job: MethodJob, res) -> dict:
     bits = getattr(cfg, "bits", None)
     return {"sparsity": cfg.sparsity, "pattern": cfg.pattern, "packed": cfg.packed, "bits": bits,
             "group_size": getattr(cfg, "group_size", None) if bits else None, "modules": sp["modules"],
-            "sparsity_overall": sp["overall"], "sparsity_min": sp["min"], "sparsity_max": sp["max"]}
+            "sparsity_overall": sp["overall"], "sparsity_min": sp["min"], "sparsity_max": sp["max"], **_expert_fields(res)}
 
 
 def _prune_check(method: str, options: dict) -> None:

@@ -118,6 +118,17 @@ def select_mask(scores: torch.Tensor, target: SparsityTarget, per_row: bool = Tr
     return topk_mask(scores, target.sparsity, per_row)
 
 
+def magnitude_prune(W: torch.Tensor, target: SparsityTarget) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(w_hat, mask True = pruned, sum of pruned w^2)``: the lowest |w| of the whole layer
+    (unstructured, as the SparseGPT and Wanda papers' baseline) or of each N:M group.
+
+        >>> w_hat, mask, _ = magnitude_prune(torch.randn(4, 8), SparsityTarget(0.5))
+    """
+    W = W.float()
+    mask = select_mask(W.abs(), target, per_row=False)
+    return W.masked_fill(mask, 0), mask, float(W[mask].pow(2).sum())
+
+
 def nm_valid(w: torch.Tensor, n: int, m: int) -> bool:
     """Does every group of ``m`` consecutive columns of every row hold at most ``n`` nonzeros?"""
     out_f, in_f = w.shape

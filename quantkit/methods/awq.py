@@ -14,7 +14,6 @@ clip search on ``clip_tokens``, which keeps AWQ cheaper than GPTQ on the same ca
 
 The search is separate from the apply: :func:`search_scale` and :func:`search_clip` are plain
 functions of tensors whose results (``ScaleResult``, ``ClipResult``) :mod:`quantkit.core.transforms` applies.
-
     >>> s, alpha, loss, history = search_scale(x_mean, [w], loss_fn, [QuantSpec(4, 64)])
     >>> max_val = search_clip(w * s, x[:512] / s, QuantSpec(4, 64))
 """
@@ -248,7 +247,7 @@ class _Captured:
         for n, xs in tokens.items():
             x = torch.cat(xs)
             self.calls[n] = [((x[: cfg.search_tokens or None].unsqueeze(0),), {})]  # [1, tokens, d]
-        self.clip_x = {n: torch.cat(xs)[: cfg.clip_tokens] for n, xs in self.clip_x.items()}
+        self.clip_x = {n: torch.cat(xs)[: cfg.clip_tokens] for n, xs in self.clip_x.items() if xs}  # none: an expert no token reached
         with torch.no_grad():  # reference outputs of the float block
             self.ref = {n: [_run(ctx.module(n), a, k) for a, k in self.calls[n]] for n in names}
 
@@ -286,15 +285,17 @@ def _inspected(g: LinearGroup) -> tuple[str, ...]:
 
 
 def awq_block(ctx: BlockContext, cfg: AWQConfig) -> tuple[list[ScaleResult], list[ClipResult], dict[str, str]]:
-    """Search and apply AWQ scales, then search and apply clipping, for one block (weights stay float).
-
-    Returns the block-relative results and ``{linear: why it was not scaled}``."""
+    """Search and apply AWQ scales, then clipping, for one block (weights stay float); returns the
+    block-relative results and ``{linear: why it was not scaled}``."""
     arch = ctx.arch
     cap = _Captured(ctx, ctx.groups, cfg)
     scales: list[ScaleResult] = []
     skipped: dict[str, str] = {}
+    starved = {n: why for g in ctx.groups if (why := ctx.experts.starved(n := g.linears[0], cap.stats[n]))}
+    for n, why in starved.items():  # experts the calibration barely reached: plain round-to-nearest, said by name
+        ctx.experts.warn(ctx.full_name(n), why, "not scaled or clipped by AWQ")
     for g in ctx.groups:  # 1. search every group on the float block (sec. 3.2)
-        blocker = fold_blocker(ctx.block, g, arch.transposed)
+        blocker = starved.get(g.linears[0]) or fold_blocker(ctx.block, g, arch.transposed)
         if blocker:
             skipped.update({n: blocker for n in g.linears})
             continue
@@ -316,6 +317,8 @@ def awq_block(ctx: BlockContext, cfg: AWQConfig) -> tuple[list[ScaleResult], lis
         by_linear = {n: r.scales for r in scales for n in r.linears}
         exclude = re.compile(cfg.clip_exclude) if cfg.clip_exclude is not None else None
         for g in ctx.groups:
+            if g.linears[0] in starved:
+                continue
             x = cap.clip_x[g.linears[0]]
             for n in g.linears:
                 spec = cfg.spec_for(ctx.full_name(n))

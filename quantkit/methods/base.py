@@ -54,6 +54,11 @@ def check_target_bpw(target_bpw) -> None:
         raise QuantkitError(f"target_bpw must be a number of bits per weight from {lo:g} to {hi:g}, got {excerpt(target_bpw)}")
 
 
+def check_expert_min_tokens(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise QuantkitError(f"expert_min_tokens must be a whole number of tokens >= 0, got {excerpt(n)}")
+
+
 def check_obs_settings(damp: float, blocksize: int) -> None:
     """The settings GPTQ and SparseGPT share (their OBS-style column loop): damping in (0, 1) and
     a positive lazy-batch block size."""
@@ -120,6 +125,12 @@ class WeightQuantConfig:
     quantize_lm_head: bool = field(default=False, metadata={
         "help": "Quantize lm_head too (untied from the embeddings, which stay float); "
                 "GPTQ calibrates it on the final norm's output."})  # see quantize_head
+    all_experts: bool = field(default=False, metadata={
+        "help": "Mixture-of-experts models: calibrate every expert on every calibration token (its output still "
+                "counts only where the router chose it), so no expert is quantized blind."})
+    expert_min_tokens: int = field(default=16, metadata={
+        "help": "Mixture-of-experts models: an expert routed fewer calibration tokens than this falls back to "
+                "round-to-nearest, named in the log (0: never)."})
 
     def __post_init__(self):
         QuantSpec(self.bits, self.group_size, self.sym, self.observer)  # validates
@@ -134,6 +145,7 @@ class WeightQuantConfig:
             raise QuantkitError("act_group_size needs contiguous weight groups: act-order without static groups "
                                 "interleaves them (drop --no-static-groups, or --act-group-size)")
         check_target_bpw(self.target_bpw)
+        check_expert_min_tokens(self.expert_min_tokens)
         check_module_patterns(self.ignore, self.overrides)
         for pattern, fields in self.overrides:
             unknown = set(fields) - {"bits", "group_size", "sym"}
@@ -236,7 +248,11 @@ def quantize_block_linears(ctx: BlockContext, quantizer: LinearQuantizer, stats_
         if spec is None:
             ctx.record(name, None, LayerRecord(ctx.index, name, 0.0, note="ignored: left in float"))
             continue
-        qw, w_hat, loss, damp, note = quantizer(ctx.weight(name), stats, spec)
+        starved = ctx.experts.starved(name, stats)
+        if starved:  # an expert the calibration barely reached: round-to-nearest, said by name
+            ctx.experts.warn(ctx.full_name(name), starved, "quantized by round-to-nearest")
+        qw, w_hat, loss, damp, note = (rtn_linear if starved else quantizer)(ctx.weight(name), stats, spec)
+        note = "; ".join(n for n in (note, f"{starved}: RTN" if starved else "") if n)
         if act and isinstance(qw, QuantizedWeight):
             for k, v in act.items():
                 setattr(qw, k, float(v) if k == "act_clip" and v is not None else v)

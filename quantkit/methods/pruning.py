@@ -16,9 +16,9 @@ from quantkit.models.arch import get_module, weight_out_in
 from quantkit.calibrate.driver import BlockContext, BlockMethod
 from quantkit.core.types import CompressionResult, LayerRecord
 from quantkit.errors import QuantkitError, excerpt
-from quantkit.methods.base import check_module_patterns, each_linear
+from quantkit.methods.base import WeightQuantConfig, check_expert_min_tokens, check_module_patterns, each_linear, like, rtn_linear
 from quantkit.core.quant import QuantSpec
-from quantkit.core.sparsity import SparsityTarget, check_sparsity, parse_pattern
+from quantkit.core.sparsity import SparsityTarget, check_sparsity, magnitude_prune, parse_pattern
 from quantkit.core.types import NMSparseWeight
 
 
@@ -46,11 +46,16 @@ class PruneConfig:
     ignore: tuple = field(default=(), metadata={"help": "Regexes of module names left dense (reported in the log)."})
     packed: bool = field(default=False, metadata={
         "help": "With --pattern: store kept values + indices (quantkit runtime) instead of dense zeros."})
+    all_experts: bool = like(WeightQuantConfig, "all_experts")
+    expert_min_tokens: int = like(WeightQuantConfig, "expert_min_tokens", metadata={
+        "help": "Mixture-of-experts models: an expert routed fewer calibration tokens than this is pruned by "
+                "magnitude instead, named in the log (0: never)."})
 
     def __post_init__(self):
         if self.sparsity is None and self.pattern is None:
             object.__setattr__(self, "sparsity", DEFAULT_SPARSITY)
         SparsityTarget.parse(self.sparsity, self.pattern)  # validates
+        check_expert_min_tokens(self.expert_min_tokens)
         check_module_patterns(self.ignore, self.overrides)
         for pattern, fields in self.overrides:
             if not isinstance(fields, dict) or len(fields) != 1 or set(fields) - {"sparsity", "pattern"}:
@@ -124,7 +129,14 @@ class PruneMethod(BlockMethod):
                 ctx.record(name, None, LayerRecord(ctx.index, name, 0.0, sparsity=0.0, note="left dense (ignore/override)"))
                 continue
             w = ctx.weight(name)
-            w_hat, mask, qw, loss, note = self.prune_linear(w, stats, target, spec)
+            starved = ctx.experts.starved(name, stats)
+            if starved:  # an expert the calibration barely reached: magnitude (and round-to-nearest), said by name
+                ctx.experts.warn(full, starved, "pruned by magnitude")
+                w_hat, mask, loss = magnitude_prune(w, target)
+                qw, w_hat = rtn_linear(w_hat, None, spec)[:2] if spec is not None else (None, w_hat)
+                note = f"{starved}: magnitude" + (" + RTN" if spec is not None else "")
+            else:
+                w_hat, mask, qw, loss, note = self.prune_linear(w, stats, target, spec)
             ctx.set_weight(name, w_hat)
             if qw is None and self.config.packed and target.nm is not None:
                 qw = NMSparseWeight.from_dense(w_hat, *target.nm)

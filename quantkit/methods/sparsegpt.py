@@ -15,7 +15,7 @@ import torch
 
 from quantkit.core.types import QuantizedWeight
 from quantkit.errors import QuantkitError
-from quantkit.methods.magnitude import magnitude_prune
+from quantkit.core.sparsity import magnitude_prune
 from quantkit.methods.pruning import PruneConfig, PruneMethod
 from quantkit.core.hessian import dead_columns, robust_inverse_cholesky
 from quantkit.core.quant import QuantSpec, compute_qparams, dequantize, quantize_codes, quantize_rtn

@@ -12,6 +12,7 @@ test a model's class.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,23 @@ class DecodeSpec:
     norm_offset: float = 0.0
     qkv: str | None = None  # Phi-3: one fused q/k/v linear (q, k, v above unused), split by head counts
     gate_up: str | None = None  # Phi-3: one fused gate/up linear, its output halves (gate, up)
+    moe: str | None = None  # a mixture-of-experts block: this module (router + experts) is the MLP (gate/up/down unused)
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Where a block's experts live and how transformers stores them fused (``layout``: "concat",
+    ``gate_up_proj [E, 2I, H]``, or "gpt_oss", ``[E, H, 2I]`` interleaved with biases); ``count``:
+    the config fields that may give the number of experts.  Groups naming ``{e}`` stand for every
+    expert (:func:`arch_for` expands them); routers stay float."""
+
+    experts: str = "mlp.experts"
+    layout: str = "concat"
+    count: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
+    # the config fields that make some blocks dense (quantkit's table needs every block alike)
+    dense_fields: tuple[str, ...] = ()
+    # (regex, replacement) from a stored tensor name to the per-expert module's (Mixtral's checkpoints: w1/w2/w3)
+    stored_names: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,7 @@ class ArchSpec:
     # the residual-stream rotation (None: refused, ``no_rotation`` saying why)
     rotation: RotationSpec | None = RotationSpec()
     no_rotation: str = ""
+    moe: MoESpec | None = None
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return get_module(model, self.blocks_path)
@@ -144,12 +163,51 @@ _GEMMA2_GROUPS = (
     LinearGroup(("mlp.down_proj",), "mlp.up_proj", "linear"),
 )
 
+
+
+def _expert_groups(path: str, foldable_down: bool = True) -> tuple[LinearGroup, ...]:
+    """One expert's gate/up (their input is the router's too: nothing folds into the norm) and
+    down (fed by ``act(gate) * up``: AWQ folds into up's rows, except after gpt-oss's clamped GLU)."""
+    return (LinearGroup((f"{path}.gate_proj", f"{path}.up_proj"), None, "", path),
+            LinearGroup((f"{path}.down_proj",), f"{path}.up_proj" if foldable_down else None, "linear" if foldable_down else ""))
+
+
+_EXPERTS = _expert_groups("mlp.experts.{e}")
+_MOE_ATTN = _LLAMA_GROUPS[:2]
+_NO_MOE_ROTATION = "rotating an MoE model's residual stream is not implemented (its routers and every expert would need it)"
+
 _SANDWICH = {"mlp_norm": "pre_feedforward_layernorm", "post_attn_norm": "post_attention_layernorm",
              "post_mlp_norm": "post_feedforward_layernorm", "norm_offset": 1.0}  # Gemma 2 and 3's blocks
 _LAYERNORM = "its LayerNorms subtract the mean, which a rotation does not commute with (only RMSNorm models rotate)"
 _POST_NORMS = "its blocks normalize the attention and MLP outputs before the residual add, which a rotation does not commute with"
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
+    ArchSpec("mixtral", ("mixtral",), "model.layers", _MOE_ATTN + _EXPERTS, ("model.embed_tokens",), "model.norm",
+             rotation=None, no_rotation=_NO_MOE_ROTATION, decode=(DecodeSpec(("mixtral",), moe="mlp"),),
+             moe=MoESpec(stored_names=((r"\.block_sparse_moe\.", ".mlp."), (r"(experts\.\d+)\.w1\.", r"\1.gate_proj."),
+                                       (r"(experts\.\d+)\.w3\.", r"\1.up_proj."), (r"(experts\.\d+)\.w2\.", r"\1.down_proj.")))),
+    ArchSpec("qwen_moe", ("qwen3_moe", "olmoe"), "model.layers", _MOE_ATTN + _EXPERTS, ("model.embed_tokens",), "model.norm",
+             rotation=None, no_rotation=_NO_MOE_ROTATION, moe=MoESpec(dense_fields=("mlp_only_layers", "decoder_sparse_step")),
+             # OLMoE normalizes q and k over all heads at once: not the lean forward's per-head norms
+             decode=(DecodeSpec(("qwen3_moe",), qk_norm=("self_attn.q_norm", "self_attn.k_norm"), moe="mlp"),)),
+    ArchSpec("qwen2_moe", ("qwen2_moe",), "model.layers", _MOE_ATTN + _expert_groups("mlp.shared_expert") + _EXPERTS,
+             ("model.embed_tokens",), "model.norm", rotation=None, no_rotation=_NO_MOE_ROTATION,
+             moe=MoESpec(dense_fields=("mlp_only_layers", "decoder_sparse_step")),
+             decode=(DecodeSpec(("qwen2_moe",), moe="mlp"),)),  # the shared expert and its sigmoid gate run inside mlp
+    ArchSpec("gpt_oss", ("gpt_oss",), "model.layers", _MOE_ATTN + _expert_groups("mlp.experts.{e}", foldable_down=False),
+             ("model.embed_tokens",), "model.norm", rotation=None, no_rotation=_NO_MOE_ROTATION,
+             moe=MoESpec(layout="gpt_oss")),  # attention sinks: not lean
+    ArchSpec(
+        "deepseek_v3", ("deepseek_v3",), "model.layers",
+        (
+            LinearGroup(("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), "input_layernorm", "norm"),
+            LinearGroup(("self_attn.q_b_proj",), "self_attn.q_a_layernorm", "norm"),
+            LinearGroup(("self_attn.kv_b_proj",), "self_attn.kv_a_layernorm", "norm"),
+            LinearGroup(("self_attn.o_proj",), None, ""),
+        ) + _expert_groups("mlp.shared_experts") + _EXPERTS,
+        ("model.embed_tokens",), "model.norm", qk=("self_attn.q_b_proj", "self_attn.kv_b_proj"),
+        rotation=None, no_rotation=_NO_MOE_ROTATION, moe=MoESpec(dense_fields=("first_k_dense_replace",)),
+    ),
     ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite"), "model.layers", _LLAMA_GROUPS,
              ("model.embed_tokens",), "model.norm",
              # SmolLM3 skips RoPE in some layers and Granite scales residuals and logits: not lean
@@ -223,9 +281,32 @@ def arch_for(model: nn.Module) -> ArchSpec:
     blocks = spec.blocks(model)
     if len(blocks) == 0:
         raise QuantkitError(f"{model_type}: '{spec.blocks_path}' holds no decoder blocks")
+    if spec.moe is not None:
+        spec = expand_experts(spec, model.config)
+        for i, block in enumerate(blocks):
+            if not hasattr(get_module(block, spec.moe.experts.rpartition(".")[0]), spec.moe.experts.rpartition(".")[2]):
+                fields = ", ".join(f"{f}={getattr(model.config, f, None)!r}" for f in spec.moe.dense_fields)
+                raise QuantkitError(f"{model_type}: block {i} has no experts (a dense block{': ' + fields if fields else ''}); "
+                                    "quantkit's table needs every block to be a mixture-of-experts block")
     for name in spec.linear_names():
         get_module(blocks[0], name)
     return spec
+
+
+def expand_experts(spec: ArchSpec, config) -> ArchSpec:
+    """``spec`` with each group naming ``{e}`` repeated for every expert of the model."""
+    n = next((v for a in spec.moe.count if isinstance(v := getattr(config, a, None), int) and v > 0), None)
+    if n is None:
+        raise QuantkitError(f"{config.model_type}: the config gives no number of experts ({' / '.join(spec.moe.count)})")
+    groups = []
+    for g in spec.groups:
+        if "{e}" not in "".join(g.linears):
+            groups.append(g)
+            continue
+        for e in range(n):
+            fill = lambda s, e=e: s.replace("{e}", str(e)) if s else s  # noqa: E731
+            groups.append(dataclasses.replace(g, linears=tuple(fill(x) for x in g.linears), prev=fill(g.prev), inspect=fill(g.inspect)))
+    return dataclasses.replace(spec, groups=tuple(groups))
 
 
 def weight_out_in(mod: nn.Module, transposed: bool) -> torch.Tensor:

@@ -21,6 +21,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.models.config import check_config
+from quantkit.models.moe import unfuse_experts
 from quantkit.models.paths import (check_weights_format, hub_failure, one_line, parse_dtype, quiet_transformers,
                                    read_quantization_config, resolve_model_path)
 from quantkit.models.skeleton import model_from_config, preflight
@@ -105,6 +106,7 @@ def _load_model(path: str, dtype=None, device: str = "cpu", *, allow_pickle: boo
                 raise
             raise QuantkitError(f"cannot load {path}: corrupt or truncated safetensors file ({one_line(e)})") from None
         check_config(model.config)  # pickle weights and hub ids skip preflight, which checked it already
+        unfuse_experts(model)
     model.to(device).eval()
     tok = load_tokenizer(str(path), trust_remote_code) if with_tokenizer else None
     return model, tok

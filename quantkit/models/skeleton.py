@@ -6,6 +6,7 @@ a model is too large for memory (:func:`should_stream`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -19,6 +20,7 @@ from quantkit.memory import available_memory
 from quantkit.models.paths import check_model_files, file_kind, is_hub_id, one_line, parse_dtype, quiet_transformers, read_quantization_config
 from quantkit.models.arch import ArchSpec, arch_for, find_arch, get_module
 from quantkit.models.config import check_config
+from quantkit.models.moe import Experts, per_expert_names, unfuse_experts
 from quantkit.models.safetensors import TensorInfo, raw_header, read_header, read_tensor
 
 
@@ -32,7 +34,9 @@ def model_from_config(config, dtype: torch.dtype = torch.float32) -> nn.Module:
 
     check_config(config)
     with no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_experts(model)  # MoE: per-expert linears (quantkit.models.moe), as every checkpoint of it names them
+    return model
 
 
 def _not_streamable(path, why: str) -> QuantkitError:
@@ -76,7 +80,8 @@ class StreamSource:
                  dtype: torch.dtype):
         self.directory, self.model, self.arch, self.tensors, self.files, self.dtype = directory, model, arch, tensors, files, dtype
         self.prefix = arch.blocks_path + "."
-        self.slots = dict(model.state_dict(keep_vars=True))  # name -> Parameter / buffer (tied ones shared)
+        with per_expert_names(model):  # MoE: each expert's own parameters, as checkpoints store them
+            self.slots = dict(model.state_dict(keep_vars=True))  # name -> Parameter / buffer (tied ones shared)
         self._group_of = {n: g for g in self.tie_groups() for n in g}
         self._stored_as, self.converted = _stored_names(model, tensors)
 
@@ -298,7 +303,11 @@ def _stored_names(model: nn.Module, tensors: dict[str, TensorInfo]) -> tuple[dic
     import transformers
 
     base = getattr(model, "base_model_prefix", "")
-    meta = model.state_dict()
+    with per_expert_names(model):
+        meta = model.state_dict()
+    spec = find_arch(getattr(model.config, "model_type", None))
+    renames = [(re.compile(a), b) for a, b in (spec.moe.stored_names if spec is not None and spec.moe else ())]
+    experts = {n for n, m in model.named_modules() if isinstance(m, Experts)}
     if int(transformers.__version__.split(".")[0]) >= 5:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -308,8 +317,12 @@ def _stored_names(model: nn.Module, tensors: dict[str, TensorInfo]) -> tuple[dic
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         out, converted = {}, []
         for k in tensors:
+            own = functools.reduce(lambda n, r: r[0].sub(r[1], n), renames, k)  # MoE: the expert's own names
+            if own in meta:
+                out.setdefault(own, k)
+                continue
             name, pattern = rename_source_key(k, renamings, converters, base or None, meta)
-            if pattern is not None:
+            if pattern is not None or name.rpartition(".")[0] in experts:  # converted, or experts stored fused
                 converted.append(k)
             elif name in meta:
                 out.setdefault(name, k)

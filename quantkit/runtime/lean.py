@@ -75,17 +75,20 @@ def lean_or_none(model: nn.Module, max_len: int = 2048, batch: int = 1) -> tuple
 
 class _Layer:
     __slots__ = ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down", "q_norm", "k_norm", "eps1", "eps2",
-                 "eps_qk", "post_attn_norm", "post_mlp_norm", "eps3", "eps4", "act", "window", "rope", "qkv", "gate_up")
+                 "eps_qk", "post_attn_norm", "post_mlp_norm", "eps3", "eps4", "act", "window", "rope", "qkv", "gate_up",
+                 "moe")
 
 
 def _layer(block: nn.Module, dec, window: int | None, rope: str) -> _Layer:
     """One block's modules (by the DecodeSpec's names), norm epsilons, window and RoPE table."""
     lay = _Layer()
-    fused = (("q", "k", "v") if dec.qkv else ()) + (("gate", "up") if dec.gate_up else ())
+    absent = ((("q", "k", "v") if dec.qkv else ()) + (("gate", "up") if dec.gate_up else ())  # fused linears
+              + (("gate", "up", "down", "act") if dec.moe else ()))  # an MoE block's MLP is its router and experts
     for field in ("attn_norm", "mlp_norm", "q", "k", "v", "o", "gate", "up", "down", "act"):
-        setattr(lay, field, None if field in fused else get_module(block, getattr(dec, field)))
+        setattr(lay, field, None if field in absent else get_module(block, getattr(dec, field)))
     lay.qkv = get_module(block, dec.qkv) if dec.qkv else None
     lay.gate_up = get_module(block, dec.gate_up) if dec.gate_up else None
+    lay.moe = get_module(block, dec.moe) if dec.moe else None  # router + experts (quantkit.models.moe.Experts), as one module
     lay.q_norm = get_module(block, dec.qk_norm[0]) if dec.qk_norm else None
     lay.k_norm = get_module(block, dec.qk_norm[1]) if dec.qk_norm else None
     lay.post_attn_norm = get_module(block, dec.post_attn_norm) if dec.post_attn_norm else None
@@ -205,7 +208,10 @@ class LeanLM:
             a = lay.o(a.transpose(1, 2).reshape(b, n, nh * hd).to(x.dtype))
             x = x + (a if lay.post_attn_norm is None else rms(a, lay.post_attn_norm.weight, lay.eps3, off))
             h = rms(x, lay.mlp_norm.weight, lay.eps2, off)
-            if lay.gate_up is None:
+            if lay.moe is not None:
+                m = lay.moe(h)
+                m = m[0] if isinstance(m, tuple) else m
+            elif lay.gate_up is None:
                 m = lay.down(lay.act(lay.gate(h)) * lay.up(h))
             else:
                 gate, up = lay.gate_up(h).chunk(2, dim=-1)

@@ -1,5 +1,7 @@
 """quantkit.runtime.lean: the lean forward computes what transformers' forward computes."""
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -7,7 +9,8 @@ from transformers import DynamicCache
 
 from quantkit import api
 from quantkit.runtime.lean import LeanLM, LeanUnsupported, lean_or_none
-from quantkit.testing import tiny_llama, tiny_opt
+from quantkit.models.moe import unfuse_experts
+from quantkit.testing import tiny_llama, tiny_moe, tiny_opt
 
 SMALL = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
@@ -74,6 +77,18 @@ def test_matches_transformers_prefill_and_decode(build):
     ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         ref, got = _hf_steps(model, ids, 5), _lean_steps(model, ids, 5)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
+def test_moe_blocks_match_transformers_fused_experts(family):
+    stock = tiny_moe(family, experts=8, top_k=2)  # transformers' own model: 3-D expert weights
+    model = copy.deepcopy(stock)
+    unfuse_experts(model)
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref, got = _hf_steps(stock, ids, 5), _lean_steps(model, ids, 5)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
@@ -184,18 +199,21 @@ def _alone(model, prompt, steps):
     return out
 
 
-@pytest.mark.parametrize("kind", ["float", "int4", "gemma3-window"])
+@pytest.mark.parametrize("kind", ["float", "int4", "gemma3-window", "qwen3-moe"])
 def test_rows_of_their_own_lengths_decode_as_they_would_alone(stories, kind):
     """The serving engine's use: rows prefilled one at a time (the cache grows from 4 columns and
     1 row), stepped together at their own positions, a row dropped and the rest moved up; each
     row's logits are those it gets alone (the lone last row on the native step when int4; with
-    Gemma 3's 4-token window, each row's own window)."""
+    Gemma 3's 4-token window, each row's own window; with experts, each row's own)."""
     model, _ = stories
     packed = kind == "int4"
     if packed:
         api.compress(model, "rtn", {"bits": 4, "group_size": -1}, pack=True)
     if kind == "gemma3-window":
         model = _gemma3(window=4)
+    if kind == "qwen3-moe":  # rows stepped together route their tokens through the experts as one group
+        model = tiny_moe("qwen3_moe", experts=8, top_k=2)
+        unfuse_experts(model)
     prompts = [[1, 5, 9], [1, 7, 3, 8, 2, 11, 4], [1, 2]]
     refs = [_alone(model, p, 6) for p in prompts]
     lm = LeanLM(model, 64, batch=1, capacity=4)

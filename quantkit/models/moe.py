@@ -1,0 +1,306 @@
+"""Mixture-of-experts blocks in a form every method and runtime module can work on.
+
+transformers (5.x) stores a block's experts as 3-D parameters (``gate_up_proj [E, 2I, H]``,
+``down_proj [E, H, I]``; gpt-oss: ``[E, H, 2I]`` with gate and up interleaved, plus biases).
+:func:`unfuse_experts` replaces each such module by :class:`Experts`, a list of per-expert
+:class:`ExpertMLP` (``gate_proj``, ``up_proj``, ``down_proj``: plain ``nn.Linear``), so GPTQ, AWQ,
+RTN, SparseGPT and Wanda see ordinary linears named ``mlp.experts.{e}.gate_proj`` (the names
+GPTQModel and vLLM use for quantized experts) and each expert's linears can be swapped for packed
+int4/int8 modules.  Its forward has transformers' signature ``(hidden, top_k_index, top_k_weights)``
+and loops over the experts the tokens chose (a grouped loop: each active expert runs once on its
+tokens), so the routers and blocks of transformers call it unchanged.
+
+A float :class:`Experts` saves (and loads) its weights in transformers' fused layout, so a float
+checkpoint quantkit writes (after pruning, say) loads in transformers as it would have written it;
+once experts are packed, each expert's modules are saved under their own names.
+
+Calibration: :func:`routing_tally` counts the tokens routed to each expert while the driver
+collects statistics; :func:`all_experts` makes every expert also run on every token (its output
+still weighed by the router only where the router chose it), so no expert is quantized blind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.models.arch import MoESpec, find_arch, get_module, set_module
+
+log = logging.getLogger("quantkit")
+
+
+class _Act(nn.Module):
+    """``act(gate) * up`` (every family but gpt-oss)."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.act = act
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.act(gate) * up
+
+
+class _ClampedGLU(nn.Module):
+    """gpt-oss: ``(clamp(up) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``."""
+
+    def __init__(self, alpha: float, limit: float):
+        super().__init__()
+        self.alpha, self.limit = float(alpha), float(limit)
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+class ExpertMLP(nn.Module):
+    """One expert: ``down(combine(gate(x), up(x)))``."""
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, combine: nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.combine = combine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.combine(self.gate_proj(x), self.up_proj(x)))
+
+
+class Experts(nn.ModuleList):
+    """A block's experts as a list of :class:`ExpertMLP`; called as transformers calls its fused
+    experts module.  ``layout``: how transformers stores them fused (``"concat"`` or ``"gpt_oss"``),
+    used to save float weights in that form."""
+
+    def __init__(self, experts: list[ExpertMLP], layout: str):
+        super().__init__(experts)
+        self.layout = layout
+        self.tally: torch.Tensor | None = None  # tokens routed to each expert, counted while set
+        self.run_all = False  # calibration: every expert also runs on every token
+        self.save_fused = True  # float experts save in transformers' fused layout (see per_expert_names)
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        flat = top_k_index.reshape(-1)
+        if self.tally is not None:
+            self.tally += torch.bincount(flat.cpu(), minlength=len(self))[: len(self)]
+        weights = top_k_weights.reshape(-1)
+        k = top_k_index.shape[-1]
+        if hidden.shape[0] == 1 and not self.run_all:  # one token (decoding): its k experts, no sorting
+            for j, e in enumerate(flat.tolist()):
+                out += self[e](hidden) * weights[j].to(hidden.dtype)
+            return out
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=len(self)).tolist()
+        start = 0
+        for e, count in enumerate(counts[: len(self)]):
+            chosen = order[start:start + count]
+            start += count
+            if self.run_all:
+                y = self[e](hidden)  # statistics over every token; only the routed rows count below
+                y = y[chosen // k]
+            elif count == 0:
+                continue
+            else:
+                y = self[e](hidden[chosen // k])
+            out.index_add_(0, chosen // k, (y * weights[chosen, None]).to(out.dtype))
+        return out
+
+    # -- transformers' fused layout for float experts ----------------------------------------
+    def _float(self) -> bool:
+        """Every expert a plain float linear with its weight (not packed, not compressed by another library)."""
+        return self.save_fused and all(type(m := getattr(x, n)) is nn.Linear and isinstance(getattr(m, "weight", None), torch.Tensor)
+                                       for x in self for n in ("gate_proj", "up_proj", "down_proj"))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self._float():
+            return  # children save themselves: packed experts under their own names
+        for name, t in fuse(self).items():
+            destination[prefix + name] = t if keep_vars else t.detach()
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        if not self._float():
+            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        destination = {} if destination is None else destination
+        self._save_to_state_dict(destination, prefix, keep_vars)
+        return destination
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if prefix + "gate_up_proj" in state_dict:  # the fused layout: split it into the experts' own names
+            fused = {n: state_dict.pop(prefix + n) for n in _FUSED_NAMES[self.layout] if prefix + n in state_dict}
+            for e, parts in enumerate(split(fused, self.layout, len(self))):
+                for n, t in parts.items():
+                    state_dict[f"{prefix}{e}.{n}"] = t
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+_FUSED_NAMES = {"concat": ("gate_up_proj", "down_proj"),
+                "gpt_oss": ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")}
+
+
+def split(fused: dict[str, torch.Tensor], layout: str, n: int) -> list[dict[str, torch.Tensor]]:
+    """Per-expert ``{gate_proj.weight, up_proj.weight, down_proj.weight[, .bias]}`` from the fused tensors."""
+    gu, down = fused["gate_up_proj"], fused["down_proj"]
+    if gu.shape[0] != n or down.shape[0] != n:
+        raise QuantkitError(f"fused experts hold {gu.shape[0]} experts, the module {n}")
+    parts = []
+    for e in range(n):
+        if layout == "concat":  # [2I, H]: gate rows, then up rows; down [H, I]
+            gate, up = gu[e].chunk(2, dim=0)
+            p = {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": down[e]}
+        else:  # gpt-oss: [H, 2I] with gate and up interleaved; down [I, H]; biases
+            p = {"gate_proj.weight": gu[e][:, ::2].t(), "up_proj.weight": gu[e][:, 1::2].t(), "down_proj.weight": down[e].t(),
+                 "gate_proj.bias": fused["gate_up_proj_bias"][e][::2], "up_proj.bias": fused["gate_up_proj_bias"][e][1::2],
+                 "down_proj.bias": fused["down_proj_bias"][e]}
+        parts.append({k: v.contiguous() for k, v in p.items()})
+    return parts
+
+
+def fuse(experts: Experts) -> dict[str, torch.Tensor]:
+    """The float experts' weights in transformers' fused layout (the inverse of :func:`split`)."""
+    g = [x.gate_proj for x in experts]
+    u = [x.up_proj for x in experts]
+    d = [x.down_proj for x in experts]
+    if experts.layout == "concat":
+        return {"gate_up_proj": torch.stack([torch.cat([a.weight, b.weight]) for a, b in zip(g, u)]),
+                "down_proj": torch.stack([m.weight for m in d])}
+    gu = torch.stack([torch.stack([a.weight.t(), b.weight.t()], dim=-1).flatten(-2) for a, b in zip(g, u)])
+    gub = torch.stack([torch.stack([a.bias, b.bias], dim=-1).flatten() for a, b in zip(g, u)])
+    return {"gate_up_proj": gu, "gate_up_proj_bias": gub, "down_proj": torch.stack([m.weight.t() for m in d]),
+            "down_proj_bias": torch.stack([m.bias for m in d])}
+
+
+def _combine(fused: nn.Module, layout: str) -> nn.Module:
+    if layout == "gpt_oss":
+        return _ClampedGLU(fused.alpha, fused.limit)
+    act = getattr(fused, "act_fn", None)
+    if act is None:
+        raise QuantkitError(f"{type(fused).__name__} has no act_fn: quantkit cannot unfuse its experts")
+    return _Act(act)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    lin.weight.requires_grad_(False)
+    if not weight.is_meta:
+        lin.weight.data.copy_(weight)
+    if bias is not None:
+        lin.bias.requires_grad_(False)
+        if not bias.is_meta:
+            lin.bias.data.copy_(bias)
+    return lin
+
+
+def unfused(fused: nn.Module, layout: str) -> Experts:
+    """An :class:`Experts` holding the same weights as transformers' fused experts module."""
+    tensors = {n: getattr(fused, n) for n in _FUSED_NAMES[layout]}
+    n = tensors["gate_up_proj"].shape[0]
+    combine = _combine(fused, layout)
+    experts = []
+    for parts in split({k: v.detach() for k, v in tensors.items()}, layout, n):
+        lins = {m: _linear(parts[f"{m}.weight"], parts.get(f"{m}.bias")) for m in ("gate_proj", "up_proj", "down_proj")}
+        experts.append(ExpertMLP(lins["gate_proj"], lins["up_proj"], lins["down_proj"], combine))
+    return Experts(experts, layout)
+
+
+def moe_spec(model: nn.Module) -> MoESpec | None:
+    """The MoE part of ``model``'s architecture table entry (None: a dense model or one not in the table)."""
+    spec = find_arch(getattr(getattr(model, "config", None), "model_type", None))
+    return spec.moe if spec is not None else None
+
+
+def unfuse_experts(model: nn.Module) -> int:
+    """Replace every fused experts module of an MoE ``model`` (in place) by an :class:`Experts`;
+    returns how many were replaced (0 for a dense model or one already unfused)."""
+    moe = moe_spec(model)
+    if moe is None:
+        return 0
+    spec = find_arch(model.config.model_type)
+    done = 0
+    owner, _, leaf = moe.experts.rpartition(".")
+    for block in spec.blocks(model):
+        fused = getattr(get_module(block, owner), leaf, None)
+        if fused is None or isinstance(fused, Experts):  # a dense block (arch_for says so), or done
+            continue
+        if not hasattr(fused, "gate_up_proj"):
+            raise QuantkitError(f"{type(fused).__name__} at '{moe.experts}' is not a fused experts module quantkit knows")
+        set_module(block, moe.experts, unfused(fused, moe.layout))
+        done += 1
+    return done
+
+
+def experts_of(block: nn.Module) -> dict[str, Experts]:
+    """The :class:`Experts` modules of a block, by name relative to it."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, Experts)}
+
+
+@contextlib.contextmanager
+def per_expert_names(model: nn.Module):
+    """While inside, ``model.state_dict()`` names each expert's own tensors (``experts.{e}.gate_proj.weight``,
+    the parameters themselves), as streaming needs them, instead of transformers' fused layout."""
+    found = [m for m in model.modules() if isinstance(m, Experts)]
+    for m in found:
+        m.save_fused = False
+    try:
+        yield
+    finally:
+        for m in found:
+            m.save_fused = True
+
+
+@contextlib.contextmanager
+def routing_tally(block: nn.Module):
+    """Count the tokens each expert of ``block`` is routed (``{name: tensor of counts}``, filled as the block runs)."""
+    found = experts_of(block)
+    counts = {name: torch.zeros(len(m), dtype=torch.long) for name, m in found.items()}
+    for name, m in found.items():
+        m.tally = counts[name]
+    try:
+        yield counts
+    finally:
+        for m in found.values():
+            m.tally = None
+
+
+@contextlib.contextmanager
+def all_experts(block: nn.Module, on: bool = True):
+    """While inside, every expert of ``block`` also runs on every token (statistics for all experts;
+    the block's output is unchanged)."""
+    found = list(experts_of(block).values())
+    for m in found:
+        m.run_all = on
+    try:
+        yield
+    finally:
+        for m in found:
+            m.run_all = False
+
+
+@dataclass
+class ExpertCalibration:
+    """How a run calibrates experts: ``all_experts`` (every expert sees every token) and the
+    fewest routed tokens an expert may calibrate on (``min_tokens``; fewer: it falls back)."""
+
+    all_experts: bool = False
+    min_tokens: int = 0
+    warned: set = field(default_factory=set)
+
+    def starved(self, name: str, stats) -> str:
+        """Why linear ``name``'s statistics (an accumulator counting its tokens in ``n``) are too few
+        to calibrate on (an expert the calibration tokens barely reached), or "" when they suffice."""
+        if stats is None or ".experts." not in f".{name}" or self.all_experts:
+            return ""
+        n = int(getattr(stats, "n", self.min_tokens))
+        if n >= self.min_tokens:
+            return ""
+        return f"expert routed {n} calibration token(s) (< {self.min_tokens}; --all-experts calibrates it on every token)"
+
+    def warn(self, full_name: str, why: str, action: str) -> None:
+        """Log, once per expert, that linear ``full_name``'s expert falls back (``action``) and why."""
+        expert = full_name.rsplit(".", 1)[0]
+        if expert not in self.warned:
+            self.warned.add(expert)
+            log.warning("%s: %s: %s", expert, why, action)
