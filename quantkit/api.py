@@ -69,7 +69,7 @@ def check_uncompressed(model) -> None:
     """Refuse a model whose linears are already packed runtime modules (a quantized checkpoint):
     the methods read float weights."""
     arch = arch_for(model)
-    for name in arch.linear_names():
+    for name in arch.linear_names(arch.blocks(model)[0]):
         mod = get_module(arch.blocks(model)[0], name)
         if not isinstance(getattr(mod, "weight", None), torch.Tensor):
             raise QuantkitError(f"{arch.blocks_path}.0.{name} is already compressed ({type(mod).__name__}): "

@@ -85,7 +85,7 @@ class BlockMethod:
         if getattr(self.config, "rotate", False):
             result.extra["rotation"] = rotate_model(model, arch, self.config.rotate_seed, self.config.online_hadamard)
         if getattr(self.config, "target_bpw", None) is not None:
-            names = [f"{arch.blocks_path}.{i}.{n}" for i in range(len(arch.blocks(model))) for n in arch.linear_names()]
+            names = [f"{arch.blocks_path}.{i}.{n}" for i, b in enumerate(arch.blocks(model)) for n in arch.linear_names(b)]
             names += [arch.lm_head] if getattr(self.config, "quantize_lm_head", False) else []
             self.config, result.extra["allocation"] = plan_bits(model, arch, self.config, calib_ids, names,
                                                                 self.config.stores_g_idx(), progress)
@@ -170,7 +170,7 @@ class BlockContext:
     # -- modules ------------------------------------------------------------------
     @property
     def groups(self) -> tuple[LinearGroup, ...]:
-        return self.arch.groups
+        return self.arch.groups_in(self.block)
 
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}"
@@ -385,7 +385,7 @@ def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor
 
 def unlisted_linears(block: nn.Module, arch: ArchSpec) -> list[str]:
     """Linears of a block that the architecture table does not name (reported, never silently skipped)."""
-    listed = set(arch.linear_names())
+    listed = set(arch.linear_names(block))
     names = []
     for name, mod in block.named_modules():
         if isinstance(mod, nn.Linear) and name not in listed:

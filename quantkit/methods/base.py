@@ -197,7 +197,7 @@ def check_group_sizes(model, arch: ArchSpec, config: WeightQuantConfig) -> None:
     blocks = arch.blocks(model)
     budget = getattr(config, "target_bpw", None) is not None  # formats chosen later: only the user's overrides are fixed
     for i, block in enumerate(blocks):
-        for name in arch.linear_names():
+        for name in arch.linear_names(block):
             in_f = weight_out_in(get_module(block, name), arch.transposed).shape[1]
             full = f"{arch.blocks_path}.{i}.{name}"
             problem = activation_problem(**{k: getattr(config, k) for k in ACT_DEFAULTS}, in_features=in_f) if config.act_bits else ""

@@ -131,7 +131,7 @@ class LowRankMethod(BlockMethod):
     def check(self, model, arch):
         """Refuse a model whose linears are already compressed (no dense weight to factorize)."""
         block = arch.blocks(model)[0]
-        for name in arch.linear_names():
+        for name in arch.linear_names(block):
             if not isinstance(getattr(get_module(block, name), "weight", None), nn.Parameter):
                 raise QuantkitError(f"{arch.blocks_path}.0.{name} has no dense weight (already compressed?); "
                                     "low-rank factorization starts from a float model")

@@ -108,7 +108,7 @@ class PruneMethod(BlockMethod):
     def check(self, model, arch):
         """Refuse up front an N:M group or a group size that does not divide some layer."""
         for i, block in enumerate(arch.blocks(model)):
-            for name in arch.linear_names():
+            for name in arch.linear_names(block):
                 full = f"{arch.blocks_path}.{i}.{name}"
                 in_f = weight_out_in(get_module(block, name), arch.transposed).shape[1]
                 target = self.config.target_for(full)

@@ -35,6 +35,7 @@ class LinearGroup:
     prev: str | None = None
     prev_kind: str = "norm"
     inspect: str | None = None
+    optional: bool = False  # only some blocks have it (MoE models: experts in most blocks, a dense MLP in others)
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,6 @@ class MoESpec:
     experts: str = "mlp.experts"
     layout: str = "concat"
     count: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
-    # the config fields that make some blocks dense (quantkit's table needs every block alike)
-    dense_fields: tuple[str, ...] = ()
     # (regex, replacement) from a stored tensor name to the per-expert module's (Mixtral's checkpoints: w1/w2/w3)
     stored_names: tuple[tuple[str, str], ...] = ()
 
@@ -122,8 +121,13 @@ class ArchSpec:
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return get_module(model, self.blocks_path)
 
-    def linear_names(self) -> list[str]:
-        return [name for g in self.groups for name in g.linears]
+    def linear_names(self, block: nn.Module | None = None) -> list[str]:
+        """The linears of ``block`` the table names (without a block: every name it may hold)."""
+        return [name for g in (self.groups if block is None else self.groups_in(block)) for name in g.linears]
+
+    def groups_in(self, block: nn.Module) -> tuple[LinearGroup, ...]:
+        """The groups ``block`` has: every group but the optional ones it lacks."""
+        return tuple(g for g in self.groups if not g.optional or all(_has(block, n) for n in g.linears))
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
@@ -133,6 +137,19 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
             raise QuantkitError(f"{type(root).__name__} has no module '{path}' (missing '{part}')")
         mod = getattr(mod, part)
     return mod
+
+
+def _module_or_none(root: nn.Module, path: str) -> nn.Module | None:
+    mod = root
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+        if not isinstance(mod, nn.Module):
+            return None
+    return mod
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    return _module_or_none(root, path) is not None
 
 
 def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -168,11 +185,14 @@ _GEMMA2_GROUPS = (
 def _expert_groups(path: str, foldable_down: bool = True) -> tuple[LinearGroup, ...]:
     """One expert's gate/up (their input is the router's too: nothing folds into the norm) and
     down (fed by ``act(gate) * up``: AWQ folds into up's rows, except after gpt-oss's clamped GLU)."""
-    return (LinearGroup((f"{path}.gate_proj", f"{path}.up_proj"), None, "", path),
-            LinearGroup((f"{path}.down_proj",), f"{path}.up_proj" if foldable_down else None, "linear" if foldable_down else ""))
+    return (LinearGroup((f"{path}.gate_proj", f"{path}.up_proj"), None, "", path, optional=True),
+            LinearGroup((f"{path}.down_proj",), f"{path}.up_proj" if foldable_down else None, "linear" if foldable_down else "",
+                        optional=True))
 
 
 _EXPERTS = _expert_groups("mlp.experts.{e}")
+# the dense blocks of an MoE model (DeepSeek's first_k_dense_replace, Qwen2-MoE's mlp_only_layers): no router there
+_DENSE_MLP = tuple(dataclasses.replace(g, optional=True) for g in _LLAMA_GROUPS[2:])
 _MOE_ATTN = _LLAMA_GROUPS[:2]
 _NO_MOE_ROTATION = "rotating an MoE model's residual stream is not implemented (its routers and every expert would need it)"
 
@@ -186,13 +206,13 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
              rotation=None, no_rotation=_NO_MOE_ROTATION, decode=(DecodeSpec(("mixtral",), moe="mlp"),),
              moe=MoESpec(stored_names=((r"\.block_sparse_moe\.", ".mlp."), (r"(experts\.\d+)\.w1\.", r"\1.gate_proj."),
                                        (r"(experts\.\d+)\.w3\.", r"\1.up_proj."), (r"(experts\.\d+)\.w2\.", r"\1.down_proj.")))),
-    ArchSpec("qwen_moe", ("qwen3_moe", "olmoe"), "model.layers", _MOE_ATTN + _EXPERTS, ("model.embed_tokens",), "model.norm",
-             rotation=None, no_rotation=_NO_MOE_ROTATION, moe=MoESpec(dense_fields=("mlp_only_layers", "decoder_sparse_step")),
+    ArchSpec("qwen_moe", ("qwen3_moe", "olmoe"), "model.layers", _MOE_ATTN + _DENSE_MLP + _EXPERTS, ("model.embed_tokens",), "model.norm",
+             rotation=None, no_rotation=_NO_MOE_ROTATION, moe=MoESpec(),
              # OLMoE normalizes q and k over all heads at once: not the lean forward's per-head norms
              decode=(DecodeSpec(("qwen3_moe",), qk_norm=("self_attn.q_norm", "self_attn.k_norm"), moe="mlp"),)),
-    ArchSpec("qwen2_moe", ("qwen2_moe",), "model.layers", _MOE_ATTN + _expert_groups("mlp.shared_expert") + _EXPERTS,
+    ArchSpec("qwen2_moe", ("qwen2_moe",), "model.layers", _MOE_ATTN + _DENSE_MLP + _expert_groups("mlp.shared_expert") + _EXPERTS,
              ("model.embed_tokens",), "model.norm", rotation=None, no_rotation=_NO_MOE_ROTATION,
-             moe=MoESpec(dense_fields=("mlp_only_layers", "decoder_sparse_step")),
+             moe=MoESpec(),
              decode=(DecodeSpec(("qwen2_moe",), moe="mlp"),)),  # the shared expert and its sigmoid gate run inside mlp
     ArchSpec("gpt_oss", ("gpt_oss",), "model.layers", _MOE_ATTN + _expert_groups("mlp.experts.{e}", foldable_down=False),
              ("model.embed_tokens",), "model.norm", rotation=None, no_rotation=_NO_MOE_ROTATION,
@@ -204,9 +224,9 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             LinearGroup(("self_attn.q_b_proj",), "self_attn.q_a_layernorm", "norm"),
             LinearGroup(("self_attn.kv_b_proj",), "self_attn.kv_a_layernorm", "norm"),
             LinearGroup(("self_attn.o_proj",), None, ""),
-        ) + _expert_groups("mlp.shared_experts") + _EXPERTS,
+        ) + _DENSE_MLP + _expert_groups("mlp.shared_experts") + _EXPERTS,
         ("model.embed_tokens",), "model.norm", qk=("self_attn.q_b_proj", "self_attn.kv_b_proj"),
-        rotation=None, no_rotation=_NO_MOE_ROTATION, moe=MoESpec(dense_fields=("first_k_dense_replace",)),
+        rotation=None, no_rotation=_NO_MOE_ROTATION, moe=MoESpec(),
     ),
     ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite"), "model.layers", _LLAMA_GROUPS,
              ("model.embed_tokens",), "model.norm",
@@ -283,13 +303,15 @@ def arch_for(model: nn.Module) -> ArchSpec:
         raise QuantkitError(f"{model_type}: '{spec.blocks_path}' holds no decoder blocks")
     if spec.moe is not None:
         spec = expand_experts(spec, model.config)
-        for i, block in enumerate(blocks):
-            if not hasattr(get_module(block, spec.moe.experts.rpartition(".")[0]), spec.moe.experts.rpartition(".")[2]):
-                fields = ", ".join(f"{f}={getattr(model.config, f, None)!r}" for f in spec.moe.dense_fields)
-                raise QuantkitError(f"{model_type}: block {i} has no experts (a dense block{': ' + fields if fields else ''}); "
-                                    "quantkit's table needs every block to be a mixture-of-experts block")
-    for name in spec.linear_names():
-        get_module(blocks[0], name)
+    for i, block in enumerate(blocks if spec.moe is not None else blocks[:1]):
+        for g in spec.groups:
+            for name in g.linears if not g.optional else ():
+                get_module(block, name)
+        if spec.moe is not None and hasattr(getattr(_module_or_none(block, spec.moe.experts), "gate_up_proj", None), "shape"):
+            raise QuantkitError(f"{model_type}: block {i}'s experts are transformers' fused module; "
+                                "quantkit.models.moe.unfuse_experts(model) gives each expert its linears")
+        if spec.moe is not None and not any(g.optional for g in spec.groups_in(block)):
+            raise QuantkitError(f"{model_type}: block {i} has neither experts nor a dense MLP quantkit's table knows")
     return spec
 
 

@@ -140,10 +140,22 @@ def test_quantized_experts_run_on_the_int4_kernel(monkeypatch):
     assert ran == prepared and len(ran) == 2 * 2 * 3  # blocks x experts per token x linears, each on the int4 kernel
 
 
-def test_dense_blocks_are_refused_by_name():
-    model = tiny_moe("deepseek_v3", first_k_dense_replace=1)
-    with pytest.raises(QuantkitError, match=r"block 0 has no experts .*first_k_dense_replace=1"):
-        api.compress(model, "rtn", W4, progress=False)
+@pytest.mark.parametrize("family,dense", [("deepseek_v3", {"first_k_dense_replace": 1}), ("qwen2_moe", {"mlp_only_layers": [1]})])
+def test_dense_blocks_among_moe_blocks(family, dense, tmp_path):
+    model = tiny_moe(family, **dense)
+    d = 0 if family == "deepseek_v3" else 1  # the dense block
+    result = api.compress(model, "gptq", {**W4, "expert_min_tokens": 0}, calib_ids=CALIB, progress=False)
+    assert f"model.layers.{d}.mlp.gate_proj" in result.quantized  # its plain MLP
+    assert f"model.layers.{1 - d}.mlp.experts.3.down_proj" in result.quantized and list(result.extra["expert_tokens"]) == [
+        f"model.layers.{1 - d}.mlp.experts"]
+    api.save(model, None, tmp_path / "q", "gptq", result)
+    loaded, _ = load_model(str(tmp_path / "q"), with_tokenizer=False)
+    assert torch.equal(_logits(loaded), _logits(model))
+
+
+def test_a_model_with_fused_experts_is_named_not_run_blind():
+    with pytest.raises(QuantkitError, match="fused module; quantkit.models.moe.unfuse_experts"):
+        arch_for(tiny_moe("mixtral"))
 
 
 def test_expert_min_tokens_is_checked():
