@@ -34,7 +34,7 @@ from quantkit.data import CalibSpec, calibration_samples
 from quantkit.errors import QuantkitError, WriteError, os_reason
 from quantkit.memory import return_large_frees_to_os
 from quantkit.models.load import load_tokenizer
-from quantkit.models.moe import unfuse_experts
+from quantkit.models.moe import checkpoint_names, unfuse_experts
 from quantkit.models.safetensors import write_safetensors
 from quantkit.models.skeleton import StreamSource, count_nonfinite
 from quantkit.checkpoint.formats import load_model  # noqa: F401  (re-exported)
@@ -241,7 +241,8 @@ def _run_streamed(hooks: StreamHooks, work: WorkDir, out: Path, overwrite: bool,
                           progress=progress, hooks=hooks, device=device)
         qcfg = quantization_config(method_name, result.quantized, result.extra.get("config", {})) if result.quantized else None
         with atomic_output_dir(out, overwrite, inputs=(hooks.source.directory,)) as tmp:
-            write_safetensors(tmp / "model.safetensors", hooks.entries(), {"format": "pt"})
+            rename = checkpoint_names(hooks.source.model) if qcfg is None else (lambda n: n)  # float: transformers' names
+            write_safetensors(tmp / "model.safetensors", [(rename(n), *rest) for n, *rest in hooks.entries()], {"format": "pt"})
             save_metadata(hooks.source.model, tok, tmp, qcfg, result)
         return result
     except WriteError as e:  # writing OUT failed (disk full...): fix it, then --resume

@@ -16,6 +16,7 @@ choose; the method then quantizes each linear in its format.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from typing import Callable
 
@@ -27,6 +28,8 @@ from quantkit.core.budget import allocate, candidate_specs, stored_bytes
 from quantkit.core.quant import QuantSpec, dequantize, quantize_rtn
 from quantkit.errors import QuantkitError
 from quantkit.models.arch import ArchSpec, get_module, weight_out_in
+
+log = logging.getLogger("quantkit")
 
 
 def fisher_statistics(model: nn.Module, names: list[str], embeddings: str, calib_ids: torch.Tensor,
@@ -73,10 +76,30 @@ def fisher_statistics(model: nn.Module, names: list[str], embeddings: str, calib
             h.remove()
         for p, g in grads.items():
             p.requires_grad_(g)
-    missing = [n for n, s in stats.items() if s[0] is None]
+    out = {n: (s[0], s[1] / max(s[2], 1)) for n, s in stats.items() if s[0] is not None}
+    missing = [n for n in names if n not in out]
+    out.update(sibling_statistics(out, missing))
+    missing = [n for n in names if n not in out]
     if missing:
         raise QuantkitError(f"no loss gradient reached {missing[0]} (and {len(missing) - 1} more): cannot price its formats")
-    return {n: (s[0], s[1] / max(s[2], 1)) for n, s in stats.items()}
+    return out
+
+
+_EXPERT = re.compile(r"^(.*\.experts)\.\d+\.(.+)$")
+
+
+def sibling_statistics(stats: dict, missing: list[str]) -> dict:
+    """For each expert linear in ``missing`` (no calibration token was routed to its expert): the
+    mean statistics of the same linear in the block's other experts, logged by name."""
+    out = {}
+    for name in missing:
+        m = _EXPERT.match(name)
+        siblings = [v for n, v in stats.items() if m and (s := _EXPERT.match(n)) and s.groups() == m.groups()]
+        if siblings:
+            out[name] = tuple(torch.stack([v[i] for v in siblings]).mean(0) for i in range(2))
+            log.warning("%s: no calibration token reached its expert: its formats are priced with its sibling experts' "
+                        "statistics", name)
+    return out
 
 
 def rounding_cost(w: torch.Tensor, spec: QuantSpec, f: torch.Tensor, h: torch.Tensor) -> float:

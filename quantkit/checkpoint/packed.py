@@ -35,6 +35,7 @@ from quantkit.core.rotation import attach_online
 from quantkit.core.types import CompressionResult
 from quantkit.errors import QuantkitError
 from quantkit.models.safetensors import write_safetensors
+from quantkit.models.moe import float_checkpoint_state
 from quantkit.runtime.online import use_native_transforms
 from quantkit.runtime.swap import swap_in_runtime_modules
 from quantkit.models.load import stored_dtype
@@ -86,6 +87,8 @@ def save_checkpoint(model: nn.Module, tokenizer, out_dir: Path, qconfig: dict | 
     with the bytes ``safetensors.torch.save_file`` writes."""
     out_dir = Path(out_dir)
     state = unique_state_dict(model)
+    if qconfig is None:  # a float checkpoint: MoE experts named as transformers writes them
+        state = float_checkpoint_state(model, state)
     floats = storage_dtype(model)
     compressed = tuple(f"{m}." for m in (qconfig or {}).get("modules", {}))
     entries = []

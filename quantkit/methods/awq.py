@@ -291,7 +291,7 @@ def awq_block(ctx: BlockContext, cfg: AWQConfig) -> tuple[list[ScaleResult], lis
     cap = _Captured(ctx, ctx.groups, cfg)
     scales: list[ScaleResult] = []
     skipped: dict[str, str] = {}
-    starved = {n: why for g in ctx.groups if (why := ctx.experts.starved(n := g.linears[0], cap.stats[n]))}
+    starved = {n: why for g in ctx.groups if (why := ctx.experts.starved(n := g.linears[0], cap.stats[n], floor=1))}
     for n, why in starved.items():  # experts the calibration barely reached: plain round-to-nearest, said by name
         ctx.experts.warn(ctx.full_name(n), why, "not scaled or clipped by AWQ")
     for g in ctx.groups:  # 1. search every group on the float block (sec. 3.2)

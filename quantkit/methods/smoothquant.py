@@ -26,7 +26,7 @@ from quantkit.calibrate.driver import BlockMethod
 from quantkit.core.types import LayerRecord, W8A8Weight
 from quantkit.errors import QuantkitError
 from quantkit.core.quant import QuantSpec, quantize_rtn
-from quantkit.methods.base import check_module_patterns, each_linear
+from quantkit.methods.base import WeightQuantConfig, check_expert_min_tokens, check_module_patterns, each_linear, like
 from quantkit.registry import register_method
 from quantkit.core.transforms import ScaleResult, fold_blocker, fold_scales
 
@@ -51,6 +51,10 @@ class SmoothQuantConfig:
     bits: int = field(default=8, metadata={"help": "SmoothQuant: 8 only (W8A8)."})
     group_size: int = field(default=-1, metadata={"help": "SmoothQuant: -1 only (per-channel weights)."})
     sym: bool = field(default=True, metadata={"help": "SmoothQuant: symmetric only."})
+    all_experts: bool = like(WeightQuantConfig, "all_experts")
+    expert_min_tokens: int = like(WeightQuantConfig, "expert_min_tokens", metadata={
+        "help": "Mixture-of-experts models: an expert routed fewer calibration tokens than this is not smoothed "
+                "and quantizes its activations per token at run time, named in the log (0: only experts no token reached)."})
 
     def __post_init__(self):
         if not 0 <= self.alpha <= 1:
@@ -61,6 +65,7 @@ class SmoothQuantConfig:
             raise QuantkitError("smoothquant is W8A8: int8 per-channel symmetric weights (bits=8, group_size=-1, sym); "
                                 f"got bits={self.bits}, group_size={self.group_size}, sym={self.sym}")
         check_module_patterns(self.ignore, ())
+        check_expert_min_tokens(self.expert_min_tokens)
 
 
 def smooth_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -89,11 +94,17 @@ def smooth_block(ctx, cfg: SmoothQuantConfig) -> tuple[list[ScaleResult], dict, 
     """Collect ``max|x|`` per input channel, compute every group's smoothing factors, then fold
     them all (a linear may feed another group, so nothing is quantized in between).
 
-    Returns the block-relative results, ``{linear: max|x| [in] of its smoothed input}`` and
-    ``{linear: why it was not smoothed}``."""
+    Returns the block-relative results, ``{linear: max|x| [in] of its smoothed input}`` (None: an
+    expert the calibration barely reached, quantized per token at run time) and ``{linear: why it was not smoothed}``."""
     stats = ctx.collect("act", ctx.groups)
     act_max, notes, results = {}, {}, []
     for g in ctx.groups:
+        why = ctx.experts.starved(g.linears[0], stats[g.linears[0]], floor=1)
+        if why:
+            ctx.experts.warn(ctx.full_name(g.linears[0]), why, "not smoothed; its activations are quantized per token")
+            notes.update({n: f"{why}: not smoothed, per-token activation scales" for n in g.linears})
+            act_max.update({n: None for n in g.linears})
+            continue
         a = stats[g.linears[0]].abs_max  # [in]
         blocker = fold_blocker(ctx.block, g, ctx.arch.transposed) if _smoothed(g, cfg) else None
         if _smoothed(g, cfg) and blocker is None:
@@ -133,7 +144,8 @@ class SmoothQuant(BlockMethod):
             t1 = time.perf_counter()
             w = ctx.weight(n)
             q, w_scale = quantize_int8_weight(w)
-            act_scale = float(act_max[n].max().clamp(min=1e-8)) / ACT_QMAX if cfg.act_quant == "static" else None
+            static = cfg.act_quant == "static" and act_max[n] is not None
+            act_scale = float(act_max[n].max().clamp(min=1e-8)) / ACT_QMAX if static else None
             qw = W8A8Weight(q, w_scale, act_scale)
             w_hat = qw.dequantized()
             ctx.set_weight(n, w_hat)

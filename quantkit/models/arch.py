@@ -81,6 +81,8 @@ class MoESpec:
     count: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
     # (regex, replacement) from a stored tensor name to the per-expert module's (Mixtral's checkpoints: w1/w2/w3)
     stored_names: tuple[tuple[str, str], ...] = ()
+    # and back: how a float checkpoint names them, as transformers' save_pretrained does
+    saved_names: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,9 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec("mixtral", ("mixtral",), "model.layers", _MOE_ATTN + _EXPERTS, ("model.embed_tokens",), "model.norm",
              rotation=None, no_rotation=_NO_MOE_ROTATION, decode=(DecodeSpec(("mixtral",), moe="mlp"),),
              moe=MoESpec(stored_names=((r"\.block_sparse_moe\.", ".mlp."), (r"(experts\.\d+)\.w1\.", r"\1.gate_proj."),
-                                       (r"(experts\.\d+)\.w3\.", r"\1.up_proj."), (r"(experts\.\d+)\.w2\.", r"\1.down_proj.")))),
+                                       (r"(experts\.\d+)\.w3\.", r"\1.up_proj."), (r"(experts\.\d+)\.w2\.", r"\1.down_proj.")),
+                         saved_names=((r"\.mlp\.(gate|experts)\.", r".block_sparse_moe.\1."), (r"(experts\.\d+)\.gate_proj\.", r"\1.w1."),
+                                      (r"(experts\.\d+)\.up_proj\.", r"\1.w3."), (r"(experts\.\d+)\.down_proj\.", r"\1.w2.")))),
     ArchSpec("qwen_moe", ("qwen3_moe", "olmoe"), "model.layers", _MOE_ATTN + _DENSE_MLP + _EXPERTS, ("model.embed_tokens",), "model.norm",
              rotation=None, no_rotation=_NO_MOE_ROTATION, moe=MoESpec(),
              # OLMoE normalizes q and k over all heads at once: not the lean forward's per-head norms

@@ -10,9 +10,10 @@ int4/int8 modules.  Its forward has transformers' signature ``(hidden, top_k_ind
 and loops over the experts the tokens chose (a grouped loop: each active expert runs once on its
 tokens), so the routers and blocks of transformers call it unchanged.
 
-A float :class:`Experts` saves (and loads) its weights in transformers' fused layout, so a float
-checkpoint quantkit writes (after pruning, say) loads in transformers as it would have written it;
-once experts are packed, each expert's modules are saved under their own names.
+Its state dict names each expert's own tensors (it also loads transformers' fused ones); a float
+checkpoint quantkit writes (after pruning, say) names them as transformers' ``save_pretrained`` does
+(:func:`float_checkpoint_state`: Mixtral's ``w1``/``w2``/``w3``, gpt-oss fused), so transformers loads
+it; a quantized checkpoint keeps quantkit's per-expert names, which quantkit's loaders read.
 
 Calibration: :func:`routing_tally` counts the tokens routed to each expert while the driver
 collects statistics; :func:`all_experts` makes every expert also run on every token (its output
@@ -22,8 +23,11 @@ still weighed by the router only where the router chose it), so no expert is qua
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -80,7 +84,6 @@ class Experts(nn.ModuleList):
         self.layout = layout
         self.tally: torch.Tensor | None = None  # tokens routed to each expert, counted while set
         self.run_all = False  # calibration: every expert also runs on every token
-        self.save_fused = True  # float experts save in transformers' fused layout (see per_expert_names)
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden)
@@ -91,7 +94,7 @@ class Experts(nn.ModuleList):
         k = top_k_index.shape[-1]
         if hidden.shape[0] == 1 and not self.run_all:  # one token (decoding): its k experts, no sorting
             for j, e in enumerate(flat.tolist()):
-                out += self[e](hidden) * weights[j].to(hidden.dtype)
+                out += (self[e](hidden) * weights[j]).to(out.dtype)  # weighed in the router's precision, as below
             return out
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=len(self)).tolist()
@@ -109,24 +112,10 @@ class Experts(nn.ModuleList):
             out.index_add_(0, chosen // k, (y * weights[chosen, None]).to(out.dtype))
         return out
 
-    # -- transformers' fused layout for float experts ----------------------------------------
     def _float(self) -> bool:
         """Every expert a plain float linear with its weight (not packed, not compressed by another library)."""
-        return self.save_fused and all(type(m := getattr(x, n)) is nn.Linear and isinstance(getattr(m, "weight", None), torch.Tensor)
-                                       for x in self for n in ("gate_proj", "up_proj", "down_proj"))
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if not self._float():
-            return  # children save themselves: packed experts under their own names
-        for name, t in fuse(self).items():
-            destination[prefix + name] = t if keep_vars else t.detach()
-
-    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        if not self._float():
-            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        destination = {} if destination is None else destination
-        self._save_to_state_dict(destination, prefix, keep_vars)
-        return destination
+        return all(type(m := getattr(x, n)) is nn.Linear and isinstance(getattr(m, "weight", None), torch.Tensor)
+                   for x in self for n in ("gate_proj", "up_proj", "down_proj"))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         if prefix + "gate_up_proj" in state_dict:  # the fused layout: split it into the experts' own names
@@ -238,20 +227,6 @@ def experts_of(block: nn.Module) -> dict[str, Experts]:
 
 
 @contextlib.contextmanager
-def per_expert_names(model: nn.Module):
-    """While inside, ``model.state_dict()`` names each expert's own tensors (``experts.{e}.gate_proj.weight``,
-    the parameters themselves), as streaming needs them, instead of transformers' fused layout."""
-    found = [m for m in model.modules() if isinstance(m, Experts)]
-    for m in found:
-        m.save_fused = False
-    try:
-        yield
-    finally:
-        for m in found:
-            m.save_fused = True
-
-
-@contextlib.contextmanager
 def routing_tally(block: nn.Module):
     """Count the tokens each expert of ``block`` is routed (``{name: tensor of counts}``, filled as the block runs)."""
     found = experts_of(block)
@@ -288,15 +263,17 @@ class ExpertCalibration:
     min_tokens: int = 0
     warned: set = field(default_factory=set)
 
-    def starved(self, name: str, stats) -> str:
+    def starved(self, name: str, stats, floor: int = 0) -> str:
         """Why linear ``name``'s statistics (an accumulator counting its tokens in ``n``) are too few
-        to calibrate on (an expert the calibration tokens barely reached), or "" when they suffice."""
+        to calibrate on (an expert the calibration tokens barely reached), or "" when they suffice;
+        ``floor``: the fewest the caller can work with whatever ``min_tokens`` says (AWQ: 1)."""
+        least = max(self.min_tokens, floor)
         if stats is None or ".experts." not in f".{name}" or self.all_experts:
             return ""
-        n = int(getattr(stats, "n", self.min_tokens))
-        if n >= self.min_tokens:
+        n = int(getattr(stats, "n", least))
+        if n >= least:
             return ""
-        return f"expert routed {n} calibration token(s) (< {self.min_tokens}; --all-experts calibrates it on every token)"
+        return f"expert routed {n} calibration token(s) (< {least}; --all-experts calibrates it on every token)"
 
     def warn(self, full_name: str, why: str, action: str) -> None:
         """Log, once per expert, that linear ``full_name``'s expert falls back (``action``) and why."""
@@ -304,3 +281,32 @@ class ExpertCalibration:
         if expert not in self.warned:
             self.warned.add(expert)
             log.warning("%s: %s: %s", expert, why, action)
+
+
+_EXPERT_TENSOR = re.compile(r"^(.*\.experts)\.\d+\.(?:gate|up|down)_proj\.(?:weight|bias)$")
+
+
+def checkpoint_names(model: nn.Module) -> Callable[[str], str]:
+    """A float checkpoint's name for each model tensor: as transformers writes it (the table's
+    ``saved_names``: Mixtral's ``block_sparse_moe.experts.{e}.w1``...); the identity for other models."""
+    moe = moe_spec(model)
+    rules = [(re.compile(a), b) for a, b in (moe.saved_names if moe is not None else ())]
+    return lambda name: functools.reduce(lambda n, r: r[0].sub(r[1], n), rules, name)
+
+
+def float_checkpoint_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A float checkpoint's tensors (``state``, by model name, in order) as transformers writes
+    them: renamed by :func:`checkpoint_names`, and the experts of a family it stores fused (gpt-oss) fused."""
+    if moe_spec(model) is None:
+        return state
+    rename = checkpoint_names(model)
+    fused = {n for n, m in model.named_modules() if isinstance(m, Experts) and m.layout != "concat" and m._float()}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        owner = m.group(1) if (m := _EXPERT_TENSOR.match(name)) else None
+        if owner in fused:
+            if f"{owner}.gate_up_proj" not in out:
+                out.update({f"{owner}.{n}": v for n, v in fuse(get_module(model, owner)).items()})
+            continue
+        out[rename(name)] = t
+    return out

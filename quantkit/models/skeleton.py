@@ -20,7 +20,7 @@ from quantkit.memory import available_memory
 from quantkit.models.paths import check_model_files, file_kind, is_hub_id, one_line, parse_dtype, quiet_transformers, read_quantization_config
 from quantkit.models.arch import ArchSpec, arch_for, find_arch, get_module
 from quantkit.models.config import check_config
-from quantkit.models.moe import Experts, per_expert_names, unfuse_experts
+from quantkit.models.moe import Experts, unfuse_experts
 from quantkit.models.safetensors import TensorInfo, raw_header, read_header, read_tensor
 
 
@@ -80,8 +80,7 @@ class StreamSource:
                  dtype: torch.dtype):
         self.directory, self.model, self.arch, self.tensors, self.files, self.dtype = directory, model, arch, tensors, files, dtype
         self.prefix = arch.blocks_path + "."
-        with per_expert_names(model):  # MoE: each expert's own parameters, as checkpoints store them
-            self.slots = dict(model.state_dict(keep_vars=True))  # name -> Parameter / buffer (tied ones shared)
+        self.slots = dict(model.state_dict(keep_vars=True))  # name -> Parameter / buffer (tied ones shared)
         self._group_of = {n: g for g in self.tie_groups() for n in g}
         self._stored_as, self.converted = _stored_names(model, tensors)
 
@@ -303,8 +302,7 @@ def _stored_names(model: nn.Module, tensors: dict[str, TensorInfo]) -> tuple[dic
     import transformers
 
     base = getattr(model, "base_model_prefix", "")
-    with per_expert_names(model):
-        meta = model.state_dict()
+    meta = model.state_dict()
     spec = find_arch(getattr(model.config, "model_type", None))
     renames = [(re.compile(a), b) for a, b in (spec.moe.stored_names if spec is not None and spec.moe else ())]
     experts = {n for n, m in model.named_modules() if isinstance(m, Experts)}

@@ -61,10 +61,11 @@ def decode_stepper(lean: LeanLM, graphs: bool = True):
     """``ids [batch, n] -> logits [batch, vocab]`` continuing ``lean``'s sequences: prompts (n > 1)
     through :meth:`LeanLM.forward`, single tokens on a GPU through a :class:`GraphedDecode`
     captured at the first one and kept on ``lean`` (``lean.graphed``, dropped when
-    :meth:`LeanLM.reset` reallocates the cache); ``graphs=False``, or off a GPU: :meth:`LeanLM.forward`."""
+    :meth:`LeanLM.reset` reallocates the cache); ``graphs=False``, off a GPU, or with MoE blocks
+    (their experts are chosen on the host): :meth:`LeanLM.forward`."""
 
     def step(ids: torch.Tensor) -> torch.Tensor:
-        if ids.shape[1] != 1 or not graphs or lean.device.type != "cuda":
+        if ids.shape[1] != 1 or not graphs or lean.device.type != "cuda" or not lean.graphable:
             return lean.forward(ids)
         if lean.graphed is None:
             lean.graphed = GraphedDecode(lean)

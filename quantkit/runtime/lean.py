@@ -130,6 +130,8 @@ class LeanLM:
         self.tables = rope_tables(rotary, max_len, self.head_dim, self.dtype, self.device)
         self.cos, self.sin = self.tables[self.layers[0].rope]  # [max_len, head_dim]: the native step's (one table)
         # Llama's block exactly: what the native decode step (kernels/decode_step.c) computes
+        # a CUDA graph replays fixed kernels: an MoE block picks its experts on the host each token
+        self.graphable = all(lay.moe is None for lay in self.layers)
         self.plain = (not self.offset and self.attn_cap is None and self.final_cap is None and len(self.tables) == 1
                       and all(lay.window is None and lay.post_attn_norm is None and lay.qkv is None and type(lay.act).__name__ in
                               ("SiLU", "SiLUActivation") for lay in self.layers))

@@ -27,15 +27,21 @@ def _logits(model, ids=IDS):
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_unfused_experts_compute_and_save_what_transformers_does(family):
+def test_unfused_experts_compute_and_save_what_transformers_does(family, tmp_path):
+    from quantkit.checkpoint.packed import save_checkpoint
+    from quantkit.models.safetensors import read_header, read_tensor
+
     model = tiny_moe(family)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "theirs")
     ref = _logits(model)
     assert unfuse_experts(model) == 2 and unfuse_experts(model) == 0  # once per block, then a no-op
     assert isinstance(model.model.layers[0].mlp.experts, Experts)
     torch.testing.assert_close(_logits(model), ref, rtol=1e-5, atol=1e-5)
-    new = model.state_dict()  # float experts keep transformers' fused layout
-    assert new.keys() == state.keys() and all(torch.equal(new[k], state[k]) for k in state)
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in model.state_dict()  # each expert's own tensors
+    (tmp_path / "ours").mkdir()
+    save_checkpoint(model, None, tmp_path / "ours", None)  # a float checkpoint: named as transformers writes it
+    a, b = (read_header(tmp_path / d / "model.safetensors") for d in ("theirs", "ours"))
+    assert a.keys() == b.keys() and all(torch.equal(read_tensor(a[k]), read_tensor(b[k])) for k in a)
     names = arch_for(model).linear_names()
     assert {"mlp.experts.0.gate_proj", "mlp.experts.3.down_proj"} <= set(names)
     assert not any(n.endswith(("mlp.gate", "mlp.router")) for n in names)  # routers stay float
@@ -225,12 +231,56 @@ def test_stream_refuses_experts_stored_fused(tmp_path, stories_dir):
 
 
 def test_experts_another_library_compressed_save_under_their_own_names():
-    """compressed-tensors replaces a linear's weight by its packed tensors: no fused layout then."""
-    model = tiny_moe("qwen3_moe")
+    """compressed-tensors replaces a linear's weight by its packed tensors: gpt-oss's fused layout is not written then."""
+    from quantkit.models.moe import float_checkpoint_state
+
+    model = tiny_moe("gpt_oss")
     unfuse_experts(model)
     lin = model.model.layers[0].mlp.experts[2].up_proj
     del lin.weight
     lin.register_parameter("weight_packed", torch.nn.Parameter(torch.zeros(4, dtype=torch.int32), requires_grad=False))
-    names = model.state_dict().keys()
+    names = float_checkpoint_state(model, model.state_dict()).keys()
     assert "model.layers.0.mlp.experts.2.up_proj.weight_packed" in names
     assert "model.layers.0.mlp.experts.gate_up_proj" not in names and "model.layers.1.mlp.experts.gate_up_proj" in names
+
+
+def test_float_experts_in_a_quantized_checkpoint_load_everywhere(tmp_path):
+    model = tiny_moe("gpt_oss")  # its float checkpoints store experts fused; a quantized one, per expert
+    result = api.compress(model, "rtn", {**W4, "ignore": (r"experts\.",)}, progress=False)
+    api.save(model, None, tmp_path / "q", "rtn", result)
+    ours, _ = load_model(str(tmp_path / "q"), with_tokenizer=False)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert torch.equal(_logits(ours), _logits(model))
+    torch.testing.assert_close(_logits(theirs), _logits(model), rtol=1e-6, atol=1e-6)  # same weights, another memory layout
+
+
+def test_starved_experts_under_awq_smoothquant_and_a_bit_budget(caplog):
+    awq = api.compress(_starved_model(), "awq", {**W4, "expert_min_tokens": 0}, calib_ids=CALIB, progress=False)
+    assert "AWQ: not scaled (expert routed 0" in {r.module: r.note for r in awq.log}["model.layers.0.mlp.experts.3.gate_proj"]
+    sq = api.compress(_starved_model(), "smoothquant", {"act_quant": "static", "expert_min_tokens": 0}, calib_ids=CALIB,
+                      progress=False)
+    assert sq.quantized["model.layers.0.mlp.experts.3.up_proj"].act_scale is None  # per token at run time
+    assert sq.quantized["model.layers.0.mlp.experts.0.up_proj"].act_scale > 1e-4
+    with caplog.at_level(logging.WARNING, logger="quantkit"):
+        budget = api.compress(_starved_model(), "gptq", {**W4, "target_bpw": 3.5}, calib_ids=CALIB, progress=False)
+    assert budget.extra["allocation"]["bits_per_weight"] <= 3.5
+    assert "model.layers.0.mlp.experts.3.gate_proj: no calibration token reached its expert" in caplog.text
+
+
+def test_one_token_is_weighed_as_a_batch_of_tokens():
+    experts = tiny_moe("mixtral").to(torch.bfloat16)
+    unfuse_experts(experts)
+    mlp = experts.model.layers[0].mlp
+    x = torch.randn(2, 1, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    with torch.no_grad():
+        together = mlp(x)
+        alone = torch.cat([mlp(x[i:i + 1]) for i in range(2)])
+    assert torch.equal(together, alone)
+
+
+def test_moe_decode_is_not_captured_in_a_cuda_graph():
+    from quantkit.runtime.lean import LeanLM
+
+    model = tiny_moe("qwen3_moe")
+    unfuse_experts(model)
+    assert not LeanLM(model, 16).graphable  # experts are chosen on the host each token
