@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import time
 from typing import Callable, Iterable
@@ -168,8 +169,9 @@ class BlockContext:
         self.experts = ExpertCalibration()  # MoE: which experts calibrate on what (quantkit.models.moe)
 
     # -- modules ------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def groups(self) -> tuple[LinearGroup, ...]:
+        """The block's groups (an MoE model's dense blocks have no experts), found once."""
         return self.arch.groups_in(self.block)
 
     def full_name(self, name: str) -> str:

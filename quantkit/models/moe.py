@@ -10,7 +10,7 @@ int4/int8 modules.  Its forward has transformers' signature ``(hidden, top_k_ind
 and loops over the experts the tokens chose (a grouped loop: each active expert runs once on its
 tokens), so the routers and blocks of transformers call it unchanged.
 
-Its state dict names each expert's own tensors (it also loads transformers' fused ones); a float
+Its state dict names each expert's own tensors; a float
 checkpoint quantkit writes (after pruning, say) names them as transformers' ``save_pretrained`` does
 (:func:`float_checkpoint_state`: Mixtral's ``w1``/``w2``/``w3``, gpt-oss fused), so transformers loads
 it; a quantized checkpoint keeps quantkit's per-expert names, which quantkit's loaders read.
@@ -116,14 +116,6 @@ class Experts(nn.ModuleList):
         """Every expert a plain float linear with its weight (not packed, not compressed by another library)."""
         return all(type(m := getattr(x, n)) is nn.Linear and isinstance(getattr(m, "weight", None), torch.Tensor)
                    for x in self for n in ("gate_proj", "up_proj", "down_proj"))
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        if prefix + "gate_up_proj" in state_dict:  # the fused layout: split it into the experts' own names
-            fused = {n: state_dict.pop(prefix + n) for n in _FUSED_NAMES[self.layout] if prefix + n in state_dict}
-            for e, parts in enumerate(split(fused, self.layout, len(self))):
-                for n, t in parts.items():
-                    state_dict[f"{prefix}{e}.{n}"] = t
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
 _FUSED_NAMES = {"concat": ("gate_up_proj", "down_proj"),
@@ -286,12 +278,17 @@ class ExpertCalibration:
 _EXPERT_TENSOR = re.compile(r"^(.*\.experts)\.\d+\.(?:gate|up|down)_proj\.(?:weight|bias)$")
 
 
+def renamer(rules: tuple[tuple[str, str], ...]) -> Callable[[str], str]:
+    """A name with every ``(regex, replacement)`` of ``rules`` applied in turn (the table's ``stored_names``/``saved_names``)."""
+    compiled = [(re.compile(a), b) for a, b in rules]
+    return lambda name: functools.reduce(lambda n, r: r[0].sub(r[1], n), compiled, name)
+
+
 def checkpoint_names(model: nn.Module) -> Callable[[str], str]:
     """A float checkpoint's name for each model tensor: as transformers writes it (the table's
     ``saved_names``: Mixtral's ``block_sparse_moe.experts.{e}.w1``...); the identity for other models."""
     moe = moe_spec(model)
-    rules = [(re.compile(a), b) for a, b in (moe.saved_names if moe is not None else ())]
-    return lambda name: functools.reduce(lambda n, r: r[0].sub(r[1], n), rules, name)
+    return renamer(moe.saved_names if moe is not None else ())
 
 
 def float_checkpoint_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

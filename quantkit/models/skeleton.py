@@ -6,7 +6,6 @@ a model is too large for memory (:func:`should_stream`).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
@@ -20,7 +19,7 @@ from quantkit.memory import available_memory
 from quantkit.models.paths import check_model_files, file_kind, is_hub_id, one_line, parse_dtype, quiet_transformers, read_quantization_config
 from quantkit.models.arch import ArchSpec, arch_for, find_arch, get_module
 from quantkit.models.config import check_config
-from quantkit.models.moe import Experts, unfuse_experts
+from quantkit.models.moe import Experts, renamer, unfuse_experts
 from quantkit.models.safetensors import TensorInfo, raw_header, read_header, read_tensor
 
 
@@ -304,7 +303,7 @@ def _stored_names(model: nn.Module, tensors: dict[str, TensorInfo]) -> tuple[dic
     base = getattr(model, "base_model_prefix", "")
     meta = model.state_dict()
     spec = find_arch(getattr(model.config, "model_type", None))
-    renames = [(re.compile(a), b) for a, b in (spec.moe.stored_names if spec is not None and spec.moe else ())]
+    own_name = renamer(spec.moe.stored_names if spec is not None and spec.moe else ())
     experts = {n for n, m in model.named_modules() if isinstance(m, Experts)}
     if int(transformers.__version__.split(".")[0]) >= 5:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -315,7 +314,7 @@ def _stored_names(model: nn.Module, tensors: dict[str, TensorInfo]) -> tuple[dic
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         out, converted = {}, []
         for k in tensors:
-            own = functools.reduce(lambda n, r: r[0].sub(r[1], n), renames, k)  # MoE: the expert's own names
+            own = own_name(k)  # MoE: the expert's own names
             if own in meta:
                 out.setdefault(own, k)
                 continue
