@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from quantkit.calibrate.sensitivity import plan_bits
+from quantkit.calibrate.sensitivity import Reprice, plan_bits
 from quantkit.core.rotation import rotate_model
 from quantkit.core.quant import clipped_scale_note
 from quantkit.core.types import CompressionResult, LayerRecord, QuantizedWeight
@@ -56,6 +56,12 @@ class BlockMethod:
     def __init__(self, config):
         self.config = config
 
+    def repricer(self, model: nn.Module, arch: ArchSpec, calib_ids: torch.Tensor, batch_size: int,
+                 progress: Callable[[int, int, str], None] | None = None) -> Reprice | None:
+        """With a bit budget: what prices the candidate formats better than round-to-nearest on the
+        Fisher diagonal (see :func:`quantkit.calibrate.sensitivity.plan_bits`); None: nothing."""
+        return None
+
     @property
     def stores_results(self) -> bool:
         """Whether the checkpoint stores the method's per-linear results (codes, factors...), which
@@ -78,7 +84,8 @@ class BlockMethod:
         return bool(getattr(config, "act_bits", None) and getattr(config, "act_clip_search", False))
 
     def prepare(self, model: nn.Module, arch: ArchSpec, result: CompressionResult,
-                calib_ids: torch.Tensor | None = None, progress: Callable[[int, int, str], None] | None = None) -> None:
+                calib_ids: torch.Tensor | None = None, progress: Callable[[int, int, str], None] | None = None,
+                batch_size: int = 8) -> None:
         """Whole-model work before the first block: the residual-stream rotation a config asks for
         (``rotate``; see :mod:`quantkit.core.rotation`), recorded in ``result.extra["rotation"]``;
         then, with a bit budget (``target_bpw``), each linear's format
@@ -88,8 +95,9 @@ class BlockMethod:
         if getattr(self.config, "target_bpw", None) is not None:
             names = [f"{arch.blocks_path}.{i}.{n}" for i, b in enumerate(arch.blocks(model)) for n in arch.linear_names(b)]
             names += [arch.lm_head] if getattr(self.config, "quantize_lm_head", False) else []
+            reprice = self.repricer(model, arch, calib_ids, batch_size, progress)
             self.config, result.extra["allocation"] = plan_bits(model, arch, self.config, calib_ids, names,
-                                                                self.config.stores_g_idx(), progress)
+                                                                self.config.stores_g_idx(), progress, reprice)
 
     def process_block(self, ctx: "BlockContext") -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -237,11 +245,12 @@ class BlockContext:
         """Run the block over every cached batch; returns outputs (on the offload device)."""
         return [self.run(hidden, kwargs) for hidden, kwargs in self.inputs]
 
-    def collect(self, kind: str, groups: Iterable[LinearGroup]) -> dict[str, object]:
+    def collect(self, kind: str, groups: Iterable[LinearGroup], advance: bool = False) -> dict[str, object]:
         """Run the block once with input hooks on ``groups``' linears and return one accumulator
         per linear name (``kind``: "hessian" -> HessianAccumulator, "act" -> ActStats, or a
         callable ``(group, in_features) -> accumulator`` with ``add(x)``).  Linears of one group
-        share their accumulator: their input is the same tensor."""
+        share their accumulator: their input is the same tensor.  ``advance``: the block's outputs
+        replace the cached inputs (for a walk that leaves the weights as they are)."""
         stats: dict[str, object] = {}
         handles = []
         for g in groups:
@@ -254,8 +263,11 @@ class BlockContext:
             handles.append(first.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])))
         try:
             with torch.no_grad(), routing_tally(self.block) as tally, all_experts(self.block, self.experts.all_experts):
-                for hidden, kwargs in self.inputs:
-                    self.run(hidden, kwargs)  # only the hooks' statistics are kept
+                if advance:
+                    self.inputs.advance(self.run)
+                else:
+                    for hidden, kwargs in self.inputs:
+                        self.run(hidden, kwargs)  # only the hooks' statistics are kept
         finally:
             for h in handles:
                 h.remove()
@@ -349,7 +361,7 @@ def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor
     arch = arch_for(model)
     method.check(model, arch)
     result = CompressionResult()
-    method.prepare(model, arch, result, calib_ids, progress)
+    method.prepare(model, arch, result, calib_ids, progress, batch_size)
     blocks = arch.blocks(model)
     home = _input_device(model)
     device = home if device is None else resolve_device(device)  # "auto": a GPU when there is one
@@ -383,13 +395,3 @@ def run_blockwise(model: nn.Module, method: BlockMethod, calib_ids: torch.Tensor
             progress(i + 1, len(blocks), f"block {i} {time.perf_counter() - t0:.1f}s")
     method.finish(model, result)
     return result
-
-
-def unlisted_linears(block: nn.Module, arch: ArchSpec) -> list[str]:
-    """Linears of a block that the architecture table does not name (reported, never silently skipped)."""
-    listed = set(arch.linear_names(block))
-    names = []
-    for name, mod in block.named_modules():
-        if isinstance(mod, nn.Linear) and name not in listed:
-            names.append(name)
-    return names

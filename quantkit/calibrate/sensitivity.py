@@ -7,8 +7,10 @@ output ``f[o] = sum_t (dL/dy_to)^2``.  Rounding the weight ``W`` to ``W + D`` th
 by about ``1/2 sum_t (g_t . D x_t)^2 ~= 1/2 sum_o f[o] sum_j h[j] D[o, j]^2`` (Gauss-Newton, with
 inputs and gradients taken independent and columns uncorrelated: a diagonal Fisher, comparable
 across layers): :func:`rounding_cost`.  :func:`plan_bits` prices every candidate format of every
-linear that way (round-to-nearest on min-max grids) and lets :func:`quantkit.core.budget.allocate`
-choose; the method then quantizes each linear in its format.
+linear that way (round-to-nearest on min-max grids), optionally re-prices the promising ones with
+the method's own result on the full input Hessian (:func:`hessian_cost`: GPTQ compensates much of
+the rounding error, more in some linears than in others), and lets
+:func:`quantkit.core.budget.allocate` choose; the method then quantizes each linear in its format.
 
     >>> config, report = plan_bits(model, arch, config, calib_ids)   # doctest: +SKIP
 """
@@ -109,12 +111,30 @@ def rounding_cost(w: torch.Tensor, spec: QuantSpec, f: torch.Tensor, h: torch.Te
     return 0.5 * float(f.double() @ (d.double().pow(2) @ h.double()))
 
 
+def hessian_cost(w: torch.Tensor, w_hat: torch.Tensor, f: torch.Tensor, H: torch.Tensor) -> float:
+    """Estimated loss growth of replacing ``w [out, in]`` by ``w_hat``, the method's own result
+    (GPTQ's error feedback included): ``1/2 sum_o f[o] d_o H d_o^T`` with ``d = w_hat - w`` and
+    ``H [in, in]`` the inputs' mean ``x x^T`` (its diagonal is :func:`fisher_statistics`' ``h``, so
+    the two costs are on one scale; correlated columns are priced as they add up)."""
+    d = (w_hat.float() - w.float()).double()
+    return 0.5 * float(f.double() @ ((d @ H.double()) * d).sum(1))
+
+
+Reprice = Callable[[dict, dict], dict]  # (options, statistics) -> options: see plan_bits
+
+
 def plan_bits(model: nn.Module, arch: ArchSpec, config, calib_ids: torch.Tensor, names: list[str],
-              g_idx: bool = False, progress: Callable[[int, int, str], None] | None = None) -> tuple[object, dict]:
+              g_idx: bool = False, progress: Callable[[int, int, str], None] | None = None,
+              reprice: Reprice | None = None) -> tuple[object, dict]:
     """The formats ``config.target_bpw`` buys for the linears ``names`` (full module names, the
     ones the method quantizes): ``(config with one override per linear, report)``.  Linears the
     user's ``overrides`` name keep that format (and count in the budget); ``g_idx``: the method
-    stores one per linear (its bytes count too).  ``report``: the allocation, per module."""
+    stores one per linear (its bytes count too).  ``report``: the allocation, per module.
+
+    Every candidate is first priced by :func:`rounding_cost`; ``reprice(options, stats)``, when
+    given, returns better prices for the linears it can (``{name: [(spec, bytes, cost)]}``, from
+    ``options`` = the same for every linear and ``stats`` = ``{name: (f, h)}``): the driver prices
+    GPTQ's formats with GPTQ itself on each block's Hessian (:func:`hessian_cost`)."""
     if calib_ids is None:
         raise QuantkitError("--target-bpw measures each linear's sensitivity on calibration data: give --calib")
     names = [n for n in names if config.spec_for(n) is not None]
@@ -131,6 +151,8 @@ def plan_bits(model: nn.Module, arch: ArchSpec, config, calib_ids: torch.Tensor,
             s for s in candidate_specs(in_f, spec.sym) if not (config.act_bits and s.bits == 8 and not s.sym)]
         options[n] = [(s, stored_bytes(s, out_f, in_f, g_idx), rounding_cost(w, s, f, h)) for s in specs]
         weights[n] = out_f * in_f
+    repriced = reprice(options, stats) if reprice is not None else {}
+    options.update(repriced)
     chosen = allocate(options, weights, config.target_bpw)
     rows, total_bytes = [], 0
     for n in names:
@@ -138,7 +160,8 @@ def plan_bits(model: nn.Module, arch: ArchSpec, config, calib_ids: torch.Tensor,
         _, nbytes, cost = next(o for o in options[n] if o[0] == spec)
         total_bytes += nbytes
         rows.append({"module": n, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
-                     "bits_per_weight": 8 * nbytes / weights[n], "estimated_cost": cost})
+                     "bits_per_weight": 8 * nbytes / weights[n], "estimated_cost": cost,
+                     "priced_by": "hessian" if n in repriced else "diagonal"})
     overrides = tuple((f"^{re.escape(n)}$", {"bits": chosen[n].bits, "group_size": chosen[n].group_size}) for n in names)
     report = {"target_bpw": config.target_bpw, "bits_per_weight": 8 * total_bytes / sum(weights.values()),
               "estimated_cost": sum(r["estimated_cost"] for r in rows), "modules": rows}

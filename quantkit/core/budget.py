@@ -54,7 +54,7 @@ def budget_bytes(budget_bpw: float, n_weights: int) -> int:
     return math.floor(Fraction(budget_bpw) * n_weights / 8)
 
 
-def _hull(options: list[tuple[Hashable, int, float]]) -> list[tuple[Hashable, int, float]]:
+def lower_hull(options: list[tuple[Hashable, int, float]]) -> list[tuple[Hashable, int, float]]:
     """The lower convex hull of ``(key, bytes, cost)`` from the fewest bytes up, each step buying
     a lower cost at a falling price (cost saved per byte)."""
     best: dict[int, tuple] = {}
@@ -88,7 +88,7 @@ def allocate(options: dict[str, list[tuple[Hashable, int, float]]], weights: dic
         least = 8 * used / max(sum(weights[n] for n in names), 1)
         raise QuantkitError(f"a budget of {budget_bpw:g} bits per weight is below the smallest formats here "
                             f"({least:.3f} bits per weight, scales included): raise --target-bpw")
-    hulls = {n: _hull(options[n]) for n in names}
+    hulls = {n: lower_hull(options[n]) for n in names}
     chosen = {n: smallest[n] for n in names}
     pos = {n: 0 for n in names}
     heap: list[tuple[float, int, str]] = []

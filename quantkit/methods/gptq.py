@@ -7,12 +7,14 @@ the block-wise driver with a Hessian per linear.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from quantkit.calibrate.driver import BlockMethod
+from quantkit.calibrate.pricing import hessian_prices
 from quantkit.core.types import QuantizedWeight
 from quantkit.errors import QuantkitError
 from quantkit.methods.base import WeightQuantConfig, check_group_sizes, check_obs_settings, quantize_block_linears
@@ -148,6 +150,14 @@ class GPTQ(BlockMethod):
         qw, w_hat, loss, damp = res
         note = f"damping raised to {damp:g}" if damp != cfg.damp else ""
         return qw, w_hat, loss, damp, note
+
+    def repricer(self, model, arch, calib_ids, batch_size, progress=None):
+        """--target-bpw prices GPTQ's own error on each linear's Hessian, not round-to-nearest's."""
+        return functools.partial(hessian_prices, model, arch, calib_ids, batch_size, self, progress=progress)
+
+    def quantized_weight(self, w, hessian, spec):
+        """GPTQ's dequantized result for ``w`` in ``spec`` (what :func:`hessian_prices` prices)."""
+        return self._linear(w, hessian, spec)[1]
 
     def process_block(self, ctx):
         quantize_block_linears(ctx, self._linear, "hessian", self.config.spec_for, self.config.true_sequential,

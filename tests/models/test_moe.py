@@ -265,6 +265,9 @@ def test_starved_experts_under_awq_smoothquant_and_a_bit_budget(caplog):
         budget = api.compress(_starved_model(), "gptq", {**W4, "target_bpw": 3.5}, calib_ids=CALIB, progress=False)
     assert budget.extra["allocation"]["bits_per_weight"] <= 3.5
     assert "model.layers.0.mlp.experts.3.gate_proj: no calibration token reached its expert" in caplog.text
+    priced = {r["module"]: r["priced_by"] for r in budget.extra["allocation"]["modules"]}  # no Hessian to price it by
+    assert priced["model.layers.0.mlp.experts.3.gate_proj"] == "diagonal"
+    assert priced["model.layers.0.mlp.experts.0.gate_proj"] == "hessian"
 
 
 def test_one_token_is_weighed_as_a_batch_of_tokens():
