@@ -19,6 +19,7 @@ from quantkit.calibrate.sensitivity import hessian_cost
 from quantkit.core.budget import lower_hull
 from quantkit.core.types import CompressionResult
 from quantkit.models.arch import ArchSpec
+from quantkit.models.moe import ExpertCalibration
 
 
 def hessian_prices(model: nn.Module, arch: ArchSpec, calib_ids: torch.Tensor, batch_size: int, method: BlockMethod,
@@ -31,8 +32,11 @@ def hessian_prices(model: nn.Module, arch: ArchSpec, calib_ids: torch.Tensor, ba
     on the linear's Hessian and priced by :func:`quantkit.calibrate.sensitivity.hessian_cost`; every
     other format's first price is scaled by the ratio measured / first price, interpolated in bits
     per weight between the two (how much of its rounding error the method takes back is a property
-    of the linear, much as its inputs' correlations are).  Linears no calibration token reached (an
-    idle expert) and those outside the blocks (the head) keep their first prices."""
+    of the linear, much as its inputs' correlations are).  Linears calibrated on fewer than twice
+    as many tokens as they have inputs (GPTQ, fitted and priced on the same tokens, would look
+    nearly free), experts the run will round to nearest (fewer routed tokens than
+    ``expert_min_tokens``, without ``all_experts``) and the linears outside the blocks (the head)
+    keep their first prices."""
     blocks = arch.blocks(model)
     inputs = catch_block_inputs(model, arch, calib_ids, batch_size, torch.device("cpu"))
     device = _input_device(model)
@@ -41,13 +45,16 @@ def hessian_prices(model: nn.Module, arch: ArchSpec, calib_ids: torch.Tensor, ba
     for i, block in enumerate(blocks):
         t0 = time.perf_counter()
         ctx = BlockContext(i, f"{arch.blocks_path}.{i}", block, arch, inputs, CompressionResult(), device)
+        ctx.experts = ExpertCalibration(bool(getattr(method.config, "all_experts", False)),  # as the run will see them
+                                        int(getattr(method.config, "expert_min_tokens", 0)))
         names = [n for n in arch.linear_names(block) if ctx.full_name(n) in options]
         with torch.no_grad():
             hessians = ctx.collect("hessian", [g for g in ctx.groups if set(g.linears) & set(names)], advance=True)
             for n in names:
                 acc, full = hessians.get(n), ctx.full_name(n)
-                if acc is None or acc.n == 0 or len(options[full]) == 1:
-                    continue
+                if (acc is None or acc.n < 2 * acc.H.shape[0] or ctx.experts.starved(n, acc)
+                        or len(options[full]) == 1):
+                    continue  # too few tokens for its width (GPTQ would fit them and look free), or a fixed format
                 w, f = ctx.weight(n), stats[full][0].to(device)
                 ratios = []  # (bits per weight, measured / first price) at the references
                 for spec, nbytes, first in _bracket(lower_hull(options[full]), budget, w.numel()):

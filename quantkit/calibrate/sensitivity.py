@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.core.budget import allocate, candidate_specs, stored_bytes
+from quantkit.core.budget import allocate, candidate_specs, check_fits, stored_bytes
 from quantkit.core.quant import QuantSpec, dequantize, quantize_rtn
 from quantkit.errors import QuantkitError
 from quantkit.models.arch import ArchSpec, get_module, weight_out_in
@@ -151,6 +151,7 @@ def plan_bits(model: nn.Module, arch: ArchSpec, config, calib_ids: torch.Tensor,
             s for s in candidate_specs(in_f, spec.sym) if not (config.act_bits and s.bits == 8 and not s.sym)]
         options[n] = [(s, stored_bytes(s, out_f, in_f, g_idx), rounding_cost(w, s, f, h)) for s in specs]
         weights[n] = out_f * in_f
+    check_fits(options, weights, config.target_bpw)  # before the repricing pass, not after it
     repriced = reprice(options, stats) if reprice is not None else {}
     options.update(repriced)
     chosen = allocate(options, weights, config.target_bpw)

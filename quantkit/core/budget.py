@@ -75,19 +75,25 @@ def lower_hull(options: list[tuple[Hashable, int, float]]) -> list[tuple[Hashabl
     return hull
 
 
+def check_fits(options: dict[str, list[tuple[Hashable, int, float]]], weights: dict[str, int], budget_bpw: float) -> None:
+    """Refuse a budget below the smallest formats of ``options`` (as :func:`allocate` takes them)."""
+    used = sum(min(o[1] for o in opts) for opts in options.values())
+    if used > budget_bytes(budget_bpw, sum(weights[n] for n in options)):
+        least = 8 * used / max(sum(weights[n] for n in options), 1)
+        raise QuantkitError(f"a budget of {budget_bpw:g} bits per weight is below the smallest formats here "
+                            f"({least:.3f} bits per weight, scales included): raise --target-bpw")
+
+
 def allocate(options: dict[str, list[tuple[Hashable, int, float]]], weights: dict[str, int],
              budget_bpw: float) -> dict[str, Hashable]:
     """One option per linear: ``options[name]`` is a list of ``(key, bytes, cost)``,
     ``weights[name]`` its number of weights.  Minimizes the summed cost with
     ``8 * sum(bytes) <= budget_bpw * sum(weights)``; refuses a budget below the smallest formats."""
+    check_fits(options, weights, budget_bpw)
     names = list(options)
     cap = budget_bytes(budget_bpw, sum(weights[n] for n in names))
     smallest = {n: min(options[n], key=lambda o: (o[1], o[2])) for n in names}
     used = sum(o[1] for o in smallest.values())
-    if used > cap:
-        least = 8 * used / max(sum(weights[n] for n in names), 1)
-        raise QuantkitError(f"a budget of {budget_bpw:g} bits per weight is below the smallest formats here "
-                            f"({least:.3f} bits per weight, scales included): raise --target-bpw")
     hulls = {n: lower_hull(options[n]) for n in names}
     chosen = {n: smallest[n] for n in names}
     pos = {n: 0 for n in names}

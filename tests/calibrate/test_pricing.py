@@ -95,3 +95,22 @@ def test_a_budget_reports_how_each_linear_was_priced(stories, stories_dir, calib
     rtn = api.compress(load_model(str(stories_dir))[0], "rtn", {"target_bpw": 3.5}, calib_ids=calib_ids[:4],
                        progress=False)
     assert {r["priced_by"] for r in rtn.extra["allocation"]["modules"]} == {"diagonal"}
+
+
+def test_too_few_tokens_for_a_linears_width_keep_the_first_prices(stories, calib_ids):
+    """128 tokens against down_proj's 172 inputs: GPTQ would fit them exactly and look free."""
+    model, _ = stories
+    arch = arch_for(model)
+    names = [f"{arch.blocks_path}.0.{n}" for n in ("self_attn.q_proj", "mlp.down_proj")]
+    ids = calib_ids[:1]
+    stats = fisher_statistics(model, names, arch.embeddings[0], ids)
+    prices = hessian_prices(model, arch, ids, 1, GPTQ(GPTQConfig(target_bpw=3.5)), _options(model, arch, names, stats), stats)
+    assert list(prices) == [names[0]]  # q_proj: 64 inputs
+
+
+def test_an_impossible_budget_is_refused_before_the_pricing_pass(stories, calib_ids, monkeypatch):
+    import quantkit.calibrate.pricing as pricing
+
+    monkeypatch.setattr(pricing, "catch_block_inputs", lambda *a, **k: pytest.fail("priced an impossible budget"))
+    with pytest.raises(Exception, match="below the smallest formats"):
+        api.compress(stories[0], "gptq", {"target_bpw": 1.5}, calib_ids=calib_ids[:2], progress=False)

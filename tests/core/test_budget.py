@@ -38,7 +38,7 @@ def test_budget_bytes_round_down_exactly():
     assert budget_bytes(0.1 + 0.2, 80) == 3  # 0.30000000000000004 * 80 / 8 = 3.0000000000000004 -> 3
 
 
-def testlower_hull_drops_dominated_and_non_convex_points():
+def test_lower_hull_drops_dominated_and_non_convex_points():
     pts = [("a", 10, 10.0), ("b", 20, 4.0), ("c", 30, 3.5), ("d", 40, 0.5), ("e", 25, 9.0), ("f", 20, 5.0)]
     assert [p[0] for p in lower_hull(pts)] == ["a", "b", "d"]  # c is above the chord b-d, e and f are dominated
 

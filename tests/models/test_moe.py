@@ -19,6 +19,7 @@ from quantkit.testing import MOE_FAMILIES, tiny_moe
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(2))
 W4 = {"bits": 4, "group_size": 16}
+CALIB4 = torch.randint(0, 128, (32, 16), generator=torch.Generator().manual_seed(2))  # enough tokens to price experts by GPTQ
 
 
 def _logits(model, ids=IDS):
@@ -262,12 +263,15 @@ def test_starved_experts_under_awq_smoothquant_and_a_bit_budget(caplog):
     assert sq.quantized["model.layers.0.mlp.experts.3.up_proj"].act_scale is None  # per token at run time
     assert sq.quantized["model.layers.0.mlp.experts.0.up_proj"].act_scale > 1e-4
     with caplog.at_level(logging.WARNING, logger="quantkit"):
-        budget = api.compress(_starved_model(), "gptq", {**W4, "target_bpw": 3.5}, calib_ids=CALIB, progress=False)
+        budget = api.compress(_starved_model(), "gptq", {**W4, "target_bpw": 3.5}, calib_ids=CALIB4, progress=False)
     assert budget.extra["allocation"]["bits_per_weight"] <= 3.5
     assert "model.layers.0.mlp.experts.3.gate_proj: no calibration token reached its expert" in caplog.text
-    priced = {r["module"]: r["priced_by"] for r in budget.extra["allocation"]["modules"]}  # no Hessian to price it by
+    priced = {r["module"]: r["priced_by"] for r in budget.extra["allocation"]["modules"]}  # rounded to nearest: priced so
     assert priced["model.layers.0.mlp.experts.3.gate_proj"] == "diagonal"
-    assert priced["model.layers.0.mlp.experts.0.gate_proj"] == "hessian"
+    assert "hessian" in {v for k, v in priced.items() if ".experts." in k}  # experts with tokens enough for their width
+    everyone = api.compress(_starved_model(), "gptq", {**W4, "target_bpw": 3.5, "all_experts": True}, calib_ids=CALIB4,
+                            progress=False)  # GPTQ on every token: priced by it
+    assert {r["priced_by"] for r in everyone.extra["allocation"]["modules"] if ".experts." in r["module"]} == {"hessian"}
 
 
 def test_one_token_is_weighed_as_a_batch_of_tokens():
