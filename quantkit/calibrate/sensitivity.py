@@ -133,8 +133,9 @@ def plan_bits(model: nn.Module, arch: ArchSpec, config, calib_ids: torch.Tensor,
 
     Every candidate is first priced by :func:`rounding_cost`; ``reprice(options, stats)``, when
     given, returns better prices for the linears it can (``{name: [(spec, bytes, cost)]}``, from
-    ``options`` = the same for every linear and ``stats`` = ``{name: (f, h)}``): the driver prices
-    GPTQ's formats with GPTQ itself on each block's Hessian (:func:`hessian_cost`)."""
+    ``options`` = the same for every linear and ``stats`` = ``{name: (f, h)}``): GPTQ's repricer
+    (:func:`quantkit.calibrate.pricing.hessian_prices`) prices its formats with GPTQ itself on each
+    block's Hessian (:func:`hessian_cost`)."""
     if calib_ids is None:
         raise QuantkitError("--target-bpw measures each linear's sensitivity on calibration data: give --calib")
     names = [n for n in names if config.spec_for(n) is not None]
