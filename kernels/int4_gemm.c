@@ -4,6 +4,12 @@
  * nibble into a bf16 weight (unpack_chunk) and vdpbf16ps multiplies 2 columns x 16 rows per instruction:
  *   y[m, n] = sum_g s[n, g] * (sum_{k in g} x[m, k] * (128 + q[n, k]) - (128 + z[n, g]) * sum_{k in g} x[m, k])
  * with x rounded to bf16 (as PyTorch's int4 op does) and every sum in float32.
+ *
+ * Without AVX-512 (AVX2 + FMA + F16C): one AND isolates nibble t of a 32-bit lane (row r, words 2r and
+ * 2r + 1) in place, as the integer q 2^e (e = 4t, or 16 + 4t for the high word); it converts to a
+ * float exactly, and the activation it meets was scaled by 2^-e once per call, so each FMA adds
+ * x[m, k] q[n, k] exactly as a product (powers of two):
+ *   y[m, n] = sum_g s[n, g] * (sum_{k in g} x[m, k] q[n, k] - z[n, g] sum_{k in g} x[m, k])
  */
 #include "qk.h"
 
@@ -36,8 +42,10 @@ static void prepare_x(const void *x, int x_bf16, const int64_t *perm, int64_t M,
         } else {
             const float *xf = (const float *)x + m * K;
             int64_t k = 0;
+#ifdef QK_AVX512
             for (; k + 16 <= K; k += 16)
                 _mm256_storeu_si256((__m256i *)(row + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xf + k)));
+#endif
             for (; k < K; k++) row[k] = f32_to_bf16(xf[k]);
         }
         for (int64_t k = K; k < K8; k++) row[k] = 0;
@@ -54,6 +62,7 @@ static void prepare_x(const void *x, int x_bf16, const int64_t *perm, int64_t M,
     }
 }
 
+#ifdef QK_AVX512
 /* a[0..3] += the chunk's weights times activation pairs xp[0..3] */
 INLINE void dot_chunk(__m512 a[4], const __m512i v[4], const int32_t *xp) {
     for (int t = 0; t < 4; t++) a[t] = _mm512_dpbf16_ps(a[t], (__m512bh)v[t], (__m512bh)_mm512_set1_epi32(xp[t]));
@@ -201,6 +210,95 @@ int qk_int4_mm(const qk_int4_weight *d, const void *x, int x_bf16, void *y, int6
     }
     return 0;
 }
+
+#else /* AVX2 + FMA + F16C */
+
+/* What every tile of one product shares (the AVX2 path). */
+typedef struct {
+    const qk_int4_weight *d;
+    const float *xs;    /* [M, K8] the bf16-rounded activations, column k0 + 2t + j scaled by 2^-e(t, j) */
+    const float *xg;    /* [M, G] float32 sum of each group (unscaled) */
+    int64_t G;
+    const float *bias;  /* float32 [N] or NULL */
+    void *y;            /* [M, N] float32 or bf16 */
+    int y_bf16;
+} gemm_args;
+
+/* 2^-e for column c = 2t + j of a chunk: nibble t of word j sits at bit e = 16 j + 4 t of its lane,
+ * except the top nibble (t = 3, j = 1), shifted down to bit 0 (an AND would leave it signed) */
+static const float CHUNK_SCALE[8] = {1.f, 0x1p-16f, 0x1p-4f, 0x1p-20f, 0x1p-8f, 0x1p-24f, 0x1p-12f, 1.f};
+
+/* a[0..3] += the 8 rows' weights of one 32-byte half chunk p times the 8 scaled activations x8 */
+INLINE void dot_half(__m256 a[4], __m256i p, const float *x8) {
+    for (int t = 0; t < 4; t++) {
+        __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(p, _mm256_set1_epi32(0xF << (4 * t))));
+        __m256 hi = _mm256_cvtepi32_ps(t < 3 ? _mm256_and_si256(p, _mm256_set1_epi32(0xF << (16 + 4 * t)))
+                                             : _mm256_srli_epi32(p, 28));
+        a[t] = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(x8 + 2 * t), a[t]);
+        a[t] = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(x8 + 2 * t + 1), a[t]);
+    }
+}
+
+/* y += s * (sum a - z * sum x) for one group of 8 rows (s16, zb: this half's 8 scales and zeros) */
+INLINE __m256 group_update8(__m256 y, const __m256 a[4], const uint16_t *s16, const uint8_t *zb, float zconst,
+                            float xsum) {
+    __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)s16));
+    __m256 z = zb ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)zb))) : _mm256_set1_ps(zconst);
+    __m256 acc = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+    return _mm256_fmadd_ps(_mm256_fnmadd_ps(z, _mm256_set1_ps(xsum), acc), s, y);
+}
+
+/* One tile: the 16 rows of block nb for activation row m, the whole K. */
+static void tile_avx2(const gemm_args *a, int64_t m, int64_t nb) {
+    const qk_int4_weight *d = a->d;
+    const int64_t K8 = d->K8, G = a->G, gs = d->gs, N = d->N;
+    const uint8_t *wb = d->w + nb * (K8 / 8) * 64, *zb = d->z ? d->z + nb * G * 16 : NULL;
+    const uint16_t *sb = d->s16 + nb * G * 16;
+    const float *xs = a->xs + m * K8, *xg = a->xg + m * G;
+    __m256 y0 = _mm256_setzero_ps(), y1 = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m256 a0[4], a1[4];
+        for (int t = 0; t < 4; t++) a0[t] = a1[t] = _mm256_setzero_ps();
+        for (int64_t k = g * gs; k < (g + 1) * gs; k += 8) {
+            const uint8_t *c = wb + (k / 8) * 64;
+            _mm_prefetch((const char *)(c + 512), _MM_HINT_T0);
+            dot_half(a0, _mm256_loadu_si256((const __m256i *)c), xs + k);        /* rows 0..7 */
+            dot_half(a1, _mm256_loadu_si256((const __m256i *)(c + 32)), xs + k); /* rows 8..15 */
+        }
+        y0 = group_update8(y0, a0, sb + g * 16, zb ? zb + g * 16 : NULL, d->zconst, xg[g]);
+        y1 = group_update8(y1, a1, sb + g * 16 + 8, zb ? zb + g * 16 + 8 : NULL, d->zconst, xg[g]);
+    }
+    float out[16];
+    _mm256_storeu_ps(out, y0);
+    _mm256_storeu_ps(out + 8, y1);
+    for (int r = 0; r < 16 && nb * 16 + r < N; r++) {
+        int64_t n = nb * 16 + r;
+        float v = out[r] + (a->bias ? a->bias[n] : 0.f);
+        if (a->y_bf16)
+            ((bf16_t *)a->y)[m * N + n] = f32_to_bf16(v);
+        else
+            ((float *)a->y)[m * N + n] = v;
+    }
+}
+
+/* qk.h: y [M, N] = x [M, K] @ W^T (+ bias); 0, or -1 when out of memory */
+int qk_int4_mm(const qk_int4_weight *d, const void *x, int x_bf16, void *y, int64_t M, const float *bias, int threads) {
+    int64_t N = d->N, K8 = d->K8, G = K8 / d->gs, NB = (N + 15) / 16;
+    size_t xb_bytes = (M * K8 * sizeof(bf16_t) + 63) / 64 * 64, xg_bytes = (M * G * sizeof(float) + 63) / 64 * 64;
+    char *buf = (char *)get_scratch(xb_bytes + xg_bytes + M * K8 * sizeof(float));
+    if (!buf) return -1;
+    bf16_t *xb = (bf16_t *)buf;
+    float *xg = (float *)(buf + xb_bytes), *xs = (float *)(buf + xb_bytes + xg_bytes);
+    prepare_x(x, x_bf16, d->perm, M, d->K, K8, d->gs, xb, xg);
+    for (int64_t i = 0; i < M * K8; i++) xs[i] = bf16_to_f32(xb[i]) * CHUNK_SCALE[i % 8];
+    gemm_args a = {d, xs, xg, G, bias, y, x_bf16};
+    int nt = (threads > 1 && N * K8 * (M < 4 ? M : 4) >= (1 << 17)) ? threads : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t nb = 0; nb < NB; nb++)
+        for (int64_t m = 0; m < M; m++) tile_avx2(&a, m, nb);
+    return 0;
+}
+#endif
 
 /* qk.h: rows n0 <= n < n1 of W dequantized, (q - z) * s rounded once */
 void qk_int4_dequant(const uint8_t *w, const uint16_t *s16, const uint8_t *z, float zconst, int64_t K, int64_t K8,

@@ -4,9 +4,12 @@
  *   decode_step.c  one decode step of Llama-style blocks, every linear on qk_int4_mm (qk_decode_layers)
  *   matvec.c       a bf16 matrix-vector product, for an unquantized lm_head at decode (qk_bf16_matvec)
  *
- * AVX-512 (F, BW, VL) + AVX512-BF16.  quantkit.kernels.native.build compiles the three into one
- * shared object (cc -O3 -fopenmp, cached under a hash of every source and the flags) and
- * quantkit.kernels.native calls it through ctypes.
+ * Two instruction sets, chosen at run time by quantkit.kernels.native.build from the CPU's flags:
+ * AVX-512 (F, BW, VL) + AVX512-BF16 (QK_AVX512: bf16 dot products), else AVX2 + FMA + F16C (float32
+ * FMAs over nibbles converted to floats).  Both round the activations to bf16 and sum in float32,
+ * so a model decodes to the same numbers up to float32 summation order.  The build compiles the
+ * sources into one shared object per instruction set (cc -O3 -fopenmp, cached under a hash of every
+ * source and the flags) and quantkit.kernels.native calls it through ctypes.
  *
  * The int4 layout, made at load (quantkit.kernels.native.int4) from codes q [N, K] (0..15), fp16
  * scales s and integer zeros z [N, G]:
@@ -45,6 +48,11 @@ static inline bf16_t f32_to_bf16(float f) { /* round to nearest even, as torch d
     return (bf16_t)(u >> 16);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define QK_AVX512 1
+#endif
+
+#ifdef QK_AVX512
 /* The four bf16 weight vectors of one 64-byte chunk: nibble t of every 16-bit word as 128 + q
  * (bf16 holds 128 + q exactly with bits 0x4300 | q). */
 INLINE void unpack_chunk(__m512i p, __m512i v[4]) {
@@ -54,6 +62,7 @@ INLINE void unpack_chunk(__m512i p, __m512i v[4]) {
     v[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(p, 8), nib, magic, 0xEA);
     v[3] = _mm512_or_si512(_mm512_srli_epi16(p, 12), magic);
 }
+#endif
 
 /* One packed weight, filled once by the caller (fewer arguments to convert per call). */
 typedef struct {
@@ -75,23 +84,41 @@ void qk_int4_dequant(const uint8_t *w, const uint16_t *s16, const uint8_t *z, fl
 
 /* One block for qk_decode_layers. */
 typedef struct {
-    const qk_int4_weight *q, *k, *v, *o, *gate, *up, *down;
+    const qk_int4_weight *q, *k, *v, *o, *gate, *up, *down;  /* gate/up/down: NULL in a mixture-of-experts block;
+                                                             * k, v NULL: q is q|k|v fused; up NULL: gate is gate|up (Phi-3) */
     const float *bq, *bk, *bv;     /* q/k/v biases or NULL (Qwen2 has them) */
-    const float *norm1, *norm2;    /* RMSNorm weights, float32 [d] */
+    const float *norm1, *norm2;    /* RMSNorm weights, float32 [d] (Gemma's 1 + w folded in by the caller) */
     float eps1, eps2;
     float *k_cache, *v_cache;      /* float32 [nkv, max_len, hd] */
     const float *had;              /* NULL, or the online Hadamard before down: float32 [had_k, had_k] factor A */
     int64_t had_k;                 /* down's input x -> x kron(A, H_p), p = inter / had_k a power of two */
+    /* what other families add (NULL or 0: absent) */
+    const float *q_norm, *k_norm;  /* per-head RMSNorm of q and k before RoPE, float32 [hd] (Qwen3, Gemma 3) */
+    float eps_q, eps_k;
+    const float *post_attn_norm, *post_mlp_norm;  /* sandwich norms on attention's and the MLP's outputs, [d] (Gemma 2/3) */
+    float eps3, eps4;
+    const float *rope_cos, *rope_sin;  /* this layer's RoPE tables float32 [max_len, hd]; NULL: the call's row */
+    int64_t window;                /* attend the last `window` positions only (sliding layers); 0: every one */
+    int64_t act;                   /* QK_ACT_SILU, QK_ACT_GELU_TANH */
+    /* a mixture of experts in place of gate/up/down: softmax(router h) picks top_k of n_experts */
+    int64_t n_experts, top_k, norm_topk;  /* norm_topk: the chosen weights renormalised to sum 1 */
+    const float *router;           /* float32 [n_experts, d] */
+    const qk_int4_weight *const *experts;  /* [n_experts * 3]: gate, up, down of each */
 } qk_layer;
+
+#define QK_ACT_SILU 0
+#define QK_ACT_GELU_TANH 1 /* x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)): transformers' gelu_pytorch_tanh */
 
 /* The sizes every block of one model shares (nh a multiple of nkv). */
 typedef struct {
-    int64_t d, nh, nkv, hd, inter, max_len;  /* hidden, heads, kv heads, head dim, MLP width, cache positions */
+    int64_t d, nh, nkv, hd, inter, max_len;  /* hidden, heads, kv heads, head dim, widest MLP, cache positions */
     float scale;                             /* attention's softmax scale */
+    float attn_cap;                          /* scores soft-capped as tanh(s / cap) cap (Gemma 2); 0: none */
+    int64_t max_experts;                     /* the most experts of one block (0: no mixture of experts) */
 } qk_decode_dims;
 
 /* Decode one position pos of one sequence through n_layers blocks.  x: float32 [d], updated in place.
- * cos, sin: float32 [hd], this position's RoPE tables.  Returns 0, or -1 when out of memory. */
+ * cos, sin: float32 [hd], this position's RoPE tables (for the layers without their own).  Returns 0, or -1 when out of memory. */
 int qk_decode_layers(const qk_layer *layers, int n_layers, const qk_decode_dims *dims, float *x, int64_t pos,
                      const float *cos, const float *sin, int threads);
 

@@ -1,5 +1,9 @@
 """Decode speed of quantkit's lean forward against transformers' forward, family by family (issue 19).
 
+Packed (``--packed``), every block of the families the native decode step covers runs as one C call
+per token (``kernels/decode_step.c``; the table's "native step" column says where it ran); the
+baseline is transformers' forward over the same packed modules, so both use the same int4 kernel.
+
 Each family gets a random model of the same "tiny but not trivial" shape (no download): hidden
 ``--hidden``, ``--layers`` blocks, 4 query heads per key/value head of 64 dimensions, a 32k
 vocabulary, and for the families with sliding windows a window shorter than the sequence (so the
@@ -106,15 +110,17 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     rows = [bench(f, args) for f in args.families.split(",")]
+    from quantkit.kernels.native.build import isa
+
     lines = [f"Random models: hidden {args.hidden}, {args.layers} layers, head_dim 64, GQA 4:1, vocab 32000, window "
              f"{args.window}; {'RTN W4 g64 packed' if args.packed else 'float'} weights, {args.dtype}; prompt {args.prompt_len}, "
-             f"{args.gen_len} decoded tokens, best of {args.repeat} interleaved rounds; {torch.get_num_threads()} threads; "
+             f"{args.gen_len} decoded tokens, best of {args.repeat} interleaved rounds; {torch.get_num_threads()} threads; native kernels: {isa() or 'unavailable'}; "
              f"{time.perf_counter() - t0:.0f} s.", "",
-             "| family | parameters | transformers tok/s | lean tok/s | speedup |", "|---|---|---|---|---|"]
+             "| family | parameters | transformers tok/s | lean tok/s | speedup | native step |", "|---|---|---|---|---|---|"]
     for r in rows:
         d = r["decode_tokens_per_s"]
         lines.append(f"| {r['family']} | {r['parameters'] / 1e6:.1f}M | {d['transformers']} | {d['lean']} | "
-                     f"**{r['speedup']}x** |")
+                     f"**{r['speedup']}x** | {'yes' if r['native_step'] else 'no'} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -197,12 +197,12 @@ def _gib(n: float) -> str:
 
 def markdown(report: dict, argv: list[str]) -> str:
     """The measured tables, side by side, with their conditions and the acceptance checks."""
-    from quantkit.kernels.native.build import library
+    from quantkit.kernels.native.build import isa, library
 
     lines = [BEGIN, f"## Measured {report['date']}: `python -m quantkit.eval.bench_kernels {' '.join(argv)}`", ""]
     lib = library()
     lines.append(f"torch {torch.__version__}, {os.cpu_count()} cores; int4 kernel: "
-                 + ("quantkit native (AVX512-BF16)" if not isinstance(lib, Exception) else f"PyTorch's op ({lib})")
+                 + (f"quantkit native ({isa()})" if not isinstance(lib, Exception) else f"PyTorch's op ({lib})")
                  + f"; prompt {report['prompt_len']} tokens, {report['gen_len']} decoded, {report['repeat']} interleaved"
                  + (" rounds; decode step compiled (torch.compile)" if report["compile"] else " rounds; eager")
                  + ("" if report.get("no_lean") or report["compile"] else

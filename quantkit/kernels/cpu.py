@@ -1,13 +1,13 @@
 """CPU fast paths, fed layouts converted once at load.
 
 * int4 (any format with <= 4 bits), first choice: quantkit's own kernel
-  (:mod:`quantkit.kernels.native`, AVX-512 BF16, built on first use): bf16 products and
-  float32 sums, float32 or bf16 activations in and out with no cast ops, the bias added inside,
-  2-3x the speed of PyTorch's op.  Float32 activations of a sequence of at least
+  (:mod:`quantkit.kernels.native`, built on first use for AVX-512 BF16, else AVX2 + FMA + F16C):
+  activations rounded to bf16 and float32 sums, float32 or bf16 activations in and out with no
+  cast ops, the bias added inside, 1.6-3x the speed of PyTorch's op.  Float32 activations of a sequence of at least
   ``FP32_EXACT_MIN_TOKENS`` positions (prefill, perplexity) are instead multiplied in float32
   against the weight dequantized exactly, in chunks of rows: the reference's numbers, at
   float32 GEMM speed.
-* int4 where that kernel cannot run (no AVX512-BF16, no C compiler, ``QUANTKIT_NATIVE=0``):
+* int4 where that kernel cannot run (neither instruction set, no C compiler, ``QUANTKIT_NATIVE=0``):
   ``_convert_weight_to_int4pack_for_cpu`` + ``_weight_int4pack_mm_for_cpu``.  The op
   dequantizes ``(q - 8) * scale + zero``; our grid is ``(q - z) * s``, so ``zero = (8 - z) * s``
   (exact for 2/3-bit codes too, stored as nibbles).  Limits handled here: group sizes

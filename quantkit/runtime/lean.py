@@ -128,24 +128,25 @@ class LeanLM:
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
         self.tables = rope_tables(rotary, max_len, self.head_dim, self.dtype, self.device)
-        self.cos, self.sin = self.tables[self.layers[0].rope]  # [max_len, head_dim]: the native step's (one table)
-        # Llama's block exactly: what the native decode step (kernels/decode_step.c) computes
+        self.cos, self.sin = self.tables[self.layers[0].rope]  # [max_len, head_dim]: the first layer type's
         # a CUDA graph replays fixed kernels: an MoE block picks its experts on the host each token
         self.graphable = all(lay.moe is None for lay in self.layers)
-        self.plain = (not self.offset and self.attn_cap is None and self.final_cap is None and len(self.tables) == 1
-                      and all(lay.window is None and lay.post_attn_norm is None and lay.qkv is None and type(lay.act).__name__ in
-                              ("SiLU", "SiLUActivation") for lay in self.layers))
         self.max_len = max_len  # positions a sequence may reach (the RoPE tables)
         # cache columns allocated now (grown by `reserve` up to max_len); default: all of them
         self.capacity = max_len if capacity is None else max(1, min(capacity, max_len))
         self._positions = torch.arange(max_len, device=self.device)  # the masks of the filled prefix
-        self.native = native and self.device.type == "cpu"
-        self._head_matvec = self.native and _bf16_head(self.head)
-        self._plan = None  # the native decode step (built at the first single-token step), False if it cannot run
+        self.set_native(native)
         # attention (and the cache) in float32 on a CPU: PyTorch's bfloat16 attention for one query
         # costs 100-300 us a layer there against 35-75 us in float32 (measured, 2 threads)
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.reset(batch)
+
+    def set_native(self, on: bool) -> None:
+        """Whether one sequence's single-token steps may take the native decode step and a bf16 head
+        the native matrix-vector product (CPU only); off: the torch ops, as a batch of rows runs."""
+        self.native = on and self.device.type == "cpu"
+        self._head_matvec = self.native and _bf16_head(self.head)
+        self._plan = None  # the native decode step (built at the first single-token step), False if it cannot run
 
     def reset(self, batch: int = 1) -> None:
         shape = (batch, self.n_kv, self.capacity, self.head_dim)
@@ -349,8 +350,8 @@ class LeanLM:
 
     def _native_plan(self) -> bool:
         """Whether every block can run as one native call per token (quantkit's int4 CPU kernel on
-        all seven linears, biases only on q/k/v, no q/k norms, batch 1); builds the plan once
-        (:func:`quantkit.runtime.native_decode.build_plan`)."""
+        every linear but the head and routers, biases only on q/k/v, batch 1; the families and
+        routers :func:`quantkit.runtime.native_decode.build_plan` lists); builds the plan once."""
         if self._plan is None:
             self._plan = build_plan(self) or False
         return self._plan is not False

@@ -5,8 +5,9 @@ active sequences:
 
 * `LeanBatch`: quantkit's lean forward (`quantkit.runtime.lean.LeanLM`, what ``quantkit generate``
   runs) with one static cache row per sequence; each row decodes at its own position, so nothing is
-  padded, and a lone sequence takes the same step as ``generate`` (on an int4 checkpoint with the
-  native kernels, the one-call native decode step). The cache grows (rows, and columns by doubling)
+  padded, and a lone sequence takes the same step as ``generate`` (on a float32 int4 checkpoint with
+  the native kernels, the one-call native decode step; a bf16 one stays on the torch ops, which is
+  what its batched rows compute). The cache grows (rows, and columns by doubling)
   as sequences join and lengthen.
 * `PaddedBatch`: transformers' forward over one `Cache` whose rows are left-padded to a common
   length (`quantkit.serve.kvbatch`); for models without a lean forward and for quantized KV caches.
@@ -115,7 +116,11 @@ def batch_for(model, cache_factory: CacheFactory | None = None, lean: bool = Tru
     if lean and cache_factory is None:
         n_ctx = n_ctx or context_length(model)
         try:
-            return LeanBatch(LeanLM(model, max_len=n_ctx, batch=1, capacity=min(INITIAL_COLUMNS, n_ctx)))
+            lm = LeanLM(model, max_len=n_ctx, batch=1, capacity=min(INITIAL_COLUMNS, n_ctx))
+            # the native step (and bf16 head) keep a float32 stream a bf16 batch's torch ops round at every
+            # op: a lone row of a bf16 model takes the torch ops too, so batching never changes its text
+            lm.set_native(lm.dtype == torch.float32)
+            return LeanBatch(lm)
         except LeanUnsupported as e:
             log.info("serving with transformers' forward: %s", e)
     return PaddedBatch(model, cache_factory)

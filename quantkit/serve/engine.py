@@ -7,9 +7,10 @@ beyond ``max_batch`` wait in a bounded queue; `submit` raises `QueueFull` when t
 
 The batch (`quantkit.serve.batch`) runs on quantkit's lean forward wherever ``quantkit generate``
 does (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3 without a quantized KV cache): one static cache row per sequence
-at its own position, and a lone sequence takes generate's own step (on an int4 checkpoint with the
-native kernels, the one-call native decode step), so at batch 1 the server decodes what and as fast
-as ``generate``. Rows decoded together go through the same modules with the other rows beside
+at its own position, and a lone sequence takes generate's own step (on a float32 int4 checkpoint with
+the native kernels, the one-call native decode step), so at batch 1 the server decodes what and as
+fast as ``generate``; a bf16 checkpoint's lone row stays on the torch ops (the native step's float32
+stream is not what its batched rows compute), slower than ``generate`` where the native step runs. Rows decoded together go through the same modules with the other rows beside
 them: float and int8/int4 matmuls compute each row on its own, attention is masked per row, so a
 row's logits match those it gets alone to float rounding (tested), which changes a greedy token only
 at a near-exact tie.

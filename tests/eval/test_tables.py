@@ -164,8 +164,13 @@ def test_bench_families_times_both_forwards_on_each_family(tmp_path):
     from quantkit.eval import bench_families
 
     out = tmp_path / "f.json"
-    bench_families.main(["--families", "gemma3,llama", "--hidden", "128", "--layers", "2", "--window", "8",
-                         "--prompt-len", "12", "--gen-len", "4", "--repeat", "1", "--json-out", str(out)])
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["family"] for r in rows] == ["gemma3", "llama"]
-    assert all(r["decode_tokens_per_s"]["lean"] > 0 and r["decode_tokens_per_s"]["transformers"] > 0 for r in rows)
+    from quantkit.kernels.native.build import available
+
+    for packed in ([], ["--packed"]):
+        bench_families.main(["--families", "gemma3,llama", "--hidden", "128", "--layers", "2", "--window", "8",
+                             "--prompt-len", "12", "--gen-len", "4", "--repeat", "1", "--json-out", str(out), *packed])
+        rows = json.loads(out.read_text())["rows"]
+        assert [r["family"] for r in rows] == ["gemma3", "llama"]
+        assert all(r["decode_tokens_per_s"]["lean"] > 0 and r["decode_tokens_per_s"]["transformers"] > 0 for r in rows)
+        # packed, the fast path is the one-call native step wherever the native kernels build
+        assert all(r["native_step"] == (bool(packed) and available()) for r in rows)

@@ -107,3 +107,60 @@ def test_build_falls_back_to_one_thread_without_openmp_and_to_torch_without_a_co
         monkeypatch.undo()
         build.library.cache_clear()
     assert build.available()
+
+
+def test_the_best_instruction_set_the_cpu_has_is_chosen():
+    avx2 = ["avx2", "fma", "f16c"]
+    avx512 = avx2 + ["avx512f", "avx512bw", "avx512vl", "avx512_bf16"]
+    assert build.choose_isa(avx512) == "avx512" and build.choose_isa(avx2) == "avx2"
+    assert build.choose_isa(avx512, "avx2") == "avx2" and build.choose_isa(avx2, "avx512") is None
+    assert build.choose_isa(["avx2", "fma"]) is None  # no F16C: no fp16 scales
+
+
+def test_an_unknown_forced_instruction_set_says_why(monkeypatch):
+    monkeypatch.setenv("QUANTKIT_NATIVE_ISA", "sse2")
+    build.library.cache_clear()
+    try:
+        assert not build.available() and "QUANTKIT_NATIVE_ISA" in str(build.library())
+    finally:
+        monkeypatch.undo()
+        build.library.cache_clear()
+
+
+HAS_AVX2 = not isinstance(build._cpu_flags(), str) and build.choose_isa(build._cpu_flags(), "avx2") == "avx2"
+
+
+@pytest.mark.skipif(not HAS_AVX2 or not shutil.which("cc"), reason="needs a CPU with AVX2, FMA, F16C and a C compiler")
+def test_the_avx2_build_matches_the_reference_and_backs_up_a_failed_avx512_build(monkeypatch, tmp_path):
+    """The AVX2 kernels (forced, as on an AVX-512 machine) against the dequantized reference: rows
+    past a multiple of 16, group-wise asymmetric zeros, several activation rows, bf16 in and out, a
+    bias; and a compiler that cannot build the AVX-512 set leaves the AVX2 one in use."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    no_bf16 = tmp_path / "cc-no-avx512bf16"
+    no_bf16.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -mavx512bf16 ] && exit 1; done\nexec {gcc} "$@"\n')
+    no_bf16.chmod(0o755)
+    g = torch.Generator().manual_seed(0)
+    try:
+        monkeypatch.setenv("QUANTKIT_NATIVE_ISA", "avx2")
+        monkeypatch.setenv("QUANTKIT_CACHE_DIR", str(tmp_path / "cache"))
+        build.library.cache_clear()
+        assert build.isa() == "avx2"
+        for n, k, gs, m in ((37, 128, 32, 1), (16, 96, 96, 3), (50, 256, 64, 5)):
+            q = torch.randint(0, 16, (n, k), generator=g)
+            s = (torch.rand(n, k // gs, generator=g) * 0.1 + 0.01).half().float()
+            z = torch.randint(0, 16, (n, k // gs), generator=g).float()
+            w, bias = int4.int4_weight(q, s, z, None, gs), torch.randn(n, generator=g)
+            ref_w = dequantize(q, s, z, group_map(None, gs, k))
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(m, k, generator=g).to(dtype)
+                y = int4.int4_matmul(x, w, bias)
+                ref = x.to(torch.bfloat16).float() @ ref_w.t() + bias
+                assert y.dtype == dtype and float((y.float() - ref).norm() / ref.norm()) < (1e-5 if dtype == torch.float32 else 1e-2)
+        monkeypatch.delenv("QUANTKIT_NATIVE_ISA")
+        monkeypatch.setenv("CC", str(no_bf16))
+        monkeypatch.setattr(build, "_cpu_flags", lambda: build.ISAS["avx512"][0] + build.ISAS["avx2"][0])
+        build.library.cache_clear()
+        assert build.isa() == "avx2"  # the AVX-512 build failed; the AVX2 one runs
+    finally:
+        monkeypatch.undo()
+        build.library.cache_clear()

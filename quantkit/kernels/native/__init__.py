@@ -1,6 +1,7 @@
 """quantkit's native CPU kernels: C sources in the repository's ``kernels/`` (``qk.h``,
 ``int4_gemm.c``, ``decode_step.c``, ``matvec.c``, ``hadamard.c``), built on first use into one cached
-shared object (``hadamard.c`` also alone, for CPUs without AVX-512) and called through ctypes.
+shared object per instruction set (AVX-512 BF16, else AVX2 + FMA + F16C; ``hadamard.c`` also
+alone, for any CPU) and called through ctypes.
 
 * :mod:`~quantkit.kernels.native.build`: CPU check, compiler, cache, loading, the C signatures;
 * :mod:`~quantkit.kernels.native.int4`: the int4 layout, matmul and exact dequantization;

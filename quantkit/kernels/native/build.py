@@ -4,10 +4,13 @@ The sources (``qk.h``, ``int4_gemm.c``, ``decode_step.c``, ``matvec.c``, ``hadam
 together into one shared object, cached in ``$QUANTKIT_CACHE_DIR`` (default ``~/.cache/quantkit``)
 under a hash of every source, the flags and the compiler's version: changing any of them builds anew.
 
-Requirements, checked once by :func:`library`: x86-64 Linux with AVX-512 (F, BW, VL) and
-AVX512-BF16, and a C compiler (``$CC``, else ``cc``).  :func:`portable_library` builds the
-intrinsic-free ``hadamard.c`` alone, for any CPU with a C compiler (the online Hadamard transform
-of rotated models, :mod:`quantkit.kernels.native.hadamard`).  OpenMP threads come from the ``libgomp``
+Requirements, checked once by :func:`library` from ``/proc/cpuinfo``: x86-64 Linux with either
+AVX-512 (F, BW, VL) and AVX512-BF16 (the ``avx512`` build: bf16 dot products), or AVX2, FMA and
+F16C (the ``avx2`` build: float32 FMAs), and a C compiler (``$CC``, else ``cc``); the best set the
+CPU has is built (``QUANTKIT_NATIVE_ISA=avx2`` forces the AVX2 one, to test it on an AVX-512
+machine).  :func:`portable_library` builds the intrinsic-free ``hadamard.c`` alone, for any CPU
+with a C compiler (the online Hadamard transform of rotated models,
+:mod:`quantkit.kernels.native.hadamard`).  OpenMP threads come from the ``libgomp``
 PyTorch already loaded, ``torch.get_num_threads()`` of them.  ``QUANTKIT_NATIVE=0`` disables the
 kernels (PyTorch's ops are used instead).
 
@@ -40,27 +43,58 @@ SOURCE_DIR = _source_dir()
 HEADERS = (SOURCE_DIR / "qk.h", SOURCE_DIR / "hadamard.h")
 SOURCES = tuple(SOURCE_DIR / name for name in ("int4_gemm.c", "decode_step.c", "matvec.c", "hadamard.c"))  # one object
 PORTABLE_SOURCES = (SOURCE_DIR / "hadamard.c",)
-CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-strict-aliasing", "-mavx512f", "-mavx512bw", "-mavx512vl",
-          "-mavx512bf16", "-mf16c", "-mfma", "-fopenmp")
 PORTABLE_CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fno-strict-aliasing", "-fopenmp")
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma")
+# instruction set -> (the CPU flags it needs, its compiler flags); the first one the CPU has is built
+ISAS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "f16c", "fma"),
+               PORTABLE_CFLAGS + ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mf16c", "-mfma")),
+    "avx2": (("avx2", "f16c", "fma"), PORTABLE_CFLAGS + ("-mavx2", "-mf16c", "-mfma")),
+}
+CFLAGS = ISAS["avx512"][1]
 
 
 class NativeUnavailable(RuntimeError):
     """Why the kernels cannot be used here (reported once, then PyTorch's ops are used)."""
 
 
-def _cpu_supported() -> str | None:
-    """None if this CPU runs the kernels, else why not (read at run time from ``/proc/cpuinfo``)."""
+def _cpu_flags() -> list[str] | str:
+    """The CPU's flags (read at run time from ``/proc/cpuinfo``), or why they cannot be read."""
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"needs x86-64 Linux, this is {sys.platform}/{platform.machine()}"
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError as e:
         return f"cannot read /proc/cpuinfo: {e}"
-    missing = [f for f in _CPU_FLAGS if f not in flags]
-    return f"the CPU lacks {', '.join(missing)}" if missing else None
+
+
+def choose_isa(flags: list[str], forced: str = "") -> str | None:
+    """The instruction set of :data:`ISAS` to build for a CPU with ``flags`` (``forced``: only that
+    one), or None if it has none of them."""
+    names = [forced] if forced in ISAS else list(ISAS)
+    return next((n for n in names if all(f in flags for f in ISAS[n][0])), None)
+
+
+def _isa_or_why() -> tuple[list[str], str | None]:
+    """The instruction sets of :data:`ISAS` this CPU runs, best first (``QUANTKIT_NATIVE_ISA``: only
+    that one), or why none."""
+    flags = _cpu_flags()
+    if isinstance(flags, str):
+        return [], flags
+    forced = os.environ.get("QUANTKIT_NATIVE_ISA", "").strip().lower()
+    if forced and forced not in ISAS:
+        return [], f"QUANTKIT_NATIVE_ISA={forced!r} is not one of {', '.join(ISAS)}"
+    names = [n for n in ([forced] if forced else ISAS) if choose_isa(flags, n) == n]
+    if not names:
+        wanted = " or ".join("+".join(ISAS[n][0]) for n in ([forced] if forced else ISAS))
+        return [], f"the CPU lacks {wanted}"
+    return names, None
+
+
+def isa() -> str | None:
+    """The instruction set the kernels are built for here (``"avx512"``/``"avx2"``), None if they cannot run."""
+    lib = library()
+    return None if isinstance(lib, Exception) else lib.qk_isa
 
 
 def cache_key(flags: tuple[str, ...], compiler_version: list[str], sources: tuple[Path, ...] | None = None) -> str:
@@ -111,18 +145,24 @@ class Int4WeightStruct(ctypes.Structure):
 
 
 class LayerStruct(ctypes.Structure):
-    """``qk_layer`` in qk.h: one block's seven weights, biases, norms and KV cache."""
+    """``qk_layer`` in qk.h: one block's weights, biases, norms, KV cache and what other families add."""
 
     _fields_ = [(n, ctypes.POINTER(Int4WeightStruct)) for n in ("q", "k", "v", "o", "gate", "up", "down")] + [
         ("bq", ctypes.c_void_p), ("bk", ctypes.c_void_p), ("bv", ctypes.c_void_p),
         ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("eps1", ctypes.c_float), ("eps2", ctypes.c_float),
-        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("had", ctypes.c_void_p), ("had_k", ctypes.c_int64)]
+        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("had", ctypes.c_void_p), ("had_k", ctypes.c_int64),
+        ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p), ("eps_q", ctypes.c_float), ("eps_k", ctypes.c_float),
+        ("post_attn_norm", ctypes.c_void_p), ("post_mlp_norm", ctypes.c_void_p), ("eps3", ctypes.c_float),
+        ("eps4", ctypes.c_float), ("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p),
+        ("window", ctypes.c_int64), ("act", ctypes.c_int64), ("n_experts", ctypes.c_int64), ("top_k", ctypes.c_int64),
+        ("norm_topk", ctypes.c_int64), ("router", ctypes.c_void_p), ("experts", ctypes.c_void_p)]
 
 
 class DecodeDimsStruct(ctypes.Structure):
     """``qk_decode_dims`` in qk.h: the sizes every block of a model shares."""
 
-    _fields_ = [(n, ctypes.c_int64) for n in ("d", "nh", "nkv", "hd", "inter", "max_len")] + [("scale", ctypes.c_float)]
+    _fields_ = [(n, ctypes.c_int64) for n in ("d", "nh", "nkv", "hd", "inter", "max_len")] + [
+        ("scale", ctypes.c_float), ("attn_cap", ctypes.c_float), ("max_experts", ctypes.c_int64)]
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -152,13 +192,18 @@ def library():
     """The loaded kernel library, or a :class:`NativeUnavailable` saying why not (built once per process)."""
     if os.environ.get("QUANTKIT_NATIVE", "1").strip() == "0":
         return NativeUnavailable("disabled by QUANTKIT_NATIVE=0")
-    why = _cpu_supported()
+    names, why = _isa_or_why()
     if why:
         return NativeUnavailable(why)
-    try:
-        return _declare(ctypes.CDLL(str(_build(_cache_dir()))))
-    except (NativeUnavailable, OSError, subprocess.SubprocessError) as e:
-        return e if isinstance(e, NativeUnavailable) else NativeUnavailable(f"cannot build or load the kernel: {e}")
+    errors = []
+    for name in names:  # a compiler too old for -mavx512bf16 still builds the AVX2 kernels
+        try:
+            lib = _declare(ctypes.CDLL(str(_build(_cache_dir(), SOURCES, ISAS[name][1]))))
+            lib.qk_isa = name
+            return lib
+        except (NativeUnavailable, OSError, subprocess.SubprocessError) as e:
+            errors.append(f"{name}: {e}" if isinstance(e, NativeUnavailable) else f"{name}: cannot build or load the kernel: {e}")
+    return NativeUnavailable("; ".join(errors))
 
 
 def _cache_dir() -> Path:

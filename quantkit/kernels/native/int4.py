@@ -1,9 +1,11 @@
 """The int4 GEMM of quantkit's native CPU kernels (``kernels/int4_gemm.c``): the layout and its calls.
 
 PyTorch's ``_weight_int4pack_mm_for_cpu`` unpacks nibbles at ~8 GB/s per core here, a third of
-what one core can stream; this kernel turns a nibble into a bf16 weight with one ternary-logic op
-(``0x4300 | q`` is bf16 ``128 + q``) and multiplies with ``vdpbf16ps`` (see the C file for the
-algebra, ``qk.h`` for the layout), so decode is bound by memory, not by unpacking.  It also takes
+what one core can stream; with AVX-512 BF16 this kernel turns a nibble into a bf16 weight with one
+ternary-logic op (``0x4300 | q`` is bf16 ``128 + q``) and multiplies with ``vdpbf16ps``; with AVX2 one
+AND leaves each nibble in place as an exact float and one FMA meets it with a pre-scaled
+activation (see the C file for the algebra, ``qk.h`` for the layout), so decode is bound by
+memory, not by unpacking (AVX2, 2 threads: 10-13 GB/s of int4 weights against PyTorch's 4-6).  It also takes
 float32 activations directly (no cast ops around each linear), adds the bias, writes outputs of
 any width without padding, and dequantizes exactly for the many-row float32 path
 (:mod:`quantkit.kernels.cpu`).  Under ``torch.compile`` both calls are the custom ops
