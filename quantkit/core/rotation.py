@@ -19,6 +19,9 @@ scales are folded into the linears that read them.  So with ``Q`` a randomized H
   checkpoint's ``quantization_config["rotation"]`` (:func:`attach_online`).
 
 What to rotate is read from the architecture table (:class:`quantkit.models.arch.RotationSpec`).
+A mixture of experts rotates like a dense MLP, expert by expert: the norm before it folds into the
+router (which stays float) and every expert's gate/up, each expert's down writes ``Q^T W`` and gets
+its own online transform.
 The rotated float model computes the same function as the original, up to rounding.
 
     >>> record = rotate_model(model, arch_for(model), seed=0)    # in place; the config's "rotation"
@@ -31,7 +34,7 @@ from torch import nn
 
 from quantkit.core.hadamard import HadamardTransform, random_signs
 from quantkit.errors import QuantkitError
-from quantkit.models.arch import ArchSpec, get_module, untie_head
+from quantkit.models.arch import ArchSpec, get_module, module_or_none, untie_head
 
 ROTATED_ATTR = "_quantkit_rotation"  # set on a model once it is rotated: a second rotation is refused
 
@@ -79,13 +82,37 @@ def _mul_(param: torch.Tensor, fn) -> None:
     param.data.copy_(fn(param.data.double()).to(param.dtype))
 
 
+def _present(block: nn.Module, names: tuple[str, ...], arch: ArchSpec) -> list[str]:
+    """``names`` for one block: "{e}" repeated for each of the block's experts; in an MoE model a
+    name the block lacks is skipped (its dense blocks have no experts, its MoE blocks no dense MLP)."""
+    out = []
+    for name in names:
+        if "{e}" in name:
+            experts = module_or_none(block, name.split(".{e}")[0])
+            out += [name.replace("{e}", str(e)) for e in range(len(experts) if experts is not None else 0)]
+        elif arch.moe is None or module_or_none(block, name) is not None:
+            out.append(name)
+    return out
+
+
+def _readers(block: nn.Module, arch: ArchSpec) -> dict[str, list[str]]:
+    """``{norm: the linears (and routers) reading its output}`` for one block."""
+    readers: dict[str, list[str]] = {}
+    for g in arch.groups_in(block):
+        if g.prev_kind == "norm":
+            readers.setdefault(g.prev, []).extend(g.linears)
+    moe = _present(block, arch.rotation.moe_readers, arch)
+    if moe:
+        readers.setdefault(arch.rotation.moe_norm, []).extend(moe)
+    return readers
+
+
 def fold_norms(model: nn.Module, arch: ArchSpec) -> None:
     """Every RMSNorm's scale into the input columns of the linears it feeds; the norm's weight
     becomes the identity (``1``, or ``0`` for Gemma's ``1 + w``)."""
     pairs = []
     for block in arch.blocks(model):
-        pairs += [(get_module(block, g.prev), [get_module(block, n) for n in g.linears])
-                  for g in arch.groups if g.prev_kind == "norm"]
+        pairs += [(get_module(block, norm), [get_module(block, n) for n in names]) for norm, names in _readers(block, arch).items()]
     if arch.final_norm:
         pairs.append((get_module(model, arch.final_norm), [get_module(model, arch.lm_head)]))
     for norm, linears in pairs:
@@ -101,13 +128,12 @@ def rotate_residual(model: nn.Module, arch: ArchSpec, signs: torch.Tensor) -> No
     writers' output rows ``Q^T W = (W^T Q)^T`` (and biases ``b Q``)."""
     t = HadamardTransform(signs.numel())
     rot = lambda w: t(w * signs.to(w.device))  # noqa: E731  (rows times Q)
-    readers = [n for g in arch.groups if g.prev_kind == "norm" for n in g.linears]
     _mul_(get_module(model, arch.embeddings[0]).weight, rot)
     _mul_(get_module(model, arch.lm_head).weight, rot)
     for block in arch.blocks(model):
-        for name in readers:
+        for name in [n for names in _readers(block, arch).values() for n in names]:
             _mul_(get_module(block, name).weight, rot)
-        for name in arch.rotation.writers:
+        for name in _present(block, arch.rotation.writers, arch):
             lin = get_module(block, name)
             _mul_(lin.weight, lambda w: rot(w.t()).t())
             if lin.bias is not None:
@@ -148,7 +174,7 @@ def rotate_model(model: nn.Module, arch: ArchSpec, seed: int = 0, online: bool =
         record = {"kind": "hadamard", "hidden_size": hidden, "seed": seed, "online": {}}
         if online:
             for i, block in enumerate(arch.blocks(model)):
-                for name in arch.rotation.online:
+                for name in _present(block, arch.rotation.online, arch):
                     lin = get_module(block, name)
                     n = lin.weight.shape[1]
                     _mul_(lin.weight, HadamardTransform(n))  # W H

@@ -97,6 +97,22 @@ class RotationSpec:
     # (value projection, output projection): each head's values rotated by a Hadamard transform
     # over head_dim, undone in o_proj's input columns (offline, exact); None: a fused qkv
     values: tuple[str, str] | None = ("self_attn.v_proj", "self_attn.o_proj")
+    # a mixture of experts: what reads ``moe_norm``'s output besides the groups fed by it (the
+    # routers, which stay float, and every expert's gate/up, whose groups fold into no norm because
+    # the router shares their input).  Names may hold "{e}" (each expert of the block); in an MoE
+    # model a name the block lacks (a dense block's experts, an MoE block's dense MLP) is skipped
+    moe_readers: tuple[str, ...] = ()
+    moe_norm: str = "post_attention_layernorm"
+
+
+_MOE_ROTATION = RotationSpec(writers=("self_attn.o_proj", "mlp.down_proj", "mlp.experts.{e}.down_proj"),
+                             online=("mlp.down_proj", "mlp.experts.{e}.down_proj"),
+                             moe_readers=("mlp.gate", "mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"))
+# Qwen2-MoE adds a shared expert and its sigmoid gate, both reading the same input
+_SHARED_EXPERT_ROTATION = RotationSpec(
+    writers=_MOE_ROTATION.writers + ("mlp.shared_expert.down_proj",),
+    online=_MOE_ROTATION.online + ("mlp.shared_expert.down_proj",),
+    moe_readers=_MOE_ROTATION.moe_readers + ("mlp.shared_expert_gate", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"))
 
 
 @dataclass(frozen=True)
@@ -141,7 +157,7 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
     return mod
 
 
-def _module_or_none(root: nn.Module, path: str) -> nn.Module | None:
+def module_or_none(root: nn.Module, path: str) -> nn.Module | None:
     mod = root
     for part in path.split("."):
         mod = getattr(mod, part, None)
@@ -151,7 +167,7 @@ def _module_or_none(root: nn.Module, path: str) -> nn.Module | None:
 
 
 def _has(root: nn.Module, path: str) -> bool:
-    return _module_or_none(root, path) is not None
+    return module_or_none(root, path) is not None
 
 
 def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -196,7 +212,7 @@ _EXPERTS = _expert_groups("mlp.experts.{e}")
 # the dense blocks of an MoE model (DeepSeek's first_k_dense_replace, Qwen2-MoE's mlp_only_layers): no router there
 _DENSE_MLP = tuple(dataclasses.replace(g, optional=True) for g in _LLAMA_GROUPS[2:])
 _MOE_ATTN = _LLAMA_GROUPS[:2]
-_NO_MOE_ROTATION = "rotating an MoE model's residual stream is not implemented (its routers and every expert would need it)"
+_NO_MOE_ROTATION = "rotating this MoE family's residual stream is not implemented (DeepSeek's latent attention, gpt-oss's attention sinks)"
 
 _SANDWICH = {"mlp_norm": "pre_feedforward_layernorm", "post_attn_norm": "post_attention_layernorm",
              "post_mlp_norm": "post_feedforward_layernorm", "norm_offset": 1.0}  # Gemma 2 and 3's blocks
@@ -205,18 +221,17 @@ _POST_NORMS = "its blocks normalize the attention and MLP outputs before the res
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec("mixtral", ("mixtral",), "model.layers", _MOE_ATTN + _EXPERTS, ("model.embed_tokens",), "model.norm",
-             rotation=None, no_rotation=_NO_MOE_ROTATION, decode=(DecodeSpec(("mixtral",), moe="mlp"),),
+             rotation=_MOE_ROTATION, decode=(DecodeSpec(("mixtral",), moe="mlp"),),
              moe=MoESpec(stored_names=((r"\.block_sparse_moe\.", ".mlp."), (r"(experts\.\d+)\.w1\.", r"\1.gate_proj."),
                                        (r"(experts\.\d+)\.w3\.", r"\1.up_proj."), (r"(experts\.\d+)\.w2\.", r"\1.down_proj.")),
                          saved_names=((r"\.mlp\.(gate|experts)\.", r".block_sparse_moe.\1."), (r"(experts\.\d+)\.gate_proj\.", r"\1.w1."),
                                       (r"(experts\.\d+)\.up_proj\.", r"\1.w3."), (r"(experts\.\d+)\.down_proj\.", r"\1.w2.")))),
     ArchSpec("qwen_moe", ("qwen3_moe", "olmoe"), "model.layers", _MOE_ATTN + _DENSE_MLP + _EXPERTS, ("model.embed_tokens",), "model.norm",
-             rotation=None, no_rotation=_NO_MOE_ROTATION, moe=MoESpec(),
+             rotation=_MOE_ROTATION, moe=MoESpec(),
              # OLMoE normalizes q and k over all heads at once: not the lean forward's per-head norms
              decode=(DecodeSpec(("qwen3_moe",), qk_norm=("self_attn.q_norm", "self_attn.k_norm"), moe="mlp"),)),
     ArchSpec("qwen2_moe", ("qwen2_moe",), "model.layers", _MOE_ATTN + _DENSE_MLP + _expert_groups("mlp.shared_expert") + _EXPERTS,
-             ("model.embed_tokens",), "model.norm", rotation=None, no_rotation=_NO_MOE_ROTATION,
-             moe=MoESpec(),
+             ("model.embed_tokens",), "model.norm", rotation=_SHARED_EXPERT_ROTATION, moe=MoESpec(),
              decode=(DecodeSpec(("qwen2_moe",), moe="mlp"),)),  # the shared expert and its sigmoid gate run inside mlp
     ArchSpec("gpt_oss", ("gpt_oss",), "model.layers", _MOE_ATTN + _expert_groups("mlp.experts.{e}", foldable_down=False),
              ("model.embed_tokens",), "model.norm", rotation=None, no_rotation=_NO_MOE_ROTATION,
@@ -311,7 +326,7 @@ def arch_for(model: nn.Module) -> ArchSpec:
         for g in spec.groups:
             for name in g.linears if not g.optional else ():
                 get_module(block, name)
-        if spec.moe is not None and hasattr(getattr(_module_or_none(block, spec.moe.experts), "gate_up_proj", None), "shape"):
+        if spec.moe is not None and hasattr(getattr(module_or_none(block, spec.moe.experts), "gate_up_proj", None), "shape"):
             raise QuantkitError(f"{model_type}: block {i}'s experts are transformers' fused module; "
                                 "quantkit.models.moe.unfuse_experts(model) gives each expert its linears")
         if spec.moe is not None and not any(g.optional for g in spec.groups_in(block)):

@@ -110,32 +110,40 @@ def _online_factor(mods: tuple, inter: int) -> tuple[bool, torch.Tensor | None]:
 def _experts(moe, lm) -> dict | None:
     """A mixture-of-experts block as ``decode.layer_struct``'s ``moe``, or None where the C step
     cannot run it: a router it does not reproduce (shared experts, biases, another routing), a
-    quantized router, experts not all on the native kernel with a SiLU gate, hooks, or a model not
+    quantized router, experts not all on the native kernel with a SiLU gate, hooks (but a rotation's
+    online transform on every expert's down, returned as ``"had"``), or a model not
     in float32 (its router would see the step's float32 stream, not the bf16 one the torch ops
     round, and a different choice of experts is no rounding difference)."""
-    if lm.dtype != torch.float32 or any(m._forward_pre_hooks or m._forward_hooks for m in moe.modules()):
+    if lm.dtype != torch.float32:
         return None
     gate, experts = getattr(moe, "gate", None), getattr(moe, "experts", None)
+    downs = {id(ex.down_proj) for ex in experts} if isinstance(experts, Experts) else set()
+    if any(m._forward_hooks or (m._forward_pre_hooks and id(m) not in downs) for m in moe.modules()):
+        return None  # hooks the step would skip; a rotation's online transform on down is checked below
     norm = SOFTMAX_TOPK_ROUTERS.get(type(gate).__name__)
     if norm is None or not isinstance(experts, Experts) or {n for n, _ in moe.named_children()} != {"gate", "experts"}:
         return None
     w = getattr(gate, "weight", None)
     if not isinstance(w, torch.Tensor) or not w.is_floating_point() or getattr(gate, "bias", None) is not None:
         return None
-    triples = []
+    triples, factors = [], []
     for ex in experts:
         mods = (ex.gate_proj, ex.up_proj, ex.down_proj)
         if type(ex.combine).__name__ != "_Act" or ACT_NAMES.get(type(ex.combine.act).__name__) != "silu":
             return None
         weights = _native_weights(mods, lm.dtype, lm.device)
-        if weights is None:
+        runnable, had = _online_factor(mods, ex.down_proj.in_features)
+        if weights is None or not runnable:
             return None
         triples.append(weights)
+        factors.append(had)
+    if any((f is None) != (factors[0] is None) or (f is not None and not torch.equal(f, factors[0])) for f in factors):
+        return None  # the step has one online transform per block
     top_k = int(gate.top_k)
     if top_k > native_decode.MAX_TOP_K or top_k > len(triples):
         return None
     return {"router": w.detach().float().contiguous(), "experts": triples, "top_k": top_k,
-            "norm_topk": bool(norm if isinstance(norm, bool) else getattr(gate, norm))}
+            "norm_topk": bool(norm if isinstance(norm, bool) else getattr(gate, norm)), "had": factors[0]}
 
 
 def _norm(module, offset: float) -> torch.Tensor | None:
@@ -176,7 +184,10 @@ def _layer(lm, lay, kc, vc, tables) -> DecodeLayer | None:
     act = "silu" if moe else ACT_NAMES.get(type(lay.act).__name__)
     n_biased = 3 if lay.qkv is None else 1  # biases on q, k, v only
     native = _native_weights(mods, lm.dtype, lm.device, n_biased)
-    runnable, had = _online_factor(mods, inter) if moe is None else (not any(m._forward_pre_hooks for m in mods), None)
+    if moe is None:
+        runnable, had = _online_factor(mods, inter)
+    else:  # the experts' online transform (a rotation), the same for every expert
+        runnable, had = not any(m._forward_pre_hooks for m in mods), moe.pop("had")
     if native is None or not runnable or act is None:
         return None
     it = iter(native)

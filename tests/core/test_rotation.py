@@ -12,6 +12,8 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaFor
 from quantkit.core.rotation import OnlineHadamard, attach_online, online_transforms, rotate_model
 from quantkit.errors import QuantkitError
 from quantkit.models.arch import arch_for, get_module, set_module
+from quantkit.models.moe import unfuse_experts
+from quantkit.testing import tiny_moe
 
 SIZES = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
@@ -37,6 +39,27 @@ def tiny(family: str, seed: int = 0):
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.3)
     return model
+
+
+@pytest.mark.parametrize("family,experts", [("mixtral", 4), ("qwen3_moe", 4), ("olmoe", 4), ("qwen2_moe", 4)])
+def test_a_rotated_mixture_of_experts_computes_the_same_function(family, experts):
+    """The norm before the experts folds into the router and every expert's gate/up (so the router
+    picks the same experts), each expert's down writes Q^T W and gets its online transform; a
+    Qwen3-MoE dense block (mlp_only_layers) rotates as a dense MLP beside the MoE blocks."""
+    extra = {"mlp_only_layers": [1]} if family == "qwen3_moe" else {}
+    model = tiny_moe(family, experts=experts, top_k=2, **extra)
+    unfuse_experts(model)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    before = _logits(model, ids)
+    record = rotate_model(model, arch_for(model), seed=3)
+    after = _logits(model, ids)
+    assert torch.allclose(after, before, atol=1e-4, rtol=1e-4), (after - before).abs().max()
+    moe_blocks = 1 if extra else 2
+    shared = 1 if family == "qwen2_moe" else 0
+    assert len(record["online"]) == moe_blocks * (experts + shared) + (2 - moe_blocks)
+    assert all(online_transforms(get_module(model, name)) for name in record["online"])
+    router = model.model.layers[0].mlp.gate.weight
+    assert router.dtype == torch.float32 and not torch.equal(router, tiny_moe(family, experts=experts, top_k=2).model.layers[0].mlp.gate.weight)
 
 
 def _logits(model, ids):

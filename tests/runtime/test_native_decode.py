@@ -66,6 +66,7 @@ FAMILIES = {  # what each adds to Llama's block in the C step
     "phi3": lambda: _family("Phi3", sliding_window=6, pad_token_id=0),  # fused q|k|v and gate|up
     "qwen3_moe": lambda: tiny_moe("qwen3_moe", experts=8, top_k=3, layers=3),  # experts chosen in C, renormalised
     "mixtral": lambda: tiny_moe("mixtral", experts=4, top_k=2, layers=3),
+    "mixtral-rotated": lambda: tiny_moe("mixtral", experts=4, top_k=2, layers=3),  # each expert's online transform in C
     "qwen3_moe-unnormalised": lambda: tiny_moe("qwen3_moe", experts=8, top_k=2, layers=3, norm_topk_prob=False),
 }
 
@@ -77,7 +78,7 @@ def test_native_step_runs_every_family_it_plans_as_the_torch_forward(family):
     packed modules, over 14 steps (past the windows of 6); the plan did run."""
     model = FAMILIES[family]()
     unfuse_experts(model)
-    api.compress(model, "rtn", {"bits": 4, "group_size": -1}, pack=True, progress=False)
+    api.compress(model, "rtn", {"bits": 4, "group_size": -1, "rotate": family.endswith("rotated")}, pack=True, progress=False)
     ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(4))
     native, torch_ops = LeanLM(model, 24), LeanLM(model, 24, native=False)
     with torch.inference_mode():
