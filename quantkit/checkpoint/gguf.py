@@ -14,12 +14,18 @@ package's own name table, Q/K output rows permuted from Hugging Face's rotate-ha
 to llama.cpp's interleaved pairs (scales and zeros travel with their rows: the permutation is
 applied to whole encoded rows), the hyperparameters under ``llama.*``, and the tokenizer
 (``"llama"`` SentencePiece-style or ``"gpt2"`` byte-level BPE) under ``tokenizer.ggml.*``.
+Qwen3 and Qwen3-MoE keep their rows (llama.cpp's ``qwen3``/``qwen3moe`` graphs rotate halves, as
+Hugging Face does).  A mixture of experts (Mixtral as ``llama``, Qwen3-MoE) writes each block's
+experts stacked into one 3-D tensor per projection (``ffn_gate_exps``, ``ffn_up_exps``,
+``ffn_down_exps``: ``[experts, out, in]``, every expert encoded alike), the router as
+``ffn_gate_inp`` (float) and the expert counts.
 
     >>> export_gguf("out/smollm2-gptq-w4g32", "smollm2-w4.gguf")      # -> Q4_0 linears
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +56,9 @@ class GGUFArch:
     permute_qk: bool
 
 
-GGUF_ARCHS = (GGUFArch("llama", ("llama", "mistral"), permute_qk=True),)
+GGUF_ARCHS = (GGUFArch("llama", ("llama", "mistral", "mixtral"), permute_qk=True),
+              GGUFArch("qwen3", ("qwen3",), permute_qk=False),
+              GGUFArch("qwen3moe", ("qwen3_moe",), permute_qk=False))
 
 
 def gguf_arch_for(config) -> GGUFArch:
@@ -174,25 +182,47 @@ def _quant_linear_tensors(layout: _Layout, mod_name: str, mod, leaf: str, t: tor
     return [GGUFTensor(layout.name(wkey), layout.permute(wkey, rows).numpy(), btype.name)]
 
 
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
 def gguf_tensors(model: nn.Module, float_type: str = "f16", requant: str | None = None) -> list[GGUFTensor]:
-    """Every tensor of ``model`` under its GGUF name, Q/K rows permuted, quantized linears encoded."""
+    """Every tensor of ``model`` under its GGUF name, Q/K rows permuted, quantized linears encoded,
+    each block's experts stacked per projection."""
     layout = _Layout.of(model.config)
     modules = dict(model.named_modules())
     _refuse_other_runtime_modules(modules, QuantLinear)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    tensors = []
+    tensors, experts = [], {}
     for key, t in unique_state_dict(model).items():
         mod_name, _, leaf = key.rpartition(".")
         mod = modules.get(mod_name)
         if tied and key == "lm_head.weight" and not isinstance(mod, QuantLinear):
             continue  # llama.cpp reads token_embd for the output when output.weight is absent
+        # an expert's tensors go under the block's merged name (no index), stacked below
+        m = _EXPERT.search(key)
+        merged = _EXPERT.sub(".experts.", mod_name) if m else mod_name
         if isinstance(mod, QuantLinear):
-            tensors += _quant_linear_tensors(layout, mod_name, mod, leaf, t, requant)
+            found = _quant_linear_tensors(layout, merged, mod, leaf, t, requant)
         elif not t.is_floating_point():
             raise QuantkitError(f"{key} is a {t.dtype} tensor with no place in a GGUF file")
         else:
-            tensors.append(_float_tensor(layout.name(key), layout.permute(key, t), float_type))
-    return tensors
+            found = [_float_tensor(layout.name(f"{merged}.{leaf}"), layout.permute(key, t), float_type)]
+        if m:
+            for g in found:
+                experts.setdefault(g.name, []).append((int(m.group(1)), g))
+        else:
+            tensors += found
+    return tensors + [_stacked(name, parts) for name, parts in experts.items()]
+
+
+def _stacked(name: str, parts: list[tuple[int, GGUFTensor]]) -> GGUFTensor:
+    """One block's experts of one projection as a ``[experts, ...]`` tensor, in expert order."""
+    parts = sorted(parts, key=lambda p: p[0])
+    types = {g.qtype for _, g in parts}
+    if len(types) > 1 or [i for i, _ in parts] != list(range(len(parts))):
+        raise QuantkitError(f"{name}: llama.cpp stacks a block's experts into one tensor of one type; these are "
+                            f"{', '.join(sorted(types))} (quantize every expert alike, or pass --requant)")
+    return GGUFTensor(name, np.stack([g.data for _, g in parts]), parts[0][1].qtype)
 
 
 # ---- metadata -----------------------------------------------------------------------------
@@ -216,8 +246,8 @@ def write_hparams(writer, config, file_type: int, name: str) -> None:
     writer.add_head_count(n_head)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or n_head)
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // n_head:
-        writer.add_key_length(head_dim)
+    if head_dim != config.hidden_size // n_head or config.model_type in ("qwen3", "qwen3_moe"):
+        writer.add_key_length(head_dim)  # Qwen3's readers take the head size from here, never from the widths
         writer.add_value_length(head_dim)
     writer.add_rope_freq_base(theta)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -227,9 +257,27 @@ def write_hparams(writer, config, file_type: int, name: str) -> None:
     elif rope_type not in ("default", None):
         raise QuantkitError(f"RoPE scaling {rope_type!r} is not supported by the GGUF export yet (default and linear are)")
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    _write_experts(writer, config)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_experts(writer, config) -> None:
+    """A mixture of experts' counts (Mixtral: ``num_local_experts``; Qwen3-MoE: ``num_experts`` and
+    each expert's width); llama.cpp's Qwen3-MoE graph renormalises the chosen experts' weights."""
+    count = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if not count:
+        return
+    if config.model_type == "qwen3_moe":
+        if not getattr(config, "norm_topk_prob", True):
+            raise QuantkitError("llama.cpp's qwen3moe renormalises the chosen experts' weights; this model does not "
+                                "(norm_topk_prob: false), so its GGUF would compute something else")
+        if getattr(config, "mlp_only_layers", None):
+            raise QuantkitError("llama.cpp's qwen3moe has experts in every block; this model has dense ones (mlp_only_layers)")
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    writer.add_expert_count(count)
+    writer.add_expert_used_count(config.num_experts_per_tok)
 
 
 # ---- the export ---------------------------------------------------------------------------

@@ -261,3 +261,76 @@ def test_cli_refuses_bad_sources(tmp_path, stories_dir):
     assert r.exit_code == 1 and "not a checkpoint directory" in r.output
     r = CliRunner().invoke(cli, ["export", str(stories_dir), "--format", "gptq", "-o", str(tmp_path / "x"), "--requant", "f32"])
     assert r.exit_code == 1 and "apply to --format gguf only" in r.output
+
+
+def _qwen3_family(family: str, stories_dir):
+    """A tiny random Qwen3 or Qwen3-MoE (4 experts, top 2) whose widths are multiples of 32, or a
+    Mixtral, with stories260K's tokenizer.  The head size (128) and Qwen3-MoE's expert width (768)
+    are transformers' defaults: its GGUF reader takes them from the config class, not from the
+    file's ``key_length`` / ``expert_feed_forward_length`` (which the export writes, for llama.cpp)."""
+    from transformers import AutoTokenizer
+
+    from quantkit.models.moe import unfuse_experts
+    from quantkit.testing import tiny_moe
+
+    if family == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                                             max_position_embeddings=256)).eval()
+    else:
+        sizes = {"head_dim": 128, "moe_intermediate_size": 768} if family == "qwen3_moe" else {}
+        model = tiny_moe(family, experts=4, top_k=2, vocab_size=512, **sizes)
+        unfuse_experts(model)
+    return model, AutoTokenizer.from_pretrained(str(stories_dir))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "mixtral"])
+def test_qwen3_and_mixtures_of_experts_export(family, stories_dir, calib_ids, tmp_path):
+    """Qwen3 and Qwen3-MoE (rows kept: llama.cpp rotates halves there) reload in transformers' GGUF
+    reader with quantkit's logits; each block's experts are one stacked tensor per projection whose
+    rows are the experts' own encoded rows, the router float, the counts in the metadata."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = _qwen3_family(family, stories_dir)
+    res = api.compress(model, "rtn", dict(bits=4, group_size=32, sym=True), calib_ids=calib_ids, progress=False)
+    api.save(model, tok, tmp_path / "qk", "rtn", res)
+    out = tmp_path / "m.gguf"
+    r = CliRunner().invoke(cli, ["export", str(tmp_path / "qk"), "--format", "gguf", "-o", str(out), "--float-type", "f32"])
+    assert r.exit_code == 0, r.output
+    reader, f = _fields(out)
+    arch = {"qwen3": "qwen3", "qwen3_moe": "qwen3moe", "mixtral": "llama"}[family]
+    assert f["general.architecture"] == arch
+    tensors = {t.name: t for t in reader.tensors}
+    packed, _ = api.load_model(str(tmp_path / "qk"))
+    if family != "qwen3":
+        assert f[f"{arch}.expert_count"] == 4 and f[f"{arch}.expert_used_count"] == 2
+        assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type.name == "F32"
+        for proj, gg in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+            t = tensors[f"blk.1.ffn_{proj}_exps.weight"]
+            assert t.tensor_type.name == "Q4_0" and len(t.data.shape) == 3 and t.data.shape[0] == 4
+            for e in range(4):
+                w = torch.from_numpy(quants.dequantize(t.data[e], t.tensor_type).copy())
+                assert torch.equal(w, getattr(packed.model.layers[1].mlp.experts[e], gg).dequantized_weight())
+    if family == "mixtral":
+        return  # transformers' GGUF reader has no Mixtral (llama.cpp reads it as llama with experts)
+    if family == "qwen3_moe":
+        assert f["qwen3moe.expert_feed_forward_length"] == 768 and f["qwen3moe.attention.key_length"] == 128
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf").eval()
+    with use_backend("reference"), torch.no_grad():
+        torch.testing.assert_close(theirs(calib_ids[:2]).logits, packed(calib_ids[:2]).logits, rtol=0, atol=1e-5)
+
+
+def test_a_qwen3_moe_llama_cpp_would_compute_differently_is_refused(stories_dir, calib_ids, tmp_path):
+    from quantkit.models.moe import unfuse_experts
+    from quantkit.testing import tiny_moe
+
+    model = tiny_moe("qwen3_moe", experts=4, top_k=2, vocab_size=512, norm_topk_prob=False)
+    unfuse_experts(model)
+    res = api.compress(model, "rtn", dict(bits=4, group_size=32, sym=True), calib_ids=calib_ids, progress=False)
+    api.save(model, None, tmp_path / "qk", "rtn", res)
+    r = CliRunner().invoke(cli, ["export", str(tmp_path / "qk"), "--format", "gguf", "-o", str(tmp_path / "m.gguf")])
+    assert r.exit_code != 0 and "norm_topk_prob" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "m.gguf").exists()
