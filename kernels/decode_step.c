@@ -9,7 +9,8 @@
  * the bracketed parts only where the family has them (Qwen3's and Gemma 3's q/k norms, Gemma 2/3's
  * sandwich norms, Gemma 2's soft-cap, sliding windows, Gemma 3's RoPE table per layer type).  In a
  * mixture-of-experts block m = sum over the top_k experts e of softmax(h R)[e] (renormalised over
- * the chosen ones where norm_topk) * expert e's MLP(h), the experts chosen here in C.
+ * the chosen ones where norm_topk) * expert e's MLP(h), the experts chosen here in C, plus a shared
+ * expert's MLP(h) weighed by sigmoid(h g) where the block has one (Qwen2-MoE).
  * x (the residual stream), the cache and every intermediate are float32; the matmuls round their
  * input to bf16 as qk_int4_mm always does.  The pure-torch reference is LeanLM's own forward;
  * the plan that fills qk_layer is quantkit.runtime.native_decode.
@@ -219,6 +220,11 @@ static int experts(const qk_layer *L, const qk_decode_dims *D, const float *h, f
         if (mlp(L, ex[0], ex[1], ex[2], ex[0]->N, h, b->m, b, threads)) return -1;
         float wj = L->norm_topk ? w[j] / wsum : w[j];
         for (int64_t i = 0; i < d; i++) y[i] += b->m[i] * wj;
+    }
+    if (L->shared) { /* Qwen2-MoE's shared expert, weighed by its sigmoid gate */
+        if (mlp(L, L->shared[0], L->shared[1], L->shared[2], L->shared[0]->N, h, b->m, b, threads)) return -1;
+        float ws = L->shared_gate ? 1.0f / (1.0f + expf(-dot(L->shared_gate, h, d))) : 1.0f;
+        for (int64_t i = 0; i < d; i++) y[i] += b->m[i] * ws;
     }
     return 0;
 }

@@ -104,6 +104,8 @@ typedef struct {
     int64_t n_experts, top_k, norm_topk;  /* norm_topk: the chosen weights renormalised to sum 1 */
     const float *router;           /* float32 [n_experts, d] */
     const qk_int4_weight *const *experts;  /* [n_experts * 3]: gate, up, down of each */
+    const qk_int4_weight *const *shared;   /* NULL, or a shared expert's gate, up, down (Qwen2-MoE): every token runs it */
+    const float *shared_gate;              /* float32 [d]: the shared expert weighed by sigmoid(shared_gate . h); NULL: 1 */
 } qk_layer;
 
 #define QK_ACT_SILU 0

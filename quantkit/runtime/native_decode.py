@@ -2,8 +2,8 @@
 
 :class:`~quantkit.runtime.lean.LeanLM`'s single-token step for one sequence, when every linear of
 every block runs on quantkit's native int4 CPU kernel (Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3
-and, for float32 models, the softmax-routed mixtures of experts, Qwen3-MoE and Mixtral, whose
-experts are chosen in C):
+and, for float32 models, the softmax-routed mixtures of experts, Qwen3-MoE, Qwen2-MoE (its shared
+expert too) and Mixtral, whose experts are chosen in C):
 :func:`build_plan` checks that, collects each block's converted weights, norms and cache into a
 :class:`DecodePlan`, and
 :meth:`DecodePlan.step` makes the one call (``kernels/decode_step.c`` through
@@ -71,7 +71,8 @@ class DecodePlan:
 
 # the routers the C step reproduces (softmax over every expert, then the top k), by class name ->
 # whether the chosen weights are renormalised (True/False) or the attribute that says so
-SOFTMAX_TOPK_ROUTERS = {"Qwen3MoeTopKRouter": "norm_topk_prob", "MixtralTopKRouter": True}
+SOFTMAX_TOPK_ROUTERS = {"Qwen3MoeTopKRouter": "norm_topk_prob", "Qwen2MoeTopKRouter": "norm_topk_prob",
+                        "MixtralTopKRouter": True}
 ACT_NAMES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
 
 
@@ -107,43 +108,62 @@ def _online_factor(mods: tuple, inter: int) -> tuple[bool, torch.Tensor | None]:
     return True, t.factor.contiguous()
 
 
-def _experts(moe, lm) -> dict | None:
-    """A mixture-of-experts block as ``decode.layer_struct``'s ``moe``, or None where the C step
-    cannot run it: a router it does not reproduce (shared experts, biases, another routing), a
-    quantized router, experts not all on the native kernel with a SiLU gate, hooks (but a rotation's
-    online transform on every expert's down, returned as ``"had"``), or a model not
-    in float32 (its router would see the step's float32 stream, not the bf16 one the torch ops
-    round, and a different choice of experts is no rounding difference)."""
-    if lm.dtype != torch.float32:
-        return None
-    gate, experts = getattr(moe, "gate", None), getattr(moe, "experts", None)
-    downs = {id(ex.down_proj) for ex in experts} if isinstance(experts, Experts) else set()
-    if any(m._forward_hooks or (m._forward_pre_hooks and id(m) not in downs) for m in moe.modules()):
-        return None  # hooks the step would skip; a rotation's online transform on down is checked below
+def _router(moe) -> tuple[torch.Tensor, bool] | None:
+    """A router the step reproduces: its float32 weight and whether the chosen weights are renormalised."""
+    gate = getattr(moe, "gate", None)
     norm = SOFTMAX_TOPK_ROUTERS.get(type(gate).__name__)
-    if norm is None or not isinstance(experts, Experts) or {n for n, _ in moe.named_children()} != {"gate", "experts"}:
-        return None
     w = getattr(gate, "weight", None)
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or getattr(gate, "bias", None) is not None:
+    if norm is None or not isinstance(w, torch.Tensor) or not w.is_floating_point() or getattr(gate, "bias", None) is not None:
         return None
+    return w.detach().float().contiguous(), bool(norm if isinstance(norm, bool) else getattr(gate, norm))
+
+
+def _mlp_weights(mlps: list[tuple], lm) -> tuple[list[tuple], torch.Tensor | None] | None:
+    """Each ``(gate, up, down, act)`` MLP's native weights and their one online transform factor
+    (a rotation's, or None), or None where an MLP cannot run in the step."""
     triples, factors = [], []
-    for ex in experts:
-        mods = (ex.gate_proj, ex.up_proj, ex.down_proj)
-        if type(ex.combine).__name__ != "_Act" or ACT_NAMES.get(type(ex.combine.act).__name__) != "silu":
+    for gate, up, down, act in mlps:
+        if ACT_NAMES.get(type(act).__name__) != "silu":
             return None
-        weights = _native_weights(mods, lm.dtype, lm.device)
-        runnable, had = _online_factor(mods, ex.down_proj.in_features)
+        weights = _native_weights((gate, up, down), lm.dtype, lm.device)
+        runnable, had = _online_factor((gate, up, down), down.in_features)
         if weights is None or not runnable:
             return None
         triples.append(weights)
         factors.append(had)
     if any((f is None) != (factors[0] is None) or (f is not None and not torch.equal(f, factors[0])) for f in factors):
         return None  # the step has one online transform per block
-    top_k = int(gate.top_k)
-    if top_k > native_decode.MAX_TOP_K or top_k > len(triples):
+    return triples, factors[0]
+
+
+def _experts(moe, lm) -> dict | None:
+    """A mixture-of-experts block as ``decode.layer_struct``'s ``moe``, or None where the C step
+    cannot run it: a router it does not reproduce (biases, another routing), a quantized router,
+    experts not all on the native kernel with a SiLU gate, hooks (but a rotation's online transform
+    on every expert's down, returned as ``"had"``), or a model not in float32 (its router would see
+    the step's float32 stream, not the bf16 one the torch ops round, and a different choice of
+    experts is no rounding difference).  Qwen2-MoE's shared expert and its sigmoid gate run too."""
+    experts, shared, shared_gate = (getattr(moe, n, None) for n in ("experts", "shared_expert", "shared_expert_gate"))
+    children = {n for n, _ in moe.named_children()}
+    if lm.dtype != torch.float32 or not isinstance(experts, Experts) or children - {"shared_expert", "shared_expert_gate"} != {"gate", "experts"}:
         return None
-    return {"router": w.detach().float().contiguous(), "experts": triples, "top_k": top_k,
-            "norm_topk": bool(norm if isinstance(norm, bool) else getattr(gate, norm)), "had": factors[0]}
+    downs = {id(m.down_proj) for m in (*experts, *([shared] if shared is not None else []))}
+    if any(m._forward_hooks or (m._forward_pre_hooks and id(m) not in downs) for m in moe.modules()):
+        return None  # hooks the step would skip; a rotation's online transform on down is checked below
+    router = _router(moe)
+    if type(shared_gate) not in (type(None), torch.nn.Linear) or (shared_gate is not None and shared_gate.bias is not None):
+        return None
+    mlps = [(ex.gate_proj, ex.up_proj, ex.down_proj, getattr(ex.combine, "act", None)) for ex in experts]
+    if shared is not None:
+        mlps.append((shared.gate_proj, shared.up_proj, shared.down_proj, shared.act_fn))
+    found = _mlp_weights(mlps, lm) if router is not None and all(type(ex.combine).__name__ == "_Act" for ex in experts) else None
+    top_k = int(moe.gate.top_k)
+    if found is None or top_k > native_decode.MAX_TOP_K or top_k > len(experts):
+        return None
+    triples, had = found
+    return {"router": router[0], "norm_topk": router[1], "top_k": top_k, "had": had,
+            "experts": triples[:len(experts)], "shared": triples[len(experts)] if shared is not None else None,
+            "shared_gate": None if shared_gate is None else shared_gate.weight.detach().float().reshape(-1).contiguous()}
 
 
 def _norm(module, offset: float) -> torch.Tensor | None:
@@ -218,7 +238,8 @@ def build_plan(lm) -> DecodePlan | None:
             return None
         layers.append(layer)
     widths = [w.in_features for lay in layers for w in  # down's inputs: each MLP's width
-              ([lay.weights[6]] if lay.extra["moe"] is None else [t[2] for t in lay.extra["moe"]["experts"]])]
+              ([lay.weights[6]] if lay.extra["moe"] is None else
+               [t[2] for t in lay.extra["moe"]["experts"] + [lay.extra["moe"]["shared"] or lay.extra["moe"]["experts"][0]]])]
     n_experts = max((len(lay.extra["moe"]["experts"]) for lay in layers if lay.extra["moe"]), default=0)
     dims = native_decode.decode_dims(layers[0].weights[0].in_features, lm.n_heads, lm.n_kv, lm.head_dim, max(widths),
                                      lm.capacity, lm.scaling, lm.attn_cap, n_experts)

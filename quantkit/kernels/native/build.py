@@ -155,7 +155,8 @@ class LayerStruct(ctypes.Structure):
         ("post_attn_norm", ctypes.c_void_p), ("post_mlp_norm", ctypes.c_void_p), ("eps3", ctypes.c_float),
         ("eps4", ctypes.c_float), ("rope_cos", ctypes.c_void_p), ("rope_sin", ctypes.c_void_p),
         ("window", ctypes.c_int64), ("act", ctypes.c_int64), ("n_experts", ctypes.c_int64), ("top_k", ctypes.c_int64),
-        ("norm_topk", ctypes.c_int64), ("router", ctypes.c_void_p), ("experts", ctypes.c_void_p)]
+        ("norm_topk", ctypes.c_int64), ("router", ctypes.c_void_p), ("experts", ctypes.c_void_p),
+        ("shared", ctypes.c_void_p), ("shared_gate", ctypes.c_void_p)]
 
 
 class DecodeDimsStruct(ctypes.Structure):

@@ -37,7 +37,8 @@ def layer_struct(weights: Sequence[NativeInt4Weight | None], biases: Sequence[to
     What other families add: per-head ``qk_norms`` (float32 ``[head_dim]``), sandwich ``post_norms``
     (``[d]``), the layer's own RoPE tables ``rope`` (float32 ``[max_len, head_dim]``), a sliding
     ``window`` (0: none), ``act`` (one of :data:`ACTS`), and ``moe``: ``{"router": float32 [E, d],
-    "experts": [(gate, up, down), ...], "top_k": k, "norm_topk": bool}``.  Holds raw pointers:
+    "experts": [(gate, up, down), ...], "top_k": k, "norm_topk": bool}`` (optionally ``"shared":
+    (gate, up, down)`` and ``"shared_gate"``: float32 ``[d]``, Qwen2-MoE's shared expert).  Holds raw pointers:
     the caller keeps every tensor alive (the experts' pointer array is kept on the struct)."""
     st = LayerStruct()
     for name, w in zip(WEIGHT_NAMES, weights, strict=True):
@@ -60,7 +61,11 @@ def layer_struct(weights: Sequence[NativeInt4Weight | None], biases: Sequence[to
         keep = (ctypes.POINTER(Int4WeightStruct) * len(descs))(*descs)
         st.n_experts, st.top_k, st.norm_topk = len(moe["experts"]), moe["top_k"], int(moe["norm_topk"])
         st.router, st.experts = moe["router"].data_ptr(), ctypes.addressof(keep)
-        st._keep = keep  # the pointer array must outlive the struct's use
+        shared = moe.get("shared")
+        if shared is not None:
+            keep = (keep, (ctypes.POINTER(Int4WeightStruct) * 3)(*(w.desc for w in shared)))
+            st.shared, st.shared_gate = ctypes.addressof(keep[1]), ptr(moe.get("shared_gate"))
+        st._keep = keep  # the pointer arrays must outlive the struct's use
     return st
 
 
