@@ -221,7 +221,7 @@ def _stacked(name: str, parts: list[tuple[int, GGUFTensor]]) -> GGUFTensor:
     types = {g.qtype for _, g in parts}
     if len(types) > 1 or [i for i, _ in parts] != list(range(len(parts))):
         raise QuantkitError(f"{name}: llama.cpp stacks a block's experts into one tensor of one type; these are "
-                            f"{', '.join(sorted(types))} (quantize every expert alike, or pass --requant)")
+                            f"{', '.join(sorted(types))} (quantize every expert alike; float experts: --float-type f32)")
     return GGUFTensor(name, np.stack([g.data for _, g in parts]), parts[0][1].qtype)
 
 
@@ -263,18 +263,26 @@ def write_hparams(writer, config, file_type: int, name: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+def _check_experts(config) -> None:
+    """Refuse a Qwen3-MoE llama.cpp's ``qwen3moe`` graph would compute differently: it renormalises
+    the chosen experts' weights and has experts in every block."""
+    if config.model_type != "qwen3_moe":
+        return
+    if not getattr(config, "norm_topk_prob", True):
+        raise QuantkitError("llama.cpp's qwen3moe renormalises the chosen experts' weights; this model does not "
+                            "(norm_topk_prob: false), so its GGUF would compute something else")
+    if getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1:
+        raise QuantkitError("llama.cpp's qwen3moe has experts in every block; this model has dense ones "
+                            "(mlp_only_layers, decoder_sparse_step)")
+
+
 def _write_experts(writer, config) -> None:
     """A mixture of experts' counts (Mixtral: ``num_local_experts``; Qwen3-MoE: ``num_experts`` and
-    each expert's width); llama.cpp's Qwen3-MoE graph renormalises the chosen experts' weights."""
+    each expert's width)."""
     count = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     if not count:
         return
     if config.model_type == "qwen3_moe":
-        if not getattr(config, "norm_topk_prob", True):
-            raise QuantkitError("llama.cpp's qwen3moe renormalises the chosen experts' weights; this model does not "
-                                "(norm_topk_prob: false), so its GGUF would compute something else")
-        if getattr(config, "mlp_only_layers", None):
-            raise QuantkitError("llama.cpp's qwen3moe has experts in every block; this model has dense ones (mlp_only_layers)")
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     writer.add_expert_count(count)
     writer.add_expert_used_count(config.num_experts_per_tok)
@@ -334,6 +342,7 @@ def export_gguf(src: str | Path, out: str | Path, *, float_type: str = "f16", re
     _check_arguments(src, out, float_type, requant, overwrite)
     model, _ = load_model(str(src), with_tokenizer=False)
     arch = gguf_arch_for(model.config)
+    _check_experts(model.config)
     with torch.no_grad():
         tensors = gguf_tensors(model, float_type, requant)
     counts = Counter(t.qtype for t in tensors)

@@ -73,6 +73,9 @@ def check_rotatable(model: nn.Module, arch: ArchSpec) -> None:
         raise QuantkitError(f"cannot rotate a {arch.name} model: {arch.no_rotation}")
     if getattr(model, ROTATED_ATTR, None) is not None:
         raise QuantkitError("the model is rotated already: rotate once (a recipe's rotate step, or --rotate on one step)")
+    if getattr(getattr(model, "config", None), "clip_qkv", None):
+        raise QuantkitError("cannot rotate a model that clamps q/k/v (clip_qkv): the rotation of each head's values "
+                            "does not commute with the clamp")
     if any(p.is_meta for p in model.parameters()):
         raise QuantkitError("a rotation needs the whole model in memory: drop --stream")
 
@@ -102,6 +105,10 @@ def _readers(block: nn.Module, arch: ArchSpec) -> dict[str, list[str]]:
         if g.prev_kind == "norm":
             readers.setdefault(g.prev, []).extend(g.linears)
     moe = _present(block, arch.rotation.moe_readers, arch)
+    experts = [n for n in moe if ".experts." in n]
+    plain = [n for n in arch.rotation.moe_readers if "{e}" not in n]
+    if experts and not set(plain) <= set(moe):  # a renamed router would be left unrotated: refuse, never guess
+        raise QuantkitError(f"cannot rotate this {arch.name} block: it has experts but not {', '.join(sorted(set(plain) - set(moe)))}")
     if moe:
         readers.setdefault(arch.rotation.moe_norm, []).extend(moe)
     return readers

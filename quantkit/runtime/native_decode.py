@@ -156,9 +156,11 @@ def _experts(moe, lm) -> dict | None:
     mlps = [(ex.gate_proj, ex.up_proj, ex.down_proj, getattr(ex.combine, "act", None)) for ex in experts]
     if shared is not None:
         mlps.append((shared.gate_proj, shared.up_proj, shared.down_proj, shared.act_fn))
-    found = _mlp_weights(mlps, lm) if router is not None and all(type(ex.combine).__name__ == "_Act" for ex in experts) else None
-    top_k = int(moe.gate.top_k)
-    if found is None or top_k > native_decode.MAX_TOP_K or top_k > len(experts):
+    top_k = getattr(moe.gate, "top_k", None)
+    if router is None or not isinstance(top_k, int) or not 0 < top_k <= min(native_decode.MAX_TOP_K, len(experts)):
+        return None
+    found = _mlp_weights(mlps, lm) if all(type(ex.combine).__name__ == "_Act" for ex in experts) else None
+    if found is None:
         return None
     triples, had = found
     return {"router": router[0], "norm_topk": router[1], "top_k": top_k, "had": had,

@@ -323,14 +323,16 @@ def test_qwen3_and_mixtures_of_experts_export(family, stories_dir, calib_ids, tm
         torch.testing.assert_close(theirs(calib_ids[:2]).logits, packed(calib_ids[:2]).logits, rtol=0, atol=1e-5)
 
 
-def test_a_qwen3_moe_llama_cpp_would_compute_differently_is_refused(stories_dir, calib_ids, tmp_path):
+@pytest.mark.parametrize("extra,why", [({"norm_topk_prob": False}, "norm_topk_prob"),
+                                       ({"decoder_sparse_step": 2}, "dense ones")])
+def test_a_qwen3_moe_llama_cpp_would_compute_differently_is_refused(stories_dir, calib_ids, tmp_path, extra, why):
     from quantkit.models.moe import unfuse_experts
     from quantkit.testing import tiny_moe
 
-    model = tiny_moe("qwen3_moe", experts=4, top_k=2, vocab_size=512, norm_topk_prob=False)
+    model = tiny_moe("qwen3_moe", experts=4, top_k=2, vocab_size=512, **extra)
     unfuse_experts(model)
     res = api.compress(model, "rtn", dict(bits=4, group_size=32, sym=True), calib_ids=calib_ids, progress=False)
     api.save(model, None, tmp_path / "qk", "rtn", res)
     r = CliRunner().invoke(cli, ["export", str(tmp_path / "qk"), "--format", "gguf", "-o", str(tmp_path / "m.gguf")])
-    assert r.exit_code != 0 and "norm_topk_prob" in r.output and "Traceback" not in r.output
+    assert r.exit_code != 0 and why in r.output and "Traceback" not in r.output
     assert not (tmp_path / "m.gguf").exists()

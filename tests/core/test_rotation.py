@@ -62,6 +62,20 @@ def test_a_rotated_mixture_of_experts_computes_the_same_function(family, experts
     assert router.dtype == torch.float32 and not torch.equal(router, tiny_moe(family, experts=experts, top_k=2).model.layers[0].mlp.gate.weight)
 
 
+def test_a_clamped_qkv_or_a_router_the_table_does_not_name_is_refused():
+    model = tiny_moe("olmoe", experts=4, top_k=2, clip_qkv=0.5)  # OLMoE's clamp: no rotation of the values
+    unfuse_experts(model)
+    with pytest.raises(QuantkitError, match="clip_qkv"):
+        rotate_model(model, arch_for(model))
+    model = tiny_moe("qwen3_moe", experts=4, top_k=2)
+    unfuse_experts(model)
+    arch = arch_for(model)
+    model.model.layers[1].mlp.router = model.model.layers[1].mlp.gate  # as if a release renamed it
+    del model.model.layers[1].mlp.gate
+    with pytest.raises(QuantkitError, match="mlp.gate"):
+        rotate_model(model, arch)
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits

@@ -14,6 +14,20 @@ from quantkit.testing import tiny_moe
 NEEDS_KERNEL = pytest.mark.skipif(not build.available(), reason=f"native kernels unavailable: {build.library()}")
 
 
+def _native_and_torch_steps(model, ids, steps: int, max_len: int, tol: float):
+    """The prompt, then ``steps`` greedy tokens, through the native step and the lean forward's torch
+    ops on the same modules: logits within ``tol`` of their range at every step, the native step ran."""
+    native, torch_ops = LeanLM(model, max_len), LeanLM(model, max_len, native=False)
+    with torch.inference_mode():
+        a, b = native.forward(ids), torch_ops.forward(ids)
+        for _ in range(steps):
+            tok = b.argmax(-1, keepdim=True)
+            a, b = native.forward(tok), torch_ops.forward(tok)
+            assert (a - b).abs().max() <= tol * b.abs().max()
+    assert native.native_step and torch_ops._plan is None
+    return native, torch_ops
+
+
 @NEEDS_KERNEL
 @pytest.mark.parametrize("dtype,rotate", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True),
                                           (torch.bfloat16, True)])
@@ -25,15 +39,7 @@ def test_native_decode_step_matches_the_torch_forward(stories, dtype, rotate):
     api.compress(model, "rtn", {"bits": 4, "group_size": -1, "rotate": rotate}, pack=True)
     model = model.to(dtype)
     ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(4))
-    native, torch_ops = LeanLM(model, 40), LeanLM(model, 40, native=False)
-    with torch.inference_mode():
-        a, b = native.forward(ids), torch_ops.forward(ids)
-        for _ in range(12):
-            tok = b.argmax(-1, keepdim=True)
-            a, b = native.forward(tok), torch_ops.forward(tok)
-            tol = 1e-3 if dtype == torch.float32 else 0.05
-            assert (a - b).abs().max() <= tol * b.abs().max()
-    assert native._plan is not False and torch_ops._plan is None  # the native step did run
+    native, torch_ops = _native_and_torch_steps(model, ids, 12, 40, 1e-3 if dtype == torch.float32 else 0.05)
     for kn, kt in zip(native.k_cache, torch_ops.k_cache):  # and wrote the same cache
         assert (kn - kt).abs().max() <= (1e-4 if dtype == torch.float32 else 0.02) * kt.abs().max()
 
@@ -82,14 +88,7 @@ def test_native_step_runs_every_family_it_plans_as_the_torch_forward(family):
     unfuse_experts(model)
     api.compress(model, "rtn", {"bits": 4, "group_size": -1, "rotate": family.endswith("rotated")}, pack=True, progress=False)
     ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(4))
-    native, torch_ops = LeanLM(model, 24), LeanLM(model, 24, native=False)
-    with torch.inference_mode():
-        a, b = native.forward(ids), torch_ops.forward(ids)
-        for _ in range(14):
-            tok = b.argmax(-1, keepdim=True)
-            a, b = native.forward(tok), torch_ops.forward(tok)
-            assert (a - b).abs().max() <= 2e-3 * b.abs().max()
-    assert native.native_step and torch_ops._plan is None
+    native, torch_ops = _native_and_torch_steps(model, ids, 14, 24, 2e-3)
     for kn, kt in zip(native.k_cache, torch_ops.k_cache):
         assert (kn - kt).abs().max() <= 1e-3 * kt.abs().max()
 
