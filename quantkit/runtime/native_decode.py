@@ -176,6 +176,11 @@ def _norm(module, offset: float) -> torch.Tensor | None:
     return (w + offset if offset else w).contiguous()
 
 
+def _dense_mlp(moe) -> bool:
+    """Whether the module in an MoE model's MLP place is a dense MLP (Qwen2/3-MoE's mlp_only_layers)."""
+    return not hasattr(moe, "experts") and all(hasattr(moe, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
+
 def _linears(lm, lay) -> tuple[tuple, tuple, int] | None:
     """``(attention modules, MLP modules, MLP width)``: q, k, v, o (or q|k|v fused, None, None, o)
     and gate, up, down (or gate|up fused, None, down; none under experts), or None where the fused
@@ -184,6 +189,8 @@ def _linears(lm, lay) -> tuple[tuple, tuple, int] | None:
     if lay.qkv is not None and lay.qkv.out_features != nq + 2 * nk:
         return None
     attn = (lay.q, lay.k, lay.v, lay.o) if lay.qkv is None else (lay.qkv, None, None, lay.o)
+    if lay.moe is not None and _dense_mlp(lay.moe):
+        return attn, (lay.moe.gate_proj, lay.moe.up_proj, lay.moe.down_proj), lay.moe.down_proj.in_features
     if lay.moe is not None:
         return attn, (None, None, None), 0
     if lay.gate_up is None:
@@ -200,10 +207,11 @@ def _layer(lm, lay, kc, vc, tables) -> DecodeLayer | None:
         return None
     attn, mlp, inter = found
     mods = tuple(m for m in attn + mlp if m is not None)
-    moe = None if lay.moe is None else _experts(lay.moe, lm)
-    if lay.moe is not None and moe is None:
+    dense = lay.moe is None or _dense_mlp(lay.moe)
+    moe = None if dense else _experts(lay.moe, lm)
+    if not dense and moe is None:
         return None
-    act = "silu" if moe else ACT_NAMES.get(type(lay.act).__name__)
+    act = "silu" if moe else ACT_NAMES.get(type(lay.act if lay.moe is None else lay.moe.act_fn).__name__)
     n_biased = 3 if lay.qkv is None else 1  # biases on q, k, v only
     native = _native_weights(mods, lm.dtype, lm.device, n_biased)
     if moe is None:

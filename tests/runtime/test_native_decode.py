@@ -74,6 +74,7 @@ FAMILIES = {  # what each adds to Llama's block in the C step
     "mixtral": lambda: tiny_moe("mixtral", experts=4, top_k=2, layers=3),
     "qwen2_moe": lambda: tiny_moe("qwen2_moe", experts=4, top_k=2, layers=3, shared_expert_intermediate_size=48),  # + shared expert
     "qwen2_moe-rotated": lambda: tiny_moe("qwen2_moe", experts=4, top_k=2, layers=3),  # one online transform for all
+    "qwen3_moe-dense-block": lambda: tiny_moe("qwen3_moe", experts=4, top_k=2, layers=3, mlp_only_layers=[1]),
     "mixtral-rotated": lambda: tiny_moe("mixtral", experts=4, top_k=2, layers=3),  # each expert's online transform in C
     "qwen3_moe-unnormalised": lambda: tiny_moe("qwen3_moe", experts=8, top_k=2, layers=3, norm_topk_prob=False),
 }
