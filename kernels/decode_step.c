@@ -106,17 +106,6 @@ static inline vf vexp(vf x) {
     return V_POW2(p, n);
 }
 
-/* g [n] = silu(g) * u */
-static void silu_mul(float *g, const float *u, int64_t n) {
-    int64_t i = 0;
-    for (; i + VW <= n; i += VW) {
-        vf x = V_LOAD(g + i);
-        vf s = V_DIV(x, V_ADD(V_SET1(1.0f), vexp(V_SUB(V_SET1(0.0f), x))));
-        V_STORE(g + i, V_MUL(s, V_LOAD(u + i)));
-    }
-    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-}
-
 /* att [nh, hd] = softmax(q k^T * scale) v over the len = pos + 1 cached positions of L's cache,
  * grouped-query heads reading kv head h / (nh / nkv); sc: float32 [nh, len] scratch */
 static void attention(const qk_layer *L, const qk_decode_dims *D, const float *q, float *att, float *sc, int64_t len,
@@ -163,25 +152,23 @@ static float *step_buffers_alloc(step_buffers *b, const qk_decode_dims *D, int64
     return buf;
 }
 
-/* g [n] = act(g) * u, the block's activation */
+/* g [n] = act(g) * u, both activations as x sigmoid(a(x)) = x / (1 + e^-a(x)): SiLU a(x) = x,
+ * tanh-GELU a(x) = 2 sqrt(2/pi) (x + 0.044715 x^3) (0.5 x (1 + tanh(u)) = x sigmoid(2u)) */
 static void act_mul(int64_t act, float *g, const float *u, int64_t n) {
-    if (act == QK_ACT_SILU) {
-        silu_mul(g, u, n);
-        return;
-    }
-    const float c = 1.5957691216057308f; /* 2 sqrt(2 / pi): x sigmoid(2 u) = 0.5 x (1 + tanh(u)) */
+    const float c = act == QK_ACT_SILU ? 1.0f : 1.5957691216057308f, k3 = act == QK_ACT_SILU ? 0.0f : 0.044715f;
     int64_t i = 0;
     for (; i + VW <= n; i += VW) {
         vf x = V_LOAD(g + i);
-        vf z = V_MUL(V_SET1(-c), V_FMA(V_MUL(V_MUL(x, x), x), V_SET1(0.044715f), x));
+        vf z = V_MUL(V_SET1(-c), V_FMA(V_MUL(V_MUL(x, x), x), V_SET1(k3), x));
         V_STORE(g + i, V_MUL(V_DIV(x, V_ADD(V_SET1(1.0f), vexp(z))), V_LOAD(u + i)));
     }
-    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-c * (g[i] + 0.044715f * g[i] * g[i] * g[i]))) * u[i];
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-c * (g[i] + k3 * g[i] * g[i] * g[i]))) * u[i];
 }
 
-/* y [d] = T(act(h Wg) * (h Wu)) Wd, one MLP (the dense block's or an expert's, of width inter) */
+/* y [d] = T(act(h Wg) * (h Wu)) Wd, one MLP (the dense block's or an expert's, of down's K inputs) */
 static int mlp(const qk_layer *L, const qk_int4_weight *gate, const qk_int4_weight *up, const qk_int4_weight *down,
-               int64_t inter, const float *h, float *y, const step_buffers *b, int threads) {
+               const float *h, float *y, const step_buffers *b, int threads) {
+    int64_t inter = down->K;
     if (!up) { /* fused gate|up (Phi-3): one product writes gate to g and up past it, into u's room */
         if (qk_int4_mm(gate, h, 0, b->g, 1, NULL, threads)) return -1;
         if (b->g + inter != b->u) memmove(b->u, b->g + inter, inter * sizeof(float));
@@ -217,12 +204,12 @@ static int experts(const qk_layer *L, const qk_decode_dims *D, const float *h, f
     for (int64_t i = 0; i < d; i++) y[i] = 0.f;
     for (int64_t j = 0; j < L->top_k; j++) {
         const qk_int4_weight *const *ex = L->experts + 3 * chosen[j];
-        if (mlp(L, ex[0], ex[1], ex[2], ex[0]->N, h, b->m, b, threads)) return -1;
+        if (mlp(L, ex[0], ex[1], ex[2], h, b->m, b, threads)) return -1;
         float wj = L->norm_topk ? w[j] / wsum : w[j];
         for (int64_t i = 0; i < d; i++) y[i] += b->m[i] * wj;
     }
     if (L->shared) { /* Qwen2-MoE's shared expert, weighed by its sigmoid gate */
-        if (mlp(L, L->shared[0], L->shared[1], L->shared[2], L->shared[0]->N, h, b->m, b, threads)) return -1;
+        if (mlp(L, L->shared[0], L->shared[1], L->shared[2], h, b->m, b, threads)) return -1;
         float ws = L->shared_gate ? 1.0f / (1.0f + expf(-dot(L->shared_gate, h, d))) : 1.0f;
         for (int64_t i = 0; i < d; i++) y[i] += b->m[i] * ws;
     }
@@ -260,7 +247,7 @@ static int decode_layer(const qk_layer *L, const qk_decode_dims *D, float *x, in
     if (qk_int4_mm(L->o, b->att, 0, b->y, 1, NULL, threads)) return -1;
     residual(x, b->y, L->post_attn_norm, L->eps3, d);
     rms_norm(x, L->norm2, L->eps2, d, b->h);
-    if (L->n_experts ? experts(L, D, b->h, b->y, b, threads) : mlp(L, L->gate, L->up, L->down, L->up ? L->gate->N : L->gate->N / 2, b->h, b->y, b, threads))
+    if (L->n_experts ? experts(L, D, b->h, b->y, b, threads) : mlp(L, L->gate, L->up, L->down, b->h, b->y, b, threads))
         return -1;
     residual(x, b->y, L->post_mlp_norm, L->eps4, d);
     return 0;

@@ -91,10 +91,10 @@ def _native_weights(mods: tuple, dtype: torch.dtype, device: torch.device,
     return weights if all(isinstance(w, NativeInt4Weight) for w in weights) else None
 
 
-def _online_factor(mods: tuple, inter: int) -> tuple[bool, torch.Tensor | None]:
+def _online_factor(mods: tuple) -> tuple[bool, torch.Tensor | None]:
     """``(runnable, factor)``: the C step applies a rotation's online Hadamard transform on down's
-    input (``mods[-1]``; ``factor``: its float32 ``[k, k]`` part) of ``inter`` features; any other
-    input transform keeps it from running."""
+    input (``mods[-1]``; ``factor``: its float32 ``[k, k]`` part); any other input transform keeps it
+    from running."""
     if any(m._forward_pre_hooks for m in mods[:-1]):
         return False, None
     hooks = list(mods[-1]._forward_pre_hooks.values())
@@ -103,7 +103,7 @@ def _online_factor(mods: tuple, inter: int) -> tuple[bool, torch.Tensor | None]:
     if len(hooks) > 1 or not isinstance(hooks[0], OnlineHadamard):
         return False, None
     t = hooks[0].transform
-    if t.n != mods[-1].in_features or t.n != inter:  # the C step transforms the `inter` activations
+    if t.n != mods[-1].in_features:  # the C step transforms down's inputs
         return False, None
     return True, t.factor.contiguous()
 
@@ -126,7 +126,7 @@ def _mlp_weights(mlps: list[tuple], lm) -> tuple[list[tuple], torch.Tensor | Non
         if ACT_NAMES.get(type(act).__name__) != "silu":
             return None
         weights = _native_weights((gate, up, down), lm.dtype, lm.device)
-        runnable, had = _online_factor((gate, up, down), down.in_features)
+        runnable, had = _online_factor((gate, up, down))
         if weights is None or not runnable:
             return None
         triples.append(weights)
@@ -181,23 +181,22 @@ def _dense_mlp(moe) -> bool:
     return not hasattr(moe, "experts") and all(hasattr(moe, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
-def _linears(lm, lay) -> tuple[tuple, tuple, int] | None:
-    """``(attention modules, MLP modules, MLP width)``: q, k, v, o (or q|k|v fused, None, None, o)
-    and gate, up, down (or gate|up fused, None, down; none under experts), or None where the fused
-    widths are not what the C step splits."""
+def _linears(lm, lay) -> tuple[tuple, tuple] | None:
+    """``(attention modules, MLP modules)``: q, k, v, o (or q|k|v fused, None, None, o) and gate,
+    up, down (or gate|up fused, None, down; none under experts), or None where the fused widths are
+    not what the C step splits."""
     nq, nk = lm.n_heads * lm.head_dim, lm.n_kv * lm.head_dim
     if lay.qkv is not None and lay.qkv.out_features != nq + 2 * nk:
         return None
     attn = (lay.q, lay.k, lay.v, lay.o) if lay.qkv is None else (lay.qkv, None, None, lay.o)
-    if lay.moe is not None and _dense_mlp(lay.moe):
-        return attn, (lay.moe.gate_proj, lay.moe.up_proj, lay.moe.down_proj), lay.moe.down_proj.in_features
     if lay.moe is not None:
-        return attn, (None, None, None), 0
+        dense = _dense_mlp(lay.moe)
+        return attn, (lay.moe.gate_proj, lay.moe.up_proj, lay.moe.down_proj) if dense else (None, None, None)
     if lay.gate_up is None:
-        return attn, (lay.gate, lay.up, lay.down), lay.down.in_features
+        return attn, (lay.gate, lay.up, lay.down)
     if lay.gate_up.out_features != 2 * lay.down.in_features:
         return None
-    return attn, (lay.gate_up, None, lay.down), lay.down.in_features
+    return attn, (lay.gate_up, None, lay.down)
 
 
 def _layer(lm, lay, kc, vc, tables) -> DecodeLayer | None:
@@ -205,7 +204,7 @@ def _layer(lm, lay, kc, vc, tables) -> DecodeLayer | None:
     found = _linears(lm, lay)
     if found is None or (lay.q_norm is None) != (lay.k_norm is None):
         return None
-    attn, mlp, inter = found
+    attn, mlp = found
     mods = tuple(m for m in attn + mlp if m is not None)
     dense = lay.moe is None or _dense_mlp(lay.moe)
     moe = None if dense else _experts(lay.moe, lm)
@@ -215,7 +214,7 @@ def _layer(lm, lay, kc, vc, tables) -> DecodeLayer | None:
     n_biased = 3 if lay.qkv is None else 1  # biases on q, k, v only
     native = _native_weights(mods, lm.dtype, lm.device, n_biased)
     if moe is None:
-        runnable, had = _online_factor(mods, inter)
+        runnable, had = _online_factor(mods)
     else:  # the experts' online transform (a rotation), the same for every expert
         runnable, had = not any(m._forward_pre_hooks for m in mods), moe.pop("had")
     if native is None or not runnable or act is None:
